@@ -1,0 +1,1 @@
+"""Data stages: sources -> curate -> tokenizer -> records -> pipeline."""
