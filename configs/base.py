@@ -1,0 +1,108 @@
+"""Defaults for every jaxlm run; recipes in this folder start from `get_config()` and override.
+
+Not a run on its own: use a recipe such as configs/tiny.py.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxlm.data import curate
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"  # run name; the default --workdir is runs/<name>
+    c.seed = 0  # seeds parameter init and data order
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 512  # D, residual stream width
+    c.model.n_layers = 8  # transformer blocks
+    c.model.n_heads = 8  # H, query heads
+    c.model.n_kv_heads = 8  # K, key/value heads (K < H is grouped-query attention)
+    c.model.head_dim = 64  # E, width of one head
+    c.model.d_ff = 1536  # F, SwiGLU hidden width
+    c.model.max_seq_len = 2048  # longest sequence the model is built for (positions)
+    c.model.rope_theta = 10000.0  # RoPE base frequency
+    # Llama-3 RoPE scaling (factor, low_freq_factor, high_freq_factor, original_max_pos) or None.
+    c.model.rope_scaling = config_dict.placeholder(tuple)
+    c.model.norm_eps = 1e-5  # RMSNorm epsilon
+    c.model.tie_embeddings = False  # share the input embedding with the output projection
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = "none"  # activation recomputation: none | full | dots
+    c.model.attention = "auto"  # auto (cudnn on GPU, else xla) | xla | cudnn
+    c.model.init_std = 0.02  # std of the normal init of weight matrices
+
+    c.data = ml_collections.ConfigDict()
+    c.data.cache_dir = ""  # root of prepared-data caches; '' = $JAXLM_CACHE or ~/.cache/jaxlm
+    c.data.datasets = ml_collections.ConfigDict()
+    c.data.datasets.stdlib = ml_collections.ConfigDict()
+    c.data.datasets.stdlib.paths = "stdlib"  # comma-separated globs/dirs, or 'stdlib'
+    c.data.datasets.stdlib.text_field = "text"  # JSONL key / Parquet column with the text
+    c.data.datasets.stdlib.weight = 1.0  # mixture weight (normalised over datasets)
+    c.data.val_fraction = 0.02  # share of documents held out, chosen by content hash
+    c.data.num_proc = 0  # tokenization worker processes; 0 = os.cpu_count()
+    c.data.docs_per_shard = 2000  # documents per ArrayRecord shard
+    c.data.grain_workers = 0  # grain worker processes feeding training; 0 = in-process
+    c.data.curation = curate.default_config()
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # existing sentencepiece .model to use; '' = train one
+    c.tokenizer.model_type = "bpe"  # bpe | unigram | char
+    c.tokenizer.vocab_size = 4096  # pieces, including byte-fallback and special tokens
+    c.tokenizer.sample_bytes = 20_000_000  # cap on text read to train the tokenizer (bytes)
+    c.tokenizer.byte_fallback = True  # unknown characters become bytes, never <unk>
+    c.tokenizer.code_safe = True  # identity normalization, whitespace preserved
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4  # peak learning rate
+    c.optim.init_lr = 0.0  # learning rate at step 0 (warmup starts here)
+    c.optim.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+    c.optim.warmup_steps = 100  # linear warmup steps
+    c.optim.schedule = "cosine"  # decay after warmup: cosine | linear | wsd | constant
+    c.optim.decay_fraction = 0.2  # wsd only: share of steps spent decaying at the end
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.95  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.weight_decay = 0.1  # decoupled weight decay on matrices (not norms)
+    c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # optimizer steps
+    c.train.batch_size = 32  # global batch, in sequences
+    c.train.seq_len = 512  # L, tokens per sequence
+    c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+    c.train.log_every = 10  # steps between metric lines
+    c.train.transfer_guard = False  # disallow implicit host<->device copies in the loop
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 200  # steps between held-out evaluations; 0 = only at the end
+    c.eval.max_batches = 0  # cap on eval batches per dataset; 0 = the whole val split
+    c.eval.batch_size = 0  # global eval batch in sequences; 0 = train.batch_size
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200  # steps between checkpoints (and one at the end)
+    c.checkpoint.keep = 3  # newest checkpoints kept
+    c.checkpoint.keep_every = 0  # also keep every k-th step forever; 0 = none
+    c.checkpoint.async_save = True  # write in a background thread
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.preset = "fsdp"  # dp | fsdp | fsdp_tp (see jaxlm/sharding.py)
+    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) sizes; -1 = the remaining devices
+    c.mesh.multihost = False  # call jax.distributed.initialize() (TPU pods, SLURM)
+    c.mesh.coordinator = ""  # explicit coordinator host:port for jax.distributed
+    c.mesh.num_processes = 1  # with coordinator: number of processes
+    c.mesh.process_id = 0  # with coordinator: this process's index
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True  # write TensorBoard events under <workdir>/tb
+    c.logging.wandb = False  # log to Weights & Biases (pip install 'jaxlm[wandb]')
+    c.logging.wandb_project = "jaxlm"  # W&B project
+    c.logging.wandb_mode = "offline"  # online | offline (offline needs no network)
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = "def fibonacci(n):\n"  # continued at the end of training
+    c.sample.max_tokens = 64  # new tokens to sample
+    c.sample.temperature = 0.0  # 0 = greedy
+    c.sample.top_k = 0  # keep the k most likely tokens; 0 = all
+    c.sample.top_p = 1.0  # nucleus sampling mass; 1 = off
+    return c

@@ -1,0 +1,114 @@
+"""Checkpoints: orbax async saves of the train state, the data iterator and run metadata.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`. `state` is the whole train-state
+pytree (params, optimizer state, step, rng); `data` is the grain iterator's state (JSON, taken
+synchronously at save time so the async write cannot race the next batch); `meta` is the config,
+tokenizer hash, mesh shape and jaxlm version.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+import jaxlm
+from jaxlm.errors import JaxlmError
+
+
+class CheckpointError(JaxlmError):
+    """No usable checkpoint, or one written by an incompatible run."""
+
+
+class Checkpointer:
+    """Saves and restores `(state, data iterator state, metadata)` under `directory`."""
+
+    def __init__(self, directory: str, ckpt_cfg: Any):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ckpt_cfg.keep,
+            keep_period=ckpt_cfg.keep_every or None,
+            enable_async_checkpointing=ckpt_cfg.async_save,
+            create=True,
+        )
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def save(self, step: int, state: Any, data_state: dict | None, meta: dict, force: bool = False) -> bool:
+        """Starts an (async) save of `state` at `step`; returns whether a save was started."""
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave(dict(meta, jaxlm_version=jaxlm.__version__, step=step)),
+        }
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints present, oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict | None, dict]:
+        """Restores the newest readable checkpoint (or `step`) into `abstract_state`'s shardings.
+
+        A checkpoint that fails to read (truncated, a file missing) is reported in one line and
+        the previous one is tried. Returns (step, state, data iterator state, metadata).
+        """
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        if not candidates:
+            raise CheckpointError(f"no checkpoint found in {self.directory}.")
+        failures = []
+        for s in candidates:
+            try:
+                meta = self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                check_compatible(meta, abstract_state)
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                if self._has_item(s, "data"):
+                    items["data"] = ocp.args.JsonRestore()
+                restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+                return s, restored["state"], restored.get("data"), meta
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", s, reason)
+                failures.append(s)
+        raise CheckpointError(
+            f"every checkpoint in {self.directory} is unreadable (steps {failures}); refusing to "
+            "start from scratch over them: move the directory away or pass another --workdir."
+        )
+
+    def _has_item(self, step: int, name: str) -> bool:
+        return (self.manager.directory / str(step) / name).exists()
+
+    def wait(self) -> None:
+        """Blocks until every started save is durable on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_compatible(meta: dict, abstract_state: Any) -> None:
+    """Raises CheckpointError naming the first parameter whose shape differs from the model's."""
+    saved = meta.get("param_shapes")
+    if not saved:
+        return
+    current = param_shapes(abstract_state["params"])
+    for name, shape in current.items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint has no parameter {name}; it was written by another model.")
+        if tuple(saved[name]) != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint parameter {name} has shape {tuple(saved[name])} but the model expects "
+                f"{tuple(shape)}; the config's model section differs from the run that wrote it."
+            )
+
+
+def param_shapes(params: Any) -> dict[str, list[int]]:
+    """Flat {'blocks/0/attn/wq': shape} map, recorded in metadata to explain mismatches."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): list(x.shape) for path, x in flat}

@@ -1,0 +1,168 @@
+"""grain pipelines from prepared ArrayRecord shards to packed, batched training rows.
+
+A record holds one document's token ids followed by EOS (`records.py`). Each document becomes a
+next-token pair `inputs = [BOS] + ids`, `targets = ids + [EOS]`, so every token of every
+document is a target exactly once per epoch. Documents are packed end to end into rows of
+`seq_len` (long ones split across rows, never dropped); `segment_ids` (0 = padding) keep
+attention inside a document.
+
+Batch contract (host-local numpy): inputs, targets, segment_ids, positions int32 (B, L) and
+loss_mask float32 (B, L).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+
+def load_manifest(path: str) -> dict:
+    """Reads manifest.json and resolves shard paths relative to its folder."""
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["root"] = os.path.dirname(os.path.abspath(path))
+    return manifest
+
+
+def shard_paths(manifest: dict, dataset: str, split: str) -> list[str]:
+    """Absolute paths of one dataset's shards for `split` (train | val)."""
+    shards = manifest["datasets"][dataset][split]["shards"]
+    return [os.path.join(manifest["root"], s["path"]) for s in shards if s["documents"] > 0]
+
+
+class _ToPair(grain.transforms.Map):
+    """Record bytes -> {'inputs': [BOS]+ids, 'targets': ids+[EOS]} (the record already ends in EOS)."""
+
+    def __init__(self, bos_id: int):
+        self.bos_id = bos_id
+
+    def map(self, record: bytes) -> dict[str, np.ndarray]:
+        ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
+        return {"inputs": np.concatenate([[self.bos_id], ids[:-1]]).astype(np.int32), "targets": ids}
+
+
+def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+    return {
+        "inputs": packed["inputs"].astype(np.int32),
+        "targets": packed["targets"].astype(np.int32),
+        "segment_ids": segment_ids,
+        "positions": packed["inputs_positions"].astype(np.int32),
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
+
+
+def _documents(manifest: dict, dataset: str, split: str, process_index: int, process_count: int):
+    source = grain.sources.ArrayRecordDataSource(shard_paths(manifest, dataset, split))
+    # Each host reads every process_count-th document: disjoint slices, no coordination needed.
+    return grain.MapDataset.source(source)[process_index::process_count]
+
+
+def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch_size: int, drop_remainder: bool):
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        docs, length_struct={"inputs": seq_len, "targets": seq_len}
+    )
+    return packed.map(_to_batch).batch(batch_size, drop_remainder=drop_remainder)
+
+
+def train_dataset(
+    manifest: dict,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    weights: dict[str, float] | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """Endless stream of host-local packed batches over a weighted mixture of datasets.
+
+    Args:
+      manifest: from `load_manifest`.
+      seq_len: L, tokens per row.
+      batch_size: rows per host-local batch.
+      seed: shuffle seed; each dataset reshuffles every epoch.
+      process_index, process_count: this host's slice of the documents.
+      weights: mixture weights by dataset name (default: the manifest's); normalised here.
+      worker_count: grain worker processes for decoding and packing (0 = in-process).
+    """
+    names = sorted(manifest["datasets"])
+    weights = weights or {n: manifest["datasets"][n].get("weight", 1.0) for n in names}
+    names = [n for n in names if weights.get(n, 0) > 0]
+    if not names:
+        raise ValueError("every dataset has mixture weight 0; give at least one a positive weight.")
+    bos = manifest["tokenizer"]["bos_id"]
+    streams = []
+    for i, name in enumerate(names):
+        docs = _documents(manifest, name, "train", process_index, process_count)
+        if len(docs) == 0:
+            raise ValueError(f"dataset {name!r} has no training documents on host {process_index}.")
+        streams.append(docs.shuffle(seed=seed + i).repeat().map(_ToPair(bos)))
+    mixed = grain.MapDataset.mix(streams, [weights[n] for n in names]) if len(streams) > 1 else streams[0]
+    ds = _pack_and_batch(mixed.to_iter_dataset(), seq_len, batch_size, drop_remainder=True)
+    if worker_count > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return ds
+
+
+def eval_batches(
+    manifest: dict,
+    dataset: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly `num_batches` host-local batches over one pass of a dataset's val split, in order.
+
+    Rows past the end of the split are padding (loss_mask 0), so every host yields the same
+    number of batches and a full pass counts each held-out token once.
+    """
+    bos = manifest["tokenizer"]["bos_id"]
+    docs = _documents(manifest, dataset, "val", process_index, process_count).map(_ToPair(bos))
+    it = iter(_pack_and_batch(docs.to_iter_dataset(), seq_len, batch_size, drop_remainder=False))
+    for _ in range(num_batches):
+        batch = next(it, None)
+        if batch is None:
+            batch = {k: np.zeros((0, seq_len), v.dtype) for k, v in _empty_row(seq_len).items()}
+        yield _pad_rows(batch, batch_size)
+
+
+def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
+    z = np.zeros((1, seq_len), np.int32)
+    return {"inputs": z, "targets": z, "segment_ids": z, "positions": z, "loss_mask": z.astype(np.float32)}
+
+
+def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    missing = batch_size - batch["inputs"].shape[0]
+    if missing == 0:
+        return batch
+    return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+def eval_num_batches(manifest: dict, dataset: str, seq_len: int, global_batch: int, max_batches: int) -> int:
+    """Batches for a full pass over a val split (its targets = tokens + one EOS per document)."""
+    val = manifest["datasets"][dataset]["val"]
+    targets = val["tokens"] + val["documents"]
+    full = math.ceil(targets / (seq_len * global_batch)) + 1  # +1: packing leaves a ragged tail
+    return full if max_batches <= 0 else min(full, max_batches)
+
+
+def val_bytes_per_target(manifest: dict, dataset: str) -> float:
+    """UTF-8 bytes of held-out text per predicted token: converts nats/token to bits/byte."""
+    val = manifest["datasets"][dataset]["val"]
+    return val["bytes"] / max(val["tokens"] + val["documents"], 1)
+
+
+def iterator_state(it: Any) -> dict:
+    """JSON-safe state of a grain dataset iterator."""
+    return json.loads(json.dumps(it.get_state()))

@@ -1,0 +1,43 @@
+"""Command-line entry point: `python -m jaxlm.main --config=configs/tiny.py [--workdir=DIR]`.
+
+Config values can be overridden with `--config.train.steps=100` and the like; a key that does
+not exist is an error, not a silent new field.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlm.errors import JaxlmError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+
+
+def main(argv):
+    del argv
+    from jaxlm import train  # after flag parsing: grain workers need absl flags parsed first
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    try:
+        train.run(config, workdir)
+    except JaxlmError as e:
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+
+
+def run():
+    flags.mark_flag_as_required("config")
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as e:  # raised by --config.x overrides naming unknown keys
+        message = str(e.args[0] if e.args else e).replace("\n", " ")
+        sys.exit(f"error: bad --config override: {message}")
+
+
+if __name__ == "__main__":
+    run()

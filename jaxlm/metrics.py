@@ -1,0 +1,152 @@
+"""Run metrics: model FLOPs and MFU, and writers for stdout, metrics.jsonl, TensorBoard and W&B.
+
+TensorBoard events are written with tensorboardX so the default install carries no TensorFlow
+(`clu.metric_writers` would import it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "b200": 2250e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Vendor peak bf16 FLOP/s of `device`, or None when unknown (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    return None
+
+
+def flops_per_token(n_params_non_embed: int, n_layers: int, n_heads: int, head_dim: int,
+                    seq_len: int, vocab_size: int, d_model: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus causal attention.
+
+    N counts every weight used in a matmul, so the output projection (V x D) is included but the
+    embedding lookup is not. Attention scores and values cost 2 matmuls of L x L x (H E) per layer
+    forward; causal masking halves the useful work, and training is 3x forward: 6 L H E per token
+    per layer, the way MaxText counts it.
+    """
+    matmul_params = n_params_non_embed + vocab_size * d_model
+    attention = 6 * n_layers * n_heads * head_dim * seq_len
+    return 6 * matmul_params + attention
+
+
+class Writer:
+    """Fans a dict of scalars out to stdout, metrics.jsonl, TensorBoard and (optionally) W&B.
+
+    Only process 0 writes; other processes' calls are no-ops so multi-host logs are not doubled.
+    """
+
+    def __init__(self, workdir: str, logging_cfg: Any, config_dict: dict | None = None):
+        self.enabled = jax.process_index() == 0
+        self.tb = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if logging_cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+        if logging_cfg.wandb:
+            self.wandb = _start_wandb(workdir, logging_cfg, config_dict)
+
+    def write(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
+        """Records scalars for `step` in every enabled sink (stdout is separate: see `print`)."""
+        if not self.enabled:
+            return
+        named = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
+        self.jsonl.write(json.dumps({"step": step, **named}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in named.items():
+                if math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(named, step=step)
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(workdir: str, logging_cfg: Any, config_dict: dict | None):
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("error: logging.wandb=True needs the W&B extra: pip install 'jaxlm[wandb]'.")
+    return wandb.init(
+        project=logging_cfg.wandb_project,
+        dir=workdir,
+        config=config_dict,
+        mode=logging_cfg.wandb_mode,
+        name=os.path.basename(os.path.normpath(workdir)),
+    )
+
+
+class Throughput:
+    """Tokens/s and ETA between log steps, measured on the host's wall clock."""
+
+    def __init__(self, start_step: int, total_steps: int, tokens_per_step: int):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.last_time = time.perf_counter()
+        self.last_step = start_step
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        step_time = (now - self.last_time) / steps
+        self.last_time, self.last_step = now, step
+        return {
+            "step_time_s": step_time,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "eta_s": step_time * (self.total_steps - step),
+        }
+
+
+def device_memory_gb() -> float | None:
+    """Bytes in use on device 0 in GB, where the backend reports it."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "bytes_in_use" not in stats:
+        return None
+    return stats["bytes_in_use"] / 1e9
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

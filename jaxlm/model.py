@@ -1,0 +1,316 @@
+"""Decoder-only Llama-family transformer in Flax NNX.
+
+RMSNorm, rotary position embeddings (Hugging Face "rotate half" layout, so imported weights need
+no permutation), grouped-query attention and a SwiGLU MLP. Parameters are stored in fp32 and cast
+to `ModelConfig.dtype` for compute; logits come back in fp32.
+
+Every parameter carries logical axis names in its `axes` metadata and activations are constrained
+at block boundaries with `sharding.constrain`; which mesh axes those names map to is decided in
+`sharding.py` alone, so no mesh axis appears here.
+
+Shape alphabet: B batch, L length, S key length, D model dim, H query heads, K kv heads,
+E head dim, F mlp dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, traverse_util
+
+from jaxlm import sharding
+from jaxlm.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the network's shapes and numerics (built once from config.model)."""
+
+    vocab_size: int
+    d_model: int  # D
+    n_layers: int
+    n_heads: int  # H
+    n_kv_heads: int  # K; must divide H (grouped-query attention)
+    head_dim: int  # E
+    d_ff: int  # F, SwiGLU hidden size
+    max_seq_len: int = 2048  # longest position the model is meant for (RoPE scaling, checks)
+    rope_theta: float = 10000.0
+    # Llama-3 style frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or None.
+    rope_scaling: tuple[float, float, float, int] | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
+    remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementations)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.dtype must be float32 or bfloat16, not {self.dtype!r}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}.")
+        if self.attention not in ("xla", "cudnn"):
+            raise ConfigError(f"model.attention must be xla or cudnn, not {self.attention!r}.")
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, vocab_size: int) -> ModelConfig:
+        """Builds the frozen config from the `config.model` ConfigDict and the tokenizer's vocab."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+        kwargs = {k: v for k, v in model_cfg.items() if k in fields}
+        if kwargs.get("rope_scaling") is not None:
+            kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"]) or None
+        if kwargs.get("attention") == "auto":
+            kwargs["attention"] = "cudnn" if jax.default_backend() == "gpu" else "xla"
+        return cls(vocab_size=vocab_size, **kwargs)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+    """A normally initialised fp32 parameter tagged with its logical axis names."""
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies (E/2,), with Llama-3 long-context scaling when configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, original_len = cfg.rope_scaling
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_len / low_freq_factor
+    high_freq_wavelen = original_len / high_freq_factor
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    smooth = (original_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x (B, L, N, E) by its positions (B, L); "rotate half" layout as in HF Llama."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, L, E/2)
+    cos = jnp.cos(angles)[:, :, None, :]  # (B, L, 1, E/2)
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
+    """Causal, same-segment mask (B, 1, L, S).
+
+    Padding (segment id 0) attends only to padding, never to a document, and no document token
+    attends to it; letting padding see itself keeps every softmax row non-empty (no NaN).
+
+    `q_offset` is the index of the first query within the key sequence (non-zero when decoding
+    with a KV cache).
+    """
+    L, S = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    q_idx = jnp.arange(L)[:, None] + q_offset
+    causal = q_idx >= jnp.arange(S)[None, :]  # (L, S)
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # (B, L, S)
+    return (causal[None] & same_segment)[:, None]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # keeps the residual stream's scale
+        self.wq = _param(rngs, (D, H, E), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wk = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.wv = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.wo = _param(rngs, (H, E, D), ("heads", "head_dim", "embed"), out_std)
+        self.cfg = cfg
+
+    def __call__(
+        self,
+        x: jax.Array,  # (B, L, D)
+        positions: jax.Array,  # (B, L)
+        mask: jax.Array,  # (B, 1, L, S)
+        inv_freq: jax.Array,
+        cache: dict[str, jax.Array] | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        dtype = x.dtype
+        q = jnp.einsum("BLD,DHE->BLHE", x, self.wq[...].astype(dtype))
+        k = jnp.einsum("BLD,DKE->BLKE", x, self.wk[...].astype(dtype))
+        v = jnp.einsum("BLD,DKE->BLKE", x, self.wv[...].astype(dtype))
+        q = sharding.constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
+        k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            # Write this step's keys/values at `index` and attend over the whole cache (B, S, K, E).
+            index = cache["index"]
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            cache = {"k": k, "v": v, "index": index + x.shape[1]}
+            k, v = k.astype(dtype), v.astype(dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention)
+        out = sharding.constrain(out, ("batch", "seq", "heads", "head_dim"))  # (B, L, H, E)
+        return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
+        self.w_up = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
+        self.w_down = _param(rngs, (F, D), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D)
+        dtype = x.dtype
+        gate = jnp.einsum("BLD,DF->BLF", x, self.w_gate[...].astype(dtype))
+        up = jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(dtype))
+        h = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("BLF,FD->BLD", h, self.w_down[...].astype(dtype))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
+        h, cache = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return sharding.constrain(x, ("batch", "seq", "embed")), cache
+
+
+class Transformer(nnx.Module):
+    """The language model: tokens (B, L) -> logits (B, L, V) in fp32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # (B, L) int
+        positions: jax.Array | None = None,  # (B, L); default 0..L-1
+        segment_ids: jax.Array | None = None,  # (B, L); default one document per row
+        cache: dict[str, Any] | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+        """Returns logits (B, L, V) fp32, or (logits, new_cache) when a KV cache is passed."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        B, L = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, L), jnp.int32)
+        if cache is None:
+            mask = attention_mask(segment_ids, segment_ids)
+        else:
+            # Keys are every cache slot; the cache's segment row marks which hold real tokens.
+            mask = attention_mask(segment_ids, cache["segment_ids"], cache["index"])
+        inv_freq = rope_frequencies(cfg)
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)  # (B, L, D)
+        x = sharding.constrain(x, ("batch", "seq", "embed"))
+
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                layer_cache = dict(cache["layers"][i], index=cache["index"])
+                x, layer_cache = block(x, positions, mask, inv_freq, layer_cache)
+                new_layers.append({"k": layer_cache["k"], "v": layer_cache["v"]})
+            elif cfg.remat != "none":
+                remat_block = nnx.remat(
+                    lambda blk, x: blk(x, positions, mask, inv_freq)[0],
+                    policy=REMAT_POLICIES[cfg.remat],
+                )
+                x = remat_block(block, x)
+            else:
+                x, _ = block(x, positions, mask, inv_freq)
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
+        logits = jnp.einsum("BLD,DV->BLV", x, head.astype(dtype)).astype(jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+        if cache is None:
+            return logits
+        return logits, dict(cache, layers=new_layers, index=cache["index"] + L)
+
+
+def init_cache(cfg: ModelConfig, segment_ids: jax.Array) -> dict[str, Any]:
+    """An empty KV cache with one slot per column of `segment_ids` (B, S).
+
+    `segment_ids` marks the slots that will hold real tokens (1) and padding (0), so left-padded
+    prompts of different lengths can share one batch.
+    """
+    B, S = segment_ids.shape
+    shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    return {
+        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)],
+        "index": jnp.array(0, jnp.int32),
+        "segment_ids": segment_ids,
+    }
+
+
+def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Builds the model on the default device, without eager sharding (sharding.py places it)."""
+    with nnx.use_eager_sharding(False):
+        return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: shapes and counts at no memory cost."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+
+
+def logical_axes(state: nnx.State) -> dict:
+    """Nested dict of each parameter's logical axis names, shaped like `state.to_pure_dict()`."""
+    return traverse_util.unflatten_dict(
+        {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(state)}
+    )
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

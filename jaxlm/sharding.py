@@ -1,0 +1,197 @@
+"""Device mesh, logical-to-mesh axis rules, and multi-host start-up.
+
+Model code names the axes of its parameters and activations logically (`batch, seq, embed, heads,
+kv_heads, head_dim, mlp, vocab, norm`). This module alone decides which mesh axis each name is
+split over, through a few named presets:
+
+- `dp`: parameters replicated; the batch is split over every device.
+- `fsdp`: parameters (and so gradients and optimizer state) split over `fsdp` along `embed`;
+  XLA all-gathers them per layer.
+- `fsdp_tp`: `fsdp` plus tensor parallelism: heads, MLP and vocab split over `tensor`.
+
+The batch is always split over `data` x `fsdp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "dp": {"batch": BATCH},
+    "fsdp": {"batch": BATCH, "embed": "fsdp"},
+    "fsdp_tp": {
+        "batch": BATCH,
+        "embed": "fsdp",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+        "vocab": "tensor",
+    },
+}
+
+
+class ShardingError(ConfigError):
+    """A mesh or sharding request that cannot work on these devices or shapes."""
+
+
+def rules_for(preset: str) -> dict[str, Any]:
+    """The logical-name -> mesh-axis mapping of a named preset."""
+    if preset not in PRESETS:
+        raise ShardingError(f"mesh.preset must be one of {sorted(PRESETS)}, not {preset!r}.")
+    return PRESETS[preset]
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replaces a single -1 in `shape` by whatever makes the product equal `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ShardingError(f"mesh.shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}.")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ShardingError(f"mesh.shape={shape} may hold positive sizes and at most one -1.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ShardingError(
+                f"mesh.shape={shape} cannot be completed: {num_devices} devices are not a "
+                f"multiple of {known}."
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ShardingError(
+            f"mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are present; "
+            "use -1 for the axis that takes the rest."
+        )
+    return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axis types.
+
+    Auto axes let XLA propagate shardings from the logical annotations (GSPMD style); the
+    Explicit default of `jax.make_mesh` would demand an out_sharding on every contraction.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(shape, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any]) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis already used earlier is skipped.
+
+    The skip is what lets one name mean different things in different tensors: `embed` is split
+    over `fsdp` in a weight, but in an activation (batch, seq, embed) `fsdp` already splits the
+    batch, so `embed` stays whole.
+    """
+    used: set[str] = set()
+    spec = []
+    for name in axes:
+        mesh_axes = rules.get(name) if name is not None else None
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used)
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Mapping[str, Any],
+                   shape: Sequence[int] | None = None, name: str = "array") -> NamedSharding:
+    """NamedSharding for logical `axes`; checks each split dimension divides its mesh axes."""
+    spec = logical_to_spec(axes, rules)
+    if shape is not None:
+        for dim, logical, mesh_axes in zip(shape, axes, spec):
+            if mesh_axes is None:
+                continue
+            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+            size = math.prod(mesh.shape[a] for a in mesh_axes)
+            if dim % size:
+                raise ShardingError(
+                    f"{name}: dimension '{logical}' of size {dim} cannot be split over mesh axes "
+                    f"{mesh_axes} of total size {size}; change the mesh shape or the model size."
+                )
+    return NamedSharding(mesh, spec)
+
+
+def tree_shardings(mesh: Mesh, axes_tree: Any, shapes_tree: Any, rules: Mapping[str, Any]) -> Any:
+    """NamedShardings for a tree of arrays given a matching tree of logical-axes tuples."""
+    axes_leaves, treedef = jax.tree.flatten(axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+    paths_shapes = jax.tree_util.tree_flatten_with_path(shapes_tree)[0]
+    out = [
+        named_sharding(mesh, axes, rules, leaf.shape, jax.tree_util.keystr(path))
+        for axes, (path, leaf) in zip(axes_leaves, paths_shapes)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a (B, L) batch: rows split over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(BATCH, None))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """How many ways the global batch is split."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+_active: tuple[Mesh, Mapping[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[None]:
+    """Makes `constrain` map logical names with `rules` on `mesh` while tracing inside."""
+    global _active
+    previous, _active = _active, (mesh, rules)
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `use(...)` (e.g. single device)."""
+    if _active is None:
+        return x
+    mesh, rules = _active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def maybe_initialize_distributed(mesh_cfg: Any) -> None:
+    """Joins a multi-process JAX runtime when the config or the environment asks for it.
+
+    Explicit `coordinator`/`num_processes`/`process_id` win; otherwise `multihost=True`, or the
+    variables that TPU pods and SLURM set, let `jax.distributed.initialize()` discover the rest.
+    """
+    if mesh_cfg.get("coordinator"):
+        jax.distributed.initialize(
+            coordinator_address=mesh_cfg.coordinator,
+            num_processes=mesh_cfg.num_processes,
+            process_id=mesh_cfg.process_id,
+        )
+        return
+    cluster_env = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
+    env_multihost = any(v in os.environ for v in cluster_env) and (
+        int(os.environ.get("SLURM_NTASKS", "2")) > 1
+    )
+    if mesh_cfg.get("multihost") or env_multihost:
+        jax.distributed.initialize()
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays split over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,92 @@
+"""Properties of the transformer: causality, packing isolation, KV-cache equivalence, shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import generate, model
+
+CFG = model.ModelConfig(vocab_size=61, d_model=28, n_layers=2, n_heads=6, n_kv_heads=2,
+                        head_dim=6, d_ff=44, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return model.create(CFG, seed=3)
+
+
+def test_changing_a_future_token_never_changes_past_logits(net):
+    tokens = np.random.RandomState(0).randint(0, 61, (2, 13))
+    changed = tokens.copy()
+    changed[:, 7] = (changed[:, 7] + 5) % 61
+    a, b = net(jnp.asarray(tokens)), net(jnp.asarray(changed))
+    np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+    assert not np.allclose(a[:, 7:], b[:, 7:])  # the change is visible from position 7 on
+
+
+def test_packed_documents_do_not_attend_to_each_other(net):
+    rng = np.random.RandomState(1)
+    doc_a, doc_b = rng.randint(0, 61, 5), rng.randint(0, 61, 8)
+    packed = np.concatenate([doc_a, doc_b])[None]
+    segment_ids = np.array([[1] * 5 + [2] * 8])
+    positions = np.array([list(range(5)) + list(range(8))])
+    logits = net(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segment_ids))
+    alone_a, alone_b = net(jnp.asarray(doc_a[None])), net(jnp.asarray(doc_b[None]))
+    np.testing.assert_allclose(logits[0, :5], alone_a[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[0, 5:], alone_b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward(net):
+    graphdef, state = nnx.split(net)
+    params = nnx.to_pure_dict(state)
+    prompts = [[5, 17, 3, 44, 2], [9, 1, 30]]
+    new = generate.generate(graphdef, params, prompts, max_new_tokens=7, eos_id=-1)
+    for prompt, continuation in zip(prompts, new):
+        seq = list(prompt)
+        for token in continuation:
+            full = net(jnp.asarray([seq]))
+            assert int(jnp.argmax(full[0, -1])) == token
+            seq.append(token)
+
+
+def test_cached_step_logits_match_full_forward_within_1e5(net):
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 61, (1, 11)))
+    full = net(tokens)
+    cache = model.init_cache(CFG, jnp.ones((1, 11), jnp.int32))
+    logits, cache = net(tokens[:, :4], jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32), cache=cache)
+    steps = [logits]
+    for t in range(4, 11):
+        logits, cache = net(tokens[:, t:t + 1], jnp.array([[t]]), jnp.ones((1, 1), jnp.int32), cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_fp32_params_and_logits():
+    import dataclasses
+    net = model.create(dataclasses.replace(CFG, dtype="bfloat16"))
+    logits = net(jnp.zeros((1, 4), jnp.int32))
+    assert logits.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(net)))
+
+
+def test_remat_gives_the_same_gradients():
+    import dataclasses
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 61, (2, 9)))
+
+    def grads(cfg):
+        net = model.create(cfg, seed=0)
+        graphdef, state = nnx.split(net)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)  # noqa: E731
+        return jax.grad(loss)(nnx.to_pure_dict(state))
+
+    plain, remat = grads(CFG), grads(dataclasses.replace(CFG, remat="full"))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_head_counts_are_one_clear_error():
+    with pytest.raises(ValueError, match="n_heads=6 must be a multiple of model.n_kv_heads=4"):
+        model.ModelConfig(vocab_size=61, d_model=28, n_layers=1, n_heads=6, n_kv_heads=4,
+                          head_dim=6, d_ff=44)

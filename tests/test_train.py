@@ -1,0 +1,81 @@
+"""Properties of the train step: it learns, traces once, shards exactly, accumulates exactly."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import sharding, train
+from tests.helpers import packed_batch, tiny_config
+
+
+def make_setup(preset="fsdp", mesh_shape=(1, -1, 1), devices=None, **overrides):
+    config = tiny_config()
+    config.mesh.preset = preset
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(config[section], name, value)
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    return train.Setup(config, vocab_size=62, mesh=mesh)
+
+
+def run_steps(setup, batches):
+    state = setup.init_state()
+    step = setup.jit_train_step()
+    losses = []
+    with sharding.use(setup.mesh, setup.rules):
+        for batch in batches:
+            state, metrics = step(state, sharding.host_to_global(batch, setup.mesh))
+            losses.append(float(metrics["loss"]))
+    return state, losses, step
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return [packed_batch(8, 16, seed=s, vocab=62) for s in range(5)]
+
+
+@pytest.fixture(scope="module")
+def single_device_run(batches):
+    setup = make_setup(devices=jax.devices()[:1])
+    return run_steps(setup, batches)
+
+
+def test_loss_falls_on_a_repeated_batch():
+    setup = make_setup(devices=jax.devices()[:1])
+    _, losses, _ = run_steps(setup, [packed_batch(8, 16, seed=9, vocab=62)] * 15)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_step_compiles_once(single_device_run):
+    _, _, step = single_device_run
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("preset,mesh_shape", [("dp", (8, 1, 1)), ("fsdp", (2, 4, 1)), ("fsdp_tp", (1, 4, 2))])
+def test_sharded_losses_equal_single_device(preset, mesh_shape, batches, single_device_run):
+    setup = make_setup(preset, mesh_shape)
+    state, losses, _ = run_steps(setup, batches)
+    np.testing.assert_allclose(losses, single_device_run[1], rtol=1e-5)
+    wq = state["params"]["blocks"][0]["attn"]["wq"].sharding.spec  # (D, H, E)
+    expected = {"dp": (None, None, None), "fsdp": ("fsdp", None, None), "fsdp_tp": ("fsdp", "tensor", None)}
+    assert tuple(wq) + (None,) * (3 - len(wq)) == expected[preset]
+    mu = jax.tree.leaves(state["opt_state"][1][0].mu)[0]
+    assert mu.sharding.spec == jax.tree.leaves(state["params"])[0].sharding.spec
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    big = packed_batch(8, 16, seed=5, vocab=62)
+    one, _, _ = run_steps(make_setup(devices=jax.devices()[:1]), [big])
+    accum, _, _ = run_steps(make_setup(devices=jax.devices()[:1], train__grad_accum=4), [big])
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(accum["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_indivisible_dimension_is_one_clear_error():
+    with pytest.raises(sharding.ShardingError, match=r"dimension 'kv_heads' of size 2 cannot be split over mesh axes \('tensor',\)"):
+        make_setup("fsdp_tp", (1, 2, 4))
+
+
+def test_mesh_that_does_not_cover_the_devices_is_an_error():
+    with pytest.raises(sharding.ShardingError, match="uses 6 devices but 8 are present"):
+        sharding.make_mesh((2, 3, 1))
