@@ -1,0 +1,526 @@
+"""Prepare: corpus files -> curated, split, tokenized ArrayRecord shards + ``manifest.json``.
+
+``prepare(config.data, config.tokenizer)`` runs, per dataset:
+
+1. resolve sources (a bad glob fails here, before any work);
+2. stream documents through curation; each survivor goes to *val* if
+   ``sha256(text) / 2**256 < val_fraction`` else *train* — stable under re-runs and under adding
+   files — and is spilled to a temporary file; train documents are offered to a deterministic
+   hash-ranked tokenizer sample and val text to a streaming gzip (the baseline bits-per-byte);
+3. train the tokenizer on the sample (or load ``tokenizer.path``);
+4. tokenize the spilled documents into ArrayRecord shards (see ``records``);
+5. write ``manifest.json``.
+
+Caching: the output lives in ``<cache_root>/<key>/``, where the key hashes everything that
+changes the output (dataset paths and file sizes/mtimes, Python version for ``stdlib``, the
+curation, split, shard and tokenizer settings). A complete manifest means "done": the call
+prints one line and returns. Work happens in a temporary directory renamed into place at the
+end, so a killed run never leaves a cache that looks complete.
+
+Multi-host: host ``i`` of ``n`` prepares files ``i, i+n, ...`` into ``<key>/host-i-of-n/``
+(shard names carry the host too). Host 0 trains the tokenizer on its own slice and publishes
+``<key>/tokenizer.model``; the other hosts wait for it, so every host tokenizes with the same
+model (this needs a shared filesystem, as does the merge). Host 0 then merges the per-host
+manifests into ``<key>/manifest.json``, which every host waits for and returns. Deduplication is
+per host: a duplicate that lands on two hosts is kept twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from jaxlm.data import curate, records, sources, tokenizer
+from jaxlm.data.sources import DataError
+
+MANIFEST_VERSION = 1
+PREP_VERSION = 1  # bump when a code change alters prepared output, to invalidate old caches
+SPLITS = ("train", "val")
+WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
+
+
+def split_of(text: str, val_fraction: float) -> str:
+    """'val' or 'train' for a document, from its content hash alone."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return "val" if h < val_fraction * 2.0**64 else "train"
+
+
+def _sample_priority(text: str) -> int:
+    # A second, independent hash: the tokenizer sample must not correlate with the val split.
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass")).digest()[:8])
+
+
+class _Spill:
+    """Length-prefixed UTF-8 documents in a temporary file: curated once, tokenized later."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 -- closed in close()
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        self._f.write(struct.pack("<Q", len(data)))
+        self._f.write(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as f:
+            while header := f.read(8):
+                (n,) = struct.unpack("<Q", header)
+                yield f.read(n).decode("utf-8", "surrogatepass")
+
+
+class _GzipMeter:
+    """Compressed size of a text stream under ``gzip -9``, without holding the text."""
+
+    def __init__(self) -> None:
+        self._z = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits=31: gzip framing
+        self.raw = self.compressed = 0
+
+    def add(self, data: bytes) -> None:
+        self.raw += len(data)
+        self.compressed += len(self._z.compress(data))
+
+    def bits_per_byte(self) -> float | None:
+        self.compressed += len(self._z.flush())
+        self._z = zlib.compressobj(9, zlib.DEFLATED, 31)
+        return 8.0 * self.compressed / self.raw if self.raw else None
+
+
+def _datasets(data_cfg: Any) -> dict[str, Any]:
+    ds = dict(data_cfg.datasets.items()) if data_cfg.get("datasets") else {}
+    if not ds:
+        raise DataError("config.data.datasets is empty; name at least one dataset to prepare.")
+    return {name: ds[name] for name in sorted(ds)}
+
+
+def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
+    if not 0.0 <= float(data_cfg.val_fraction) < 1.0:
+        raise DataError(f"config.data.val_fraction={data_cfg.val_fraction} must be in [0, 1).")
+    if int(data_cfg.docs_per_shard) < 1:
+        raise DataError(f"config.data.docs_per_shard={data_cfg.docs_per_shard} must be >= 1.")
+    if tok_cfg.path and not os.path.isfile(os.path.expanduser(tok_cfg.path)):
+        raise DataError(f"config.tokenizer.path={tok_cfg.path!r} does not exist.")
+    try:
+        tokenizer.trainer_options(tok_cfg)  # a bad model_type fails now, not after curation
+        for cfg in _datasets(data_cfg).values():  # so does a bad quality preset
+            curate.thresholds(data_cfg.curation.quality, cfg.get("quality_preset", None))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def cache_key(
+    data_cfg: Any, tok_cfg: Any, srcs: dict[str, sources.Source], process_count: int = 1
+) -> tuple[str, dict[str, Any]]:
+    """A short hash of everything that affects the prepared output, and what it hashed."""
+    tok = {k: v for k, v in tok_cfg.to_dict().items() if k != "path"}
+    if tok_cfg.path:
+        tok = {"file_sha256": records.file_sha256(os.path.expanduser(tok_cfg.path))}
+    material = {
+        "prep_version": PREP_VERSION,
+        "datasets": {
+            name: {
+                "paths": src.paths,
+                "text_field": src.text_field,
+                "split_paragraphs": src.split_paragraphs,
+                "quality_preset": data_cfg.datasets[name].get("quality_preset", None),
+                "files": src.fingerprint(),
+            }
+            for name, src in srcs.items()
+        },
+        "val_fraction": float(data_cfg.val_fraction),
+        "docs_per_shard": int(data_cfg.docs_per_shard),
+        "curation": data_cfg.curation.to_dict(),
+        "tokenizer": tok,
+        "process_count": int(process_count),
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:16], material
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_manifest(path: str) -> dict[str, Any]:
+    """Reads a manifest (a ``manifest.json`` path or the directory holding it)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "manifest.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def verify_manifest(path: str, tok: Any = None, check_shards: bool = False) -> dict[str, Any]:
+    """Checks that a manifest's tokenizer (and optionally its shards) are what it says.
+
+    Raises:
+      DataError: ``tok`` is not the tokenizer the shards were written with, the tokenizer file
+        beside the manifest has another hash, or (``check_shards``) a shard's bytes changed.
+    """
+    m = load_manifest(path)
+    root = os.path.dirname(path) if not os.path.isdir(path) else path
+    want = m["tokenizer"]["sha256"]
+    if tok is not None and tok.sha256 != want:
+        raise DataError(
+            f"The data at {root} was tokenized with tokenizer {want[:12]}, not {tok.sha256[:12]} "
+            f"({tok.path}); re-run prepare or use the tokenizer.model next to the manifest."
+        )
+    tok_file = os.path.join(root, m["tokenizer"]["file"])
+    if records.file_sha256(tok_file) != want:
+        raise DataError(f"{tok_file} does not match the sha256 recorded in its manifest.")
+    if check_shards:
+        for name, ds in m["datasets"].items():
+            for split in SPLITS:
+                for shard in ds[split]["shards"]:
+                    if records.file_sha256(os.path.join(root, shard["path"])) != shard["sha256"]:
+                        raise DataError(
+                            f"Shard {shard['path']} of dataset {name!r} does not match its "
+                            "manifest (written by another run or tokenizer); re-run prepare."
+                        )
+    return m
+
+
+def _split_entry(shards: list[records.ShardInfo]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"shards": [s.to_dict() for s in shards]}
+    for k in ("documents", "tokens", "bytes"):
+        entry[k] = sum(getattr(s, k) for s in shards)
+    return entry
+
+
+def _wait_for(path: str, what: str, log: Callable[[str], None]) -> None:
+    if os.path.exists(path):
+        return
+    log(f"waiting for {what} ({path}) ...")
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise DataError(f"Timed out after {WAIT_TIMEOUT_S} s waiting for {path} ({what}).")
+        time.sleep(1.0)
+
+
+def _sync_weights(path: str, datasets: dict[str, Any]) -> None:
+    """Mixture weights do not change the shards; refresh them in a cached manifest in place."""
+    m = load_manifest(path)
+    weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in datasets.items()}
+    if any(m["datasets"].get(n, {}).get("weight") != w for n, w in weights.items()):
+        for n, w in weights.items():
+            if n in m["datasets"]:
+                m["datasets"][n]["weight"] = w
+        _write_json(path, m)
+
+
+def prepare(
+    data_cfg: Any,
+    tok_cfg: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """Prepares (or finds in the cache) the tokenized shards of ``data_cfg.datasets``.
+
+    Args:
+      data_cfg: ``config.data`` (datasets, cache_dir, val_fraction, num_proc, docs_per_shard,
+        curation).
+      tok_cfg: ``config.tokenizer`` (path, model_type, vocab_size, sample_bytes, byte_fallback,
+        code_safe).
+      process_index, process_count: this host's share of the input files.
+      log: where progress lines go (default: print to stdout).
+
+    Returns:
+      Path of the complete ``manifest.json``.
+
+    Raises:
+      DataError: bad config or input (one sentence), raised before expensive work where possible.
+    """
+    if log is None:
+        log = lambda s: print(s, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    _check_config(data_cfg, tok_cfg)
+    ds_cfgs = _datasets(data_cfg)
+    srcs = {
+        name: sources.Source(
+            cfg.paths,
+            text_field=cfg.get("text_field", "text"),
+            split_paragraphs=bool(cfg.get("split_paragraphs", False)),
+            process_index=process_index,
+            process_count=process_count,
+        )
+        for name, cfg in ds_cfgs.items()
+    }
+    key, material = cache_key(data_cfg, tok_cfg, srcs, process_count)
+    key_dir = os.path.join(sources.cache_root(data_cfg.cache_dir), key)
+    final_manifest = os.path.join(key_dir, "manifest.json")
+    if os.path.exists(final_manifest):
+        _sync_weights(final_manifest, ds_cfgs)
+        log(f"using prepared data at {key_dir}")
+        return final_manifest
+
+    job = _Job(ds_cfgs, srcs, data_cfg, tok_cfg, key, material, process_index, process_count, log)
+    if not os.path.exists(os.path.join(job.out_dir, "manifest.json")):
+        n_files = sum(len(s.files) for s in srcs.values())
+        log(f"preparing {len(srcs)} dataset(s), {n_files:,} files -> {job.out_dir}")
+        _prepare_host(job)
+    if process_count > 1:
+        host_manifests = [
+            os.path.join(key_dir, _host_dir(i, process_count), "manifest.json")
+            for i in range(process_count)
+        ]
+        if process_index == 0:
+            for i, p in enumerate(host_manifests):
+                _wait_for(p, f"host {i}'s shards", log)
+            _write_json(final_manifest, merge_manifests(host_manifests, out_dir=key_dir))
+        _wait_for(final_manifest, "host 0 to merge the manifests", log)
+    log(f"prepared data at {key_dir} in {time.perf_counter() - t0:.1f} s")
+    return final_manifest
+
+
+def _host_dir(process_index: int, process_count: int) -> str:
+    return f"host-{process_index}-of-{process_count}"
+
+
+@dataclasses.dataclass
+class _Job:
+    """One host's preparation: its inputs, settings, and where the result goes."""
+
+    ds_cfgs: dict[str, Any]
+    srcs: dict[str, sources.Source]
+    data_cfg: Any
+    tok_cfg: Any
+    key: str
+    material: dict[str, Any]
+    process_index: int
+    process_count: int
+    log: Callable[[str], None]
+
+    @property
+    def out_dir(self) -> str:
+        key_dir = os.path.join(sources.cache_root(self.data_cfg.cache_dir), self.key)
+        if self.process_count == 1:
+            return key_dir
+        return os.path.join(key_dir, _host_dir(self.process_index, self.process_count))
+
+
+def _prepare_host(job: _Job) -> None:
+    """Curate, split, train/load the tokenizer, tokenize, and publish ``out_dir`` atomically."""
+    out_dir = job.out_dir
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(out_dir)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.join(tmp, "spill"))
+    try:
+        manifest = _build(job, tmp)
+        shutil.rmtree(os.path.join(tmp, "spill"))
+        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        if os.path.exists(out_dir):
+            if os.path.exists(os.path.join(out_dir, "manifest.json")):
+                job.log(f"another process finished {out_dir} first; using it")
+                return
+            shutil.rmtree(out_dir)  # an incomplete leftover; it never had a manifest
+        os.rename(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(job: _Job, tmp: str) -> dict[str, Any]:
+    """Does the work in ``tmp`` and returns the manifest."""
+    data_cfg, tok_cfg, log = job.data_cfg, job.tok_cfg, job.log
+    srcs, ds_cfgs = job.srcs, job.ds_cfgs
+    process_index, process_count = job.process_index, job.process_count
+    val_fraction = float(data_cfg.val_fraction)
+    sampler = tokenizer.HashSampler(int(tok_cfg.sample_bytes))
+    gz_all = _GzipMeter()
+    gz: dict[str, _GzipMeter] = {}
+    spills: dict[tuple[str, str], _Spill] = {}
+    reports: dict[str, dict[str, Any]] = {}
+
+    # 1. read + curate + split, one streaming pass per dataset.
+    for step, (name, src) in enumerate(srcs.items(), 1):
+        t = time.perf_counter()
+        preset = ds_cfgs[name].get("quality_preset", None)
+        curator = curate.Curator(data_cfg.curation, preset)
+        gz[name] = _GzipMeter()
+        for split in SPLITS:
+            spills[name, split] = _Spill(os.path.join(tmp, "spill", f"{name}-{split}.bin"))
+        counts = dict.fromkeys(SPLITS, 0)
+        progress = records.Progress(f"curate {name}", tokens=False)
+        rep = curator.report
+        for doc in src:
+            seen = (rep.documents_in, rep.bytes_in)
+            out = curator.process(doc)
+            progress.update(rep.documents_in - seen[0], rep.bytes_in - seen[1])
+            if out is None:
+                continue
+            text = out["text"]
+            split = split_of(text, val_fraction)
+            spills[name, split].write(text)
+            counts[split] += 1
+            if split == "train":
+                sampler.add(text, _sample_priority(text))
+            else:
+                data = text.encode("utf-8", "surrogatepass")
+                gz[name].add(data)
+                gz_all.add(data)
+        for split in SPLITS:
+            spills[name, split].close()
+        progress.done(final_line=False)
+        reports[name] = rep.to_dict()
+        dt = time.perf_counter() - t
+        log(
+            f"[curate {step}/{len(srcs)}] {name}: {len(src.files):,} files, "
+            f"{rep.bytes_in / 1e6:.1f} MB in {dt:.1f} s ({rep.bytes_in / 1e6 / max(dt, 1e-9):.1f}"
+            f" MB/s); train {counts['train']:,} docs, val {counts['val']:,} docs"
+        )
+        log(rep.table(f"curation of {name}"))
+        if len(src.problems):
+            kinds = sorted({p["kind"] for p in src.problems.to_list()})
+            log(
+                f"  input problems: {src.problems.count():,} ({', '.join(kinds)}) in "
+                f"{len({p['file'] for p in src.problems.to_list()}):,} files; see the manifest"
+            )
+        if process_count == 1 and rep.documents_out == 0:
+            raise DataError(
+                f"Dataset {name!r} has no documents left after reading and curation "
+                f"({rep.documents_in} read); check its paths and the curation thresholds."
+            )
+
+    # 2. tokenizer: load, wait for host 0's, or train on the sample.
+    t = time.perf_counter()
+    tok_file = "tokenizer.json" if tok_cfg.path.endswith(".json") else "tokenizer.model"
+    tok_path = os.path.join(tmp, tok_file)
+    shared = os.path.join(os.path.dirname(job.out_dir), tok_file)
+    if tok_cfg.path:
+        shutil.copyfile(os.path.expanduser(tok_cfg.path), tok_path)
+        how = f"loaded {tok_cfg.path}"
+    elif process_count > 1 and process_index != 0:
+        _wait_for(shared, "host 0's tokenizer", log)
+        shutil.copyfile(shared, tok_path)
+        how = f"loaded host 0's {shared}"
+    else:
+        sample = sampler.texts()
+        if not sample:
+            raise DataError("No training documents to train the tokenizer on; add data.")
+        try:
+            tokenizer.train_tokenizer(sample, tok_cfg, tok_path)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        how = (
+            f"trained {tok_cfg.model_type} vocab {tok_cfg.vocab_size} on a "
+            f"{sampler.bytes / 1e6:.1f} MB sample"
+        )
+        if process_count > 1:
+            shutil.copyfile(tok_path, shared + ".tmp")
+            os.replace(shared + ".tmp", shared)
+    tok = tokenizer.load(tok_path)
+    log(
+        f"[tokenizer] {how} in {time.perf_counter() - t:.1f} s: vocab {tok.vocab_size}, "
+        f"sha256 {tok.sha256[:12]}"
+    )
+
+    # 3. tokenize the spilled documents into shards, one worker pool for all of them.
+    host = f"{process_index:03d}of{process_count:03d}"
+    datasets: dict[str, Any] = {}
+    with records.Encoder(tok_path, int(data_cfg.num_proc)) as encoder:
+        for name in srcs:
+            datasets[name] = {"weight": float(ds_cfgs[name].get("weight", 1.0))}
+            for split in SPLITS:
+                shards, _ = encoder.write_shards(
+                    spills[name, split],
+                    tmp,
+                    f"{split}/{name}-{host}-{{index:05d}}.array_record",
+                    int(data_cfg.docs_per_shard),
+                    label=f"tokenize {name}/{split}",
+                )
+                datasets[name][split] = _split_entry(shards)
+
+    bpb = {name: m.bits_per_byte() for name, m in gz.items()}
+    bpb["all"] = gz_all.bits_per_byte()
+    return {
+        "version": MANIFEST_VERSION,
+        "key": job.key,
+        "tokenizer": {"file": tok_file, **tok.info()},
+        "datasets": datasets,
+        "curation": reports,
+        "problems": {name: src.problems.to_list() for name, src in srcs.items()},
+        "val_gzip_bits_per_byte": bpb,
+        "host": {"process_index": process_index, "process_count": process_count},
+        "config": _summary(job.material),
+    }
+
+
+def _summary(material: dict[str, Any]) -> dict[str, Any]:
+    """The key material for the manifest, with file lists reduced to counts (they can be huge)."""
+    out = json.loads(json.dumps(material, default=str))
+    for ds in out["datasets"].values():
+        ds["files"] = sum(1 for f in ds["files"] if isinstance(f, list))
+    out["python"] = sys.version
+    return out
+
+
+def merge_manifests(paths: list[str], out_dir: str | None = None) -> dict[str, Any]:
+    """Combines per-host manifests into one whose shard paths are relative to ``out_dir``.
+
+    Args:
+      paths: the hosts' ``manifest.json`` files.
+      out_dir: where the merged manifest will live (default: the hosts' common parent).
+        ``tokenizer.model`` must be there too.
+
+    Raises:
+      DataError: the hosts used different tokenizers (their shards cannot be mixed).
+    """
+    ms = [load_manifest(p) for p in paths]
+    dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    out_dir = os.path.abspath(out_dir or os.path.commonpath(dirs))
+    shas = {m["tokenizer"]["sha256"] for m in ms}
+    if len(shas) != 1:
+        raise DataError(f"Host manifests {paths} use {len(shas)} different tokenizers.")
+    merged: dict[str, Any] = {k: ms[0][k] for k in ("version", "key", "tokenizer")}
+    tok_file = ms[0]["tokenizer"]["file"]
+    if not os.path.exists(os.path.join(out_dir, tok_file)):
+        shutil.copyfile(os.path.join(dirs[0], tok_file), os.path.join(out_dir, tok_file))
+    merged["datasets"], merged["curation"], merged["problems"] = {}, {}, {}
+    raw: dict[str, float] = {}
+    gzipped: dict[str, float] = {}
+    for m, d in zip(ms, dirs, strict=True):
+        for name, ds in m["datasets"].items():
+            out = merged["datasets"].setdefault(name, {"weight": ds["weight"]})
+            for split in SPLITS:
+                shards = [
+                    dict(s, path=os.path.relpath(os.path.join(d, s["path"]), out_dir))
+                    for s in ds[split]["shards"]
+                ]
+                out.setdefault(split, {"shards": []})["shards"] += shards
+            rep = curate.CurationReport.from_dict(m["curation"][name])
+            if name in merged["curation"]:
+                rep = curate.CurationReport.from_dict(merged["curation"][name]).merge(rep)
+            merged["curation"][name] = rep.to_dict()
+            merged["problems"].setdefault(name, []).extend(m["problems"].get(name, []))
+            # gzip size = bpb * bytes / 8 per host; the merged value is their byte-weighted mean.
+            bpb, nbytes = m["val_gzip_bits_per_byte"].get(name), ds["val"]["bytes"]
+            for k in (name, "all"):
+                raw[k] = raw.get(k, 0) + nbytes
+                gzipped[k] = gzipped.get(k, 0) + (bpb or 0.0) * nbytes
+    for ds in merged["datasets"].values():
+        for split in SPLITS:
+            for k in ("documents", "tokens", "bytes"):
+                ds[split][k] = sum(s[k] for s in ds[split]["shards"])
+    merged["val_gzip_bits_per_byte"] = {k: (gzipped[k] / raw[k] if raw[k] else None) for k in raw}
+    merged["hosts"] = [os.path.relpath(d, out_dir) for d in dirs]
+    return merged

@@ -1,0 +1,349 @@
+"""Corpus sources: stream Documents from the Python standard library or local files.
+
+A Document is a dict ``{"text": str, "source": str, ...}``. Nothing here loads a corpus whole:
+text files are read one at a time, JSONL line by line, Parquet in row batches.
+
+Bad input never crashes a run and is never dropped silently. Every oddity (a malformed JSON line,
+non-UTF-8 bytes, an empty file, a Parquet file without the text column) is counted per file in a
+:class:`Problems` report that ends up in the manifest. A path pattern that matches nothing is a
+mistake in the config, so it raises :class:`SourceError` when the source is built, before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import bz2
+import collections
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+import sys
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from jaxlm.errors import JaxlmError
+
+Document = dict[str, Any]
+
+STDLIB = "stdlib"
+TEXT_EXTS = (".txt", ".md", ".rst", ".py")  # one document per file
+JSONL_EXTS = (".jsonl", ".json", ".ndjson")
+PARQUET_EXTS = (".parquet",)
+COMPRESSION_EXTS = (".gz", ".zst", ".bz2", ".xz")
+_PARQUET_BATCH_ROWS = 1024
+_MAX_EXAMPLES = 3  # examples of a problem kept per file; the count is always exact
+
+
+class DataError(JaxlmError, ValueError):
+    """Bad data-preparation input; the message is one sentence meant for the user."""
+
+
+class SourceError(DataError):
+    """A data source is misconfigured (bad glob, unknown file type, missing dependency)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    """One input file: absolute path, the name documents carry, and what the cache key needs."""
+
+    path: str
+    name: str  # relative path for stdlib, the path as resolved for user files
+    size: int
+    mtime_ns: int
+
+
+class Problems:
+    """Per-file counts of input problems, with a few examples each."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = collections.Counter()
+        self._examples: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+
+    def add(self, file: str, kind: str, example: str = "", count: int = 1) -> None:
+        key = (file, kind)
+        self._counts[key] += count
+        if example and len(self._examples[key]) < _MAX_EXAMPLES:
+            self._examples[key].append(example[:200])
+
+    def count(self, kind: str | None = None) -> int:
+        """Total problems, or problems of one kind."""
+        return sum(n for (_, k), n in self._counts.items() if kind is None or k == kind)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """JSON-ready list of ``{"file", "kind", "count", "examples"}``, sorted by file."""
+        return [
+            {"file": f, "kind": k, "count": n, "examples": self._examples.get((f, k), [])}
+            for (f, k), n in sorted(self._counts.items())
+        ]
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+def cache_root(cache_dir: str = "") -> str:
+    """Root of prepared-data caches: ``cache_dir``, else ``$JAXLM_CACHE``, else ~/.cache/jaxlm."""
+    root = cache_dir or os.environ.get("JAXLM_CACHE", "") or "~/.cache/jaxlm"
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def stdlib_files() -> list[SourceFile]:
+    """Every ``*.py`` under the interpreter's standard library, minus site-packages, sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                path = os.path.join(dirpath, fn)
+                st = os.stat(path)
+                rel = os.path.relpath(path, root)
+                out.append(SourceFile(path, rel, st.st_size, st.st_mtime_ns))
+    return sorted(out, key=lambda f: f.name)
+
+
+def _kind(path: str) -> str | None:
+    """'text', 'jsonl', 'parquet' or None, looking through one compression suffix."""
+    p = path.lower()
+    for ext in COMPRESSION_EXTS:
+        if p.endswith(ext):
+            p = p[: -len(ext)]
+            break
+    if p.endswith(TEXT_EXTS):
+        return "text"
+    if p.endswith(JSONL_EXTS):
+        return "jsonl"
+    if p.endswith(PARQUET_EXTS) and p == path.lower():
+        return "parquet"
+    return None
+
+
+def resolve_files(paths: str) -> list[SourceFile]:
+    """Expand a comma-separated list of globs/dirs (or ``'stdlib'``) into sorted input files.
+
+    Raises:
+      SourceError: a pattern matches no readable corpus file. Checked for every pattern before
+        anything is read, so a typo fails in milliseconds, not after hours of work.
+    """
+    patterns = [p.strip() for p in paths.split(",") if p.strip()]
+    if not patterns:
+        raise SourceError("The data source 'paths' is empty; give a glob, a directory or 'stdlib'.")
+    found: dict[str, SourceFile] = {}
+    for pattern in patterns:
+        if pattern == STDLIB:
+            files = stdlib_files()
+            for f in files:
+                found[f.path] = f
+            continue
+        expanded = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(expanded, recursive=True))
+        files = []
+        for m in matches:
+            if os.path.isdir(m):
+                for dirpath, dirnames, filenames in os.walk(m):
+                    dirnames.sort()
+                    files += [os.path.join(dirpath, fn) for fn in sorted(filenames)]
+            else:
+                files.append(m)
+        files = [f for f in files if _kind(f) is not None]
+        if not files:
+            raise SourceError(
+                f"The data path pattern {pattern!r} matches no .txt/.md/.rst/.py/.jsonl/.parquet "
+                "files (optionally .gz/.zst/.bz2/.xz); check the path or the glob."
+            )
+        for f in files:
+            st = os.stat(f)
+            found[os.path.abspath(f)] = SourceFile(
+                os.path.abspath(f), f, st.st_size, st.st_mtime_ns
+            )
+    return sorted(found.values(), key=lambda f: f.path)
+
+
+def _open_binary(path: str) -> BinaryIO:
+    """Open a file, decompressing by suffix; zstandard is imported only when needed."""
+    low = path.lower()
+    if low.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if low.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if low.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if low.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise SourceError(f"Reading {path} needs zstandard: pip install zstandard.") from e
+        fh = open(path, "rb")  # noqa: SIM115 -- closed by the stream reader
+        # The zstd reader cannot iterate lines itself; buffering gives it readline().
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
+    return open(path, "rb")  # noqa: SIM115
+
+
+def clean_text(raw: bytes, name: str, problems: Problems, where: str = "") -> str:
+    """Decode UTF-8 (replacing and counting bad bytes), strip a BOM, and normalise CRLF/CR to LF."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace")
+        problems.add(name, "non_utf8", f"{where}byte {e.start}: {raw[e.start : e.start + 8]!r}")
+    return normalize_newlines(text)
+
+
+def normalize_newlines(text: str) -> str:
+    """Strip a leading BOM and turn CRLF and lone CR into LF."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+class Source:
+    """A stream of Documents from one dataset's ``paths``, sliced for this host.
+
+    Files are resolved (and bad patterns rejected) in the constructor. File ``i`` of the sorted
+    list belongs to host ``i % process_count``, so hosts see disjoint, balanced slices.
+
+    Args:
+      paths: comma-separated globs or directories, or ``'stdlib'``.
+      text_field: JSONL key / Parquet column holding the text.
+      split_paragraphs: emit one document per blank-line-separated paragraph of a text file
+        instead of one per file.
+      process_index, process_count: this host's slice of the file list.
+    """
+
+    def __init__(
+        self,
+        paths: str,
+        *,
+        text_field: str = "text",
+        split_paragraphs: bool = False,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> None:
+        if not 0 <= process_index < process_count:
+            raise SourceError(f"process_index={process_index} is not in [0, {process_count}).")
+        self.paths = paths
+        self.text_field = text_field
+        self.split_paragraphs = split_paragraphs
+        self.all_files = resolve_files(paths)
+        self.files = self.all_files[process_index::process_count]
+        self.problems = Problems()
+        self.documents = 0
+        if any(_kind(f.path) == "parquet" for f in self.files):
+            _require_pyarrow()
+
+    @property
+    def is_stdlib(self) -> bool:
+        return STDLIB in [p.strip() for p in self.paths.split(",")]
+
+    def fingerprint(self) -> list[Any]:
+        """What the cache key needs: every file's name, size and mtime (all hosts), and Python."""
+        fp: list[Any] = [[f.path, f.size, f.mtime_ns] for f in self.all_files]
+        if self.is_stdlib:
+            fp.append(sys.version)
+        return fp
+
+    def __iter__(self) -> Iterator[Document]:
+        for f in self.files:
+            kind = _kind(f.path)
+            try:
+                if kind == "parquet":
+                    yield from self._parquet(f)
+                elif kind == "jsonl":
+                    yield from self._jsonl(f)
+                else:
+                    yield from self._text(f)
+            except SourceError:
+                raise
+            except _read_errors() as e:
+                # A truncated .gz or a corrupt file costs that file (counted), never the run.
+                self.problems.add(f.name, "unreadable", f"{type(e).__name__}: {e}")
+
+    def _emit(self, text: str, source: str, f: SourceFile) -> Iterator[Document]:
+        if not text.strip():
+            self.problems.add(f.name, "empty_document", source)
+            return
+        self.documents += 1
+        yield {"text": text, "source": source}
+
+    def _text(self, f: SourceFile) -> Iterator[Document]:
+        with _open_binary(f.path) as fh:
+            raw = fh.read()
+        if not raw.strip():
+            self.problems.add(f.name, "empty_file")
+            return
+        text = clean_text(raw, f.name, self.problems)
+        if not self.split_paragraphs:
+            yield from self._emit(text, f.name, f)
+            return
+        for i, para in enumerate(text.split("\n\n")):
+            if para.strip():
+                yield from self._emit(para.strip("\n"), f"{f.name}#{i}", f)
+
+    def _jsonl(self, f: SourceFile) -> Iterator[Document]:
+        n_lines = 0
+        with _open_binary(f.path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                n_lines += 1
+                where = f"line {lineno}: "
+                line = clean_text(raw, f.name, self.problems, where)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    self.problems.add(f.name, "malformed_json", f"{where}{e.msg}")
+                    continue
+                text = obj.get(self.text_field) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    self.problems.add(
+                        f.name, "missing_field", f"{where}no string {self.text_field!r}"
+                    )
+                    continue
+                yield from self._emit(normalize_newlines(text), f"{f.name}:{lineno}", f)
+        if n_lines == 0:
+            self.problems.add(f.name, "empty_file")
+
+    def _parquet(self, f: SourceFile) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f.path)
+        if self.text_field not in pf.schema_arrow.names:
+            cols = ", ".join(pf.schema_arrow.names)
+            self.problems.add(f.name, "missing_column", f"no {self.text_field!r}; has {cols}")
+            return
+        if pf.metadata.num_rows == 0:
+            self.problems.add(f.name, "empty_file")
+            return
+        row = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[self.text_field]):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, bytes):
+                    value = clean_text(value, f.name, self.problems, f"row {row}: ")
+                if not isinstance(value, str):
+                    self.problems.add(f.name, "missing_field", f"row {row}: {type(value).__name__}")
+                else:
+                    yield from self._emit(normalize_newlines(value), f"{f.name}#{row}", f)
+                row += 1
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this file is damaged" (pyarrow's ArrowInvalid is a ValueError)."""
+    errors: list[type[BaseException]] = [OSError, EOFError, ValueError, zlib.error, lzma.LZMAError]
+    if "zstandard" in sys.modules:
+        errors.append(sys.modules["zstandard"].ZstdError)
+    return tuple(errors)
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as e:
+        raise SourceError("Reading .parquet files needs pyarrow: pip install pyarrow.") from e

@@ -1,0 +1,214 @@
+"""Tokenizer: a small sentencepiece wrapper, a code-safe trainer, and a deterministic sampler.
+
+:class:`Tokenizer` is deliberately thin (load, encode, decode, special ids, file hash) so another
+backend, e.g. a Hugging Face ``tokenizer.json``, can sit beside it with the same interface and
+be chosen by :func:`load` from the file suffix.
+
+Special ids are fixed for every model trained here: ``pad=0, unk=1, bos=2, eos=3``. Pad 0 lets
+padded batches be made with ``np.zeros``.
+
+Code safety: sentencepiece's defaults (NFKC normalisation, collapsing runs of spaces, a dummy
+prefix space) would make ``decode(encode(x)) != x`` on source code. With ``code_safe`` the model
+uses identity normalisation, keeps every space, adds no prefix, falls back to bytes for unseen
+characters, and has single pieces for newline, tab and 4/8-space indents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+CODE_PIECES = ["\n", "\t", " " * 4, " " * 8]  # indentation dominates code; give it whole tokens
+_CHUNK_CHARS = 4000  # sentencepiece skips "sentences" longer than max_sentence_length bytes
+_MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS  # a char is at most 4 UTF-8 bytes
+
+
+class Tokenizer:
+    """A sentencepiece model.
+
+    Attributes:
+      path: the ``.model`` file it was loaded from ('' if built from bytes).
+      sha256: hex digest of the model file's bytes; manifests and checkpoints record it so data
+        tokenized with one model is never trained on with another.
+    """
+
+    def __init__(self, model_proto: bytes, path: str = "") -> None:
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.path = path
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        self.vocab_size: int = self._sp.get_piece_size()
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.pad_id: int = self._sp.pad_id()
+        self.unk_id: int = self._sp.unk_id()
+
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        """Loads a sentencepiece ``.model`` file."""
+        with open(path, "rb") as f:
+            return cls(f.read(), os.path.abspath(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of several texts in one call; ``num_threads=-1`` uses every CPU."""
+        return self._sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; special ids decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def info(self) -> dict[str, Any]:
+        """The manifest's ``tokenizer`` entry (without the file name)."""
+        return {
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def load(path: str) -> Any:
+    """Loads a tokenizer, choosing the backend from the file suffix.
+
+    ``*.json`` is a Hugging Face ``tokenizer.json`` (``jaxlm.data.hf_tokenizer``, same interface);
+    anything else is a sentencepiece model.
+    """
+    if path.endswith(".json"):
+        from jaxlm.data import hf_tokenizer
+
+        return hf_tokenizer.HFTokenizer.load(path)
+    return Tokenizer.load(path)
+
+
+def _chunks(texts: Iterable[str], cap_bytes: int) -> Iterator[str]:
+    """Cuts documents into line-aligned pieces sentencepiece accepts, up to ``cap_bytes``."""
+    total = 0
+    for text in texts:
+        i = 0
+        while i < len(text):
+            j = min(len(text), i + _CHUNK_CHARS)
+            if j < len(text):
+                k = text.rfind("\n", i, j)
+                j = k + 1 if k > i else j  # keep the newline with its line
+            piece = text[i:j]
+            total += len(piece.encode("utf-8", "surrogatepass"))
+            yield piece
+            if total >= cap_bytes:
+                return
+            i = j
+
+
+def trainer_options(tok_cfg: Any) -> dict[str, Any]:
+    """sentencepiece trainer keyword arguments for a tokenizer config."""
+    model_type = tok_cfg.model_type
+    if model_type not in ("bpe", "unigram", "char"):
+        raise ValueError(f"tokenizer.model_type={model_type!r} is not one of bpe, unigram, char.")
+    opts: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=int(tok_cfg.vocab_size),
+        byte_fallback=bool(tok_cfg.byte_fallback),
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        character_coverage=0.9995 if tok_cfg.byte_fallback else 1.0,
+        num_threads=max(1, min(16, os.cpu_count() or 1)),
+        minloglevel=2,  # sentencepiece logs thousands of lines at INFO
+        # A small corpus may not support the requested vocabulary; shrink rather than fail.
+        hard_vocab_limit=model_type != "bpe",
+        use_all_vocab=model_type == "char",
+    )
+    if tok_cfg.code_safe:
+        opts.update(
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=CODE_PIECES,
+        )
+    return opts
+
+
+def train_tokenizer(texts: Iterable[str], tok_cfg: Any, out_path: str) -> Tokenizer:
+    """Trains a sentencepiece model on at most ``tok_cfg.sample_bytes`` of ``texts``.
+
+    Args:
+      texts: documents; pass a deterministic sample (see :class:`HashSampler`). Only the first
+        ``sample_bytes`` are read, so an unbounded iterable is safe.
+      tok_cfg: ``model_type``, ``vocab_size``, ``sample_bytes``, ``byte_fallback``, ``code_safe``.
+      out_path: where to write the ``.model`` file (written atomically).
+
+    Returns:
+      The trained tokenizer, loaded from ``out_path``.
+    """
+    buf = io.BytesIO()
+    opts = trainer_options(tok_cfg)
+    sentences = _chunks(texts, int(tok_cfg.sample_bytes))
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=buf, **opts)
+    except RuntimeError as e:
+        raise ValueError(
+            f"Training the tokenizer failed ({e}); the sample may be too small for "
+            f"vocab_size={tok_cfg.vocab_size}."
+        ) from e
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, out_path)
+    return Tokenizer.load(out_path)
+
+
+class HashSampler:
+    """A deterministic, order-independent sample of documents, at most ``cap_bytes`` in size.
+
+    Keeps the documents with the smallest priority (a hash of their content): the same corpus
+    always gives the same sample however it is ordered or split, memory stays bounded by the
+    cap, and every document has the same chance regardless of its position in the stream.
+    """
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap = int(cap_bytes)
+        self.bytes = 0
+        self.frontier = float("inf")  # lowest priority ever evicted; nothing at/above it enters
+        self._heap: list[tuple[int, int, str]] = []  # (-priority, nbytes, text): max-heap
+
+    def add(self, text: str, priority: int) -> None:
+        """Offers one document; ``priority`` must be a content hash (same text, same value)."""
+        if priority >= self.frontier:
+            return
+        data = text.encode("utf-8", "surrogatepass")
+        if len(data) > self.cap:  # one huge document must not be more than the whole sample
+            data = data[: self.cap]
+            text = data.decode("utf-8", "ignore")
+        heapq.heappush(self._heap, (-priority, len(data), text))
+        self.bytes += len(data)
+        # Evicting from the top keeps the sample equal to the longest prefix (by priority) of
+        # *all* documents that fits the cap, whatever order they arrive in.
+        while self.bytes > self.cap:
+            neg, n, _ = heapq.heappop(self._heap)
+            self.bytes -= n
+            self.frontier = -neg
+
+    def texts(self) -> list[str]:
+        """The sample, in priority order (so training sees the same sequence every time)."""
+        return [t for _, _, t in sorted(self._heap, key=lambda x: -x[0])]

@@ -1,0 +1,352 @@
+"""prepare: shards equal the curated documents, counts add up, stable val split, caching, hosts."""
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import ml_collections
+import pytest
+
+from jaxlm.data import curate, prepare, records, sources, tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _copy_stdlib_subset(dst, every: int, offset: int, limit: int) -> list[str]:
+    """Copies real stdlib files (< 40 KB) into dst as flat .py files; returns their names."""
+    os.makedirs(dst, exist_ok=True)
+    names = []
+    for f in sources.stdlib_files()[offset::every]:
+        if f.size < 40_000:
+            name = f.name.replace("/", "__")
+            shutil.copyfile(f.path, os.path.join(dst, name))
+            names.append(name)
+        if len(names) == limit:
+            break
+    return names
+
+
+def _configs(paths: str, cache_dir, **data) -> tuple[ml_collections.ConfigDict, ...]:
+    d = ml_collections.ConfigDict()
+    d.cache_dir = str(cache_dir)
+    d.datasets = ml_collections.ConfigDict(
+        {"code": ml_collections.ConfigDict(dict(paths=paths, text_field="text", weight=1.0))}
+    )
+    d.val_fraction = 0.15
+    d.num_proc = 1
+    d.docs_per_shard = 16
+    d.curation = curate.default_config()
+    d.update(data)
+    t = ml_collections.ConfigDict(
+        dict(
+            path="",
+            model_type="bpe",
+            vocab_size=400,
+            sample_bytes=300_000,
+            byte_fallback=True,
+            code_safe=True,
+        )
+    )
+    return d, t
+
+
+class Log(list):
+    def __call__(self, line: str) -> None:
+        self.append(line)
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "env_cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    names = _copy_stdlib_subset(root / "code", 17, 0, 60)
+    shutil.copyfile(root / "code" / names[3], root / "code" / "zz_exact_copy.py")  # removed
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    data_cfg, tok_cfg = _configs(str(corpus / "code"), cache)
+    log = Log()
+    t = time.perf_counter()
+    path = prepare.prepare(data_cfg, tok_cfg, log=log)
+    return path, data_cfg, tok_cfg, log, time.perf_counter() - t
+
+
+def _curated(data_cfg) -> dict[str, list[str]]:
+    """What the shards must hold: the sources, curated, split by content hash, in order."""
+    out = {"train": [], "val": []}
+    cur = curate.Curator(data_cfg.curation)
+    for doc in cur(sources.Source(data_cfg.datasets.code.paths)):
+        out[prepare.split_of(doc["text"], data_cfg.val_fraction)].append(doc["text"])
+    return out
+
+
+def _decoded(manifest_path) -> dict[str, list[str]]:
+    m = prepare.load_manifest(manifest_path)
+    root = os.path.dirname(manifest_path)
+    tok = tokenizer.load(os.path.join(root, m["tokenizer"]["file"]))
+    out = {}
+    for split in ("train", "val"):
+        out[split] = []
+        for shard in m["datasets"]["code"][split]["shards"]:
+            for ids in records.read_shard(os.path.join(root, shard["path"])):
+                assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+                out[split].append(tok.decode(ids[:-1]))
+    return out
+
+
+def test_shards_decode_to_the_curated_documents(prepared):
+    path, data_cfg, _, log, seconds = prepared
+    want = _curated(data_cfg)
+    assert len(want["train"]) > 40 and len(want["val"]) > 2
+    assert _decoded(path) == want
+    print(f"prepared {sum(map(len, want.values()))} docs in {seconds:.1f} s")
+    assert any("exact_dedup" in line for line in log)  # the curation table was printed
+
+
+def test_manifest_counts_match_the_shards(prepared):
+    path, *_ = prepared
+    m = prepare.load_manifest(path)
+    root = os.path.dirname(path)
+    assert m["version"] == 1 and m["key"] == os.path.basename(root)
+    assert m["tokenizer"]["file"] == "tokenizer.model"
+    tok = tokenizer.load(os.path.join(root, "tokenizer.model"))
+    assert m["tokenizer"] == {"file": "tokenizer.model", **tok.info()}
+    ds = m["datasets"]["code"]
+    assert ds["weight"] == 1.0
+    for split in ("train", "val"):
+        docs = tokens = nbytes = 0
+        for shard in ds[split]["shards"]:
+            recs = records.read_shard(os.path.join(root, shard["path"]))
+            texts = [tok.decode(r[:-1]) for r in recs]
+            assert shard["documents"] == len(recs) <= 16
+            assert shard["tokens"] == sum(len(r) for r in recs)
+            assert shard["bytes"] == sum(len(t.encode()) for t in texts)
+            assert shard["path"].startswith(f"{split}/code-000of001-")
+            docs, tokens, nbytes = (
+                docs + len(recs),
+                tokens + shard["tokens"],
+                nbytes + shard["bytes"],
+            )
+        assert (ds[split]["documents"], ds[split]["tokens"], ds[split]["bytes"]) == (
+            docs,
+            tokens,
+            nbytes,
+        )
+    rep = m["curation"]["code"]
+    assert rep["documents_out"] == ds["train"]["documents"] + ds["val"]["documents"]
+    assert rep["removed"]["exact_dedup"]["documents"] >= 1
+    assert m["problems"]["code"] == [] or all("file" in p for p in m["problems"]["code"])
+
+
+def test_val_gzip_bits_per_byte_is_gzip_of_the_held_out_text(prepared):
+    path, *_ = prepared
+    val = "".join(_decoded(path)["val"]).encode()
+    want = 8 * len(gzip.compress(val, 9)) / len(val)
+    bpb = prepare.load_manifest(path)["val_gzip_bits_per_byte"]
+    assert bpb["code"] == pytest.approx(want, abs=1e-9)
+    assert bpb["all"] == pytest.approx(want, abs=1e-9)
+
+
+def test_second_call_hits_the_cache(prepared):
+    path, data_cfg, tok_cfg, _, _ = prepared
+    mtime = os.path.getmtime(path)
+    log = Log()
+    t = time.perf_counter()
+    assert prepare.prepare(data_cfg, tok_cfg, log=log) == path
+    assert time.perf_counter() - t < 2.0
+    assert log == [f"using prepared data at {os.path.dirname(path)}"]
+    assert os.path.getmtime(path) == mtime
+    data_cfg.num_proc = 7  # does not change the output, so not the key
+    assert prepare.prepare(data_cfg, tok_cfg, log=Log()) == path
+    data_cfg.num_proc = 1
+    data_cfg.datasets.code.weight = 3.0  # neither does a mixture weight: refreshed in place
+    assert prepare.prepare(data_cfg, tok_cfg, log=Log()) == path
+    assert prepare.load_manifest(path)["datasets"]["code"]["weight"] == 3.0
+    data_cfg.datasets.code.weight = 1.0
+    prepare.prepare(data_cfg, tok_cfg, log=Log())
+
+
+def test_cache_key_covers_what_changes_the_output(corpus, prepared, tmp_path):
+    path, data_cfg, tok_cfg, _, _ = prepared
+    srcs = {"code": sources.Source(data_cfg.datasets.code.paths)}
+    key, _ = prepare.cache_key(data_cfg, tok_cfg, srcs)
+    assert key == os.path.basename(os.path.dirname(path))
+    for change in (
+        lambda d, t: setattr(d, "val_fraction", 0.2),
+        lambda d, t: setattr(d, "docs_per_shard", 8),
+        lambda d, t: setattr(d.curation.near_dedup, "threshold", 0.9),
+        lambda d, t: setattr(d.curation.quality, "preset", "web"),
+        lambda d, t: setattr(t, "vocab_size", 512),
+    ):
+        d, t = _configs(data_cfg.datasets.code.paths, data_cfg.cache_dir)
+        change(d, t)
+        assert prepare.cache_key(d, t, srcs)[0] != key
+    assert prepare.cache_key(data_cfg, tok_cfg, srcs, process_count=2)[0] != key
+
+
+def test_val_split_stable_under_rerun_and_added_files(corpus, prepared, tmp_path):
+    path, data_cfg, tok_cfg, _, _ = prepared
+    before = _decoded(path)
+    # Re-run from scratch (fresh cache): identical shards, byte for byte.
+    d2, t2 = _configs(data_cfg.datasets.code.paths, tmp_path / "cache2")
+    again = prepare.prepare(d2, t2, log=Log())
+    m1, m2 = prepare.load_manifest(path), prepare.load_manifest(again)
+    assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
+
+    def shard_hashes(m):
+        return [s["sha256"] for sp in ("train", "val") for s in m["datasets"]["code"][sp]["shards"]]
+
+    assert shard_hashes(m1) == shard_hashes(m2)
+    # Add files: every old document keeps its split.
+    grown = tmp_path / "grown"
+    shutil.copytree(corpus / "code", grown)
+    _copy_stdlib_subset(grown, 17, 5, 25)
+    d3, t3 = _configs(str(grown), tmp_path / "cache3")
+    after = _decoded(prepare.prepare(d3, t3, log=Log()))
+    assert len(after["train"]) + len(after["val"]) > len(before["train"]) + len(before["val"])
+    # Texts are decoded with each run's own tokenizer: both round-trip exactly.
+    assert set(before["val"]) <= set(after["val"])
+    assert set(before["train"]) <= set(after["train"])
+
+
+def test_other_tokenizer_is_detected_by_sha256(prepared, tmp_path):
+    path, *_ = prepared
+    prepare.verify_manifest(path, check_shards=True)
+    root = os.path.dirname(path)
+    right = tokenizer.load(os.path.join(root, "tokenizer.model"))
+    prepare.verify_manifest(path, right)
+    texts = [f"def f{i}():\n    return {i}\n" for i in range(300)]
+    cfg = _configs("", "")[1]
+    other = tokenizer.train_tokenizer(texts, cfg, str(tmp_path / "other.model"))
+    with pytest.raises(prepare.DataError, match="tokenized with tokenizer"):
+        prepare.verify_manifest(path, other)
+    # A shard rewritten with another tokenizer under the same name: its hash gives it away.
+    fake = tmp_path / "fake"
+    shutil.copytree(root, fake)
+    shard = prepare.load_manifest(path)["datasets"]["code"]["train"]["shards"][0]["path"]
+    os.remove(fake / shard)
+    writer = records.ShardWriter(str(fake), shard, 16)
+    for text in texts[:5]:
+        ids = other.encode(text)
+        writer.write(records.encode_record(ids, other.eos_id), len(ids) + 1, len(text))
+    writer.close()
+    with pytest.raises(prepare.DataError, match="does not match"):
+        prepare.verify_manifest(str(fake / "manifest.json"), check_shards=True)
+
+
+def test_given_tokenizer_is_used_and_worker_pool_matches_in_process(prepared, tmp_path):
+    path, data_cfg, _, _, _ = prepared
+    root = os.path.dirname(path)
+    d, t = _configs(data_cfg.datasets.code.paths, tmp_path / "cache", num_proc=2)
+    t.path = os.path.join(root, "tokenizer.model")
+    m = prepare.load_manifest(prepare.prepare(d, t, log=Log()))
+    ref = prepare.load_manifest(path)
+    assert m["tokenizer"] == ref["tokenizer"]
+    for split in ("train", "val"):  # two spawned workers write the same bytes as one process
+        got = [s["sha256"] for s in m["datasets"]["code"][split]["shards"]]
+        assert got == [s["sha256"] for s in ref["datasets"]["code"][split]["shards"]]
+
+
+def test_killed_prepare_leaves_no_complete_looking_cache(corpus, tmp_path, monkeypatch):
+    d, t = _configs(str(corpus / "code"), tmp_path / "cache")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of tokenization
+
+    monkeypatch.setattr(records.Encoder, "write_shards", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(d, t, log=Log())
+    assert os.listdir(tmp_path / "cache") == []  # the temporary directory was removed
+    monkeypatch.undo()
+    log = Log()
+    path = prepare.prepare(d, t, log=log)
+    assert os.path.exists(path) and not log[0].startswith("using")
+
+
+def test_bad_glob_fails_before_any_work(tmp_path):
+    d, t = _configs(f"{tmp_path}/missing/*.jsonl", tmp_path / "cache")
+    with pytest.raises(prepare.DataError, match="missing/\\*.jsonl"):
+        prepare.prepare(d, t, log=Log())
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            import test_prepare
+
+            def get_config():
+                import ml_collections
+                c = ml_collections.ConfigDict()
+                paths = "{tmp_path}/nothing*.txt"
+                c.data, c.tokenizer = test_prepare._configs(paths, "{tmp_path}/c")
+                return c
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), f"--config={cfg_file}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: The data path pattern")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_two_hosts_prepare_and_merge(corpus, prepared, tmp_path):
+    _, ref_cfg, _, _, _ = prepared
+    results, errors = {}, []
+
+    def host(i):
+        try:
+            d, t = _configs(str(corpus / "code"), tmp_path / "cache")
+            results[i] = prepare.prepare(d, t, process_index=i, process_count=2, log=Log())
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in (1, 0)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors
+    assert results[0] == results[1]
+    m = prepare.load_manifest(results[0])
+    root = os.path.dirname(results[0])
+    hosts = [prepare.load_manifest(os.path.join(root, h, "manifest.json")) for h in m["hosts"]]
+    assert len({h["tokenizer"]["sha256"] for h in hosts} | {m["tokenizer"]["sha256"]}) == 1
+    ds = m["datasets"]["code"]
+    for split in ("train", "val"):
+        assert ds[split]["documents"] == sum(
+            h["datasets"]["code"][split]["documents"] for h in hosts
+        )
+        tags = {s["path"].split("-")[-2] for s in ds[split]["shards"]}
+        assert tags <= {"000of002", "001of002"}
+        for s in ds[split]["shards"]:
+            assert os.path.exists(os.path.join(root, s["path"]))
+    n_in = sum(h["curation"]["code"]["documents_in"] for h in hosts)
+    assert (
+        m["curation"]["code"]["documents_in"]
+        == n_in
+        == len(list(sources.Source(ref_cfg.datasets.code.paths)))
+    )
+    texts = _decoded(results[0])
+    assert set(texts["val"]) | set(texts["train"]) >= set(sum(_curated(ref_cfg).values(), []))

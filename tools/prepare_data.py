@@ -1,0 +1,55 @@
+"""Prepare a corpus: curate, split, train the tokenizer, write ArrayRecord shards + manifest.
+
+    python tools/prepare_data.py --config=configs/tiny.py
+    python tools/prepare_data.py --config=configs/tiny.py \\
+        --config.data.datasets.stdlib.paths='~/corpus/*.jsonl.zst' --config.data.num_proc=8
+
+Multi-host: run on every host with --process_index/--process_count (or, with
+--use_jax_process, from ``jax.process_index()/jax.process_count()`` after
+``jax.distributed.initialize()``); the cache directory must be on a shared filesystem.
+A second run with the same inputs prints "using prepared data at ..." and returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# Config files do `from configs import base`; make the repository root importable from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", 0, "This host's index among the hosts.")
+_PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "Number of hosts preparing the data.")
+_USE_JAX = flags.DEFINE_bool(
+    "use_jax_process", False, "Take process index/count from jax (after distributed init)."
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from jaxlm.data import prepare
+    from jaxlm.errors import JaxlmError
+
+    config = _CONFIG.value
+    if config is None:
+        sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
+    index, count = _PROCESS_INDEX.value, _PROCESS_COUNT.value
+    if _USE_JAX.value:
+        import jax  # imported only here: worker processes never need it
+
+        index, count = jax.process_index(), jax.process_count()
+    try:
+        path = prepare.prepare(
+            config.data, config.tokenizer, process_index=index, process_count=count
+        )
+    except JaxlmError as e:  # DataError and friends: one sentence for people, no traceback
+        sys.exit(f"error: {e}")
+    print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
