@@ -1,0 +1,102 @@
+"""The metrics dashboard: a non-blank PNG of the right size for one run and for two overlaid,
+spikes found where they are, and metrics.jsonl read the way a resumed run writes it."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+from matplotlib import image  # noqa: E402
+
+from tools import plot_metrics  # noqa: E402
+
+SPIKE_STEP = 300
+
+
+def make_workdir(path, seed, steps=500, batch_size=16, seq_len=256, spike=True):
+    """config.json and metrics.jsonl as train.run writes them: train/ every 10 steps, eval/ 100."""
+    rng = np.random.RandomState(seed)
+    path.mkdir()
+    (path / "config.json").write_text(
+        json.dumps({"train": {"batch_size": batch_size, "seq_len": seq_len}})
+    )
+    lines = []
+    for step in range(10, steps + 1, 10):
+        loss = 1.5 + 7 * math.exp(-step / 60) + 0.02 * rng.randn()
+        if spike and step == SPIKE_STEP:
+            loss += 1.0
+        lr = 3e-3 * min(step / 50, 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lines.append(
+            {
+                "step": step,
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": 0.3 + 2 * math.exp(-step / 80) + 0.05 * rng.rand(),
+                "train/tokens_per_s": 9000 + 300 * rng.randn(),
+                "train/skipped": float(step == 420),
+            }
+        )
+        if step % 100 == 0:
+            lines.append(
+                {
+                    "step": step,
+                    "eval/loss": loss + 0.1,
+                    "eval/bits_per_byte": (loss + 0.1) / 3,
+                    "eval/next_line/accuracy": min(0.25 + step / 1000, 1.0),
+                    "eval/next_line/chance": 0.25,
+                }
+            )
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def read_png(path):
+    pixels = image.imread(str(path))  # (H, W, 4) floats in [0, 1]
+    assert pixels.shape == (850, 1600, 4)
+    assert pixels[..., :3].var() > 0.001  # drawn on, not blank
+    return pixels
+
+
+def test_one_run_draws_a_non_blank_dashboard_in_its_workdir(tmp_path, capsys):
+    wd = make_workdir(tmp_path / "tiny", seed=0)
+    assert plot_metrics.main([str(wd)]) == 0
+    assert capsys.readouterr().out.strip() == str(wd / "metrics.png")
+    read_png(wd / "metrics.png")
+    steps, loss = plot_metrics.read_metrics(str(wd))["train/loss"]
+    assert steps[plot_metrics.find_spikes(loss)].tolist() == [SPIKE_STEP]  # the one marked in red
+
+
+def test_two_runs_are_overlaid_in_one_png(tmp_path):
+    a = make_workdir(tmp_path / "a", seed=0)
+    b = make_workdir(tmp_path / "b", seed=1, batch_size=32, spike=False)
+    assert plot_metrics.main([str(a), str(b), f"--out={tmp_path / 'compare.png'}"]) == 0
+    assert plot_metrics.main([str(a), f"--out={tmp_path / 'alone.png'}"]) == 0
+    both, alone = read_png(tmp_path / "compare.png"), read_png(tmp_path / "alone.png")
+    assert not np.array_equal(both, alone)  # the second run adds lines
+    assert not (a / "metrics.png").exists()
+
+
+def test_spikes_are_found_only_where_the_loss_jumps():
+    rng = np.random.RandomState(0)
+    steps = np.arange(200)
+    loss = 2 + 6 * np.exp(-steps / 20) + 0.02 * rng.randn(200)
+    loss[[120, 170]] += [0.8, 0.4]
+    assert plot_metrics.find_spikes(loss).tolist() == [120, 170]
+
+
+def test_resumed_steps_keep_the_last_value_and_broken_lines_are_skipped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 10, "train/loss": 5.0}\n{"step": 20, "train/loss": 4.0}\n'
+        '{"step": 20, "train/loss": 3.5}\n{"step": 30, "train/lo'
+    )
+    steps, values = plot_metrics.read_metrics(str(tmp_path))["train/loss"]
+    assert steps.tolist() == [10, 20] and values.tolist() == [5.0, 3.5]
+    assert plot_metrics.tokens_per_step(str(tmp_path)) is None  # no config.json: x axis in steps
+
+
+def test_a_workdir_without_metrics_is_one_error_line(tmp_path, capsys):
+    assert plot_metrics.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path}/metrics.jsonl does not exist; pass the --workdir of a run.\n"

@@ -1,0 +1,104 @@
+"""Continue a prompt with a trained run's model.
+
+    python tools/generate.py --workdir=runs/tiny --prompt='def fibonacci(n):\n' \
+        [--max_tokens=128 --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=600]
+
+Loads the newest (or `--step`) checkpoint's parameters from the workdir (config from the
+checkpoint's metadata, tokenizer from `<workdir>/tokenizer.model`) and prints the prompt followed
+by its continuation. Sampling flags left out take the run's `config.sample` values. `\\n` and `\\t`
+in --prompt are read as newline and tab, since shells make real newlines awkward to type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jaxlm.errors import JaxlmError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the training run's --workdir")
+    p.add_argument("--prompt", default="", help="text to continue ('' = start a new document)")
+    p.add_argument("--max_tokens", type=int, default=None, help="new tokens to sample")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens; 0 = all")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus mass; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    return p.parse_args(argv)
+
+
+def continue_prompt(
+    trained,
+    prompt: str,
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+) -> str:
+    """The model's continuation of `prompt` (text), stopping at EOS or after `max_tokens`."""
+    from jaxlm import generate, sharding
+
+    tok = trained.tokenizer
+    # Training rows start every document with BOS, so a prompt is the start of a document.
+    ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)
+    if not ids:
+        raise JaxlmError("the tokenizer has no BOS token, so --prompt must not be empty.")
+    limit = trained.setup.model_cfg.max_seq_len
+    if len(ids) + max_tokens > limit:
+        raise JaxlmError(
+            f"the prompt ({len(ids)} tokens with BOS) plus --max_tokens={max_tokens} exceeds the "
+            f"model's max_seq_len={limit}; shorten the prompt or lower --max_tokens."
+        )
+    setup = trained.setup
+    with sharding.use(setup.mesh, setup.rules):
+        new = generate.generate(
+            setup.graphdef,
+            trained.params,
+            [ids],
+            max_new_tokens=max_tokens,
+            eos_id=tok.eos_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )[0]
+    return tok.decode(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    try:
+        from jaxlm import evaluate
+
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise JaxlmError(f"--max_tokens must be at least 1, not {args.max_tokens}.")
+        trained = evaluate.load_trained(args.workdir, step=args.step)
+        sample = trained.config.get("sample") or {}
+        pick = lambda flag, key, default: flag if flag is not None else sample.get(key, default)  # noqa: E731
+        text = continue_prompt(
+            trained,
+            prompt,
+            max_tokens=pick(args.max_tokens, "max_tokens", 0) or 64,  # the run may disable samples
+            temperature=pick(args.temperature, "temperature", 0.0),
+            top_k=pick(args.top_k, "top_k", 0),
+            top_p=pick(args.top_p, "top_p", 1.0),
+            seed=args.seed,
+        )
+    except JaxlmError as e:
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(prompt + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

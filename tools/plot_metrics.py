@@ -1,0 +1,240 @@
+"""Draw a run's dashboard (or several runs overlaid) from their metrics.jsonl as one PNG.
+
+    python tools/plot_metrics.py runs/tiny [runs/other ...] [--out=dashboard.png]
+
+Panels: train and held-out loss (loss spikes marked), learning rate, gradient norm, throughput,
+downstream accuracy (`eval/<task>/accuracy`, chance level dashed) and held-out bits per byte;
+the x axis is tokens seen (step x train.batch_size x train.seq_len from each run's config.json,
+or steps when a config is missing). Needs matplotlib: pip install 'jaxlm[plot]'.
+Default output: <first workdir>/metrics.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import numpy as np
+
+from jaxlm.errors import JaxlmError
+
+Series = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps, values), sorted by step
+_TASK_KEY = re.compile(r"^eval/(.+)/accuracy$")
+
+
+def read_metrics(workdir: str) -> Series:
+    """Every scalar in `<workdir>/metrics.jsonl` as (steps, values) arrays per key.
+
+    A step logged twice (a run resumed from an earlier checkpoint) keeps its last value; a
+    malformed line (e.g. a crash mid-write) is skipped.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise JaxlmError(f"{path} does not exist; pass the --workdir of a run.")
+    by_key: dict[str, dict[int, float]] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            for key, value in record.items():
+                if (
+                    key != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    by_key.setdefault(key, {})[step] = float(value)
+    out = {}
+    for key, points in by_key.items():
+        steps = np.array(sorted(points))
+        out[key] = (steps, np.array([points[s] for s in steps]))
+    return out
+
+
+def tokens_per_step(workdir: str) -> int | None:
+    """train.batch_size x train.seq_len from `<workdir>/config.json`, or None without one."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            train = json.load(f)["train"]
+        return int(train["batch_size"]) * int(train["seq_len"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def find_spikes(
+    values: np.ndarray, window: int = 10, rel: float = 0.05, n_sigma: float = 6.0
+) -> np.ndarray:
+    """Indices of points that jump above the median of the `window` points before them.
+
+    The margin is the larger of `rel` x |median| and `n_sigma` times the noise of those points,
+    estimated robustly from their successive differences (so a steep but smooth fall early in
+    training does not count as noise); a falling curve never triggers, only upward jumps.
+    """
+    values = np.asarray(values, np.float64)
+    spikes = []
+    for i in range(window, len(values)):
+        past = values[i - window : i]
+        past = past[np.isfinite(past)]
+        if len(past) < 3 or not np.isfinite(values[i]):
+            continue
+        median = np.median(past)
+        noise = 1.4826 * np.median(np.abs(np.diff(past))) / np.sqrt(2)  # MAD of differences -> std
+        if values[i] > median + max(rel * abs(median), n_sigma * noise):
+            spikes.append(i)
+    return np.asarray(spikes, np.int64)
+
+
+def _labels(workdirs: list[str]) -> list[str]:
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    return names if len(set(names)) == len(names) else [os.path.normpath(w) for w in workdirs]
+
+
+def plot(workdirs: list[str], out: str) -> str:
+    """Draws the dashboard of `workdirs` (overlaid) into the PNG `out`; returns `out`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import EngFormatter, FormatStrFormatter
+    except ImportError:
+        raise JaxlmError("plotting needs matplotlib: pip install 'jaxlm[plot]'.") from None
+
+    runs = [read_metrics(w) for w in workdirs]
+    scales = [tokens_per_step(w) for w in workdirs]
+    use_tokens = all(s is not None for s in scales)  # one x axis for every run, or steps for all
+    x_label = "tokens seen" if use_tokens else "step"
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), dpi=100, sharex=True)
+    ax_loss, ax_lr, ax_grad, ax_tput, ax_acc, ax_bpb = axes.ravel()
+    titles = {
+        ax_loss: "loss (x spike, | skipped step)",
+        ax_lr: "learning rate",
+        ax_grad: "gradient norm",
+        ax_tput: "throughput (tokens/s)",
+        ax_acc: "downstream accuracy",
+        ax_bpb: "held-out bits per byte",
+    }
+    drawn: dict[Any, bool] = dict.fromkeys(titles, False)
+
+    def line(ax, series: Series, key: str, scale: int | None, color: str, **kw) -> bool:
+        if key not in series:
+            return False
+        steps, values = series[key]
+        ax.plot(steps * (scale if use_tokens else 1), values, color=color, **kw)
+        drawn[ax] = True
+        return True
+
+    chance_drawn: set[tuple[str, float]] = set()
+    for run, scale, label, color in zip(runs, scales, _labels(workdirs), itertools.cycle(colors)):
+        if line(ax_loss, run, "train/loss", scale, color, lw=1.2, label=f"{label} train"):
+            steps, values = run["train/loss"]
+            spikes = find_spikes(values)
+            if len(spikes):
+                ax_loss.scatter(
+                    steps[spikes] * (scale if use_tokens else 1),
+                    values[spikes],
+                    marker="x",
+                    s=60,
+                    color="red",
+                    zorder=3,
+                )
+        line(
+            ax_loss,
+            run,
+            "eval/loss",
+            scale,
+            color,
+            lw=1.2,
+            ls="--",
+            marker="o",
+            ms=4,
+            label=f"{label} val",
+        )
+        if (
+            "train/skipped" in run
+        ):  # steps the trainer skipped (non-finite loss): ticks at the bottom
+            steps, skipped = run["train/skipped"]
+            hit = steps[skipped > 0] * (scale if use_tokens else 1)
+            ax_loss.plot(
+                hit,
+                np.zeros_like(hit),
+                "|",
+                color=color,
+                ms=12,
+                transform=ax_loss.get_xaxis_transform(),
+            )
+        line(ax_lr, run, "train/lr", scale, color, label=label)
+        line(ax_grad, run, "train/grad_norm", scale, color, lw=0.8, label=label)
+        line(ax_tput, run, "train/tokens_per_s", scale, color, label=label)
+        line(ax_bpb, run, "eval/bits_per_byte", scale, color, marker="o", ms=4, label=label)
+        tasks = sorted(m.group(1) for m in map(_TASK_KEY.match, run) if m)
+        for task, style in zip(tasks, itertools.cycle(["-", "--", ":", "-."])):
+            line(
+                ax_acc,
+                run,
+                f"eval/{task}/accuracy",
+                scale,
+                color,
+                ls=style,
+                marker="o",
+                ms=4,
+                label=f"{label} {task}",
+            )
+            if f"eval/{task}/chance" in run:
+                chance = run[f"eval/{task}/chance"][1][-1]
+                if (task, chance) not in chance_drawn:
+                    chance_drawn.add((task, chance))
+                    ax_acc.axhline(chance, color="gray", ls=":", lw=1, label=f"chance {task}")
+
+    for ax, title in titles.items():
+        ax.set_title(title)
+        if ax in axes[-1]:  # the x axis is shared; label the bottom row only
+            ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+        if use_tokens:
+            ax.xaxis.set_major_formatter(EngFormatter())
+        if drawn[ax]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(
+                0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray"
+            )
+    for ax in (ax_loss, ax_grad):
+        if drawn[ax]:
+            ax.set_yscale("log")  # early values are orders of magnitude above the rest
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    fig.suptitle(" vs ".join(_labels(workdirs)))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: <first workdir>/metrics.png)")
+    args = p.parse_args(argv)
+    out = args.out or os.path.join(args.workdirs[0], "metrics.png")
+    try:
+        plot(args.workdirs, out)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
