@@ -1,0 +1,1 @@
+"""Weight conversion between jaxlm checkpoints and other formats (Hugging Face: `hf.py`)."""

@@ -1,0 +1,741 @@
+"""Hugging Face import/export: logits parity with transformers, exact round trips, tokenizer
+parity on real text, continued pretraining end to end, and one-sentence errors for bad input.
+
+transformers and CPU torch are test-only dependencies: tests that need them skip without them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from jaxlm import checkpoint as ckpt_lib
+from jaxlm import model as model_lib
+from jaxlm import sharding, train
+from jaxlm.convert import hf
+from jaxlm.data import hf_tokenizer
+from jaxlm.errors import ConfigError
+from tests.helpers import packed_batch, tiny_config
+
+pytest.importorskip("safetensors")
+DATA = "/work/shared/data"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 67  # prime: a swapped vocab/other axis cannot pass by accident
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+# Each case: LlamaConfig overrides. Together: GQA, MHA, MQA, head_dim != hidden/heads, tied and
+# untied embeddings, rope_theta != 10000, and Llama-3 rope scaling (with head_dim 10, theta 5000
+# and original length 64 its frequencies fall in all three bands: kept, interpolated, slowed).
+CASES = {
+    "gqa_untied": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=10),
+    "mha_tied_theta": dict(
+        hidden_size=44,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=12,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "mqa_llama3_scaling": dict(
+        hidden_size=36,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        head_dim=10,
+        rope_theta=5000.0,
+        rope_scaling=LLAMA3_SCALING,
+    ),
+}
+
+
+def make_hf_model(path, seed=0, vocab=VOCAB, max_shard_size=None, **overrides):
+    """A randomly initialised tiny transformers Llama saved to `path`; returns the torch model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=52,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # norms start at 1: randomise them so a swapped norm cannot pass
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **extra)
+    return model
+
+
+def hf_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+def jaxlm_logits(cfg, params, tokens):
+    graphdef, _ = nnx.split(model_lib.abstract(cfg))
+    return np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
+
+
+def read_params(hf_dir):
+    cfg = hf.model_config_from_hf(hf.read_hf_config(hf_dir))
+    flat = {t.path: w for t, w in hf.iter_hf_params(hf_dir, cfg)}
+    return cfg, traverse_util.unflatten_dict(flat)
+
+
+def tokens_for(vocab, batch=2, length=40, seed=1):
+    return np.random.RandomState(seed).randint(0, vocab, (batch, length))
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    model = make_hf_model(tmp_path, seed=len(case), **CASES[case])
+    cfg, params = read_params(tmp_path)
+    tokens = tokens_for(VOCAB)
+    expected = hf_logits(model, tokens)
+    got = jaxlm_logits(cfg, params, tokens)
+    assert np.abs(expected).max() > 1.0  # logits large enough for 1e-4 to mean something
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_both_config_formats_give_the_same_model():
+    """transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters."""
+    common = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=36,
+        intermediate_size=52,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        head_dim=10,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+    v4 = dict(common, rope_theta=5000.0, rope_scaling=dict(LLAMA3_SCALING))
+    v5 = dict(common, rope_parameters=dict(LLAMA3_SCALING, rope_theta=5000.0))
+    a, b = hf.model_config_from_hf(v4), hf.model_config_from_hf(v5)
+    assert a == b
+    assert a.rope_scaling == (8.0, 1.0, 4.0, 64) and a.rope_theta == 5000.0 and a.tie_embeddings
+    # The exported config reads back as the same model.
+    assert hf.model_config_from_hf(hf.hf_config_from_model(a)) == a
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_import_export_import_is_bitwise(tmp_path):
+    model = make_hf_model(tmp_path / "hf", max_shard_size="40KB", **CASES["mha_tied_theta"])
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")  # sharded source
+    hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "a"), progress=False)
+    hf.export_hf(str(tmp_path / "a"), str(tmp_path / "out"), max_shard_bytes=30_000, progress=False)
+    hf.import_hf(str(tmp_path / "out"), str(tmp_path / "b"), progress=False)
+
+    cfg = json.load(open(tmp_path / "a" / "model_config.json"))
+    tensors = hf.layout(hf.model_config_from_dict(cfg))
+    abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in tensors}
+    a = hf.restore_params(str(tmp_path / "a" / "checkpoints"), 0, abstract)
+    b = hf.restore_params(str(tmp_path / "b" / "checkpoints"), 0, abstract)
+    assert a.keys() == b.keys()
+    for path in a:
+        assert a[path].tobytes() == b[path].tobytes(), path
+    # The exported safetensors hold exactly the original tensors, sharded with an index.
+    from safetensors import safe_open
+
+    original = {
+        k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }  # tied: transformers does not save it
+    index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1
+    assert set(index["weight_map"]) == set(original)
+    for name, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / "out" / file), framework="numpy") as f:
+            assert f.get_tensor(name).tobytes() == original[name].tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A jaxlm model trained a few steps, saved as train.run saves it."""
+    workdir = tmp_path_factory.mktemp("trained")
+    config = tiny_config(rope_theta=20000.0, tie_embeddings=False)
+    config.checkpoint.async_save = False
+    setup = train.Setup(config, VOCAB, sharding.make_mesh((1, -1, 1), jax.devices()[:1]))
+    state, step = setup.init_state(), setup.jit_train_step()
+    with sharding.use(setup.mesh, setup.rules):
+        for s in range(3):
+            batch = sharding.host_to_global(packed_batch(8, 16, seed=s, vocab=VOCAB), setup.mesh)
+            state, _ = step(state, batch)
+    meta = {
+        "config": json.loads(config.to_json_best_effort()),
+        "tokenizer_sha256": "",
+        "param_shapes": ckpt_lib.param_shapes(setup.abstract_state["params"]),
+    }
+    checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+    checkpointer.save(3, state, None, meta, force=True)
+    checkpointer.close()
+    return workdir, setup.model_cfg, jax.device_get(state["params"])
+
+
+@pytest.mark.slow  # trains first: ~30 s of compiling on a 2-core CPU
+def test_trained_model_loads_in_transformers_with_equal_logits(trained_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    workdir, cfg, params = trained_checkpoint
+    hf.export_hf(str(workdir), str(tmp_path), max_shard_bytes=20_000, progress=False)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    tokens = tokens_for(VOCAB, length=16)
+    diff = np.abs(hf_logits(model, tokens) - jaxlm_logits(cfg, params, tokens)).max()
+    print(f"trained model: transformers vs jaxlm logits max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.slow  # shares the trained checkpoint
+def test_bfloat16_export_loads_in_transformers(trained_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    workdir, cfg, params = trained_checkpoint
+    hf.export_hf(
+        str(workdir / "checkpoints" / "3"), str(tmp_path), dtype="bfloat16", progress=False
+    )
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    tokens = tokens_for(VOCAB, length=16)
+    expected = jaxlm_logits(cfg, params, tokens)
+    assert np.abs(hf_logits(model, tokens) - expected).max() < 0.1
+
+
+def test_bfloat16_safetensors_read_without_the_library(tmp_path):
+    """The fallback reader for old safetensors (no numpy bfloat16) matches the library."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    x = np.random.RandomState(0).randn(7, 3).astype(jnp.bfloat16)
+    save_file({"a": np.zeros(5, np.float32), "b": x}, str(tmp_path / "m.safetensors"))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
+        expected = f.get_tensor("b")
+    got = hf.read_raw(str(tmp_path / "m.safetensors"), "b")
+    assert got.dtype == jnp.bfloat16 and got.tobytes() == expected.tobytes() == x.tobytes()
+
+
+# --------------------------------------------------------------------------- init_from
+
+
+def write_numpy_hf(path, cfg, seed=0, shards=1):
+    """An HF Llama directory written without torch (for error and init_from tests)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    tensors = hf.layout(cfg)
+    groups = np.array_split(np.arange(len(tensors)), shards)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = (
+            f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        )
+        out = {
+            tensors[j].hf_name: rng.randn(*tensors[j].hf_shape).astype(np.float32) for j in group
+        }
+        save_file(out, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, name))
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf.hf_config_from_model(cfg), f)
+    return path
+
+
+SMALL = model_lib.ModelConfig(
+    vocab_size=VOCAB,
+    d_model=40,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=10,
+    d_ff=56,
+    max_seq_len=64,
+    norm_eps=1e-5,
+)
+
+
+def setup_for(init_from, mesh_shape=(1, -1, 1), preset="fsdp", **changes):
+    """A Setup whose model section is copied from `init_from`, then changed by `changes`."""
+    config = tiny_config()
+    fields = hf.model_fields(init_from)
+    vocab = fields.pop("vocab_size")
+    for key, value in {**fields, **changes}.items():
+        config.model[key] = value
+    config.mesh.preset = preset
+    return train.Setup(config, vocab, sharding.make_mesh(mesh_shape))
+
+
+def test_init_from_hf_and_ckpt_place_the_same_params_in_shards(tmp_path):
+    src = write_numpy_hf(str(tmp_path / "hf"), SMALL, shards=2)
+    hf.import_hf(src, str(tmp_path / "imported"), progress=False)
+    setup = setup_for(f"hf:{src}", (2, 4, 1), "fsdp")
+    from_hf = hf.load_init_params(f"hf:{src}", setup)
+    from_ckpt = hf.load_init_params(f"ckpt:{tmp_path / 'imported'}", setup)
+    expected = read_params(src)[1]
+    leaves = jax.tree_util.tree_leaves_with_path
+    want = dict(leaves(expected))
+    for loaded in (from_hf, from_ckpt):
+        assert jax.tree.structure(loaded) == jax.tree.structure(setup.abstract_state["params"])
+        for path, x in leaves(loaded):
+            assert np.asarray(x).tobytes() == want[path].tobytes()
+            assert x.sharding == dict(leaves(setup.param_shardings))[path]
+
+
+def test_init_from_with_another_model_shape_names_the_field(tmp_path):
+    src = write_numpy_hf(str(tmp_path / "hf"), SMALL)
+    setup = setup_for(f"hf:{src}", d_ff=64)
+    with pytest.raises(ConfigError, match=r"d_ff=56 but the run's model.d_ff is 64"):
+        hf.load_init_params(f"hf:{src}", setup)
+    with pytest.raises(ConfigError, match="must be 'hf:<model dir>' or 'ckpt:"):
+        hf.load_init_params(f"{src}", setup)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def one_sentence(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg.endswith("."), msg
+    return msg
+
+
+def test_directory_without_config_json(tmp_path):
+    with pytest.raises(hf.ConvertError) as e:
+        hf.import_hf(str(tmp_path), str(tmp_path / "w"), progress=False)
+    assert "has no config.json" in one_sentence(e)
+
+
+def test_non_llama_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64})
+    )
+    with pytest.raises(hf.ConvertError) as e:
+        hf.import_hf(str(tmp_path), str(tmp_path / "w"), progress=False)
+    assert "architectures=['GPT2LMHeadModel']" in one_sentence(e)
+
+
+def test_missing_shard(tmp_path):
+    src = write_numpy_hf(str(tmp_path / "hf"), SMALL, shards=3)
+    os.remove(os.path.join(src, "model-00002-of-00003.safetensors"))
+    with pytest.raises(hf.ConvertError) as e:
+        hf.import_hf(src, str(tmp_path / "w"), progress=False)
+    assert "shard model-00002-of-00003.safetensors listed in" in one_sentence(e)
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling.rope_type='linear'"),
+        ("attention_bias", True, "attention_bias=true"),
+        ("hidden_act", "gelu", "hidden_act='gelu'"),
+        ("hidden_size", 44, "tensor model.embed_tokens.weight has shape (67, 40)"),
+    ],
+)
+def test_unsupported_options_are_named(tmp_path, field, value, expected):
+    src = write_numpy_hf(str(tmp_path / "hf"), SMALL)
+    config = json.load(open(os.path.join(src, "config.json")))
+    config[field] = value
+    json.dump(config, open(os.path.join(src, "config.json"), "w"))
+    with pytest.raises(hf.ConvertError) as e:
+        hf.import_hf(src, str(tmp_path / "w"), progress=False)
+    assert expected in one_sentence(e)
+
+
+def test_cli_prints_one_error_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_hf.py",
+            "import",
+            f"--hf_dir={tmp_path}",
+            f"--workdir={tmp_path / 'w'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path} has no config.json; point at a Hugging Face model directory "
+        "(config.json + *.safetensors)."
+    ]
+
+
+def test_cli_import_then_export(tmp_path):
+    src = write_numpy_hf(str(tmp_path / "hf"), SMALL)
+    for args in (
+        ["import", f"--hf_dir={src}", f"--workdir={tmp_path / 'w'}"],
+        ["export", f"--workdir={tmp_path / 'w'}", f"--out_dir={tmp_path / 'out'}"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "tools/convert_hf.py", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+    assert read_params(str(tmp_path / "out"))[0] == read_params(src)[0]
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def wiki_paragraphs(name):
+    """Wikipedia paragraphs (one per line in these files), headings left out."""
+    lines = open(f"{DATA}/{name}", encoding="utf-8").read().split("\n")
+    return [p.strip() for p in lines if len(p.strip()) > 200 and not p.strip().startswith("=")]
+
+
+def real_documents(n=150):
+    """Held-out real text: encyclopedia paragraphs, a novel, and Python source (whitespace)."""
+    import inspect
+    import json as json_module
+
+    wiki = wiki_paragraphs("wikitext2_test.txt")[:n]
+    novel = [
+        p
+        for p in open(f"{DATA}/warpeace.txt", encoding="utf-8").read().split("\n\n")
+        if len(p) > 300
+    ][100 : 100 + n]
+    code = [inspect.getsource(json_module.decoder), inspect.getsource(json_module.encoder)]
+    return wiki + novel + code + ["", " leading space", "tabs\tand  double  spaces \n\n end "]
+
+
+def _train_spm(path, text):
+    """A Llama-2-style sentencepiece BPE model: dummy prefix, byte fallback, <unk> <s> </s>."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split("\n\n")),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=800,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=0.9995,
+        minloglevel=2,
+    )
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """Tokenizers trained on Shakespeare: 'llama2' (sentencepiece tokenizer.model plus the
+    tokenizer.json transformers converts it to) and 'llama3' (byte-level BPE tokenizer.json)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    text = open(f"{DATA}/tinyshakespeare.txt", encoding="utf-8").read()[:300_000]
+    root = tmp_path_factory.mktemp("tokenizers")
+    dirs = {"llama2": root / "llama2", "llama3": root / "llama3"}
+    for d in dirs.values():
+        d.mkdir()
+    _train_spm(dirs["llama2"] / "tokenizer.model", text)
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        text.split("\n\n"),
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    tok.save(str(dirs["llama3"] / "tokenizer.json"))
+    json.dump(
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|end_of_text|>",
+            "clean_up_tokenization_spaces": False,
+        },
+        open(dirs["llama3"] / "tokenizer_config.json", "w"),
+    )
+    return dirs
+
+
+def llama2_json(tokenizer_dirs):
+    """The Llama-2-style tokenizer.json, converted from tokenizer.model by transformers."""
+    transformers = pytest.importorskip("transformers")
+    d = tokenizer_dirs["llama2"]
+    if not (d / "tokenizer.json").exists():
+        # (LlamaTokenizerFast: the converting class in transformers 4, an alias of it in 5)
+        converted = transformers.LlamaTokenizerFast.from_pretrained(str(d))
+        converted.save_pretrained(str(d))  # writes tokenizer.json + tokenizer_config.json
+    return d / "tokenizer.json"
+
+
+@pytest.fixture
+def json_dispatch(monkeypatch):
+    """Routes tokenizer.json files to HFTokenizer in jaxlm.data.tokenizer (in this process)
+    until that module dispatches itself; harmless once it does."""
+    from jaxlm.data import hf_tokenizer, tokenizer
+
+    load, cls_load = tokenizer.load, tokenizer.Tokenizer.load.__func__
+
+    def pick(path, fallback):
+        return (
+            hf_tokenizer.HFTokenizer.load(path)
+            if hf_tokenizer.is_tokenizer_json(path)
+            else fallback(path)
+        )
+
+    monkeypatch.setattr(tokenizer, "load", lambda path: pick(path, load))
+    monkeypatch.setattr(
+        tokenizer.Tokenizer,
+        "load",
+        classmethod(lambda cls, path: pick(path, lambda p: cls_load(cls, p))),
+    )
+
+
+def library_encoder(path):
+    """(encode, eos_id) of the tokenizer's own library: tokenizers or sentencepiece."""
+    if str(path).endswith(".json"):
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(str(path))
+        eos = tok.token_to_id("</s>")
+        eos = tok.token_to_id("<|end_of_text|>") if eos is None else eos
+        return (lambda text: tok.encode(text, add_special_tokens=False).ids), eos
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    return sp.encode, sp.eos_id()
+
+
+@pytest.mark.parametrize("kind", ["llama2_model", "llama2_json", "llama3_json"])
+def test_prepared_records_equal_the_tokenizer_library(
+    kind, tokenizer_dirs, json_dispatch, tmp_path
+):
+    from jaxlm.data import records
+
+    path = {
+        "llama2_model": lambda: tokenizer_dirs["llama2"] / "tokenizer.model",
+        "llama2_json": lambda: llama2_json(tokenizer_dirs),
+        "llama3_json": lambda: tokenizer_dirs["llama3"] / "tokenizer.json",
+    }[kind]()
+    docs = real_documents()
+    shards, _ = records.tokenize_to_shards(
+        docs, str(path), str(tmp_path), "s-{index:03d}.ar", docs_per_shard=100, num_proc=1
+    )
+    got = [r for s in shards for r in records.read_shard(str(tmp_path / s.path))]
+    encode, eos = library_encoder(path)
+    assert len(got) == len(docs)
+    for doc, record in zip(docs, got, strict=True):
+        assert record[-1] == eos
+        assert record[:-1].tolist() == encode(doc), doc[:80]
+
+
+@pytest.mark.parametrize("style", ["llama2", "llama3"])
+def test_hf_tokenizer_matches_transformers(style, tokenizer_dirs):
+    transformers = pytest.importorskip("transformers")
+    from jaxlm.data.hf_tokenizer import HFTokenizer
+
+    path = (
+        llama2_json(tokenizer_dirs)
+        if style == "llama2"
+        else tokenizer_dirs[style] / "tokenizer.json"
+    )
+    ours = HFTokenizer.load(str(path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent))
+    docs = real_documents(50)
+    ids = ours.encode_batch(docs)
+    assert ids == theirs(docs, add_special_tokens=False)["input_ids"]
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
+    assert [ours.decode(x) for x in ids] == theirs.batch_decode(ids, skip_special_tokens=True)
+    if style == "llama3":  # byte-level BPE is lossless
+        assert [ours.decode(x) for x in ids] == docs
+
+
+@pytest.mark.parametrize("style", ["llama2", "jaxlm_code_safe"])
+def test_exported_sentencepiece_tokenizer_loads_in_transformers(style, tokenizer_dirs, tmp_path):
+    """transformers converts a sentencepiece .model itself; on prose it tokenizes as we do.
+    (Not on code for code-safe models: its converter reads their whitespace pieces differently.)"""
+    transformers = pytest.importorskip("transformers")
+    from configs import base
+    from jaxlm.data import tokenizer as tokenizer_lib
+
+    if style == "llama2":
+        path = tokenizer_dirs["llama2"] / "tokenizer.model"
+    else:
+        tok_cfg = base.get_config().tokenizer
+        tok_cfg.update(vocab_size=800, sample_bytes=300_000)
+        text = open(f"{DATA}/tinyshakespeare.txt", encoding="utf-8").read()[:300_000]
+        path = tmp_path / "jaxlm.model"
+        tokenizer_lib.train_tokenizer([text], tok_cfg, str(path))
+    ours = tokenizer_lib.Tokenizer.load(str(path))
+    special = hf_tokenizer.write_for_transformers(str(path), str(tmp_path / "out"), 128)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert (special["bos_token_id"], special["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (ours.bos_id, ours.eos_id)
+    prose = real_documents(100)[100:200]  # War and Peace paragraphs
+    assert theirs(prose, add_special_tokens=False)["input_ids"] == ours.encode_batch(prose)
+
+
+def test_tokenizer_json_is_recognised_by_content_and_needs_an_eos(tokenizer_dirs, tmp_path):
+    from jaxlm.data.hf_tokenizer import HFTokenizer, is_tokenizer_json
+    from jaxlm.errors import JaxlmError
+
+    src = tokenizer_dirs["llama3"] / "tokenizer.json"
+    renamed = tmp_path / "tokenizer.model"  # data preparation may copy it under this name
+    renamed.write_bytes(src.read_bytes())
+    assert is_tokenizer_json(str(renamed))
+    assert not is_tokenizer_json(str(tokenizer_dirs["llama2"] / "tokenizer.model"))
+    tok = HFTokenizer.load(str(renamed))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, -1)
+    assert tok.sha256 == hf_tokenizer.file_sha256(str(src))
+    spec = json.loads(src.read_text())
+    spec["added_tokens"] = spec["added_tokens"][:1]
+    del spec["model"]["vocab"]["<|end_of_text|>"]
+    (tmp_path / "no_eos.json").write_text(json.dumps(spec))
+    with pytest.raises(JaxlmError) as e:
+        HFTokenizer.load(str(tmp_path / "no_eos.json"))
+    assert "has none of the end-of-text tokens" in one_sentence(e)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow  # prepares data, compiles train + eval steps: ~40 s on a 2-core CPU
+def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_path):
+    """Import a small HF Llama with its own tokenizer, prepare a domain corpus with that
+    tokenizer, train, see held-out domain loss fall, export, and load the result in transformers."""
+    transformers = pytest.importorskip("transformers")
+    from configs import continue_pretraining
+    from jaxlm.data import pipeline, prepare
+    from jaxlm.data import tokenizer as tokenizer_lib
+
+    # A TinySolar-like base: Llama weights with tokenizer.model and tokenizer.json side by side.
+    base = tmp_path / "base"
+    tok_json = llama2_json(tokenizer_dirs)
+    vocab = json.loads(tok_json.read_text())["model"]["vocab"].__len__()
+    make_hf_model(
+        base,
+        seed=3,
+        vocab=vocab,
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=96,
+        initializer_range=0.02,
+    )
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (base / name).write_bytes((tok_json.parent / name).read_bytes())
+    wiki = wiki_paragraphs("wikitext2_valid.txt")[:600]
+    with open(tmp_path / "domain.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in wiki)
+
+    config = continue_pretraining.get_config(str(base))
+    assert config.init_from == f"hf:{base}"
+    assert config.tokenizer.path == str(base / "tokenizer.json")
+    assert (config.model.d_model, config.model.head_dim, config.model.d_ff) == (48, 12, 96)
+    config.data.datasets.domain.paths = str(tmp_path / "domain.jsonl")
+    config.data.cache_dir, config.data.num_proc = str(tmp_path / "cache"), 1
+    config.data.val_fraction = 0.1
+    config.data.curation.quality.preset = "none"
+    config.model.dtype = "float32"
+    config.train.update(steps=40, batch_size=8, seq_len=64)
+    config.eval.update(max_batches=4, batch_size=8)
+    # The recipe's 5e-6 -> 5e-5 suits a pretrained model; a random tiny one needs more to move.
+    config.optim.update(init_lr=3e-4, lr=3e-3, warmup_steps=5)
+    config.checkpoint.async_save = False
+
+    manifest_path = prepare.prepare(config.data, config.tokenizer, log=lambda s: None)
+    manifest = pipeline.load_manifest(manifest_path)
+    tok = tokenizer_lib.load(os.path.join(manifest["root"], manifest["tokenizer"]["file"]))
+    assert manifest["tokenizer"]["sha256"] == hf_tokenizer.file_sha256(str(base / "tokenizer.json"))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (vocab, 1, 2)
+
+    setup = train.Setup(config, tok.vocab_size, sharding.make_mesh(config.mesh.shape))
+    state = setup.init_state()
+    state["params"] = hf.load_init_params(config.init_from, setup, manifest["tokenizer"]["sha256"])
+    train_step, eval_step = setup.jit_train_step(), setup.jit_eval_step()
+    before = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
+    it = iter(pipeline.train_dataset(manifest, seq_len=64, batch_size=8, seed=0))
+    history = []
+    with sharding.use(setup.mesh, setup.rules):
+        for _ in range(config.train.steps):
+            state, m = train_step(state, sharding.host_to_global(next(it), setup.mesh))
+            history.append({k: float(v) for k, v in jax.device_get(m).items()})
+    after = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
+    print(f"held-out domain loss {before:.3f} -> {after:.3f} after {len(history)} steps")
+    assert after < before - 0.5, (before, after)
+    lrs = [h["lr"] for h in history]
+    assert lrs[0] == pytest.approx(3e-4) and max(lrs) == pytest.approx(3e-3)
+    assert lrs[-1] < 0.01 * 3e-3  # cosine decay to zero
+    assert all(np.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in history)
+
+    workdir = tmp_path / "run"
+    meta = {
+        "config": json.loads(config.to_json_best_effort()),
+        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "param_shapes": ckpt_lib.param_shapes(setup.abstract_state["params"]),
+    }
+    checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+    checkpointer.save(config.train.steps, state, None, meta, force=True)
+    checkpointer.close()
+    out = tmp_path / "exported"
+    hf.export_hf(str(workdir), str(out), progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = [tok.bos_id] + tok.encode(wiki[-1])[:63]
+    assert ids[1:] == hf_tok(wiki[-1], add_special_tokens=False)["input_ids"][:63]
+    params = jax.device_get(state["params"])
+    diff = np.abs(hf_logits(model, [ids]) - jaxlm_logits(setup.model_cfg, params, [ids])).max()
+    print(f"continued model: transformers vs jaxlm logits max abs diff {diff:.2e}")
+    assert diff <= 1e-4
