@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"  # run name; the default --workdir is runs/<name>
     c.seed = 0  # seeds parameter init and data order
+    c.init_from = ""  # 'hf:<HF model dir>' | 'ckpt:<workdir or step dir>' | '' = random init
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 512  # D, residual stream width
@@ -33,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.02  # std of the normal init of weight matrices
 
     c.data = ml_collections.ConfigDict()
+    c.data.manifest = ""  # a prepared manifest.json to train on; '' = prepare/reuse from datasets
     c.data.cache_dir = ""  # root of prepared-data caches; '' = $JAXLM_CACHE or ~/.cache/jaxlm
     c.data.datasets = ml_collections.ConfigDict()
     c.data.datasets.stdlib = ml_collections.ConfigDict()
@@ -42,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.02  # share of documents held out, chosen by content hash
     c.data.num_proc = 0  # tokenization worker processes; 0 = os.cpu_count()
     c.data.docs_per_shard = 2000  # documents per ArrayRecord shard
+    c.data.streams = 0  # independent document streams per global batch; 0 = one per process
     c.data.grain_workers = 0  # grain worker processes feeding training; 0 = in-process
     c.data.curation = curate.default_config()
 
@@ -72,12 +75,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.seq_len = 512  # L, tokens per sequence
     c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
     c.train.log_every = 10  # steps between metric lines
-    c.train.transfer_guard = False  # disallow implicit host<->device copies in the loop
+    c.train.spike_ratio = 2.0  # skip a step whose loss exceeds this x the running mean; 0 = off
+    c.train.spike_warmup = 50  # accepted steps before spike detection starts
+    c.train.max_bad_steps = 5  # consecutive skipped steps that trigger a rollback
+    c.train.max_rollbacks = 3  # rollbacks before the run stops with an error
+    c.train.inject_nan_at = ()  # steps whose batch is poisoned with NaN (fault-handling tests)
+    c.train.inject_spike_at = ()  # steps whose targets are scrambled (fault-handling tests)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 200  # steps between held-out evaluations; 0 = only at the end
     c.eval.max_batches = 0  # cap on eval batches per dataset; 0 = the whole val split
     c.eval.batch_size = 0  # global eval batch in sequences; 0 = train.batch_size
+    c.eval.next_line_examples = 200  # built-in "which is the real next line" task size; 0 = off
+    c.eval.task_files = ""  # extra multiple-choice tasks: comma-separated JSONL paths
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 200  # steps between checkpoints (and one at the end)

@@ -8,10 +8,13 @@ tokenizer hash, mesh shape and jaxlm version.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 import jaxlm
@@ -31,11 +34,14 @@ class Checkpointer:
             keep_period=ckpt_cfg.keep_every or None,
             enable_async_checkpointing=ckpt_cfg.async_save,
             create=True,
+            cleanup_tmp_directories=True,  # a save killed mid-write leaves a tmp dir: drop it
         )
         self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=options)
 
-    def save(self, step: int, state: Any, data_state: dict | None, meta: dict, force: bool = False) -> bool:
+    def save(
+        self, step: int, state: Any, data_state: dict | None, meta: dict, force: bool = False
+    ) -> bool:
         """Starts an (async) save of `state` at `step`; returns whether a save was started."""
         items = {
             "state": ocp.args.StandardSave(state),
@@ -50,7 +56,9 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict | None, dict]:
+    def restore(
+        self, abstract_state: Any, step: int | None = None
+    ) -> tuple[int, Any, dict | None, dict]:
         """Restores the newest readable checkpoint (or `step`) into `abstract_state`'s shardings.
 
         A checkpoint that fails to read (truncated, a file missing) is reported in one line and
@@ -62,7 +70,9 @@ class Checkpointer:
         failures = []
         for s in candidates:
             try:
-                meta = self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                meta = self.manager.restore(
+                    s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
                 check_compatible(meta, abstract_state)
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
                 if self._has_item(s, "data"):
@@ -73,12 +83,32 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", s, reason)
+                aside = self._move_aside(s)
+                logging.warning(
+                    "checkpoint at step %d is unreadable (%s); moved to %s, trying an older one",
+                    s, reason, aside,
+                )
                 failures.append(s)
         raise CheckpointError(
             f"every checkpoint in {self.directory} is unreadable (steps {failures}); refusing to "
             "start from scratch over them: move the directory away or pass another --workdir."
         )
+
+    def read_meta(self, step: int) -> dict:
+        """The metadata saved with `step` (config, tokenizer hash, shapes), or {} if unreadable."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is dealt with by restore()
+            return {}
+
+    def _move_aside(self, step: int) -> str:
+        """Renames an unreadable step directory so it is kept for inspection but never reused."""
+        src = self.manager.directory / str(step)
+        dst = self.manager.directory / f"unreadable-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            src.rename(dst)
+        self.manager.reload()
+        return str(dst)
 
     def _has_item(self, step: int, name: str) -> bool:
         return (self.manager.directory / str(step) / name).exists()
@@ -100,7 +130,9 @@ def check_compatible(meta: dict, abstract_state: Any) -> None:
     current = param_shapes(abstract_state["params"])
     for name, shape in current.items():
         if name not in saved:
-            raise CheckpointError(f"checkpoint has no parameter {name}; it was written by another model.")
+            raise CheckpointError(
+                f"checkpoint has no parameter {name}; it was written by another model."
+            )
         if tuple(saved[name]) != tuple(shape):
             raise CheckpointError(
                 f"checkpoint parameter {name} has shape {tuple(saved[name])} but the model expects "
@@ -112,3 +144,24 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
     """Flat {'blocks/0/attn/wq': shape} map, recorded in metadata to explain mismatches."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): list(x.shape) for path, x in flat}
+
+
+def gather_host_states(local_state: Any) -> dict[str, Any]:
+    """{'process_<i>': state} of every process, on every process (JSON-safe states).
+
+    orbax writes JSON items from the primary process only, so each host's data-iterator state
+    is first gathered everywhere; on restore each host picks its own entry.
+    """
+    if jax.process_count() == 1:
+        return {"process_0": local_state}
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(encoded.size))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    return {
+        f"process_{i}": json.loads(bytes(gathered[i, : int(sizes[i])]).decode())
+        for i in range(jax.process_count())
+    }

@@ -19,7 +19,9 @@ from flax import nnx
 from jaxlm import model as model_lib
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def sample_logits(
+    logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
     """Draws one token per row from logits (B, V); temperature 0 means greedy."""
     if temperature <= 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -37,8 +39,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, params, tokens, prompt_mask, key, eos_id, *, max_new_tokens, temperature, top_k, top_p):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p")
+)
+def _generate(
+    graphdef, params, tokens, prompt_mask, key, eos_id, *, max_new_tokens, temperature, top_k, top_p
+):
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
     B, P = tokens.shape
@@ -53,7 +59,9 @@ def _generate(graphdef, params, tokens, prompt_mask, key, eos_id, *, max_new_tok
         token = sample_logits(logits_last, key, temperature, top_k, top_p)
         token = jnp.where(done, eos_id, token)
         done = done | (token == eos_id)
-        logits, cache = model(token[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32), cache=cache)
+        logits, cache = model(
+            token[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32), cache=cache
+        )
         return (logits[:, -1], cache, pos + 1, done), token
 
     keys = jax.random.split(key, max_new_tokens)
@@ -84,11 +92,19 @@ def generate(
     tokens = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        tokens[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     out = _generate(
-        graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed), eos_id,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        graphdef,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jax.random.key(seed),
+        eos_id,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
     )
     results = []
     for row in np.asarray(out).tolist():

@@ -7,12 +7,14 @@ not exist is an error, not a silent new field.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxlm.errors import JaxlmError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 
 
@@ -20,6 +22,7 @@ def main(argv):
     del argv
     from jaxlm import train  # after flag parsing: grain workers need absl flags parsed first
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO: keep stdout readable
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:

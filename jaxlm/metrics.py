@@ -40,8 +40,15 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def flops_per_token(n_params_non_embed: int, n_layers: int, n_heads: int, head_dim: int,
-                    seq_len: int, vocab_size: int, d_model: int) -> float:
+def flops_per_token(
+    n_params_non_embed: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    seq_len: int,
+    vocab_size: int,
+    d_model: int,
+) -> float:
     """Training FLOPs per token: 6N for the matmuls plus causal attention.
 
     N counts every weight used in a matmul, so the output projection (V x D) is included but the
@@ -62,6 +69,7 @@ class Writer:
 
     def __init__(self, workdir: str, logging_cfg: Any, config_dict: dict | None = None):
         self.enabled = jax.process_index() == 0
+        self.workdir = workdir
         self.tb = None
         self.wandb = None
         if not self.enabled:
@@ -87,6 +95,18 @@ class Writer:
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(named, step=step)
+
+    def trim(self, step: int) -> None:
+        """Drops metrics.jsonl lines past `step`, so a resumed run keeps one line per step."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+        self.jsonl = open(path, "a")
 
     def print(self, line: str) -> None:
         if self.enabled:

@@ -60,7 +60,9 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype must be float32 or bfloat16, not {self.dtype!r}.")
         if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}.")
+            raise ConfigError(
+                f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}."
+            )
         if self.attention not in ("xla", "cudnn"):
             raise ConfigError(f"model.attention must be xla or cudnn, not {self.attention!r}.")
 
@@ -104,7 +106,9 @@ class RMSNorm(nnx.Module):
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
     """Inverse frequencies (E/2,), with Llama-3 long-context scaling when configured."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+    )
     if cfg.rope_scaling is None:
         return inv_freq
     factor, low_freq_factor, high_freq_factor, original_len = cfg.rope_scaling
@@ -129,7 +133,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
+def attention_mask(
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0
+) -> jax.Array:
     """Causal, same-segment mask (B, 1, L, S).
 
     Padding (segment id 0) attends only to padding, never to a document, and no document token
@@ -169,13 +175,19 @@ class Attention(nnx.Module):
         q = jnp.einsum("BLD,DHE->BLHE", x, self.wq[...].astype(dtype))
         k = jnp.einsum("BLD,DKE->BLKE", x, self.wk[...].astype(dtype))
         v = jnp.einsum("BLD,DKE->BLKE", x, self.wv[...].astype(dtype))
-        q = sharding.constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
+        q = sharding.constrain(
+            apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim")
+        )
         k = apply_rope(k, positions, inv_freq)
         if cache is not None:
             # Write this step's keys/values at `index` and attend over the whole cache (B, S, K, E).
             index = cache["index"]
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), index, axis=1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), index, axis=1
+            )
             cache = {"k": k, "v": v, "index": index + x.shape[1]}
             k, v = k.astype(dtype), v.astype(dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention)
@@ -190,7 +202,9 @@ class MLP(nnx.Module):
         D, F = cfg.d_model, cfg.d_ff
         self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
-        self.w_down = _param(rngs, (F, D), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.w_down = _param(
+            rngs, (F, D), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D)
         dtype = x.dtype
@@ -225,7 +239,9 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+            self.lm_head = _param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
+            )
 
     def __call__(
         self,
@@ -286,7 +302,10 @@ def init_cache(cfg: ModelConfig, segment_ids: jax.Array) -> dict[str, Any]:
     shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     return {
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)],
+        "layers": [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.n_layers)
+        ],
         "index": jnp.array(0, jnp.int32),
         "segment_ids": segment_ids,
     }

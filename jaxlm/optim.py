@@ -46,7 +46,9 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim_cfg: Any, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; returns the transformation and its schedule."""
     schedule = make_schedule(optim_cfg, total_steps)
     parts = []

@@ -109,12 +109,17 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any]) -> Par
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Mapping[str, Any],
-                   shape: Sequence[int] | None = None, name: str = "array") -> NamedSharding:
+def named_sharding(
+    mesh: Mesh,
+    axes: Sequence[str | None],
+    rules: Mapping[str, Any],
+    shape: Sequence[int] | None = None,
+    name: str = "array",
+) -> NamedSharding:
     """NamedSharding for logical `axes`; checks each split dimension divides its mesh axes."""
     spec = logical_to_spec(axes, rules)
     if shape is not None:
-        for dim, logical, mesh_axes in zip(shape, axes, spec):
+        for dim, logical, mesh_axes in zip(shape, axes, spec, strict=True):
             if mesh_axes is None:
                 continue
             mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
@@ -133,7 +138,7 @@ def tree_shardings(mesh: Mesh, axes_tree: Any, shapes_tree: Any, rules: Mapping[
     paths_shapes = jax.tree_util.tree_flatten_with_path(shapes_tree)[0]
     out = [
         named_sharding(mesh, axes, rules, leaf.shape, jax.tree_util.keystr(path))
-        for axes, (path, leaf) in zip(axes_leaves, paths_shapes)
+        for axes, (path, leaf) in zip(axes_leaves, paths_shapes, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 

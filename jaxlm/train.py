@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,14 +22,15 @@ import optax
 from flax import nnx
 
 from jaxlm import checkpoint as ckpt_lib
+from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding
 from jaxlm.data import pipeline
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, JaxlmError
 
-TrainState = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng'}
+TrainState = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng', 'guard'}
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (B, L) int32; loss_mask f32
 
 
@@ -60,12 +63,24 @@ def loss_sums(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int,
+    spike_ratio: float = 0.0,
+    spike_warmup: int = 50,
+    ema_decay: float = 0.99,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update.
 
     With `grad_accum > 1` the batch is split into micro-batches whose summed gradients are
     normalised by the total target count, so the update equals the one of the whole batch.
+
+    A step whose loss or gradient is not finite, or (after `spike_warmup` good steps) whose loss
+    exceeds `spike_ratio` times the running mean of accepted losses, is skipped: parameters and
+    optimizer state stay bitwise unchanged and `metrics['skipped']` is 1. The running mean lives
+    in the state, so it is checkpointed and a resumed run decides exactly as the original would.
     """
     grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
 
@@ -79,23 +94,54 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
             def accumulate(carry, micro_batch):
                 (loss_sum, count), grads = grad_fn(params, micro_batch)
                 acc_loss, acc_count, acc_grads = carry
-                return (acc_loss + loss_sum, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
+                return (
+                    acc_loss + loss_sum,
+                    acc_count + count,
+                    jax.tree.map(jnp.add, acc_grads, grads),
+                ), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
         count = jnp.maximum(count, 1.0)
+        loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+
+        guard = state["guard"]
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        spike = (
+            (spike_ratio > 0)
+            & (guard["accepted"] >= spike_warmup)
+            & (loss > spike_ratio * guard["loss_ema"])
+        )
+        ok = finite & ~spike
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        ema = jnp.where(
+            guard["accepted"] == 0, loss, ema_decay * guard["loss_ema"] + (1 - ema_decay) * loss
+        )
+        new_guard = {
+            "loss_ema": jnp.where(ok, ema, guard["loss_ema"]),
+            "accepted": guard["accepted"] + ok.astype(jnp.int32),
+        }
+        new_params = keep(new_params, params)
         metrics = {
-            "loss": loss_sum / count,
-            "grad_norm": optim.global_norm(grads),
-            "update_norm": optim.global_norm(updates),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "update_norm": jnp.where(ok, optim.global_norm(updates), 0.0),
             "param_norm": optim.global_norm(new_params),
             "lr": schedule(state["step"]),
             "tokens": count,
+            "skipped": 1 - ok.astype(jnp.int32),
         }
-        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        new_state = {
+            "params": new_params,
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "guard": new_guard,
+        }
         return new_state, metrics
 
     return train_step
@@ -126,7 +172,10 @@ class Setup:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            self.tx,
+            lambda _, s: s,
+            abstract_opt,
+            self.param_shardings,
             transform_non_params=lambda _: replicated,
         )
         self.state_shardings = {
@@ -134,10 +183,13 @@ class Setup:
             "opt_state": opt_shardings,
             "step": replicated,
             "rng": replicated,
+            "guard": {"loss_ema": replicated, "accepted": replicated},
         }
         abstract_state = jax.eval_shape(self._init_fn)
         self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            self.state_shardings,
         )
         self.n_params = model_lib.count_params(abstract_params)
 
@@ -151,6 +203,7 @@ class Setup:
             "opt_state": self.tx.init(params),
             "step": jnp.array(0, jnp.int32),
             "rng": jax.random.PRNGKey(seed),
+            "guard": {"loss_ema": jnp.array(0.0, jnp.float32), "accepted": jnp.array(0, jnp.int32)},
         }
 
     def init_state(self) -> TrainState:
@@ -159,10 +212,17 @@ class Setup:
             return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
 
     def jit_train_step(self) -> Callable:
-        step = make_train_step(self.graphdef, self.tx, self.schedule, self.config.train.grad_accum)
+        t = self.config.train
+        step = make_train_step(
+            self.graphdef, self.tx, self.schedule, t.grad_accum, t.spike_ratio, t.spike_warmup
+        )
         batch_sh = sharding.batch_sharding(self.mesh)
-        return jax.jit(step, in_shardings=(self.state_shardings, batch_sh),
-                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
 
     def jit_eval_step(self) -> Callable:
         batch_sh = sharding.batch_sharding(self.mesh)
@@ -171,8 +231,9 @@ class Setup:
     def flops_per_token(self, seq_len: int) -> float:
         m = self.model_cfg
         non_embed = self.n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-        return metrics_lib.flops_per_token(non_embed, m.n_layers, m.n_heads, m.head_dim, seq_len,
-                                           m.vocab_size, m.d_model)
+        return metrics_lib.flops_per_token(
+            non_embed, m.n_layers, m.n_heads, m.head_dim, seq_len, m.vocab_size, m.d_model
+        )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -187,12 +248,19 @@ def evaluate(setup: Setup, eval_step: Callable, params: Any, manifest: dict) -> 
     for name in sorted(manifest["datasets"]):
         if manifest["datasets"][name]["val"]["documents"] == 0:
             continue
-        n = pipeline.eval_num_batches(manifest, name, cfg.train.seq_len, batch_size, cfg.eval.max_batches)
+        n = pipeline.eval_num_batches(
+            manifest, name, cfg.train.seq_len, batch_size, cfg.eval.max_batches
+        )
         nll, count = 0.0, 0.0
         with sharding.use(setup.mesh, setup.rules):
             for host_batch in pipeline.eval_batches(
-                manifest, name, seq_len=cfg.train.seq_len, batch_size=host_rows, num_batches=n,
-                process_index=jax.process_index(), process_count=jax.process_count(),
+                manifest,
+                name,
+                seq_len=cfg.train.seq_len,
+                batch_size=host_rows,
+                num_batches=n,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
             ):
                 s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
                 nll, count = nll + float(s), count + float(c)
@@ -201,7 +269,11 @@ def evaluate(setup: Setup, eval_step: Callable, params: Any, manifest: dict) -> 
         out[f"{name}/loss"] = loss
         out[f"{name}/perplexity"] = math.exp(min(loss, 50))
         out[f"{name}/bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
-        total_nll, total_bytes, total_count = total_nll + nll, total_bytes + nbytes, total_count + count
+        total_nll, total_bytes, total_count = (
+            total_nll + nll,
+            total_bytes + nbytes,
+            total_count + count,
+        )
     if total_count:
         out["loss"] = total_nll / total_count
         out["perplexity"] = math.exp(min(out["loss"], 50))
@@ -215,11 +287,12 @@ def evaluate(setup: Setup, eval_step: Callable, params: Any, manifest: dict) -> 
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the training job described by `config` in `workdir`.
 
-    Returns a summary: final train loss, final eval metrics, gzip baseline, steps run.
+    Returns a summary: start and final step, final train loss, final eval metrics, the gzip
+    baseline, wall time, and whether the run was preempted.
     """
     # Imported here: data preparation is only needed by a full run, not by the step functions.
     from jaxlm.data import prepare as prepare_lib
-    from jaxlm.data.tokenizer import Tokenizer
+    from jaxlm.data import tokenizer as tokenizer_lib
 
     validate(config)
     sharding.maybe_initialize_distributed(config.mesh)
@@ -230,129 +303,311 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             f"({sharding.batch_divisor(mesh)}) times train.grad_accum ({config.train.grad_accum})."
         )
     _prepare_workdir(workdir, config)
-    out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
-
-    manifest_path = prepare_lib.prepare(
-        config.data, config.tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    if config.data.manifest:
+        if not os.path.isfile(config.data.manifest):
+            raise ConfigError(f"data.manifest={config.data.manifest!r} does not exist.")
+        manifest_path = config.data.manifest
+    else:
+        manifest_path = prepare_lib.prepare(
+            config.data,
+            config.tokenizer,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     manifest = pipeline.load_manifest(manifest_path)
-    tokenizer = Tokenizer.load(os.path.join(manifest["root"], manifest["tokenizer"]["file"]))
-    setup = Setup(config, tokenizer.vocab_size, mesh)
-    out.print(
-        f"model: {setup.n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} preset "
-        f"{config.mesh.preset} | {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"{jax.process_count()} process(es)"
-    )
+    tokenizer_path = os.path.join(manifest["root"], manifest["tokenizer"]["file"])
+    if jax.process_index() == 0:
+        shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
+    tokenizer = tokenizer_lib.load(tokenizer_path)
+    vocab_size = tokenizer.vocab_size
+    if config.init_from:
+        from jaxlm.convert import hf
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint)
-    host_batch = config.train.batch_size // jax.process_count()
-    train_data = pipeline.train_dataset(
-        manifest, seq_len=config.train.seq_len, batch_size=host_batch, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        weights={n: d.weight for n, d in config.data.datasets.items()},
-        worker_count=config.data.grain_workers,
-    )
-    train_iter = iter(train_data)
-    meta = {
-        "config": json.loads(config.to_json_best_effort()),
-        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        "mesh_shape": dict(mesh.shape),
-        "param_shapes": ckpt_lib.param_shapes(setup.abstract_state["params"]),
-    }
-    if checkpointer.steps():
-        step0, state, data_state, saved_meta = checkpointer.restore(setup.abstract_state)
-        if saved_meta.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+        # The base model's embedding may be padded past its tokenizer: keep the model's size.
+        vocab_size = hf.source_model_config(config.init_from).vocab_size
+        if tokenizer.vocab_size > vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} pieces but init_from's model only "
+                f"{vocab_size} embeddings; prepare the data with the base model's own tokenizer."
+            )
+    setup = Setup(config, vocab_size, mesh)
+    trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    # The sample runs on process 0's host arrays; on many processes it is left to tools/generate.py.
+    if not summary["preempted"] and jax.process_count() == 1:
+        _print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)
+    trainer.out.close()
+    return summary
+
+
+class Trainer:
+    """The training loop of one run: steps, logging, eval, checkpoints, preemption, rollback."""
+
+    def __init__(self, config: Any, setup: Setup, workdir: str, manifest: dict, tokenizer: Any):
+        self.config, self.setup, self.manifest = config, setup, manifest
+        self.tokenizer = tokenizer
+        self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
+        self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
+        self.checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
+        )
+        self.batches = pipeline.HostBatches(
+            manifest,
+            seq_len=config.train.seq_len,
+            global_batch=config.train.batch_size,
+            seed=config.seed,
+            streams=config.data.streams or jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            weights={n: d.weight for n, d in config.data.datasets.items()},
+            worker_count=config.data.grain_workers,
+        )
+        self.meta = {
+            "config": json.loads(config.to_json_best_effort()),
+            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+            "mesh_shape": dict(setup.mesh.shape),
+            "param_shapes": ckpt_lib.param_shapes(setup.abstract_state["params"]),
+        }
+        self.out.print(
+            f"model: {setup.n_params / 1e6:.2f}M parameters | mesh {dict(setup.mesh.shape)} preset "
+            f"{config.mesh.preset} | {jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"{jax.process_count()} process(es)"
+        )
+        self.step, self.state = self._restore_or_init()
+        self.train_step = setup.jit_train_step()
+        self.eval_step = setup.jit_eval_step()
+        self.stop_signal: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def _restore_or_init(self) -> tuple[int, TrainState]:
+        if not self.checkpointer.steps():
+            state = self.setup.init_state()
+            if self.config.init_from:
+                from jaxlm.convert import hf
+
+                state["params"] = hf.load_init_params(
+                    self.config.init_from, self.setup, self.meta["tokenizer_sha256"], log=self.out.print
+                )
+            return 0, state
+        if self.checkpointer.read_meta(self.checkpointer.steps()[-1]).get("params_only"):
+            raise ConfigError(
+                f"{self.checkpointer.directory} holds imported weights, not a training run; train in "
+                "a new --workdir with --config.init_from=ckpt:<this workdir>."
+            )
+        step, state, data_state, saved_meta = self.checkpointer.restore(self.setup.abstract_state)
+        if saved_meta.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
             raise ckpt_lib.CheckpointError(
-                f"the checkpoint at step {step0} was trained with tokenizer "
+                f"the checkpoint at step {step} was trained with tokenizer "
                 f"{saved_meta.get('tokenizer_sha256', '?')[:12]} but the data now uses "
-                f"{meta['tokenizer_sha256'][:12]}; use the original data/tokenizer config."
+                f"{self.meta['tokenizer_sha256'][:12]}; use the original data and tokenizer config."
             )
         if data_state is not None:
-            train_iter.set_state(data_state)
-        out.print(f"resuming from checkpoint at step {step0} in {checkpointer.directory}")
-    else:
-        state = setup.init_state()
-        step0 = 0
+            self.batches.set_state(data_state[f"process_{jax.process_index()}"])
+        self.out.trim(step)
+        self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
+        return step, state
 
-    train_step = setup.jit_train_step()
-    eval_step = setup.jit_eval_step()
-    summary = _loop(config, setup, state, step0, train_step, eval_step, train_iter, manifest,
-                    checkpointer, meta, out)
-    checkpointer.close()
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        total = cfg.train.steps
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.flops_per_step = self.setup.flops_per_token(cfg.train.seq_len) * tokens_per_step
+        self.clock = metrics_lib.Throughput(self.step, total, tokens_per_step)
+        self.pending, self.data_wait, self.last = [], 0.0, {}
+        bad_steps: list[int] = []
+        rollbacks: list[list[int]] = []
+        previous_skip = None  # (step, device scalar) read one step late, to keep dispatch async
+        start_step, start = self.step, time.perf_counter()
 
-    _print_sample(config, setup, summary.pop("params"), tokenizer, out)
-    out.close()
-    return summary
-
-
-def _loop(config, setup, state, step0, train_step, eval_step, train_iter, manifest, checkpointer, meta, out):
-    total = config.train.steps
-    tokens_per_step = config.train.batch_size * config.train.seq_len
-    flops_per_step = setup.flops_per_token(config.train.seq_len) * tokens_per_step
-    peak = metrics_lib.peak_flops_per_device()
-    clock = metrics_lib.Throughput(step0, total, tokens_per_step)
-    pending, data_wait, last = [], 0.0, {}
-    summary: dict[str, Any] = {"start_step": step0}
-    start = time.perf_counter()
-
-    with sharding.use(setup.mesh, setup.rules):
-        for step in range(step0, total):
-            t0 = time.perf_counter()
-            host_batch = next(train_iter)
-            data_wait += time.perf_counter() - t0
-            state, step_metrics = train_step(state, sharding.host_to_global(host_batch, setup.mesh))
-            pending.append(step_metrics)
-            done = step + 1
-
-            if done % config.train.log_every == 0 or done == total:
-                fetched = jax.device_get(pending)
-                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                last["lr"] = float(fetched[-1]["lr"])
-                timing = clock.update(done)
-                last.update(timing, data_wait_s=data_wait / len(fetched))
-                last["update_to_param"] = last["update_norm"] / max(last["param_norm"], 1e-12)
-                if peak:
-                    last["mfu"] = flops_per_step / timing["step_time_s"] / (peak * jax.device_count())
-                mem = metrics_lib.device_memory_gb()
-                if mem is not None:
-                    last["memory_gb"] = mem
-                pending, data_wait = [], 0.0
-                out.write(done, {k: v for k, v in last.items() if k != "eta_s"}, prefix="train/")
-                mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
-                out.print(
-                    f"step {done:>6}/{total} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | "
-                    f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu} | "
-                    f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
+        with sharding.use(self.setup.mesh, self.setup.rules):
+            while self.step < total:
+                if self._should_stop():
+                    return self._preempt(start_step, start)
+                host_batch = self._next_batch(self.step + 1)
+                self.state, step_metrics = self.train_step(
+                    self.state, sharding.host_to_global(host_batch, self.setup.mesh)
                 )
+                self.step += 1
+                self.pending.append(step_metrics)
+                if previous_skip is not None:
+                    bad_steps = bad_steps + [previous_skip[0]] if int(previous_skip[1]) else []
+                previous_skip = (self.step, step_metrics["skipped"])
+                if len(bad_steps) >= cfg.train.max_bad_steps:
+                    rollbacks.append(bad_steps)
+                    self._rollback(bad_steps, rollbacks)
+                    bad_steps, previous_skip = [], None
+                    continue
+                self._after_step(total)
 
-            if config.eval.every and done % config.eval.every == 0 and done != total:
-                _eval_and_log(setup, eval_step, state["params"], manifest, done, out)
+            final_eval = self._eval(total)
 
-            if done % config.checkpoint.every == 0 or done == total:
-                checkpointer.save(done, state, pipeline.iterator_state(train_iter), meta, force=done == total)
+        self.checkpointer.wait()
+        gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
+        if "bits_per_byte" in final_eval:
+            gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
+            self.out.print(
+                f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte "
+                f"(loss {final_eval['loss']:.4f}){gz}"
+            )
+        return self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
 
-        final_eval = _eval_and_log(setup, eval_step, state["params"], manifest, total, out)
+    def _next_batch(self, step: int) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.data_wait += time.perf_counter() - t0
+        if step in tuple(self.config.train.inject_nan_at):
+            batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+        if step in tuple(self.config.train.inject_spike_at):
+            rng = np.random.RandomState(step)
+            batch = dict(
+                batch,
+                targets=rng.randint(
+                    0, self.setup.model_cfg.vocab_size, batch["targets"].shape
+                ).astype(np.int32),
+            )
+        return batch
 
-    gzip_bpb = manifest.get("val_gzip_bits_per_byte", {}).get("all")
-    summary.update(
-        final_step=total, train_loss=last.get("loss"), eval=final_eval, gzip_bits_per_byte=gzip_bpb,
-        wall_s=time.perf_counter() - start, params=state["params"],
-    )
-    if "bits_per_byte" in final_eval:
-        gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
-        out.print(f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte (loss "
-                  f"{final_eval['loss']:.4f}){gz}")
-    return summary
+    def _after_step(self, total: int) -> None:
+        cfg, done = self.config, self.step
+        if done % cfg.train.log_every == 0 or done == total:
+            self._log(done)
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
+            self._eval(done)
+        if done % cfg.checkpoint.every == 0 or done == total:
+            self._save(force=done == total)
+
+    def _log(self, done: int) -> None:
+        fetched = jax.device_get(self.pending)
+        last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        last["lr"] = float(fetched[-1]["lr"])
+        last["skipped"] = float(sum(m["skipped"] for m in fetched))
+        timing = self.clock.update(done)
+        last.update(timing, data_wait_s=self.data_wait / len(fetched))
+        last["update_to_param"] = last["update_norm"] / max(last["param_norm"], 1e-12)
+        peak = metrics_lib.peak_flops_per_device()
+        if peak:
+            last["mfu"] = self.flops_per_step / timing["step_time_s"] / (peak * jax.device_count())
+        mem = metrics_lib.device_memory_gb()
+        if mem is not None:
+            last["memory_gb"] = mem
+        self.pending, self.data_wait, self.last = [], 0.0, last
+        self.out.write(done, {k: v for k, v in last.items() if k != "eta_s"}, prefix="train/")
+        mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
+        skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
+        self.out.print(
+            f"step {done:>6}/{self.config.train.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | "
+            f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
+            f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
+        )
+
+    def _eval(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = evaluate(self.setup, self.eval_step, self.state["params"], self.manifest)
+        if self.tasks:
+            cfg = self.config
+            result.update(evaluate_lib.score_tasks(
+                self.setup.graphdef, self.state["params"], self.tokenizer, self.tasks,
+                seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                mesh=self.setup.mesh,
+            ))
+        self.out.write(step, result, prefix="eval/")
+        if "loss" in result:
+            self.out.print(
+                f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                f"{result['bits_per_byte']:.3f} bits/byte{_task_summary(result)} | "
+                f"{time.perf_counter() - t0:.1f}s"
+            )
+        return result
+
+    def _save(self, force: bool = False) -> None:
+        data_state = ckpt_lib.gather_host_states(self.batches.get_state())
+        self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+
+    def _should_stop(self) -> bool:
+        """Whether a stop signal arrived here or, on multi-host, on any process."""
+        flag = self.stop_signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+            if flag and self.stop_signal is None:
+                self.stop_signal = "a stop signal on another process"
+        return flag
+
+    def _preempt(self, start_step: int, start: float) -> dict[str, Any]:
+        if self.step not in self.checkpointer.steps():
+            self._save(force=True)
+        self.checkpointer.wait()
+        self.out.print(
+            f"stopped by {self.stop_signal} at step {self.step}: checkpoint saved in "
+            f"{self.checkpointer.directory}; run the same command to resume."
+        )
+        return self._summary(start_step, start, preempted=True)
+
+    def _rollback(self, bad_steps: list[int], rollbacks: list[list[int]]) -> None:
+        """Returns to the newest checkpoint, keeping the data position so bad batches are skipped."""
+        if len(rollbacks) > self.config.train.max_rollbacks:
+            raise TrainingError(
+                f"training keeps failing: {len(rollbacks)} runs of {self.config.train.max_bad_steps} "
+                f"skipped steps (non-finite or spiking loss) at steps {rollbacks}; lower optim.lr, "
+                "raise train.spike_ratio, or inspect the data around those steps."
+            )
+        self.checkpointer.wait()
+        if not self.checkpointer.steps():
+            self.step, self.state = 0, self.setup.init_state()
+        else:
+            self.step, self.state, _, _ = self.checkpointer.restore(self.setup.abstract_state)
+        self.pending = []
+        self.out.print(
+            f"rollback: steps {bad_steps} were skipped in a row; back to step {self.step}, "
+            "continuing with the batches after the bad ones"
+        )
+        self.out.write(self.step, {"rollbacks": len(rollbacks)}, prefix="train/")
+
+    def _summary(self, start_step: int, start: float, **extra) -> dict[str, Any]:
+        return dict(
+            start_step=start_step,
+            final_step=self.step,
+            train_loss=self.last.get("loss"),
+            wall_s=time.perf_counter() - start,
+            **{"preempted": False, **extra},
+        )
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
 
 
-def _eval_and_log(setup, eval_step, params, manifest, step, out) -> dict[str, float]:
-    t0 = time.perf_counter()
-    result = evaluate(setup, eval_step, params, manifest)
-    out.write(step, result, prefix="eval/")
-    if "loss" in result:
-        out.print(f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
-                  f"{result['bits_per_byte']:.3f} bits/byte | {time.perf_counter() - t0:.1f}s")
-    return result
+def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> dict[str, list]:
+    """Downstream multiple-choice tasks: the built-in next-line task plus any configured files."""
+    tasks = {}
+    if config.eval.next_line_examples > 0:
+        tasks["next_line"] = evaluate_lib.ensure_next_line_task(
+            os.path.join(workdir, "tasks", "next_line.jsonl"),
+            evaluate_lib.heldout_texts(manifest, tokenizer.decode),
+            n_examples=config.eval.next_line_examples,
+            seed=config.seed,
+        )
+    for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
+        tasks[os.path.splitext(os.path.basename(path))[0]] = evaluate_lib.load_task(path)
+    return tasks
+
+
+def _task_summary(result: dict[str, float]) -> str:
+    accuracies = {k[: -len("/accuracy")]: v for k, v in result.items() if k.endswith("/accuracy")}
+    return "".join(f" | {name} acc {acc:.1%}" for name, acc in sorted(accuracies.items()))
+
+
+class TrainingError(JaxlmError):
+    """The run cannot make progress (repeated non-finite or spiking losses)."""
 
 
 def _print_sample(config, setup, params, tokenizer, out) -> None:
@@ -361,8 +616,15 @@ def _print_sample(config, setup, params, tokenizer, out) -> None:
         return
     with sharding.use(setup.mesh, setup.rules):
         new_tokens = generate_lib.generate(
-            setup.graphdef, params, [tokenizer.encode(s.prompt)], max_new_tokens=s.max_tokens,
-            eos_id=tokenizer.eos_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=config.seed,
+            setup.graphdef,
+            params,
+            [[tokenizer.bos_id] + tokenizer.encode(s.prompt)],
+            max_new_tokens=s.max_tokens,
+            eos_id=tokenizer.eos_id,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=config.seed,
         )[0]
     out.print("sample (KV-cache decoding):\n" + s.prompt + tokenizer.decode(new_tokens))
 
@@ -375,7 +637,9 @@ def _prepare_workdir(workdir: str, config: Any) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"--workdir {workdir!r} cannot be written ({e.strerror}); choose another.") from None
+        raise ConfigError(
+            f"--workdir {workdir!r} cannot be written ({e.strerror}); choose another."
+        ) from None
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -38,7 +38,7 @@ def packed_batch(batch: int, seq_len: int, seed: int = 0, vocab: int = VOCAB) ->
     for b in range(batch):
         cuts = sorted(rng.choice(np.arange(1, seq_len), rng.randint(0, 3), replace=False))
         bounds = [0, *cuts, seq_len]
-        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             segment_ids[b, lo:hi] = s + 1
             positions[b, lo:hi] = np.arange(hi - lo)
     return {

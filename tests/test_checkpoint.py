@@ -17,18 +17,27 @@ def test_round_trip_restores_a_state_that_differs_from_the_current_one(tmp_path)
     setup = setup_for(config)
     step = setup.jit_train_step()
     with sharding.use(setup.mesh, setup.rules):
-        state, _ = step(setup.init_state(), sharding.host_to_global(packed_batch(8, 16, vocab=62), setup.mesh))
+        state, _ = step(
+            setup.init_state(), sharding.host_to_global(packed_batch(8, 16, vocab=62), setup.mesh)
+        )
         saved = jax.device_get(state)
         ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
-        ckpt.save(1, state, {"next_index": 7}, {"param_shapes": checkpoint.param_shapes(state["params"])})
+        ckpt.save(
+            1, state, {"next_index": 7}, {"param_shapes": checkpoint.param_shapes(state["params"])}
+        )
         ckpt.wait()
-        state, _ = step(state, sharding.host_to_global(packed_batch(8, 16, seed=1, vocab=62), setup.mesh))
+        state, _ = step(
+            state, sharding.host_to_global(packed_batch(8, 16, seed=1, vocab=62), setup.mesh)
+        )
     current = jax.device_get(state)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(current)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(current), strict=True)
+    )
 
     restored_step, restored, data_state, _ = ckpt.restore(setup.abstract_state)
     assert restored_step == 1 and data_state == {"next_index": 7}
-    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored))):
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored)), strict=True):
         np.testing.assert_array_equal(a, b)
     assert restored["params"]["embed"].sharding == setup.param_shardings["embed"]
     ckpt.close()
@@ -42,6 +51,8 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
     ckpt.save(1, state, None, {"param_shapes": checkpoint.param_shapes(state["params"])})
     ckpt.wait()
     other = setup_for(tiny_config(d_ff=64))
-    with pytest.raises(checkpoint.CheckpointError, match=r"blocks/0/mlp/w_down has shape \(56, 40\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"blocks/0/mlp/w_down has shape \(56, 40\)"
+    ):
         ckpt.restore(other.abstract_state)
     ckpt.close()

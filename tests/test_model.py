@@ -8,8 +8,16 @@ from flax import nnx
 
 from jaxlm import generate, model
 
-CFG = model.ModelConfig(vocab_size=61, d_model=28, n_layers=2, n_heads=6, n_kv_heads=2,
-                        head_dim=6, d_ff=44, max_seq_len=64)
+CFG = model.ModelConfig(
+    vocab_size=61,
+    d_model=28,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    head_dim=6,
+    d_ff=44,
+    max_seq_len=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def test_cached_decoding_equals_full_forward(net):
     params = nnx.to_pure_dict(state)
     prompts = [[5, 17, 3, 44, 2], [9, 1, 30]]
     new = generate.generate(graphdef, params, prompts, max_new_tokens=7, eos_id=-1)
-    for prompt, continuation in zip(prompts, new):
+    for prompt, continuation in zip(prompts, new, strict=True):
         seq = list(prompt)
         for token in continuation:
             full = net(jnp.asarray([seq]))
@@ -55,16 +63,21 @@ def test_cached_step_logits_match_full_forward_within_1e5(net):
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, 61, (1, 11)))
     full = net(tokens)
     cache = model.init_cache(CFG, jnp.ones((1, 11), jnp.int32))
-    logits, cache = net(tokens[:, :4], jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32), cache=cache)
+    logits, cache = net(
+        tokens[:, :4], jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32), cache=cache
+    )
     steps = [logits]
     for t in range(4, 11):
-        logits, cache = net(tokens[:, t:t + 1], jnp.array([[t]]), jnp.ones((1, 1), jnp.int32), cache=cache)
+        logits, cache = net(
+            tokens[:, t : t + 1], jnp.array([[t]]), jnp.ones((1, 1), jnp.int32), cache=cache
+        )
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_logits():
     import dataclasses
+
     net = model.create(dataclasses.replace(CFG, dtype="bfloat16"))
     logits = net(jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32
@@ -73,6 +86,7 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits():
 
 def test_remat_gives_the_same_gradients():
     import dataclasses
+
     tokens = jnp.asarray(np.random.RandomState(4).randint(0, 61, (2, 9)))
 
     def grads(cfg):
@@ -82,11 +96,12 @@ def test_remat_gives_the_same_gradients():
         return jax.grad(loss)(nnx.to_pure_dict(state))
 
     plain, remat = grads(CFG), grads(dataclasses.replace(CFG, remat="full"))
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_head_counts_are_one_clear_error():
     with pytest.raises(ValueError, match="n_heads=6 must be a multiple of model.n_kv_heads=4"):
-        model.ModelConfig(vocab_size=61, d_model=28, n_layers=1, n_heads=6, n_kv_heads=4,
-                          head_dim=6, d_ff=44)
+        model.ModelConfig(
+            vocab_size=61, d_model=28, n_layers=1, n_heads=6, n_kv_heads=4, head_dim=6, d_ff=44
+        )

@@ -51,13 +51,19 @@ def test_train_step_compiles_once(single_device_run):
     assert step._cache_size() == 1
 
 
-@pytest.mark.parametrize("preset,mesh_shape", [("dp", (8, 1, 1)), ("fsdp", (2, 4, 1)), ("fsdp_tp", (1, 4, 2))])
+@pytest.mark.parametrize(
+    "preset,mesh_shape", [("dp", (8, 1, 1)), ("fsdp", (2, 4, 1)), ("fsdp_tp", (1, 4, 2))]
+)
 def test_sharded_losses_equal_single_device(preset, mesh_shape, batches, single_device_run):
     setup = make_setup(preset, mesh_shape)
     state, losses, _ = run_steps(setup, batches)
     np.testing.assert_allclose(losses, single_device_run[1], rtol=1e-5)
     wq = state["params"]["blocks"][0]["attn"]["wq"].sharding.spec  # (D, H, E)
-    expected = {"dp": (None, None, None), "fsdp": ("fsdp", None, None), "fsdp_tp": ("fsdp", "tensor", None)}
+    expected = {
+        "dp": (None, None, None),
+        "fsdp": ("fsdp", None, None),
+        "fsdp_tp": ("fsdp", "tensor", None),
+    }
     assert tuple(wq) + (None,) * (3 - len(wq)) == expected[preset]
     mu = jax.tree.leaves(state["opt_state"][1][0].mu)[0]
     assert mu.sharding.spec == jax.tree.leaves(state["params"])[0].sharding.spec
@@ -67,12 +73,15 @@ def test_gradient_accumulation_equals_one_big_batch():
     big = packed_batch(8, 16, seed=5, vocab=62)
     one, _, _ = run_steps(make_setup(devices=jax.devices()[:1]), [big])
     accum, _, _ = run_steps(make_setup(devices=jax.devices()[:1], train__grad_accum=4), [big])
-    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(accum["params"])):
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(accum["params"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_indivisible_dimension_is_one_clear_error():
-    with pytest.raises(sharding.ShardingError, match=r"dimension 'kv_heads' of size 2 cannot be split over mesh axes \('tensor',\)"):
+    with pytest.raises(
+        sharding.ShardingError,
+        match=r"dimension 'kv_heads' of size 2 cannot be split over mesh axes \('tensor',\)",
+    ):
         make_setup("fsdp_tp", (1, 2, 4))
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import grain
 import numpy as np
@@ -44,7 +43,10 @@ class _ToPair(grain.transforms.Map):
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
         ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
-        return {"inputs": np.concatenate([[self.bos_id], ids[:-1]]).astype(np.int32), "targets": ids}
+        return {
+            "inputs": np.concatenate([[self.bos_id], ids[:-1]]).astype(np.int32),
+            "targets": ids,
+        }
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,10 +60,10 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _documents(manifest: dict, dataset: str, split: str, process_index: int, process_count: int):
+def _documents(manifest: dict, dataset: str, split: str, shard_index: int, shard_count: int):
     source = grain.sources.ArrayRecordDataSource(shard_paths(manifest, dataset, split))
-    # Each host reads every process_count-th document: disjoint slices, no coordination needed.
-    return grain.MapDataset.source(source)[process_index::process_count]
+    # Every shard_count-th document: disjoint slices, no coordination between readers needed.
+    return grain.MapDataset.source(source)[shard_index::shard_count]
 
 
 def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch_size: int, drop_remainder: bool):
@@ -77,19 +79,19 @@ def train_dataset(
     seq_len: int,
     batch_size: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    shard_index: int = 0,
+    shard_count: int = 1,
     weights: dict[str, float] | None = None,
     worker_count: int = 0,
 ) -> grain.IterDataset:
-    """Endless stream of host-local packed batches over a weighted mixture of datasets.
+    """Endless stream of packed batches over a weighted mixture of datasets.
 
     Args:
       manifest: from `load_manifest`.
       seq_len: L, tokens per row.
-      batch_size: rows per host-local batch.
+      batch_size: rows per batch.
       seed: shuffle seed; each dataset reshuffles every epoch.
-      process_index, process_count: this host's slice of the documents.
+      shard_index, shard_count: which slice of the documents this stream reads.
       weights: mixture weights by dataset name (default: the manifest's); normalised here.
       worker_count: grain worker processes for decoding and packing (0 = in-process).
     """
@@ -101,15 +103,62 @@ def train_dataset(
     bos = manifest["tokenizer"]["bos_id"]
     streams = []
     for i, name in enumerate(names):
-        docs = _documents(manifest, name, "train", process_index, process_count)
+        docs = _documents(manifest, name, "train", shard_index, shard_count)
         if len(docs) == 0:
-            raise ValueError(f"dataset {name!r} has no training documents on host {process_index}.")
+            raise ValueError(f"dataset {name!r} has no training documents for stream {shard_index}.")
         streams.append(docs.shuffle(seed=seed + i).repeat().map(_ToPair(bos)))
-    mixed = grain.MapDataset.mix(streams, [weights[n] for n in names]) if len(streams) > 1 else streams[0]
+    mixed = (
+        grain.MapDataset.mix(streams, [weights[n] for n in names])
+        if len(streams) > 1
+        else streams[0]
+    )
     ds = _pack_and_batch(mixed.to_iter_dataset(), seq_len, batch_size, drop_remainder=True)
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
+
+
+class HostBatches:
+    """This host's rows of the global batch: its share of `streams` independent streams.
+
+    The global batch is the row-wise concatenation of `streams` streams, each reading a disjoint
+    slice of the documents. A host reads streams `[p * k, (p + 1) * k)` for k = streams / hosts,
+    so the data a run sees depends on `streams` alone, not on how many processes read it: two
+    hosts with two streams produce exactly the batches of one host with two streams.
+    """
+
+    def __init__(self, manifest: dict, *, seq_len: int, global_batch: int, seed: int, streams: int,
+                 process_index: int, process_count: int, weights: dict[str, float] | None = None,
+                 worker_count: int = 0):
+        if streams % process_count or global_batch % streams:
+            raise ValueError(
+                f"data.streams={streams} must be a multiple of the process count ({process_count}) "
+                f"and divide train.batch_size={global_batch}."
+            )
+        per_host = streams // process_count
+        self.iterators = [
+            iter(train_dataset(manifest, seq_len=seq_len, batch_size=global_batch // streams, seed=seed,
+                               shard_index=s, shard_count=streams, weights=weights,
+                               worker_count=worker_count))
+            for s in range(process_index * per_host, (process_index + 1) * per_host)
+        ]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> list[dict]:
+        """JSON-safe states of this host's streams."""
+        return [json.loads(json.dumps(it.get_state())) for it in self.iterators]
+
+    def set_state(self, states: list[dict]) -> None:
+        if len(states) != len(self.iterators):
+            raise ValueError(f"data state has {len(states)} streams but this host reads {len(self.iterators)}.")
+        for it, state in zip(self.iterators, states, strict=True):
+            it.set_state(state)
 
 
 def eval_batches(
@@ -139,20 +188,30 @@ def eval_batches(
 
 def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
     z = np.zeros((1, seq_len), np.int32)
-    return {"inputs": z, "targets": z, "segment_ids": z, "positions": z, "loss_mask": z.astype(np.float32)}
+    return {
+        "inputs": z,
+        "targets": z,
+        "segment_ids": z,
+        "positions": z,
+        "loss_mask": z.astype(np.float32),
+    }
 
 
 def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     missing = batch_size - batch["inputs"].shape[0]
     if missing == 0:
         return batch
-    return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    return {
+        k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+        for k, v in batch.items()
+    }
 
 
-def eval_num_batches(manifest: dict, dataset: str, seq_len: int, global_batch: int, max_batches: int) -> int:
-    """Batches for a full pass over a val split (its targets = tokens + one EOS per document)."""
-    val = manifest["datasets"][dataset]["val"]
-    targets = val["tokens"] + val["documents"]
+def eval_num_batches(
+    manifest: dict, dataset: str, seq_len: int, global_batch: int, max_batches: int
+) -> int:
+    """Batches for a full pass over a val split (manifest tokens include each document's EOS)."""
+    targets = manifest["datasets"][dataset]["val"]["tokens"]
     full = math.ceil(targets / (seq_len * global_batch)) + 1  # +1: packing leaves a ragged tail
     return full if max_batches <= 0 else min(full, max_batches)
 
@@ -160,9 +219,4 @@ def eval_num_batches(manifest: dict, dataset: str, seq_len: int, global_batch: i
 def val_bytes_per_target(manifest: dict, dataset: str) -> float:
     """UTF-8 bytes of held-out text per predicted token: converts nats/token to bits/byte."""
     val = manifest["datasets"][dataset]["val"]
-    return val["bytes"] / max(val["tokens"] + val["documents"], 1)
-
-
-def iterator_state(it: Any) -> dict:
-    """JSON-safe state of a grain dataset iterator."""
-    return json.loads(json.dumps(it.get_state()))
+    return val["bytes"] / max(val["tokens"], 1)

@@ -44,7 +44,7 @@ from jaxlm.data import curate, records, sources, tokenizer
 from jaxlm.data.sources import DataError
 
 MANIFEST_VERSION = 1
-PREP_VERSION = 1  # bump when a code change alters prepared output, to invalidate old caches
+PREP_VERSION = 2  # bump when a code change alters prepared output, to invalidate old caches
 SPLITS = ("train", "val")
 WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
 

@@ -25,7 +25,10 @@ from typing import Any
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-CODE_PIECES = ["\n", "\t", " " * 4, " " * 8]  # indentation dominates code; give it whole tokens
+# Newlines and tabs always get pieces of their own. Runs of spaces are left to BPE (with
+# whitespace-only pieces allowed): sentencepiece maps spaces to "▁" before matching, so a literal
+# "    " user piece would never fire, and HF's converter would match it, breaking export parity.
+CODE_PIECES = ["\n", "\t"]
 _CHUNK_CHARS = 4000  # sentencepiece skips "sentences" longer than max_sentence_length bytes
 _MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS  # a char is at most 4 UTF-8 bytes
 

@@ -1,0 +1,660 @@
+"""Compute, memory, time and cost planner for a training config, without running it.
+
+`estimate(config, hardware="h100", chips=8, mfu=0.45)` answers the questions asked before
+renting accelerators: how many parameters (counted exactly from the model definition with
+`jax.eval_shape`), how many FLOPs, how much memory per device under the configured mesh,
+sharding preset, remat policy and micro-batch (and whether it fits), how long and how much, and
+how far the token budget is from Chinchilla's ~20 tokens per parameter. `format_table(est)`
+renders it in 80 columns; `tools/estimate.py` is the CLI; `xla_memory` compiles the real train
+step and reads XLA's own per-device numbers, to check the model against.
+
+Memory model, per device:
+- parameters fp32, split leaf by leaf exactly as `sharding.py` splits them; gradients the same
+  (twice with gradient accumulation: the running sum and the micro-batch's); optimizer state from
+  `tx.init` traced abstractly, so it follows whatever `optim.py` builds.
+- activations: what each layer keeps for the backward pass, plus the costliest transient (one
+  layer's backward, after its recomputed forward under remat, or the logits and their gradient).
+  For remat="none" the per-layer counts are XLA's, read from its buffer assignment for this model
+  (it keeps bf16 attention probabilities but re-derives fp32 ones inside the backward fusion),
+  and every layer's weights stay as multiplied (bf16 casts, FSDP-gathered copies). For "full"
+  and "dots" they are exactly what JAX saves under the policy: the block input; the projection
+  outputs. XLA:CPU hoists recomputation, so only "none" is compared with its totals (tests).
+Gradients and activations are summed as if both peaked together, erring high by at most the
+smaller of the two. The counts are XLA:CPU's; GPU and TPU compilers fuse at least as hard, so
+read activations there as an upper estimate (unmeasured: check with `--measure` on the chip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlm import metrics, optim, sharding
+from jaxlm import model as model_lib
+from jaxlm.errors import ConfigError
+
+GiB = 1024**3
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+USABLE_FRACTION = 0.9  # of HBM: headroom for XLA workspace, fragmentation and the runtime
+WIDTH = 80  # columns of the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One accelerator chip: dense bf16 peak FLOP/s and memory (HBM) per chip."""
+
+    name: str
+    peak_flops: float  # FLOP/s, dense bf16, no sparsity
+    memory_bytes: float  # HBM per chip
+    platform: str = "gpu"  # tpu | gpu | cpu: decides what attention="auto" becomes
+
+
+# Peak FLOP/s are read from metrics.PEAK_FLOPS (the trainer's MFU divides by the same numbers);
+# memory is the vendors' HBM per chip.
+HARDWARE: dict[str, Hardware] = {
+    "tpu-v4": Hardware("TPU v4", metrics.PEAK_FLOPS["tpu v4"], 32 * GiB, "tpu"),
+    "tpu-v5e": Hardware("TPU v5e", metrics.PEAK_FLOPS["tpu v5e"], 16 * GiB, "tpu"),
+    "tpu-v5p": Hardware("TPU v5p", metrics.PEAK_FLOPS["tpu v5p"], 95 * GiB, "tpu"),
+    "tpu-v6e": Hardware("TPU v6e", metrics.PEAK_FLOPS["tpu v6e"], 32 * GiB, "tpu"),
+    "a100": Hardware("A100 80GB", metrics.PEAK_FLOPS["a100"], 80 * GiB, "gpu"),
+    "h100": Hardware("H100", metrics.PEAK_FLOPS["h100"], 80 * GiB, "gpu"),
+    "h200": Hardware("H200", metrics.PEAK_FLOPS["h200"], 141 * GiB, "gpu"),
+}
+
+
+def get_hardware(name: str) -> Hardware:
+    """The preset called `name` ("h100", "tpu-v5p", "v5p" and "TPU v5p" all work)."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    key = f"tpu-{key}" if f"tpu-{key}" in HARDWARE else key
+    if key not in HARDWARE:
+        raise ConfigError(
+            f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE)}, or give peak "
+            "FLOP/s and memory per chip yourself (Hardware(...), or --hardware=custom "
+            "--peak-tflops=... --hbm-gib=...)."
+        )
+    return HARDWARE[key]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    """Exact parameter counts by kind, from the model definition."""
+
+    embedding: int  # input embedding, plus the output head when untied
+    head: int  # the untied output head (0 when tied: the embedding doubles as the head)
+    attention: int
+    mlp: int
+    norms: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.mlp + self.norms
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+def _shapes_only(model_cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
+    # Numerics do not change shapes: one trace serves every remat/dtype/attention variant.
+    return dataclasses.replace(model_cfg, remat="none", dtype="float32", attention="xla")
+
+
+def _abstract_params(model_cfg: model_lib.ModelConfig) -> tuple[dict, dict]:
+    """(pure dict of ShapeDtypeStructs, matching dict of logical axes); allocates nothing."""
+    return _abstract_params_of(_shapes_only(model_cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params_of(model_cfg: model_lib.ModelConfig) -> tuple[dict, dict]:
+    _, state = nnx.split(model_lib.abstract(model_cfg))
+    return nnx.to_pure_dict(state), model_lib.logical_axes(state)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_opt_state(tx: optax.GradientTransformation, model_cfg: model_lib.ModelConfig):
+    return jax.eval_shape(tx.init, _abstract_params_of(model_cfg)[0])
+
+
+def param_counts(model_cfg: model_lib.ModelConfig) -> ParamCounts:
+    """Counts every parameter of the model `model_cfg` describes, by kind."""
+    params, _ = _abstract_params(model_cfg)
+    kinds = dict.fromkeys(("embedding", "head", "attention", "mlp", "norms"), 0)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        n = math.prod(leaf.shape)
+        if any("norm" in k for k in keys):
+            kinds["norms"] += n
+        elif keys[0] in ("embed", "lm_head"):
+            kinds["embedding"] += n
+            kinds["head"] += n if keys[0] == "lm_head" else 0
+        elif "attn" in keys or "mlp" in keys:
+            kinds["attention" if "attn" in keys else "mlp"] += n
+        else:
+            raise ValueError(f"parameter {'/'.join(keys)} has no kind; teach param_counts it.")
+    return ParamCounts(**kinds)
+
+
+def training_flops_6nd(n_params: float, tokens: float) -> float:
+    """The classic 6ND estimate of training compute (2N forward + 4N backward per token)."""
+    return 6.0 * n_params * tokens
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a step is laid out on the devices: the knobs the suggestions turn."""
+
+    preset: str  # dp | fsdp | fsdp_tp
+    mesh_shape: dict[str, int]  # resolved (data, fsdp, tensor) sizes
+    batch_size: int  # global sequences per optimizer step
+    grad_accum: int
+    seq_len: int
+
+    @property
+    def batch_shards(self) -> int:
+        return self.mesh_shape["data"] * self.mesh_shape["fsdp"]
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per device per micro-batch (rounded up when the split is uneven)."""
+        return max(math.ceil(self.batch_size / (self.grad_accum * self.batch_shards)), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per device during one train step."""
+
+    params: float
+    grads: float
+    opt_state: float
+    activations: float  # the parts below, plus the batch and the final norm
+    saved_per_layer: float  # what one layer keeps for its backward pass
+    weights_kept: float  # weights as multiplied, kept for the backward (remat="none")
+    working: float  # costliest transient: one layer's backward, or the logits
+    working_kind: str  # "layer backward" | "logits"
+    attention_scores: float  # L x L tensors in a layer's backward (0 with cudnn)
+    micro_batch: int  # sequences per device per micro-batch
+    budget: float  # usable HBM per chip
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.opt_state + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+
+def state_bytes(
+    model_cfg: model_lib.ModelConfig, tx: optax.GradientTransformation, layout: Layout
+) -> tuple[float, float]:
+    """(parameter bytes, optimizer-state bytes) per device under the layout's preset."""
+    params, axes = _abstract_params(model_cfg)
+    rules = sharding.rules_for(layout.preset)
+
+    def local_fraction(logical: tuple, p: jax.ShapeDtypeStruct) -> float:
+        local = 1  # uneven splits round up, as padding would
+        for dim, mesh_axes in zip(p.shape, sharding.logical_to_spec(logical, rules), strict=True):
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+            local *= math.ceil(dim / math.prod(layout.mesh_shape[a] for a in names))
+        return local / max(math.prod(p.shape), 1)
+
+    frac = jax.tree.map(local_fraction, axes, params, is_leaf=lambda x: isinstance(x, tuple))
+    nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize  # noqa: E731
+    param_bytes = sum(jax.tree.leaves(jax.tree.map(lambda p, f: nbytes(p) * f, params, frac)))
+    # Moments are split like their parameter (as train.Setup does); counters are replicated.
+    opt_state = _abstract_opt_state(tx, _shapes_only(model_cfg))
+    opt = optax.tree_map_params(
+        tx, lambda s, f: nbytes(s) * f, opt_state, frac, transform_non_params=nbytes
+    )
+    return float(param_bytes), float(sum(jax.tree.leaves(opt)))
+
+
+# What one layer keeps for its backward pass with remat="none": bytes per token per unit of each
+# width (D, F, H*E, K*E, and H*S for attention probabilities), by compute-dtype bytes. Read from
+# XLA's buffer assignment: fp32 keeps 11 D-, 6 F-, 2 H*E- and 2 K*E-sized tensors; bf16 keeps
+# fewer D-sized ones (in fp32), but also fp32 probabilities and their bf16 copy.
+_SAVED_NONE = {
+    4: {"D": 11 * 4, "F": 6 * 4, "HE": 2 * 4, "KE": 2 * 4, "HS": 0},
+    2: {"D": 4 * 4, "F": 4 * 2 + 4, "HE": 2 * 2, "KE": 4 + 2, "HS": 4 + 2},
+}
+
+
+def memory(
+    m: model_lib.ModelConfig, tx: optax.GradientTransformation, layout: Layout, budget: float
+) -> Memory:
+    """Per-device memory of one train step of model `m` (attention resolved: xla | cudnn)."""
+    tensor = layout.mesh_shape["tensor"] if layout.preset == "fsdp_tp" else 1
+    params, opt = state_bytes(m, tx, layout)
+    a = jnp.dtype(m.dtype).itemsize
+    tokens = layout.micro_batch * layout.seq_len
+    heads, kv_heads = m.n_heads / tensor, max(m.n_kv_heads / tensor, 1)
+    w = {"D": m.d_model, "F": m.d_ff / tensor, "HE": heads * m.head_dim}
+    w |= {"KE": kv_heads * m.head_dim, "HS": heads * layout.seq_len if m.attention == "xla" else 0}
+    none_layer = tokens * sum(w[k] * c for k, c in _SAVED_NONE[4 if a == 4 else 2].items())
+    if m.remat == "none":
+        saved = none_layer
+    elif m.remat == "full":  # the block input only
+        saved = tokens * m.d_model * a
+    else:  # dots: q, k, v, gate, up, and the two D-sized projection outputs
+        saved = tokens * a * (2 * w["D"] + 2 * w["F"] + w["HE"] + 2 * w["KE"])
+    scores = 2 * tokens * w["HS"] * 4  # one layer's fp32 scores and probabilities
+    layer_backward = scores + tokens * 4 * (2 * w["D"] + 2 * w["F"])
+    if m.remat != "none":
+        layer_backward += none_layer  # the layer's forward is recomputed first
+    logits = tokens * m.vocab_size / tensor * (4 + 4 + a)  # logits, fp32 copy, fp32 gradient
+    weights = 0.0
+    sharded = layout.preset != "dp" and layout.mesh_shape["fsdp"] * tensor > 1
+    if m.remat == "none" and (a != 4 or sharded):  # bf16 casts or gathered copies, all layers
+        per_layer = 2 * m.d_model * (m.n_heads + m.n_kv_heads) * m.head_dim + 3 * m.d_model * m.d_ff
+        weights = (m.n_layers * per_layer + m.vocab_size * m.d_model) * a / tensor
+    working = max(logits, layer_backward)
+    batch = tokens * layout.grad_accum * 5 * 4  # four int32 fields and the fp32 loss mask
+    final_norm = 2 * tokens * m.d_model * 4
+    return Memory(
+        params=params,
+        grads=params * (2 if layout.grad_accum > 1 else 1),
+        opt_state=opt,
+        activations=m.n_layers * saved + weights + working + final_norm + batch,
+        saved_per_layer=saved,
+        weights_kept=weights,
+        working=working,
+        working_kind="logits" if logits > layer_backward else "layer backward",
+        attention_scores=0.0 if logits > layer_backward else scores,
+        micro_batch=layout.micro_batch,
+        budget=budget,
+    )
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Everything `format_table` prints; every number is here for notebooks too."""
+
+    name: str
+    model: model_lib.ModelConfig  # attention resolved for the hardware
+    params: ParamCounts
+    hardware: Hardware
+    chips: int
+    layout: Layout
+    tokens: float  # training tokens
+    flops_per_token: float  # model FLOPs (matmul weights + attention): what MFU divides by
+    attention_flops_per_token: float
+    memory: Memory
+    mfu: float
+    price_per_chip_hour: float | None
+    suggestions: tuple[str, ...] = ()
+
+    @property
+    def train_flops(self) -> float:
+        """Model FLOPs of the whole run (per-token model FLOPs x tokens)."""
+        return self.flops_per_token * self.tokens
+
+    @property
+    def train_flops_6nd(self) -> float:
+        return training_flops_6nd(self.params.total, self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.chips * self.hardware.peak_flops * self.mfu / self.flops_per_token
+
+    @property
+    def seconds(self) -> float:
+        return self.tokens / self.tokens_per_second
+
+    @property
+    def chip_hours(self) -> float:
+        return self.chips * self.seconds / 3600
+
+    @property
+    def cost(self) -> float | None:
+        price = self.price_per_chip_hour
+        return None if price is None else self.chip_hours * price
+
+    @property
+    def chinchilla_tokens(self) -> float:
+        """Compute-optimal tokens for this model size (~20 per parameter)."""
+        return CHINCHILLA_TOKENS_PER_PARAM * self.params.total
+
+    @property
+    def chinchilla_params(self) -> float:
+        """Compute-optimal model size for this run's 6ND budget (C = 6 N x 20 N)."""
+        return math.sqrt(self.train_flops_6nd / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+
+
+def _check(chips: Any, mfu: Any, price: Any, tokens: Any, hw: Hardware) -> None:
+    if isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0:
+        raise ConfigError(f"chips must be a positive whole number, not {chips!r}.")
+    if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
+        raise ConfigError(f"mfu must be a fraction in (0, 1], such as 0.45, not {mfu!r}.")
+    if price is not None and not price >= 0:
+        raise ConfigError(f"the price per chip-hour must not be negative, not {price!r}.")
+    if tokens is not None and not tokens > 0:
+        raise ConfigError(f"tokens must be a positive count, not {tokens!r}.")
+    if not (hw.peak_flops > 0 and hw.memory_bytes > 0):
+        raise ConfigError(f"hardware {hw.name!r} needs a positive peak FLOP/s and memory.")
+
+
+def default_chips(config: Any) -> int:
+    """The mesh's size when config.mesh.shape is fixed, else 8 (one host)."""
+    shape = tuple(config.mesh.shape)
+    return math.prod(shape) if all(s > 0 for s in shape) else 8
+
+
+def estimate(
+    config: Any,
+    hardware: str | Hardware = "h100",
+    chips: int | None = None,
+    mfu: float = 0.4,
+    price_per_chip_hour: float | None = None,
+    tokens: float | None = None,
+    vocab_size: int | None = None,
+) -> Estimate:
+    """Parameters, FLOPs, memory per device, time, cost and a Chinchilla check for `config`.
+
+    Args:
+      config: a recipe's ConfigDict (configs/*.py `get_config()`).
+      hardware: a preset name (see HARDWARE) or a `Hardware` with your own numbers.
+      chips: accelerator chips in the run; default `default_chips(config)`.
+      mfu: model-FLOPs utilisation to assume, a fraction in (0, 1].
+      price_per_chip_hour: dollars per chip-hour, for the cost line (None: no cost).
+      tokens: training tokens; default train.steps x train.batch_size x train.seq_len.
+      vocab_size: default config.tokenizer.vocab_size.
+    Raises:
+      ConfigError: unknown hardware, MFU outside (0, 1], chips <= 0, a mesh that cannot be built.
+    """
+    hw = hardware if isinstance(hardware, Hardware) else get_hardware(hardware)
+    chips = default_chips(config) if chips is None else chips
+    _check(chips, mfu, price_per_chip_hour, tokens, hw)
+    t = config.train
+    m = model_lib.ModelConfig.from_config(
+        config.model, int(vocab_size or config.tokenizer.vocab_size)
+    )
+    if config.model.attention == "auto":  # what the trainer picks on that platform
+        m = dataclasses.replace(m, attention="cudnn" if hw.platform == "gpu" else "xla")
+    shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
+    layout = Layout(
+        config.mesh.preset,
+        dict(zip(sharding.MESH_AXES, shape, strict=True)),
+        t.batch_size,
+        t.grad_accum,
+        t.seq_len,
+    )
+    tx, _ = optim.make_optimizer(config.optim, max(int(t.steps), 1))
+    counts = param_counts(m)
+    per_token = metrics.flops_per_token(
+        counts.non_embedding, m.n_layers, m.n_heads, m.head_dim, t.seq_len, m.vocab_size, m.d_model
+    )
+    est = Estimate(
+        name=config.get("name", "config"),
+        model=m,
+        params=counts,
+        hardware=hw,
+        chips=chips,
+        layout=layout,
+        tokens=float(tokens if tokens is not None else t.steps * t.batch_size * t.seq_len),
+        flops_per_token=per_token,
+        attention_flops_per_token=6.0 * m.n_layers * m.n_heads * m.head_dim * t.seq_len,
+        memory=memory(m, tx, layout, hw.memory_bytes * USABLE_FRACTION),
+        mfu=float(mfu),
+        price_per_chip_hour=price_per_chip_hour,
+    )
+    return dataclasses.replace(est, suggestions=tuple(suggest(est, tx)))
+
+
+# --------------------------------------------------------------------------- suggestions
+
+
+def suggest(est: Estimate, tx: optax.GradientTransformation) -> list[str]:
+    """Config changes that would make the step fit (each with its new total), or none needed."""
+    mem, lay, m = est.memory, est.layout, est.model
+    notes = []
+    if lay.batch_size % (lay.grad_accum * lay.batch_shards):
+        notes.append(
+            f"train.batch_size={lay.batch_size} does not split over {lay.batch_shards} batch "
+            f"shards x grad_accum {lay.grad_accum}; the trainer refuses it: use a multiple of "
+            f"{lay.batch_shards * lay.grad_accum}."
+        )
+    if mem.fits:
+        return notes + [
+            f"none needed: {_bytes(mem.budget - mem.total)} to spare of the usable "
+            f"{_bytes(mem.budget)} ({USABLE_FRACTION:.0%} of HBM)."
+        ]
+
+    fsdp = {
+        "preset": "fsdp" if lay.preset == "dp" else lay.preset,
+        "mesh_shape": dict(lay.mesh_shape, data=1, fsdp=lay.batch_shards),
+    }
+    full = dataclasses.replace(m, remat="full")
+    accum = _grad_accum_to_fit(m, tx, lay, mem.budget)
+    trials = []  # (label, model, layout changes)
+    if m.remat != "full":
+        trials.append(("model.remat=full", full, {}))
+    if accum:
+        micro = f"micro-batch {lay.batch_size // (accum * lay.batch_shards)}"
+        trials.append((f"train.grad_accum={accum} ({micro})", m, {"grad_accum": accum}))
+    if m.attention == "xla" and est.hardware.platform == "gpu" and mem.attention_scores:
+        cudnn = dataclasses.replace(m, attention="cudnn")
+        trials.append(("model.attention=cudnn (flash attention)", cudnn, {}))
+    if m.dtype == "float32":
+        trials.append(("model.dtype=bfloat16", dataclasses.replace(m, dtype="bfloat16"), {}))
+    if lay.preset == "dp" or lay.mesh_shape["data"] > 1:
+        label = f"mesh.preset={fsdp['preset']} mesh.shape=(1,-1,{lay.mesh_shape['tensor']})"
+        trials.append((label, m, fsdp))
+    if mem.micro_batch == 1 and lay.seq_len > 1:  # one sequence is already too much
+        trials.append((f"train.seq_len={lay.seq_len // 2}", m, {"seq_len": lay.seq_len // 2}))
+    if len(trials) > 1:  # everything at once, micro-batch 1
+        most = lay.batch_size // lay.batch_shards or 1
+        both = dataclasses.replace(full, dtype="bfloat16")
+        trials.append((f"all of these, grad_accum={most}", both, {**fsdp, "grad_accum": most}))
+    results = [
+        (label, memory(mc, tx, dataclasses.replace(lay, **ch), mem.budget))
+        for label, mc, ch in trials
+    ]
+    lines = [
+        f"{label:<44} -> {_bytes(r.total):>9} {'fits' if r.fits else 'too big'}"
+        for label, r in results
+    ]
+    if not any(r.fits for _, r in results):
+        chips = _chips_to_fit(est, tx, full)
+        lines.append(
+            f"--chips={chips} fits with remat=full, fsdp and micro-batch 1."
+            if chips
+            else "no chip count fits one sequence's activations: shorten train.seq_len."
+        )
+    return notes + lines
+
+
+def _grad_accum_to_fit(m, tx, lay: Layout, budget: float) -> int | None:
+    """Smallest grad_accum above the current one that fits (else micro-batch 1), or None."""
+    candidates = [
+        k
+        for k in range(lay.grad_accum + 1, lay.batch_size // lay.batch_shards + 1)
+        if lay.batch_size % (k * lay.batch_shards) == 0
+    ]
+    for k in candidates:
+        if memory(m, tx, dataclasses.replace(lay, grad_accum=k), budget).fits:
+            return k
+    return candidates[-1] if candidates else None
+
+
+def _chips_to_fit(est: Estimate, tx: optax.GradientTransformation, m: model_lib.ModelConfig):
+    """Fewest chips (doubling) at which all-FSDP with micro-batch 1 fits, or None."""
+    lay, chips = est.layout, est.chips * 2
+    while chips <= 65536:
+        tensor = lay.mesh_shape["tensor"]
+        trial = dataclasses.replace(
+            lay,
+            preset="fsdp" if lay.preset == "dp" else lay.preset,
+            grad_accum=max(lay.batch_size // (chips // tensor), 1),
+            mesh_shape={"data": 1, "fsdp": chips // tensor, "tensor": tensor},
+        )
+        if memory(m, tx, trial, est.memory.budget).fits:
+            return chips
+        chips *= 2
+    return None
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _human(n: float, units: tuple[tuple[str, float], ...]) -> str:
+    for unit, size in units:
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 1000 else f"{n / size:,.0f} {unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    return _human(n, (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024), ("B", 1)))
+
+
+def _count(n: float) -> str:
+    return _human(n, (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)))
+
+
+def _sci(x: float) -> str:
+    """Three significant digits and a bare exponent: 3.15e23."""
+    mantissa, _, exponent = f"{x:.2e}".partition("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def format_table(est: Estimate) -> str:
+    """The estimate as a plain-text table no wider than 80 columns."""
+    m, p, mem, lay, hw = est.model, est.params, est.memory, est.layout, est.hardware
+    mesh = " x ".join(f"{k} {v}" for k, v in lay.mesh_shape.items())
+    row = lambda label, value, note="": f"  {label:<24}{value:>16}  {note}".rstrip()  # noqa: E731
+    heads = f"{m.n_heads} q / {m.n_kv_heads} kv heads x {m.head_dim}"
+    head = f"input {_count(p.embedding - p.head)} + head {_count(p.head)}" if p.head else "tied"
+    steps = f"{est.tokens / (lay.batch_size * lay.seq_len):,.0f} steps"
+    fit = f"{mem.total / hw.memory_bytes:.0%} of {_bytes(hw.memory_bytes)} HBM: " + (
+        "fits" if mem.fits else "DOES NOT FIT"
+    )
+    scores = f", L x L scores {_bytes(mem.attention_scores)}" if mem.attention_scores else ""
+    step_time = _duration(lay.batch_size * lay.seq_len / est.tokens_per_second)
+    lines = [
+        f"{est.name}: {est.chips} x {hw.name}, mesh {mesh} ({lay.preset})",
+        "=" * WIDTH,
+        "Model",
+        row("parameters", _count(p.total), f"{p.total:,}"),
+        row("  embeddings", _count(p.embedding), head),
+        row("  attention", _count(p.attention), heads),
+        row("  MLP", _count(p.mlp), f"SwiGLU {m.d_model} -> {m.d_ff}"),
+        row("  norms", _count(p.norms)),
+        row("shape", f"{m.n_layers} layers", f"d_model {m.d_model}, vocab {m.vocab_size:,}"),
+        "Compute",
+        row("FLOPs/token, 6N", _sci(6 * p.total), "N = all parameters"),
+        row("FLOPs/token, model", _sci(est.flops_per_token), "6 x matmul weights + attention"),
+        row("  of which attention", _sci(est.attention_flops_per_token), "6 x layers x H x E x L"),
+        row("training tokens", _sci(est.tokens), f"{steps} x {lay.batch_size:,} x {lay.seq_len:,}"),
+        row("training FLOPs, 6ND", _sci(est.train_flops_6nd)),
+        row("training FLOPs, model", _sci(est.train_flops), "what MFU is measured against"),
+        f"Memory per device   micro-batch {mem.micro_batch} x {lay.seq_len:,}, "
+        f"remat {m.remat}, {m.dtype}, {m.attention} attention",
+        row("parameters", _bytes(mem.params), "fp32"),
+        row("gradients", _bytes(mem.grads), "+ accumulator" if lay.grad_accum > 1 else "fp32"),
+        row("optimizer state", _bytes(mem.opt_state), "AdamW moments, fp32"),
+        row("activations", _bytes(mem.activations)),
+        row("  saved by each layer", _bytes(mem.saved_per_layer), f"x {m.n_layers} layers"),
+    ]
+    if mem.weights_kept:
+        lines.append(row("  weights kept for bwd", _bytes(mem.weights_kept), "casts, gathers"))
+    lines += [
+        row("  working set", _bytes(mem.working), f"{mem.working_kind}{scores}"),
+        row("total", _bytes(mem.total), fit),
+        f"Time & cost   MFU {est.mfu:.0%} of {hw.peak_flops / 1e12:,.0f} TFLOP/s per chip",
+        row("throughput", f"{_count(est.tokens_per_second)} tok/s", f"{step_time} per step"),
+        row("wall time", _duration(est.seconds)),
+        row(
+            "chip-hours",
+            f"{est.chip_hours:,.0f}" if est.chip_hours >= 10 else f"{est.chip_hours:.2g}",
+        ),
+    ]
+    if est.cost is not None:
+        cost = f"${est.cost:,.0f}" if est.cost >= 100 else f"${est.cost:.2f}"
+        lines.append(row("cost", cost, f"at ${est.price_per_chip_hour:g} per chip-hour"))
+    lines += [
+        "Chinchilla   compute-optimal at ~20 tokens per parameter",
+        row("optimal tokens", _sci(est.chinchilla_tokens), f"20 x {_count(p.total)} parameters"),
+        row(
+            "this run",
+            f"{est.tokens / est.chinchilla_tokens:.2f}x",
+            f"{est.tokens / p.total:,.1f} tokens per parameter",
+        ),
+        row(
+            "optimal size, budget",
+            _count(est.chinchilla_params),
+            f"for {_sci(est.train_flops_6nd)} FLOPs (6ND)",
+        ),
+        "Suggestions",
+    ]
+    lines = [line[:WIDTH] for line in lines]
+    for s in est.suggestions:
+        lines += textwrap.wrap(s, WIDTH, initial_indent="  - ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- XLA's own numbers
+
+
+def xla_memory(
+    config: Any, vocab_size: int | None = None, devices: Sequence[jax.Device] | None = None
+) -> dict[str, float]:
+    """Per-device bytes XLA assigns to the compiled train step of `config` on `devices`.
+
+    Compiles (never runs) `train.Setup`'s step on abstract inputs. On CPU it asks for XLA's
+    memory-optimised scheduler: the default one orders work for concurrency and lets buffers
+    pile up that a memory-aware GPU or TPU scheduler would free.
+
+    Returns:
+      arguments, outputs, aliased, temp and total bytes; total = arguments + outputs - aliased
+      (the donated state is updated in place) + temp.
+    """
+    from jaxlm import train  # pulls in the data pipeline: only needed when measuring
+
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    setup = train.Setup(config, int(vocab_size or config.tokenizer.vocab_size), mesh)
+    rows = sharding.batch_sharding(mesh)
+    shape = (config.train.batch_size, config.train.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
+        for k in ("inputs", "targets", "segment_ids", "positions")
+    }
+    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows)
+    with sharding.use(mesh, setup.rules):
+        lowered = setup.jit_train_step().lower(setup.abstract_state, batch)
+    cpu = devices[0].platform == "cpu"
+    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if cpu else None
+    stats = lowered.compile(compiler_options=options).memory_analysis()
+    out = {
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+    }
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+    return {k: float(v) for k, v in out.items()}

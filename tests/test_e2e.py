@@ -1,0 +1,278 @@
+"""End-to-end runs of `python -m jaxlm.main` in subprocesses, on real standard-library text.
+
+Covers the run directory, automatic resume, bitwise-exact resume after SIGKILL, SIGTERM
+preemption, corrupt-checkpoint fallback, NaN/spike rollback, and clear one-line errors.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STDLIB = sysconfig.get_paths()["stdlib"]
+pytestmark = pytest.mark.slow
+
+CONFIG_TEMPLATE = """
+from configs import tiny
+
+
+def get_config():
+    c = tiny.get_config()
+    c.name = "e2e"
+    c.data.manifest = {manifest!r}
+    c.model.d_model = 32
+    c.model.n_layers = 2
+    c.model.n_heads = 4
+    c.model.n_kv_heads = 2
+    c.model.head_dim = 8
+    c.model.d_ff = 64
+    c.model.max_seq_len = 64
+    c.train.seq_len = 64
+    c.train.batch_size = 4
+    c.train.steps = 12
+    c.train.log_every = 1
+    c.optim.warmup_steps = 2
+    c.eval.every = 0
+    c.eval.max_batches = 2
+    c.eval.next_line_examples = 16
+    c.checkpoint.every = 4
+    c.sample.max_tokens = 8
+    return c
+"""
+
+
+@pytest.fixture(scope="session")
+def config_file(tmp_path_factory):
+    """Prepares a small real corpus once and writes a config file that trains on it."""
+    from configs import tiny
+    from jaxlm.data import prepare
+
+    root = tmp_path_factory.mktemp("e2e")
+    config = tiny.get_config()
+    config.data.cache_dir = str(root / "cache")
+    config.data.datasets.stdlib.paths = ",".join(
+        os.path.join(STDLIB, d) for d in ("json", "email", "logging", "collections")
+    )
+    config.data.val_fraction = 0.1
+    config.tokenizer.vocab_size = 640
+    manifest = prepare.prepare(config.data, config.tokenizer)
+    path = root / "e2e_config.py"
+    path.write_text(CONFIG_TEMPLATE.format(manifest=manifest))
+    return str(path)
+
+
+def command(config_file, workdir, *overrides):
+    return [sys.executable, "-m", "jaxlm.main", f"--config={config_file}", f"--workdir={workdir}",
+            *overrides]
+
+
+def run(config_file, workdir, *overrides, check=True, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run(command(config_file, workdir, *overrides), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start(config_file, workdir, *overrides, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(command(config_file, workdir, *overrides), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def losses(workdir):
+    """{step: train loss} from metrics.jsonl (one line per step after a resume trims it)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/loss" in row:
+                assert row["step"] not in out, f"step {row['step']} logged twice"
+                out[row["step"]] = row["train/loss"]
+    return out
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path) and any(s >= step for s in losses(workdir)):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def final_params(workdir, step):
+    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return restored["params"]
+
+
+def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir = str(tmp_path / "run")
+    first = run(config_file, workdir, "--config.train.steps=8")
+    assert "final held-out:" in first.stdout and "sample (KV-cache decoding)" in first.stdout
+    for name in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints/4", "checkpoints/8"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert sorted(losses(workdir)) == list(range(1, 9))
+
+    events = EventAccumulator(os.path.join(workdir, "tb"))
+    events.Reload()
+    tb_losses = [e.value for e in events.Scalars("train/loss")]
+    np.testing.assert_allclose(tb_losses, [losses(workdir)[s] for s in range(1, 9)], rtol=1e-6)
+    assert "eval/bits_per_byte" in events.Tags()["scalars"]
+    assert "eval/next_line/accuracy" in events.Tags()["scalars"]
+
+    second = run(config_file, workdir, "--config.train.steps=12")
+    assert "resuming from checkpoint at step 8" in second.stdout
+    assert sorted(losses(workdir)) == list(range(1, 13))
+
+
+def test_sigkill_then_restart_is_bitwise_identical(config_file, tmp_path):
+    reference = str(tmp_path / "reference")
+    run(config_file, reference)
+
+    killed = str(tmp_path / "killed")
+    kill_at = random.Random().randint(5, 7)  # after the checkpoint at 4, before the one at 8
+    proc = start(config_file, killed)
+    wait_for_step(killed, kill_at, proc)
+    while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):  # async save finalised
+        assert proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    restarted = run(config_file, killed)
+    resumed_at = int(restarted.stdout.split("resuming from checkpoint at step ")[1].split()[0])
+    assert resumed_at in (4, 8)
+
+    a, b = losses(reference), losses(killed)
+    assert sorted(b) == list(range(1, 13))
+    assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # exact, not approximate
+    pa, pb = final_params(reference, 12), final_params(killed, 12)
+    for x, y in zip(jax_leaves(pa), jax_leaves(pb), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(config_file, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    proc = start(config_file, workdir, "--config.train.steps=100000", "--config.checkpoint.every=1000")
+    wait_for_step(workdir, 3, proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert time.time() - t0 < 30
+    line = next(l for l in stdout.splitlines() if l.startswith("stopped by SIGTERM at step"))
+    step = int(line.split("at step ")[1].split(":")[0])
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step), "state"))
+    resumed = run(config_file, workdir, f"--config.train.steps={step + 2}", "--config.checkpoint.every=1000")
+    assert f"resuming from checkpoint at step {step}" in resumed.stdout
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(config_file, tmp_path):
+    workdir = str(tmp_path / "corrupt")
+    run(config_file, workdir, "--config.train.steps=8")
+    state_dir = os.path.join(workdir, "checkpoints", "8", "state")
+    victims = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs if "ocdbt" in r or f.startswith("d")]
+    for path in victims:
+        with open(path, "r+b") as f:
+            f.truncate(max(os.path.getsize(path) // 3, 1))
+    resumed = run(config_file, workdir, "--config.train.steps=10")
+    assert "resuming from checkpoint at step 4" in resumed.stdout
+    assert "checkpoint at step 8 is unreadable" in resumed.stderr
+
+    for step in os.listdir(os.path.join(workdir, "checkpoints")):
+        if step.isdigit():
+            for r, _, fs in os.walk(os.path.join(workdir, "checkpoints", step, "state")):
+                for f in fs:
+                    os.remove(os.path.join(r, f))
+    failed = run(config_file, workdir, "--config.train.steps=12", check=False)
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: every checkpoint in")
+    assert "Traceback" not in failed.stderr
+
+
+def test_repeated_bad_steps_roll_back_then_give_up(config_file, tmp_path):
+    workdir = str(tmp_path / "rollback")
+    ok = run(config_file, workdir, "--config.train.inject_nan_at=(6,7,8)", "--config.train.max_bad_steps=3")
+    assert "rollback: steps [6, 7, 8] were skipped in a row; back to step 4" in ok.stdout
+    skipped = {s: r for s, r in ((json.loads(l)["step"], json.loads(l)) for l in open(os.path.join(workdir, "metrics.jsonl")))}
+    assert skipped[12]["train/skipped"] == 0
+
+    hopeless = run(config_file, str(tmp_path / "hopeless"), "--config.train.inject_nan_at=(2,3,4,5,6,7,8,9,10,11)",
+                   "--config.train.max_bad_steps=2", "--config.train.max_rollbacks=1", check=False)
+    assert hopeless.returncode != 0
+    assert "error: training keeps failing" in hopeless.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--config.train.stepz=3"], 'error: bad --config override: '),
+        (["--config.data.manifest=/no/such/manifest.json"], "error: data.manifest='/no/such/manifest.json' does not exist."),
+        (["--config.data.manifest=", "--config.data.datasets.stdlib.paths=/no/such/dir/*.txt"], "error: "),
+    ],
+)
+def test_bad_input_is_one_clear_line(config_file, tmp_path, overrides, message):
+    failed = run(config_file, str(tmp_path / "bad"), *overrides, check=False)
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines()[-1].startswith(message), failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr
+
+
+def test_unwritable_workdir_is_one_clear_line(config_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    failed = run(config_file, str(blocker / "run"), check=False)
+    assert failed.returncode != 0
+    assert "cannot be written" in failed.stderr.strip().splitlines()[-1]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(config_file, tmp_path):
+    common = ["--config.train.steps=6", "--config.checkpoint.every=3", "--config.data.streams=2",
+              "--config.mesh.shape=(1,-1,1)"]
+    single = str(tmp_path / "single")
+    run(config_file, single, *common, devices=8)
+
+    multi = str(tmp_path / "multi")
+    port = free_port()
+    procs = [
+        start(config_file, multi, *common, f"--config.mesh.coordinator=127.0.0.1:{port}",
+              "--config.mesh.num_processes=2", f"--config.mesh.process_id={i}", devices=4)
+        for i in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = losses(single), losses(multi)
+    assert sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
+
+    resumed = run(config_file, multi, *common[1:], "--config.train.steps=8", devices=8)
+    assert "resuming from checkpoint at step 6" in resumed.stdout

@@ -1,0 +1,179 @@
+"""Training-step benchmark: tokens/s, step time, MFU, memory, time split, checkpoint stall.
+
+    python tools/bench.py --config=configs/tiny.py [--steps=20] [--checkpoint_every=5]
+
+Runs the real jitted train step of a config on synthetic packed batches (no data preparation),
+so the number is the model's, not the loader's. MFU is model FLOPs (6N + causal attention, see
+`jaxlm.metrics.flops_per_token`) per second over the devices' peak: the vendor bf16 peak on
+GPU/TPU, and on CPU the fp32 rate of a large jitted matmul timed in the same run.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxlm import checkpoint, metrics, sharding, train  # noqa: E402
+from jaxlm.errors import JaxlmError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after compile and 2 warm-up steps).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size; 0 = config.tokenizer.vocab_size.")
+_CKPT = flags.DEFINE_integer("checkpoint_every", 0, "Also save async checkpoints every N steps.")
+_SPLIT = flags.DEFINE_bool("split", True, "Also time forward and forward+backward alone.")
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens laid out as packed rows of two documents each (the real batch contract)."""
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+    half = seq_len // 2
+    segment_ids = np.concatenate([np.ones((batch, half)), 2 * np.ones((batch, seq_len - half))], 1)
+    positions = np.concatenate([np.arange(half), np.arange(seq_len - half)])[None].repeat(batch, 0)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": np.ones((batch, seq_len), np.float32),
+    }
+
+
+def cpu_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large fp32 matmul on this host: the CPU's practical peak."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return 2 * n**3 / best
+
+
+def time_calls(fn, args, steps: int) -> float:
+    """Seconds per call of `fn(*args)` over `steps` calls, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench(config, steps: int, vocab: int, checkpoint_every: int, split: bool) -> dict[str, float]:
+    mesh = sharding.make_mesh(config.mesh.shape)
+    setup = train.Setup(config, vocab, mesh)
+    B, L = config.train.batch_size, config.train.seq_len
+    host = synthetic_batch(B, L, vocab)
+    results = {"params_m": setup.n_params / 1e6, "devices": jax.device_count()}
+    with sharding.use(mesh, setup.rules):
+        batch = sharding.host_to_global(host, mesh)
+        state = setup.init_state()
+        step = setup.jit_train_step()
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        results["compile_s"] = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            results["compiled_memory_gb"] = (
+                mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                + mem.temp_size_in_bytes
+            ) / 1e9
+        for _ in range(2):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+
+        ckpt = None
+        if checkpoint_every:
+            ckpt = checkpoint.Checkpointer(tempfile.mkdtemp(prefix="jaxlm-bench-"), config.checkpoint)
+        stall = 0.0
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            state, m = step(state, batch)
+            if ckpt is not None and i % checkpoint_every == 0:
+                jax.block_until_ready(state)  # the step itself is not the checkpoint's cost
+                s0 = time.perf_counter()
+                ckpt.save(i, state, {"bench": i}, {})
+                stall += time.perf_counter() - s0
+        jax.block_until_ready(m)
+        elapsed = time.perf_counter() - t0
+        if ckpt is not None:
+            s0 = time.perf_counter()
+            ckpt.wait()  # a run also waits for its final save; count it
+            stall += time.perf_counter() - s0
+            ckpt.close()
+            results["checkpoint_stall_pct"] = 100 * stall / elapsed
+
+        step_time = (elapsed - stall) / steps
+        results["step_time_s"] = step_time
+        results["tokens_per_s"] = B * L / step_time
+        flops = setup.flops_per_token(L) * B * L
+        results["model_tflops_per_s"] = flops / step_time / 1e12
+
+        if split:
+            params = state["params"]
+            forward = jax.jit(lambda p, b: train.loss_sums(setup.graphdef, p, b))
+            grad = jax.jit(jax.grad(lambda p, b: train.loss_sums(setup.graphdef, p, b)[0]))
+            results["forward_s"] = time_calls(forward, (params, batch), steps)
+            results["forward_backward_s"] = time_calls(grad, (params, batch), steps)
+
+    peak = metrics.peak_flops_per_device()
+    if peak is None:
+        peak = cpu_matmul_peak()
+        results["peak_source"] = "measured fp32 matmul"
+    else:
+        results["peak_source"] = f"{jax.devices()[0].device_kind} bf16 data sheet"
+    results["peak_tflops_per_s"] = peak * jax.device_count() / 1e12
+    results["mfu_pct"] = 100 * flops / step_time / (peak * jax.device_count())
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        results["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+    return results
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    vocab = _VOCAB.value or config.tokenizer.vocab_size
+    try:
+        r = bench(config, _STEPS.value, vocab, _CKPT.value, _SPLIT.value)
+    except JaxlmError as e:
+        sys.exit(f"error: {e}")
+    print(f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
+          f"{config.train.seq_len}, {r['devices']} {jax.devices()[0].platform} device(s), "
+          f"dtype {config.model.dtype}, remat {config.model.remat}")
+    print(f"compile            {r['compile_s']:8.2f} s")
+    print(f"step time          {r['step_time_s'] * 1e3:8.1f} ms")
+    print(f"throughput         {r['tokens_per_s']:8,.0f} tokens/s")
+    print(f"model FLOP/s       {r['model_tflops_per_s'] * 1e3:8.1f} GFLOP/s "
+          f"(peak {r['peak_tflops_per_s'] * 1e3:,.1f} GFLOP/s, {r['peak_source']})")
+    print(f"MFU                {r['mfu_pct']:8.1f} %")
+    if "forward_s" in r:
+        fwd, fb, full = r["forward_s"], r["forward_backward_s"], r["step_time_s"]
+        print(f"time split         forward {100 * fwd / full:.0f}% | backward {100 * (fb - fwd) / full:.0f}% | "
+              f"optimizer+rest {100 * (full - fb) / full:.0f}%")
+    if "compiled_memory_gb" in r:
+        print(f"compiled memory    {r['compiled_memory_gb']:8.3f} GB per device (XLA memory_analysis)")
+    if "peak_memory_gb" in r:
+        print(f"peak memory        {r['peak_memory_gb']:8.3f} GB (device 0)")
+    if "checkpoint_stall_pct" in r:
+        print(f"checkpoint stall   {r['checkpoint_stall_pct']:8.2f} % of loop time "
+              f"(async save every {_CKPT.value} steps)")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
