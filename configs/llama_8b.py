@@ -10,9 +10,9 @@ micro-batch (grad_accum 8): the estimator puts that at ~14 GiB per chip, most of
 logits of the 128,256-word vocabulary.
 Batch: 512 sequences x 8192 tokens = 4.19M tokens per step (Llama 3's early batch size).
 Tokens: 38,000 steps = 159B tokens, ~20 per parameter (Chinchilla compute-optimal).
-Expected: 51.5 GFLOPs per token (6N + attention); at 40% MFU that is ~490K tokens/s, 8.5 s per
-step and ~3.8 days (~5,800 chip-hours); `tools/estimate.py` prints the same numbers for other
-hardware, chip counts and MFUs.
+Expected (planner estimate, not a measured run): 51.5 GFLOPs per token (6 x matmul weights +
+attention); at 40% MFU that is ~490K tokens/s, 8.5 s per step and ~3.8 days (~5,800
+chip-hours); `tools/estimate.py` prints the same for other hardware, chip counts and MFUs.
 Data: point data.datasets at a web-scale corpus (the default stdlib corpus is a smoke test).
 Tokenizer: a 128,256-piece vocabulary as in Llama 3; train one with data prep or set
 tokenizer.path to an existing sentencepiece model of that size.

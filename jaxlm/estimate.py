@@ -433,8 +433,8 @@ def suggest(est: Estimate, tx: optax.GradientTransformation) -> list[str]:
         )
     if mem.fits:
         return notes + [
-            f"none needed: {_bytes(mem.budget - mem.total)} to spare of the usable "
-            f"{_bytes(mem.budget)} ({USABLE_FRACTION:.0%} of HBM)."
+            f"none needed: {format_bytes(mem.budget - mem.total)} to spare of the usable "
+            f"{format_bytes(mem.budget)} ({USABLE_FRACTION:.0%} of HBM)."
         ]
 
     fsdp = {
@@ -462,13 +462,14 @@ def suggest(est: Estimate, tx: optax.GradientTransformation) -> list[str]:
     if len(trials) > 1:  # everything at once, micro-batch 1
         most = lay.batch_size // lay.batch_shards or 1
         both = dataclasses.replace(full, dtype="bfloat16")
-        trials.append((f"all of these, grad_accum={most}", both, {**fsdp, "grad_accum": most}))
+        label = f"remat=full, bfloat16, fsdp, grad_accum={most}"
+        trials.append((label, both, {**fsdp, "grad_accum": most}))
     results = [
         (label, memory(mc, tx, dataclasses.replace(lay, **ch), mem.budget))
         for label, mc, ch in trials
     ]
     lines = [
-        f"{label:<44} -> {_bytes(r.total):>9} {'fits' if r.fits else 'too big'}"
+        f"{label:<44} -> {format_bytes(r.total):>9} {'fits' if r.fits else 'too big'}"
         for label, r in results
     ]
     if not any(r.fits for _, r in results):
@@ -521,7 +522,8 @@ def _human(n: float, units: tuple[tuple[str, float], ...]) -> str:
     return f"{n:.0f}"
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """Bytes in binary units, three significant digits: 14.4 GiB."""
     return _human(n, (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024), ("B", 1)))
 
 
@@ -550,10 +552,10 @@ def format_table(est: Estimate) -> str:
     heads = f"{m.n_heads} q / {m.n_kv_heads} kv heads x {m.head_dim}"
     head = f"input {_count(p.embedding - p.head)} + head {_count(p.head)}" if p.head else "tied"
     steps = f"{est.tokens / (lay.batch_size * lay.seq_len):,.0f} steps"
-    fit = f"{mem.total / hw.memory_bytes:.0%} of {_bytes(hw.memory_bytes)} HBM: " + (
+    fit = f"{mem.total / hw.memory_bytes:.0%} of {format_bytes(hw.memory_bytes)} HBM: " + (
         "fits" if mem.fits else "DOES NOT FIT"
     )
-    scores = f", L x L scores {_bytes(mem.attention_scores)}" if mem.attention_scores else ""
+    scores = f", L x L scores {format_bytes(mem.attention_scores)}" if mem.attention_scores else ""
     step_time = _duration(lay.batch_size * lay.seq_len / est.tokens_per_second)
     lines = [
         f"{est.name}: {est.chips} x {hw.name}, mesh {mesh} ({lay.preset})",
@@ -574,17 +576,21 @@ def format_table(est: Estimate) -> str:
         row("training FLOPs, model", _sci(est.train_flops), "what MFU is measured against"),
         f"Memory per device   micro-batch {mem.micro_batch} x {lay.seq_len:,}, "
         f"remat {m.remat}, {m.dtype}, {m.attention} attention",
-        row("parameters", _bytes(mem.params), "fp32"),
-        row("gradients", _bytes(mem.grads), "+ accumulator" if lay.grad_accum > 1 else "fp32"),
-        row("optimizer state", _bytes(mem.opt_state), "AdamW moments, fp32"),
-        row("activations", _bytes(mem.activations)),
-        row("  saved by each layer", _bytes(mem.saved_per_layer), f"x {m.n_layers} layers"),
+        row("parameters", format_bytes(mem.params), "fp32"),
+        row(
+            "gradients", format_bytes(mem.grads), "+ accumulator" if lay.grad_accum > 1 else "fp32"
+        ),
+        row("optimizer state", format_bytes(mem.opt_state), "AdamW moments, fp32"),
+        row("activations", format_bytes(mem.activations)),
+        row("  saved by each layer", format_bytes(mem.saved_per_layer), f"x {m.n_layers} layers"),
     ]
     if mem.weights_kept:
-        lines.append(row("  weights kept for bwd", _bytes(mem.weights_kept), "casts, gathers"))
+        lines.append(
+            row("  weights kept for bwd", format_bytes(mem.weights_kept), "casts, gathers")
+        )
     lines += [
-        row("  working set", _bytes(mem.working), f"{mem.working_kind}{scores}"),
-        row("total", _bytes(mem.total), fit),
+        row("  working set", format_bytes(mem.working), f"{mem.working_kind}{scores}"),
+        row("total", format_bytes(mem.total), fit),
         f"Time & cost   MFU {est.mfu:.0%} of {hw.peak_flops / 1e12:,.0f} TFLOP/s per chip",
         row("throughput", f"{_count(est.tokens_per_second)} tok/s", f"{step_time} per step"),
         row("wall time", _duration(est.seconds)),

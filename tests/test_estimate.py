@@ -36,7 +36,7 @@ def gpt3_config():
 
 
 def larger_config():
-    """A CPU-compilable step a few hundred times the tiny one's size (29M params, 8 layers)."""
+    """A CPU-compilable step seven times the tiny recipe's size: 29M parameters, 8 layers."""
     c = tiny.get_config()
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim = 512, 8, 8, 4, 64
@@ -107,7 +107,7 @@ def test_table_is_readable_in_80_columns():
         table = est_lib.format_table(est_lib.estimate(config, "h100", chips, 0.45, 2.5))
         lines = table.splitlines()
         assert max(len(line) for line in lines) <= 80
-        headers = [l.split()[0] for l in lines if l and not l.startswith((" ", "="))]  # noqa: E741
+        headers = [line.split()[0] for line in lines if not line.startswith((" ", "="))]
         assert headers[1:] == ["Model", "Compute", "Memory", "Time", "Chinchilla", "Suggestions"]
         assert "$" in table
 

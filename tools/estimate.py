@@ -6,15 +6,16 @@
     python tools/estimate.py --config=configs/llama_8b.py --hardware=custom \\
         --peak-tflops=1979 --hbm-gib=192 --chips=8
 
-Prints an 80-column table (Model, Compute, Memory per device, Time & cost, Chinchilla,
-Suggestions). Nothing is allocated: the model is traced with `jax.eval_shape`. `--measure`
-also compiles the real train step on this machine's devices and prints XLA's own per-device
-total beside the estimate for the same device count. The same numbers are a function call away
-in a notebook: `jaxlm.estimate.estimate(config, ...)`.
+Prints an 80-column table: Model, Compute, Memory per device, Time & cost, Chinchilla and
+Suggestions. Bad input (an unknown chip, an MFU outside (0, 1], no chips) is one `error:` line.
+Nothing is allocated: the model is traced with `jax.eval_shape`. `--measure` also compiles the
+real train step for this machine's devices and prints XLA's per-device total beside the
+estimate. In a notebook the same numbers are `jaxlm.estimate.estimate(config, ...)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -34,22 +35,21 @@ _PRICE = flags.DEFINE_float("price-per-chip-hour", None, "Dollars per chip-hour,
 _TOKENS = flags.DEFINE_float("tokens", None, "Training tokens (default: steps x batch x seq).")
 _PEAK = flags.DEFINE_float("peak-tflops", None, "Peak dense bf16 TFLOP/s per chip (override).")
 _HBM = flags.DEFINE_float("hbm-gib", None, "Memory per chip in GiB (override).")
-_MEASURE = flags.DEFINE_bool("measure", False, "Also compile the step here and print XLA's total.")
+_PLATFORM = flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu"], "Platform of --hardware=custom.")
+_MEASURE = flags.DEFINE_bool("measure", False, "Also compile the step here; print XLA's total.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    import dataclasses
-
-    from jaxlm import estimate as est_lib
+    from jaxlm import estimate
     from jaxlm.errors import JaxlmError
 
     config = _CONFIG.value
     if config is None:
         sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
     try:
-        hardware = _hardware(est_lib, dataclasses)
-        est = est_lib.estimate(
+        hardware = _hardware()
+        est = estimate.estimate(
             config,
             hardware,
             chips=_CHIPS.value,
@@ -57,41 +57,43 @@ def main(argv: list[str]) -> None:
             price_per_chip_hour=_PRICE.value,
             tokens=_TOKENS.value,
         )
-        print(est_lib.format_table(est))
+        print(estimate.format_table(est))
         if _MEASURE.value:
-            _measure(est_lib, config, hardware)
+            _measure(config, hardware)
     except JaxlmError as e:
         if os.environ.get("JAXLM_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")
 
 
-def _hardware(est_lib, dataclasses):
-    """The preset, with --peak-tflops/--hbm-gib applied (both required for `custom`)."""
+def _hardware():
+    """The preset with --peak-tflops/--hbm-gib applied (`custom` needs both)."""
+    from jaxlm import estimate
     from jaxlm.errors import ConfigError
 
     peak = None if _PEAK.value is None else _PEAK.value * 1e12
-    hbm = None if _HBM.value is None else _HBM.value * est_lib.GiB
+    hbm = None if _HBM.value is None else _HBM.value * estimate.GiB
     if _HARDWARE.value.strip().lower() == "custom":
         if peak is None or hbm is None:
             raise ConfigError("--hardware=custom needs --peak-tflops and --hbm-gib.")
-        return est_lib.Hardware("custom", peak, hbm, "gpu")
-    hw = est_lib.get_hardware(_HARDWARE.value)
+        return estimate.Hardware("custom", peak, hbm, _PLATFORM.value)
     changes = {k: v for k, v in (("peak_flops", peak), ("memory_bytes", hbm)) if v is not None}
-    return dataclasses.replace(hw, **changes)
+    return dataclasses.replace(estimate.get_hardware(_HARDWARE.value), **changes)
 
 
-def _measure(est_lib, config, hardware) -> None:
+def _measure(config, hardware) -> None:
+    """XLA's per-device total for this machine's devices, beside the estimate for them."""
     import jax
 
-    n = jax.device_count()
-    print(f"Measured   compiling the train step on {n} local {jax.devices()[0].platform} device(s)")
-    xla = est_lib.xla_memory(config)
-    ours = est_lib.estimate(config, hardware, chips=n, mfu=_MFU.value).memory.total
-    print(
-        f"  XLA total per device      {est_lib._bytes(xla['total']):>16}  "
-        f"estimate for {n} chip(s): {est_lib._bytes(ours)}"
-    )
+    from jaxlm import estimate
+
+    n, platform = jax.device_count(), jax.devices()[0].platform
+    print(f"Measured   the train step compiled for {n} local {platform} device(s)")
+    xla = estimate.xla_memory(config)["total"]
+    local = dataclasses.replace(hardware, platform=platform)  # resolve attention="auto" as here
+    ours = estimate.estimate(config, local, chips=n, mfu=_MFU.value).memory.total
+    xla, ours = estimate.format_bytes(xla), estimate.format_bytes(ours)
+    print(f"  XLA total per device {xla:>19}  estimate: {ours}")
 
 
 def run() -> None:
