@@ -79,8 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.spike_warmup = 50  # accepted steps before spike detection starts
     c.train.max_bad_steps = 5  # consecutive skipped steps that trigger a rollback
     c.train.max_rollbacks = 3  # rollbacks before the run stops with an error
-    c.train.inject_nan_at = ()  # steps whose batch is poisoned with NaN (fault-handling tests)
-    c.train.inject_spike_at = ()  # steps whose targets are scrambled (fault-handling tests)
+    c.train.inject_nan_at = ()  # n-th batches drawn that are poisoned with NaN (fault tests)
+    c.train.inject_spike_at = ()  # n-th batches drawn whose targets are scrambled (fault tests)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 200  # steps between held-out evaluations; 0 = only at the end

@@ -94,6 +94,12 @@ class Checkpointer:
             "start from scratch over them: move the directory away or pass another --workdir."
         )
 
+    def delete_after(self, step: int) -> None:
+        """Deletes every checkpoint newer than `step` (e.g. ones written during a loss blow-up)."""
+        for s in self.steps():
+            if s > step:
+                self.manager.delete(s)
+
     def read_meta(self, step: int) -> dict:
         """The metadata saved with `step` (config, tokenizer hash, shapes), or {} if unreadable."""
         try:

@@ -38,7 +38,9 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, not {name!r}.")
     if warmup == 0:
         return decay
-    return optax.join_schedules([warm, decay], [warmup])
+    schedule = optax.join_schedules([warm, decay], [warmup])
+    # Shift by one so the first update already uses a non-zero warmup rate (init_lr is often 0).
+    return lambda count: schedule(count + 1)
 
 
 def decay_mask(params: Any) -> Any:

@@ -377,6 +377,7 @@ class Trainer:
             f"{jax.process_count()} process(es)"
         )
         self.step, self.state = self._restore_or_init()
+        self.batches_drawn = self.step
         self.train_step = setup.jit_train_step()
         self.eval_step = setup.jit_eval_step()
         self.stop_signal: str | None = None
@@ -430,7 +431,7 @@ class Trainer:
             while self.step < total:
                 if self._should_stop():
                     return self._preempt(start_step, start)
-                host_batch = self._next_batch(self.step + 1)
+                host_batch = self._next_batch()
                 self.state, step_metrics = self.train_step(
                     self.state, sharding.host_to_global(host_batch, self.setup.mesh)
                 )
@@ -458,10 +459,13 @@ class Trainer:
             )
         return self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
 
-    def _next_batch(self, step: int) -> dict[str, np.ndarray]:
+    def _next_batch(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         batch = next(self.batches)
         self.data_wait += time.perf_counter() - t0
+        # Injected faults belong to positions in the data stream, which a rollback does not rewind.
+        self.batches_drawn += 1
+        step = self.batches_drawn
         if step in tuple(self.config.train.inject_nan_at):
             batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
         if step in tuple(self.config.train.inject_spike_at):
@@ -560,10 +564,13 @@ class Trainer:
                 "raise train.spike_ratio, or inspect the data around those steps."
             )
         self.checkpointer.wait()
-        if not self.checkpointer.steps():
+        # A checkpoint written during the streak (detection lags a step) is not a good one.
+        good = [s for s in self.checkpointer.steps() if s < bad_steps[0]]
+        self.checkpointer.delete_after(good[-1] if good else 0)
+        if not good:
             self.step, self.state = 0, self.setup.init_state()
         else:
-            self.step, self.state, _, _ = self.checkpointer.restore(self.setup.abstract_state)
+            self.step, self.state, _, _ = self.checkpointer.restore(self.setup.abstract_state, good[-1])
         self.pending = []
         self.out.print(
             f"rollback: steps {bad_steps} were skipped in a row; back to step {self.step}, "
