@@ -113,7 +113,7 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         spike = (
             (spike_ratio > 0)
-            & (guard["accepted"] >= spike_warmup)
+            & (guard["accepted"] >= max(spike_warmup, 1))
             & (loss > spike_ratio * guard["loss_ema"])
         )
         ok = finite & ~spike

@@ -56,3 +56,32 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
     ):
         ckpt.restore(other.abstract_state)
     ckpt.close()
+
+
+@pytest.mark.parametrize("preset,mesh_shape,n_devices", [("fsdp", (1, 1, 1), 1), ("fsdp_tp", (1, 4, 2), 8)])
+def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(tmp_path, preset, mesh_shape, n_devices):
+    config = tiny_config()
+    batches = [packed_batch(8, 16, seed=s, vocab=62) for s in range(3)]
+    source = train.Setup(config, vocab_size=62, mesh=sharding.make_mesh((1, 8, 1)))
+    step = source.jit_train_step()
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
+    with sharding.use(source.mesh, source.rules):
+        state, _ = step(source.init_state(), sharding.host_to_global(batches[0], source.mesh))
+        ckpt.save(1, state, None, {})
+        ckpt.wait()
+        expected = []
+        for b in batches[1:]:
+            state, m = step(state, sharding.host_to_global(b, source.mesh))
+            expected.append(float(m["loss"]))
+
+    config.mesh.preset = preset
+    target = train.Setup(config, vocab_size=62, mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n_devices]))
+    _, state, _, _ = ckpt.restore(target.abstract_state)
+    step = target.jit_train_step()
+    got = []
+    with sharding.use(target.mesh, target.rules):
+        for b in batches[1:]:
+            state, m = step(state, sharding.host_to_global(b, target.mesh))
+            got.append(float(m["loss"]))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    ckpt.close()

@@ -88,3 +88,30 @@ def test_indivisible_dimension_is_one_clear_error():
 def test_mesh_that_does_not_cover_the_devices_is_an_error():
     with pytest.raises(sharding.ShardingError, match="uses 6 devices but 8 are present"):
         sharding.make_mesh((2, 3, 1))
+
+
+def test_nan_and_spiking_batches_are_skipped_bitwise():
+    setup = make_setup(devices=jax.devices()[:1], train__spike_warmup=0)
+    step = setup.jit_train_step()
+    good = packed_batch(8, 16, seed=2, vocab=62)
+    with sharding.use(setup.mesh, setup.rules):
+        state, m = step(setup.init_state(), sharding.host_to_global(good, setup.mesh))
+        assert int(m["skipped"]) == 0
+        before = jax.device_get(state)
+
+        poisoned = dict(good, loss_mask=np.full_like(good["loss_mask"], np.nan))
+        state, m = step(state, sharding.host_to_global(poisoned, setup.mesh))
+        assert int(m["skipped"]) == 1
+        after_nan = jax.device_get(state)
+
+        # A batch whose loss is far above the running mean: pretend the mean is tiny.
+        state["guard"]["loss_ema"] = jax.numpy.asarray(0.01, np.float32)
+        state, m = step(state, sharding.host_to_global(good, setup.mesh))
+        assert int(m["skipped"]) == 1
+        after_spike = jax.device_get(state)
+
+    for other in (after_nan, after_spike):
+        for key in ("params", "opt_state"):
+            for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(other[key]), strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert after_spike["step"] == before["step"] + 2
