@@ -410,7 +410,17 @@ class Trainer:
                 f"{self.meta['tokenizer_sha256'][:12]}; use the original data and tokenizer config."
             )
         if data_state is not None:
-            self.batches.set_state(data_state[f"process_{jax.process_index()}"])
+            # Streams are global: flatten the saved per-process lists, then take this host's part,
+            # so a checkpoint written by N processes resumes on any process count.
+            streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
+            per_host = len(self.batches.iterators)
+            if len(streams) != per_host * jax.process_count():
+                raise ConfigError(
+                    f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
+                    f"reads {per_host * jax.process_count()}; set --config.data.streams={len(streams)}."
+                )
+            first = jax.process_index() * per_host
+            self.batches.set_state(streams[first : first + per_host])
         self.out.trim(step)
         self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
         return step, state

@@ -256,6 +256,7 @@ def free_port():
 
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(config_file, tmp_path):
     common = ["--config.train.steps=6", "--config.checkpoint.every=3", "--config.data.streams=2",
+              "--config.train.batch_size=8",
               "--config.mesh.shape=(1,-1,1)"]
     single = str(tmp_path / "single")
     run(config_file, single, *common, devices=8)

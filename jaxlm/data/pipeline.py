@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from jaxlm.errors import ConfigError
+
 
 def load_manifest(path: str) -> dict:
     """Reads manifest.json and resolves shard paths relative to its folder."""
@@ -131,7 +133,7 @@ class HostBatches:
                  process_index: int, process_count: int, weights: dict[str, float] | None = None,
                  worker_count: int = 0):
         if streams % process_count or global_batch % streams:
-            raise ValueError(
+            raise ConfigError(
                 f"data.streams={streams} must be a multiple of the process count ({process_count}) "
                 f"and divide train.batch_size={global_batch}."
             )
