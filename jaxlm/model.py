@@ -311,16 +311,22 @@ def init_cache(cfg: ModelConfig, segment_ids: jax.Array) -> dict[str, Any]:
     }
 
 
+def init_key(seed: int) -> jax.Array:
+    """The parameter-init key. RBG compiles several times faster than threefry for a jitted
+    init of many tensors; its values do not depend on the mesh the params are created on."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """Builds the model on the default device, without eager sharding (sharding.py places it)."""
     with nnx.use_eager_sharding(False):
-        return Transformer(cfg, nnx.Rngs(params=seed))
+        return Transformer(cfg, nnx.Rngs(params=init_key(seed)))
 
 
 def abstract(cfg: ModelConfig) -> Transformer:
     """The model with ShapeDtypeStruct leaves: shapes and counts at no memory cost."""
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+        return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=init_key(0))))
 
 
 def logical_axes(state: nnx.State) -> dict:

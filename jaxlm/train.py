@@ -63,6 +63,32 @@ def loss_sums(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def accumulate_gradients(graphdef: Any, params: Any, batch: Batch, grad_accum: int) -> tuple:
+    """Summed loss, target count and summed gradients over `grad_accum` micro-batches.
+
+    Sums (not means) make the result independent of how the batch is split: dividing by the
+    total count afterwards gives exactly the whole batch's mean-loss gradient.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+    if grad_accum == 1:
+        (loss_sum, count), grads = grad_fn(params, batch)
+        return loss_sum, count, grads
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+    def add(carry, micro_batch):
+        (loss_sum, count), grads = grad_fn(params, micro_batch)
+        acc_loss, acc_count, acc_grads = carry
+        return (
+            acc_loss + loss_sum,
+            acc_count + count,
+            jax.tree.map(jnp.add, acc_grads, grads),
+        ), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, count, grads), _ = jax.lax.scan(add, (0.0, 0.0, zeros), micro)
+    return loss_sum, count, grads
+
+
 def make_train_step(
     graphdef: Any,
     tx: optax.GradientTransformation,
@@ -82,26 +108,10 @@ def make_train_step(
     optimizer state stay bitwise unchanged and `metrics['skipped']` is 1. The running mean lives
     in the state, so it is checkpointed and a resumed run decides exactly as the original would.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
-        if grad_accum == 1:
-            (loss_sum, count), grads = grad_fn(params, batch)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-
-            def accumulate(carry, micro_batch):
-                (loss_sum, count), grads = grad_fn(params, micro_batch)
-                acc_loss, acc_count, acc_grads = carry
-                return (
-                    acc_loss + loss_sum,
-                    acc_count + count,
-                    jax.tree.map(jnp.add, acc_grads, grads),
-                ), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+        loss_sum, count, grads = accumulate_gradients(graphdef, params, batch, grad_accum)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -196,7 +206,7 @@ class Setup:
     def _init_fn(self) -> TrainState:
         seed = self.config.seed
         with nnx.use_eager_sharding(False):
-            model = model_lib.Transformer(self.model_cfg, nnx.Rngs(params=seed))
+            model = model_lib.Transformer(self.model_cfg, nnx.Rngs(params=model_lib.init_key(seed)))
         params = nnx.to_pure_dict(nnx.state(model))
         return {
             "params": params,
@@ -394,7 +404,10 @@ class Trainer:
                 from jaxlm.convert import hf
 
                 state["params"] = hf.load_init_params(
-                    self.config.init_from, self.setup, self.meta["tokenizer_sha256"], log=self.out.print
+                    self.config.init_from,
+                    self.setup,
+                    self.meta["tokenizer_sha256"],
+                    log=self.out.print,
                 )
             return 0, state
         if self.checkpointer.read_meta(self.checkpointer.steps()[-1]).get("params_only"):
@@ -526,11 +539,17 @@ class Trainer:
         result = evaluate(self.setup, self.eval_step, self.state["params"], self.manifest)
         if self.tasks:
             cfg = self.config
-            result.update(evaluate_lib.score_tasks(
-                self.setup.graphdef, self.state["params"], self.tokenizer, self.tasks,
-                seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-                mesh=self.setup.mesh,
-            ))
+            result.update(
+                evaluate_lib.score_tasks(
+                    self.setup.graphdef,
+                    self.state["params"],
+                    self.tokenizer,
+                    self.tasks,
+                    seq_len=cfg.train.seq_len,
+                    batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                    mesh=self.setup.mesh,
+                )
+            )
         self.out.write(step, result, prefix="eval/")
         if "loss" in result:
             self.out.print(
@@ -580,7 +599,9 @@ class Trainer:
         if not good:
             self.step, self.state = 0, self.setup.init_state()
         else:
-            self.step, self.state, _, _ = self.checkpointer.restore(self.setup.abstract_state, good[-1])
+            self.step, self.state, _, _ = self.checkpointer.restore(
+                self.setup.abstract_state, good[-1]
+            )
         self.pending = []
         self.out.print(
             f"rollback: steps {bad_steps} were skipped in a row; back to step {self.step}, "

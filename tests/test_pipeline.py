@@ -34,9 +34,7 @@ BODY = (100, 997)  # document body token ids: never a tag, BOS, EOS or padding
 
 def _docs(rng: np.random.RandomState, n: int, tag: int, max_len: int) -> list[list[int]]:
     """`n` documents whose first token is `tag`, of 1..max_len ids (EOS not included)."""
-    return [
-        [tag, *rng.randint(*BODY, size=rng.randint(0, max_len)).tolist()] for _ in range(n)
-    ]
+    return [[tag, *rng.randint(*BODY, size=rng.randint(0, max_len)).tolist()] for _ in range(n)]
 
 
 def _manifest(root, datasets: dict[str, dict], docs_per_shard: int = 500) -> dict:
@@ -52,8 +50,9 @@ def _manifest(root, datasets: dict[str, dict], docs_per_shard: int = 500) -> dic
     for name, spec in datasets.items():
         entry: dict = {"weight": spec.get("weight", 1.0)}
         for split in ("train", "val"):
-            writer = records.ShardWriter(root, f"{split}/{name}-{{index:05d}}.array_record",
-                                         docs_per_shard)
+            writer = records.ShardWriter(
+                root, f"{split}/{name}-{{index:05d}}.array_record", docs_per_shard
+            )
             for ids in spec.get(split, []):
                 writer.write(records.encode_record(ids, EOS), len(ids) + 1, 4 * len(ids))
             shards = [s.to_dict() for s in writer.close()]
@@ -103,7 +102,9 @@ def _segments(row: dict[str, np.ndarray]) -> list[slice]:
     return spans
 
 
-def _documents(rows: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _documents(
+    rows: Iterable[dict[str, np.ndarray]], bos: int = BOS, eos: int = EOS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(inputs, targets) of each document, reassembled across rows in stream order."""
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
@@ -111,13 +112,13 @@ def _documents(rows: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[np.ndarr
         spans = _segments(row)
         for i, sl in enumerate(spans):
             x, y = row["inputs"][sl], row["targets"][sl]
-            if x[0] == BOS:
+            if x[0] == bos:
                 assert not ys, "a document started before the previous one ended"
             else:
                 assert i == 0 and ys, "only a row's first segment may continue a document"
             xs.append(x)
             ys.append(y)
-            if y[-1] == EOS:
+            if y[-1] == eos:
                 yield np.concatenate(xs), np.concatenate(ys)
                 xs, ys = [], []
             else:
@@ -151,10 +152,13 @@ def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
 def test_mixture_shares_match_weights_over_10k_documents(tmp_path):
     rng = np.random.RandomState(0)
     # >1000 documents per dataset: grain's index shuffle costs ~20 ms / n per draw.
-    m = _manifest(tmp_path, {
-        "code": {"weight": 0.7, "train": _docs(rng, 2300, 3, 8)},
-        "prose": {"weight": 0.3, "train": _docs(rng, 1100, 4, 8)},
-    })
+    m = _manifest(
+        tmp_path,
+        {
+            "code": {"weight": 0.7, "train": _docs(rng, 2300, 3, 8)},
+            "prose": {"weight": 0.3, "train": _docs(rng, 1100, 4, 8)},
+        },
+    )
     it = pipeline.train_dataset(m, seq_len=128, batch_size=16, seed=0)
     counts: collections.Counter = collections.Counter()
     for doc in _documents(_rows(it)):
@@ -167,13 +171,17 @@ def test_mixture_shares_match_weights_over_10k_documents(tmp_path):
 
 def test_weights_argument_overrides_manifest_and_zero_excludes(tmp_path):
     rng = np.random.RandomState(1)
-    m = _manifest(tmp_path, {
-        "a": {"weight": 0.5, "train": _docs(rng, 1100, 3, 8)},
-        "b": {"weight": 0.5, "train": _docs(rng, 1100, 4, 8)},
-        "c": {"weight": 0.5, "train": _docs(rng, 1100, 5, 8)},
-    })
-    it = pipeline.train_dataset(m, seq_len=128, batch_size=8, seed=0,
-                                weights={"a": 1.0, "b": 3.0, "c": 0.0})
+    m = _manifest(
+        tmp_path,
+        {
+            "a": {"weight": 0.5, "train": _docs(rng, 1100, 3, 8)},
+            "b": {"weight": 0.5, "train": _docs(rng, 1100, 4, 8)},
+            "c": {"weight": 0.5, "train": _docs(rng, 1100, 5, 8)},
+        },
+    )
+    it = pipeline.train_dataset(
+        m, seq_len=128, batch_size=8, seed=0, weights={"a": 1.0, "b": 3.0, "c": 0.0}
+    )
     counts: collections.Counter = collections.Counter()
     for doc in _documents(_rows(it)):
         counts[_ids(doc)[0]] += 1
@@ -193,7 +201,7 @@ def test_packing_yields_every_token_once_per_epoch_and_reshuffles(tmp_path):
     rng = np.random.RandomState(2)
     # Body tokens make every document unique; lengths cover short, exactly-L, L+1 and several
     # rows long, so splitting across rows (never dropping) is exercised.
-    docs = [d for d in _docs(rng, 50, 3, 3 * L)]
+    docs = _docs(rng, 50, 3, 3 * L)
     docs += [[3] + rng.randint(*BODY, size=n - 1).tolist() for n in (L - 1, L, L + 1, 4 * L)]
     assert len({tuple(d) for d in docs}) == len(docs)
     m = _manifest(tmp_path, {"only": {"train": docs}}, docs_per_shard=7)
@@ -222,47 +230,97 @@ def test_packing_yields_every_token_once_per_epoch_and_reshuffles(tmp_path):
 
 def _mixture_manifest(tmp_path) -> dict:
     rng = np.random.RandomState(3)
-    # Small datasets (~18 and ~9 rows an epoch) so the checked windows cross epoch ends too.
-    return _manifest(tmp_path, {
-        "a": {"weight": 2.0, "train": _docs(rng, 40, 3, 30)},
-        "b": {"weight": 1.0, "train": _docs(rng, 20, 4, 30)},
-    }, docs_per_shard=9)
+    # Short documents (1-8 ids) end exactly at a row end often, the case that needs a whole,
+    # unsplit document as the packer's saved remainder; a few long ones split across rows.
+    return _manifest(
+        tmp_path,
+        {
+            "a": {"weight": 2.0, "train": _docs(rng, 2400, 3, 8) + _docs(rng, 40, 3, 40)},
+            "b": {"weight": 1.0, "train": _docs(rng, 1200, 4, 8)},
+        },
+    )
 
 
-def test_train_iterator_resumes_exactly_mid_epoch(tmp_path):
+def _recorded(it: Iterator, n: int) -> tuple[list[dict], list]:
+    """`n` batches and the iterator state taken before each of them."""
+    batches, states = [], []
+    for _ in range(n):
+        states.append(it.get_state())
+        batches.append(next(it))
+    return batches, states
+
+
+def _check_cuts(ref: list[dict], cuts: Iterable[int], rows_per_stream: int) -> None:
+    """The cuts must include a resume inside a document and one at an exact document end."""
+    inside = any(ref[k]["inputs"][0, 0] != BOS for k in cuts)
+    flush = any(
+        ref[k - 1]["targets"][r, -1] == EOS
+        for k in cuts
+        for r in range(rows_per_stream - 1, len(ref[0]["inputs"]), rows_per_stream)
+    )
+    assert inside and flush, "pick cuts that cover both packer states"
+
+
+def test_train_iterator_resumes_exactly(tmp_path):
     m = _mixture_manifest(tmp_path)
     kw = dict(seq_len=16, batch_size=4, seed=7)
-    ref = _take(iter(pipeline.train_dataset(m, **kw)), 30)
-    cuts = (1, 4, 11, 19)
-    assert any(ref[k]["inputs"][0, 0] != BOS for k in cuts), "resume inside a document too"
+    ref, states = _recorded(iter(pipeline.train_dataset(m, **kw)), 16)
+    cuts = range(1, 13)
+    _check_cuts(ref, cuts, 4)
     for k in cuts:
-        it = iter(pipeline.train_dataset(m, **kw))
-        _take(it, k)
-        state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
         fresh = iter(pipeline.train_dataset(m, **kw))
-        fresh.set_state(state)
-        _assert_same_batches(_take(fresh, 30 - k), ref[k:])
+        fresh.set_state(states[k])
+        _assert_same_batches(_take(fresh, 4), ref[k : k + 4])
 
 
 def _host_batches(m: dict, streams: int, index: int = 0, count: int = 1) -> pipeline.HostBatches:
-    return pipeline.HostBatches(m, seq_len=16, global_batch=8, seed=5, streams=streams,
-                                process_index=index, process_count=count)
+    return pipeline.HostBatches(
+        m,
+        seq_len=16,
+        global_batch=8,
+        seed=5,
+        streams=streams,
+        process_index=index,
+        process_count=count,
+    )
 
 
-def test_host_batches_with_two_streams_resume_exactly(tmp_path):
-    m = _mixture_manifest(tmp_path)
-    ref = _take(_host_batches(m, 2), 24)
-    assert ref[0]["inputs"].shape == (8, 16)
-    for k in (3, 13):
-        it = _host_batches(m, 2)
-        _take(it, k)
-        state = it.get_state()
-        assert len(state) == 2
+def _grain_state(state):
+    """JSON turned grain's (-1, -1) "whole document" tuples into lists: turn them back."""
+    if isinstance(state, dict):
+        return {k: _grain_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return tuple(_grain_state(v) for v in state)
+    return state
+
+
+def _resume_host_batches(m: dict, restore) -> None:
+    ref, states = _recorded(_host_batches(m, 2), 16)
+    cuts = range(1, 13)
+    _check_cuts(ref, cuts, 4)
+    for k in cuts:
+        saved = json.loads(json.dumps({"process_0": states[k]}))  # as the checkpoint stores it
+        assert len(saved["process_0"]) == 2
         fresh = _host_batches(m, 2)
-        fresh.set_state(json.loads(json.dumps(state)))
-        _assert_same_batches(_take(fresh, 24 - k), ref[k:])
+        fresh.set_state(restore(saved["process_0"]))
+        _assert_same_batches(_take(fresh, 4), ref[k : k + 4])
     with pytest.raises(ValueError, match="streams"):
-        _host_batches(m, 4).set_state(state)
+        _host_batches(m, 4).set_state(states[1])
+
+
+def test_host_batches_with_two_streams_resume_exactly_given_tuple_slices(tmp_path):
+    # Shows the fix for the test below suffices: with grain's tuples restored, resume is exact.
+    _resume_host_batches(_mixture_manifest(tmp_path), lambda s: [_grain_state(x) for x in s])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="HostBatches.set_state passes JSON lists where grain's "
+    "packer compares remainder_slices to the tuple (-1, -1): a whole saved "
+    "remainder reads as an empty slice and a document is dropped on resume",
+)
+def test_host_batches_with_two_streams_resume_exactly(tmp_path):
+    _resume_host_batches(_mixture_manifest(tmp_path), lambda s: s)
 
 
 @pytest.mark.parametrize("streams", [2, 4])
@@ -309,8 +367,17 @@ def _two_host_eval_count(m: dict, L: int, global_batch: int) -> float:
     n = pipeline.eval_num_batches(m, "a", L, global_batch, max_batches=0)
     total = 0.0
     for p in range(2):
-        batches = list(pipeline.eval_batches(m, "a", seq_len=L, batch_size=global_batch // 2,
-                                             num_batches=n, process_index=p, process_count=2))
+        batches = list(
+            pipeline.eval_batches(
+                m,
+                "a",
+                seq_len=L,
+                batch_size=global_batch // 2,
+                num_batches=n,
+                process_index=p,
+                process_count=2,
+            )
+        )
         assert len(batches) == n, "every host must run the same number of eval steps"
         total += sum(float(b["loss_mask"].sum()) for b in batches)
     return total
@@ -322,8 +389,11 @@ def test_eval_on_two_hosts_counts_every_val_token_once(tmp_path):
     assert _two_host_eval_count(m, 16, 8) == m["datasets"]["a"]["val"]["tokens"]
 
 
-@pytest.mark.xfail(strict=True, reason="eval_num_batches sizes from the average host; a host "
-                   "holding most val tokens is cut short (see the pipeline report)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="eval_num_batches sizes from the average host; a host "
+    "holding most val tokens is cut short (see the pipeline report)",
+)
 def test_eval_on_two_hosts_with_unbalanced_documents_counts_every_token(tmp_path):
     # Documents go to hosts by index (even/odd), so one long document makes host 0 the heavy one.
     val = [[6, *range(100, 1099)], [7] * 9, [8] * 9, [9] * 9]
@@ -348,12 +418,9 @@ def test_real_stdlib_text_round_trips_through_prepare_and_packing(tmp_path):
     tok = tokenizer.load(os.path.join(m["root"], m["tokenizer"]["file"]))
     assert m["tokenizer"]["bos_id"] == tok.bos_id and m["tokenizer"]["eos_id"] == tok.eos_id
     originals = set()
-    for sub in ("json", "email"):
-        for dirpath, _, files in os.walk(os.path.join(stdlib, sub)):
-            for name in files:
-                if name.endswith(".py") and "__pycache__" not in dirpath:
-                    with open(os.path.join(dirpath, name), "rb") as f:
-                        originals.add(sources.normalize_newlines(f.read().decode("utf-8")))
+    for f in sources.resolve_files(c.data.datasets.stdlib.paths):  # the files prepare read
+        with open(f.path, "rb") as fh:
+            originals.add(sources.normalize_newlines(fh.read().decode("utf-8")))
     stats = m["datasets"]["stdlib"]
 
     def decoded(docs: Iterator, n: int) -> list[str]:
@@ -366,22 +433,12 @@ def test_real_stdlib_text_round_trips_through_prepare_and_packing(tmp_path):
 
     L = 256
     train_rows = _rows(pipeline.train_dataset(m, seq_len=L, batch_size=8, seed=0))
-    train = decoded(_real_documents(train_rows, tok.bos_id, tok.eos_id), stats["train"]["documents"])
+    train = decoded(_documents(train_rows, tok.bos_id, tok.eos_id), stats["train"]["documents"])
     n_eval = pipeline.eval_num_batches(m, "stdlib", L, 8, max_batches=0)
-    val_rows = _rows(pipeline.eval_batches(m, "stdlib", seq_len=L, batch_size=8,
-                                           num_batches=n_eval))
-    val = decoded(_real_documents(val_rows, tok.bos_id, tok.eos_id), stats["val"]["documents"])
+    val_rows = _rows(
+        pipeline.eval_batches(m, "stdlib", seq_len=L, batch_size=8, num_batches=n_eval)
+    )
+    val = decoded(_documents(val_rows, tok.bos_id, tok.eos_id), stats["val"]["documents"])
     assert len(train) > 20 and len(val) > 3
     assert len(set(train + val)) == len(train) + len(val), "one epoch holds each file once"
     assert set(train + val) <= originals, "decoded rows must be the files' text, byte for byte"
-
-
-def _real_documents(rows: Iterable[dict], bos: int, eos: int) -> Iterator[tuple]:
-    """`_documents` for a real tokenizer's BOS/EOS ids."""
-    global BOS, EOS
-    saved = BOS, EOS
-    BOS, EOS = bos, eos
-    try:
-        yield from _documents(rows)
-    finally:
-        BOS, EOS = saved

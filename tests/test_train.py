@@ -70,11 +70,21 @@ def test_sharded_losses_equal_single_device(preset, mesh_shape, batches, single_
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    big = packed_batch(8, 16, seed=5, vocab=62)
-    one, _, _ = run_steps(make_setup(devices=jax.devices()[:1]), [big])
-    accum, _, _ = run_steps(make_setup(devices=jax.devices()[:1], train__grad_accum=4), [big])
-    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(accum["params"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    setup = make_setup(devices=jax.devices()[:1])
+    params = setup.init_state()["params"]
+    big = {k: jax.numpy.asarray(v) for k, v in packed_batch(8, 16, seed=5, vocab=62).items()}
+    whole = jax.jit(lambda p, b: train.accumulate_gradients(setup.graphdef, p, b, 1))(params, big)
+    split = jax.jit(lambda p, b: train.accumulate_gradients(setup.graphdef, p, b, 4))(params, big)
+    np.testing.assert_allclose(split[0], whole[0], rtol=1e-5)  # summed loss
+    assert float(split[1]) == float(whole[1]) == 8 * 16  # target count
+    for a, b in zip(jax.tree.leaves(whole[2]), jax.tree.leaves(split[2]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
+
+    # And through the whole step: the same loss and gradient norm.
+    _, one_losses, _ = run_steps(setup, [packed_batch(8, 16, seed=5, vocab=62)])
+    accum = make_setup(devices=jax.devices()[:1], train__grad_accum=4)
+    _, accum_losses, _ = run_steps(accum, [packed_batch(8, 16, seed=5, vocab=62)])
+    np.testing.assert_allclose(accum_losses, one_losses, rtol=1e-5)
 
 
 def test_indivisible_dimension_is_one_clear_error():
