@@ -14,7 +14,7 @@ The text after ':' is the base model's directory. From it the recipe takes the m
 model's own tokenizer (tokenizer.json, else a sentencepiece tokenizer.model), so records are
 what the base model expects. A workdir made by `tools/convert_hf.py import` works too
 (`ckpt:` source). Without the argument the model fields are TinySolar-248m-4k's (12 layers,
-d 1024, 16 heads, 4 kv heads, F 4096, vocab 32000, 4096 positions) and the paths are
+d 1024, 32 heads of 32, 8 kv heads, F 4096, vocab 32000, 4096 positions) and the paths are
 placeholders, so this file parses anywhere.
 
 Schedule: a short linear warmup from a low 5e-6 to a peak of 5e-5 (about 10x below the base
@@ -35,14 +35,14 @@ from configs import base
 TINYSOLAR = dict(
     d_model=1024,
     n_layers=12,
-    n_heads=16,
-    n_kv_heads=4,
-    head_dim=64,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=32,
     d_ff=4096,
     max_seq_len=4096,
     rope_theta=10000.0,
     rope_scaling=None,
-    norm_eps=1e-5,
+    norm_eps=1e-6,
     tie_embeddings=False,
     init_std=0.02,
     vocab_size=32000,
