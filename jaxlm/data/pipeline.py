@@ -108,7 +108,9 @@ def train_dataset(
         docs = _documents(manifest, name, "train", shard_index, shard_count)
         if len(docs) == 0:
             raise ValueError(f"dataset {name!r} has no training documents for stream {shard_index}.")
-        streams.append(docs.shuffle(seed=seed + i).repeat().map(_ToPair(bos)))
+        # Each stream gets its own order, or streams would read neighbouring documents in step.
+        shuffle_seed = seed + i + 7919 * shard_index
+        streams.append(docs.shuffle(seed=shuffle_seed).repeat().map(_ToPair(bos)))
     mixed = (
         grain.MapDataset.mix(streams, [weights[n] for n in names])
         if len(streams) > 1
@@ -160,7 +162,17 @@ class HostBatches:
         if len(states) != len(self.iterators):
             raise ValueError(f"data state has {len(states)} streams but this host reads {len(self.iterators)}.")
         for it, state in zip(self.iterators, states, strict=True):
-            it.set_state(state)
+            it.set_state(_from_json(state))
+
+
+def _from_json(state):
+    """Undoes JSON's tuple-to-list change: grain's packer compares its slices with tuples, and a
+    list there would silently drop a document on resume."""
+    if isinstance(state, dict):
+        return {k: _from_json(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return tuple(_from_json(v) for v in state)
+    return state
 
 
 def eval_batches(
@@ -175,15 +187,22 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Exactly `num_batches` host-local batches over one pass of a dataset's val split, in order.
 
-    Rows past the end of the split are padding (loss_mask 0), so every host yields the same
-    number of batches and a full pass counts each held-out token once.
+    Every host packs the whole split and keeps rows `process_index::process_count`, so hosts
+    share the rows evenly however the documents' lengths fall. Rows past the end are padding
+    (loss_mask 0): every host yields the same number of batches and a full pass counts each
+    held-out token once.
     """
     bos = manifest["tokenizer"]["bos_id"]
-    docs = _documents(manifest, dataset, "val", process_index, process_count).map(_ToPair(bos))
-    it = iter(_pack_and_batch(docs.to_iter_dataset(), seq_len, batch_size, drop_remainder=False))
+    docs = _documents(manifest, dataset, "val", 0, 1).map(_ToPair(bos))
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        docs.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len}
+    ).map(_to_batch)
+    rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):
-        batch = next(it, None)
-        if batch is None:
+        chunk = [row for _, row in zip(range(batch_size), rows)]
+        if chunk:
+            batch = {k: np.stack([row[k] for row in chunk]) for k in chunk[0]}
+        else:
             batch = {k: np.zeros((0, seq_len), v.dtype) for k, v in _empty_row(seq_len).items()}
         yield _pad_rows(batch, batch_size)
 
@@ -212,9 +231,12 @@ def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
 def eval_num_batches(
     manifest: dict, dataset: str, seq_len: int, global_batch: int, max_batches: int
 ) -> int:
-    """Batches for a full pass over a val split (manifest tokens include each document's EOS)."""
-    targets = manifest["datasets"][dataset]["val"]["tokens"]
-    full = math.ceil(targets / (seq_len * global_batch)) + 1  # +1: packing leaves a ragged tail
+    """Batches for a full pass over a val split (manifest tokens include each document's EOS).
+
+    Packing fills every row but the last, so the split is ceil(tokens / seq_len) rows.
+    """
+    rows = math.ceil(manifest["datasets"][dataset]["val"]["tokens"] / seq_len)
+    full = math.ceil(rows / global_batch)
     return full if max_batches <= 0 else min(full, max_batches)
 
 

@@ -1,0 +1,381 @@
+"""Data-pipeline benchmark: loader tokens/s against the train step's, and tokenization MB/s.
+
+    python tools/bench_data.py --config=configs/tiny.py [--batches=2500] [--corpus=PATH ...]
+
+(a) Loader: tokens/s delivered by `pipeline.HostBatches` (the trainer's reader) for the config's
+    batch shape over the config's prepared data (`prepare` runs or finds its cache), timed after
+    a warm-up, for each grain worker count in --workers.
+(b) Step: tokens/s of the config's jitted train step on real batches from that loader, after
+    compile. The ratio loader/step must be >= 10: the input pipeline may not be what a run
+    waits for.
+(c) Tokenization: each --corpus file (default: the .txt files in ../shared/data beside the
+    repository, skipped with a note when absent) goes through the real `prepare` path into a
+    temporary cache, one dataset per file; MB/s is that of prepare's tokenize stage (worker
+    pool, `data.num_proc`), plus single-thread `Tokenizer.encode` MB/s of the whole file.
+
+Every number is wall-clock on this machine; the 1-minute load average is printed before and
+after, since other processes on a shared machine slow every column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+# Config files do `from configs import base`; make the repository root importable from anywhere.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+# jax and grain are imported inside functions: grain worker processes re-import this module and
+# should not pay for jax.
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+# Long enough to outrun grain's 500-document read-ahead, so the rate is sustained, not buffered.
+_BATCHES = flags.DEFINE_integer("batches", 2500, "Timed loader batches per worker count.")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed loader batches before timing.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to time the loader with.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after compile and 2 warm-up steps).")
+_CORPUS = flags.DEFINE_multi_string(
+    "corpus",
+    None,
+    "Text/JSONL corpus files to time tokenization on (default: ../shared/data/*.txt).",
+)
+_SPLIT = flags.DEFINE_bool(
+    "split_paragraphs", True, "Corpora: one document per blank-line-separated paragraph."
+)
+_PRESET = flags.DEFINE_string("quality_preset", "none", "Corpora: curation quality preset.")
+_CORPUS_BATCHES = flags.DEFINE_integer(
+    "corpus_batches", 200, "Timed loader batches over the corpora's short paragraph documents."
+)
+
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+REQUIRED_RATIO = 10.0
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. '3.10 4.28 4.94'."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------- (a) loader
+
+
+def time_loader(
+    config: Any,
+    manifest: dict,
+    workers: int,
+    batches: int,
+    warmup: int,
+    weights: dict[str, float] | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """Tokens/s of `HostBatches` for the config's batch shape with `workers` grain workers.
+
+    `weights` default to the config's mixture weights.
+
+    Returns:
+      The timings (first batch s, tokens/s, ms/batch) and the timed batches themselves.
+    """
+    from jaxlm.data import pipeline
+
+    B, L = config.train.batch_size, config.train.seq_len
+    t0 = time.perf_counter()
+    reader = pipeline.HostBatches(
+        manifest,
+        seq_len=L,
+        global_batch=B,
+        seed=config.seed,
+        streams=config.data.streams or 1,
+        process_index=0,
+        process_count=1,
+        weights=weights or {n: d.weight for n, d in config.data.datasets.items()},
+        worker_count=workers,
+    )
+    try:
+        next(reader)  # starts threads / worker processes and fills the prefetch buffers
+        first = time.perf_counter() - t0
+        for _ in range(warmup):
+            next(reader)
+        t0 = time.perf_counter()
+        out = [next(reader) for _ in range(batches)]
+        dt = time.perf_counter() - t0
+    finally:
+        for it in reader.iterators:
+            if hasattr(it, "close"):
+                it.close()
+    return {"first_s": first, "tokens_s": batches * B * L / dt, "ms_batch": 1e3 * dt / batches}, out
+
+
+# --------------------------------------------------------------------------- (b) train step
+
+
+def time_train_step(
+    config: Any, vocab_size: int, batches: list[dict], steps: int
+) -> dict[str, float]:
+    """Tokens/s of the config's jitted train step on real loader batches, after compile."""
+    import jax
+
+    from jaxlm import sharding, train
+
+    mesh = sharding.make_mesh(config.mesh.shape)
+    setup = train.Setup(config, vocab_size, mesh)
+    state = setup.init_state()
+    step = setup.jit_train_step()
+    B, L = config.train.batch_size, config.train.seq_len
+    with sharding.use(mesh, setup.rules):
+        t0 = time.perf_counter()
+        state, metrics = step(state, sharding.host_to_global(batches[0], mesh))
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        for i in range(2):
+            state, metrics = step(state, sharding.host_to_global(batches[1 + i], mesh))
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            batch = batches[(3 + i) % len(batches)]
+            state, metrics = step(state, sharding.host_to_global(batch, mesh))
+        jax.block_until_ready(metrics)
+        dt = time.perf_counter() - t0
+    return {
+        "params_m": setup.n_params / 1e6,
+        "devices": jax.device_count(),
+        "compile_s": compile_s,
+        "tokens_s": steps * B * L / dt,
+        "ms_step": 1e3 * dt / steps,
+        "loss": float(metrics["loss"]),
+    }
+
+
+# --------------------------------------------------------------------------- (c) tokenization
+
+
+def default_corpora() -> list[str]:
+    """The .txt corpora in ../shared/data beside the repository, if that folder exists."""
+    return sorted(glob.glob(os.path.join(SHARED_DATA, "*.txt")))
+
+
+def corpus_config(config: Any, paths: list[str], cache_dir: str) -> ml_collections.ConfigDict:
+    """`config` with one dataset per corpus file, prepared into `cache_dir`."""
+    c = copy.deepcopy(config)
+    c.unlock()
+    c.data.manifest = ""
+    c.data.cache_dir = cache_dir
+    datasets = ml_collections.ConfigDict()
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+        datasets[name] = ml_collections.ConfigDict(
+            dict(
+                paths=path,
+                text_field="text",
+                weight=1.0,
+                split_paragraphs=_SPLIT.value,
+                quality_preset=_PRESET.value,
+            )
+        )
+    c.data.datasets = datasets
+    return c
+
+
+@contextlib.contextmanager
+def timed_tokenize_stage(timings: list[tuple[str, float, int, int]]):
+    """Records (label, seconds, bytes, tokens) of every shard set prepare's encoder writes.
+
+    prepare prints each stage's MB/s to stderr with one decimal; wrapping the encoder reads
+    the same stage exactly, on the real code path.
+    """
+    from jaxlm.data import records
+
+    original = records.Encoder.write_shards
+
+    def write_shards(self, texts, root, pattern, docs_per_shard, label="tokenize"):
+        t0 = time.perf_counter()
+        shards, mbps = original(self, texts, root, pattern, docs_per_shard, label)
+        nbytes = sum(s.bytes for s in shards)
+        tokens = sum(s.tokens for s in shards)
+        timings.append((label, time.perf_counter() - t0, nbytes, tokens))
+        return shards, mbps
+
+    records.Encoder.write_shards = write_shards
+    try:
+        yield
+    finally:
+        records.Encoder.write_shards = original
+
+
+def time_tokenization(config: Any, paths: list[str]) -> list[dict[str, Any]]:
+    """Prepares the corpora into a temporary cache and returns one row of numbers per corpus."""
+    from jaxlm.data import pipeline, prepare, records, sources, tokenizer
+
+    cache = tempfile.mkdtemp(prefix="bench_data_")
+    try:
+        c = corpus_config(config, paths, cache)
+        timings: list[tuple[str, float, int, int]] = []
+        t0 = time.perf_counter()
+        with timed_tokenize_stage(timings):
+            manifest_path = prepare.prepare(c.data, c.tokenizer)
+        prepare_s = time.perf_counter() - t0
+        m = pipeline.load_manifest(manifest_path)
+        tok = tokenizer.load(os.path.join(m["root"], m["tokenizer"]["file"]))
+        rows = []
+        for name, ds_cfg in c.data.datasets.items():
+            mine = [t for t in timings if t[0].split(" ")[-1].split("/")[0] == name]
+            seconds = sum(t[1] for t in mine)
+            nbytes = sum(t[2] for t in mine)
+            tokens = sum(t[3] for t in mine)
+            with open(ds_cfg.paths, "rb") as f:
+                raw = f.read()
+            text = sources.normalize_newlines(raw.decode("utf-8", errors="replace"))
+            t1 = time.perf_counter()
+            whole = len(tok.encode(text))
+            encode_s = time.perf_counter() - t1
+            cur = m["curation"][name]
+            rows.append(
+                {
+                    "name": name,
+                    "file_mb": len(raw) / 1e6,
+                    "docs_in": cur["documents_in"],
+                    "docs_out": cur["documents_out"],
+                    "mb_out": cur["bytes_out"] / 1e6,
+                    "tokens": tokens,
+                    "bytes_per_token": nbytes / max(tokens, 1),
+                    "stage_mbps": nbytes / 1e6 / max(seconds, 1e-9),
+                    "encode_mbps": len(text.encode("utf-8")) / 1e6 / max(encode_s, 1e-9),
+                    "encode_tokens": whole,
+                }
+            )
+        meta = {
+            "prepare_s": prepare_s,
+            "num_proc": records.resolve_num_proc(int(c.data.num_proc)),
+            "vocab": tok.vocab_size,
+            "model_type": c.tokenizer.model_type,
+        }
+        # The same loader over the corpus with the most (short, paragraph) documents: the
+        # per-document cost shows here, not on stdlib's long files.
+        name = max(m["datasets"], key=lambda n: m["datasets"][n]["train"]["documents"])
+        train = m["datasets"][name]["train"]
+        meta["loader_corpus"] = name
+        meta["tokens_per_doc"] = train["tokens"] / max(train["documents"], 1)
+        meta["loader"], _ = time_loader(
+            c, m, 0, _CORPUS_BATCHES.value, _WARMUP.value, weights={name: 1.0}
+        )
+        for r in rows:
+            r.update(meta)
+        return rows
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run(config: Any, corpora: list[str] | None) -> None:
+    from jaxlm.data import pipeline, prepare
+
+    before = load_average()
+    B, L = config.train.batch_size, config.train.seq_len
+    print(f"== bench_data: {config.get('name', '?')} | B={B} L={L} | {os.cpu_count()} CPUs ==")
+    print(f"load average before: {before}")
+
+    if config.data.manifest:
+        manifest_path = config.data.manifest
+    else:
+        manifest_path = prepare.prepare(config.data, config.tokenizer)
+    manifest = pipeline.load_manifest(manifest_path)
+    train_tokens = sum(d["train"]["tokens"] for d in manifest["datasets"].values())
+
+    loader: dict[int, dict[str, float]] = {}
+    batches: list[dict] = []
+    for w in (int(x) for x in _WORKERS.value):
+        loader[w], got = time_loader(config, manifest, w, _BATCHES.value, _WARMUP.value)
+        batches = batches or got
+        print(f"loader, {w} grain workers: {loader[w]['tokens_s']:,.0f} tokens/s")
+
+    step = time_train_step(config, manifest["tokenizer"]["vocab_size"], batches, _STEPS.value)
+    print(f"train step: {step['tokens_s']:,.0f} tokens/s")
+
+    if corpora is None:
+        corpora = default_corpora()
+        note = "" if corpora else f"skipped: {SHARED_DATA} not found; pass --corpus=PATH"
+    else:
+        note = ""
+    tok_rows = time_tokenization(config, corpora) if corpora else []
+    after = load_average()
+
+    print()
+    print(
+        f"(a) loader: HostBatches over {len(manifest['datasets'])} dataset(s), "
+        f"{train_tokens:,} train tokens, streams={config.data.streams or 1}, "
+        f"{_BATCHES.value} batches timed after {_WARMUP.value} warm-up"
+    )
+    print(f"    {'grain workers':>13} {'tokens/s':>12} {'ms/batch':>9} {'first batch':>12}")
+    for w, r in loader.items():
+        print(f"    {w:>13} {r['tokens_s']:>12,.0f} {r['ms_batch']:>9.1f} {r['first_s']:>10.2f} s")
+    print(
+        f"(b) train step: {step['params_m']:.2f}M params, {step['devices']} device(s), "
+        f"compile {step['compile_s']:.1f} s, {_STEPS.value} steps timed, "
+        f"loss {step['loss']:.3f}"
+    )
+    print(f"    {step['tokens_s']:,.0f} tokens/s, {step['ms_step']:.1f} ms/step")
+    for w, r in loader.items():
+        ratio = r["tokens_s"] / step["tokens_s"]
+        verdict = "ok" if ratio >= REQUIRED_RATIO else f"BELOW the required {REQUIRED_RATIO:.0f}x"
+        print(f"    loader/step ratio, {w} workers: {ratio:,.1f}x ({verdict})")
+    print("(c) tokenization" + (f": {note}" if note else ""))
+    if tok_rows:
+        r0 = tok_rows[0]
+        print(
+            f"    prepare of all corpora: {r0['prepare_s']:.1f} s ({r0['model_type']} vocab "
+            f"{r0['vocab']} trained on them; split_paragraphs={_SPLIT.value}, quality preset "
+            f"{_PRESET.value!r})\n    stage = prepare's tokenize stage with {r0['num_proc']} "
+            "worker process(es); 1-thread = Tokenizer.encode of the whole file in this process"
+        )
+        print(
+            f"    {'corpus':<18} {'file MB':>8} {'docs in':>8} {'docs out':>9} {'MB out':>7} "
+            f"{'tokens':>11} {'B/token':>8} {'stage MB/s':>11} {'1-thread MB/s':>14}"
+        )
+        for r in tok_rows:
+            print(
+                f"    {r['name']:<18} {r['file_mb']:>8.2f} {r['docs_in']:>8,} "
+                f"{r['docs_out']:>9,} {r['mb_out']:>7.2f} {r['tokens']:>11,} "
+                f"{r['bytes_per_token']:>8.2f} {r['stage_mbps']:>11.2f} {r['encode_mbps']:>14.2f}"
+            )
+        lo = r0["loader"]
+        print(
+            f"    loader over {r0['loader_corpus']} ({r0['tokens_per_doc']:.0f} tokens/document, "
+            f"0 grain workers, {_CORPUS_BATCHES.value} batches): {lo['tokens_s']:,.0f} tokens/s = "
+            f"{lo['tokens_s'] / step['tokens_s']:,.1f}x the train step"
+        )
+    print(f"load average before: {before} | after: {after}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from jaxlm.errors import JaxlmError
+
+    logging.set_verbosity(logging.WARNING)
+
+    config = _CONFIG.value
+    if config is None:
+        sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
+    corpora = _CORPUS.value
+    for path in corpora or []:
+        if not os.path.isfile(path):
+            sys.exit(f"error: --corpus={path!r} is not a file; give a text or JSONL corpus file.")
+    try:
+        run(config, corpora)
+    except JaxlmError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
