@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 200  # steps between held-out evaluations; 0 = only at the end
-    c.eval.max_batches = 0  # cap on eval batches per dataset; 0 = the whole val split
+    c.eval.max_batches = 0  # cap on batches per dataset in periodic evals (the final eval is whole)
     c.eval.batch_size = 0  # global eval batch in sequences; 0 = train.batch_size
     c.eval.next_line_examples = 200  # built-in "which is the real next line" task size; 0 = off
     c.eval.task_files = ""  # extra multiple-choice tasks: comma-separated JSONL paths

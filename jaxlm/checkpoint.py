@@ -86,7 +86,9 @@ class Checkpointer:
                 aside = self._move_aside(s)
                 logging.warning(
                     "checkpoint at step %d is unreadable (%s); moved to %s, trying an older one",
-                    s, reason, aside,
+                    s,
+                    reason,
+                    aside,
                 )
                 failures.append(s)
         raise CheckpointError(
@@ -103,7 +105,9 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """The metadata saved with `step` (config, tokenizer hash, shapes), or {} if unreadable."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
         except Exception:  # noqa: BLE001 - an unreadable checkpoint is dealt with by restore()
             return {}
 

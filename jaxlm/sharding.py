@@ -181,19 +181,25 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
     Explicit `coordinator`/`num_processes`/`process_id` win; otherwise `multihost=True`, or the
     variables that TPU pods and SLURM set, let `jax.distributed.initialize()` discover the rest.
     """
+    cluster_env = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
+    env_multihost = any(v in os.environ for v in cluster_env) and (
+        int(os.environ.get("SLURM_NTASKS", "2")) > 1
+    )
     if mesh_cfg.get("coordinator"):
         jax.distributed.initialize(
             coordinator_address=mesh_cfg.coordinator,
             num_processes=mesh_cfg.num_processes,
             process_id=mesh_cfg.process_id,
         )
-        return
-    cluster_env = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
-    env_multihost = any(v in os.environ for v in cluster_env) and (
-        int(os.environ.get("SLURM_NTASKS", "2")) > 1
-    )
-    if mesh_cfg.get("multihost") or env_multihost:
+    elif mesh_cfg.get("multihost") or env_multihost:
         jax.distributed.initialize()
+    else:
+        return
+    # The first collective also sets up the CPU (gloo) communicator, which gives up if processes
+    # arrive far apart; here they have just met in initialize(), so do it now.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("jaxlm: all processes joined")
 
 
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -41,7 +41,8 @@ def validate(config: Any) -> None:
         raise ConfigError("train.steps, train.batch_size and train.seq_len must be positive.")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}."
+            f"train.batch_size={t.batch_size} must be a multiple of "
+            f"train.grad_accum={t.grad_accum}."
         )
     if t.seq_len > config.model.max_seq_len:
         raise ConfigError(
@@ -249,8 +250,13 @@ class Setup:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(setup: Setup, eval_step: Callable, params: Any, manifest: dict) -> dict[str, float]:
-    """Held-out loss, perplexity and bits per byte for each dataset and for all together."""
+def evaluate(
+    setup: Setup, eval_step: Callable, params: Any, manifest: dict, max_batches: int = 0
+) -> dict[str, float]:
+    """Held-out loss, perplexity and bits per byte for each dataset and for all together.
+
+    `max_batches` > 0 caps the batches per dataset (a cheaper estimate); 0 is the whole split.
+    """
     cfg = setup.config
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
     host_rows = batch_size // jax.process_count()
@@ -258,9 +264,7 @@ def evaluate(setup: Setup, eval_step: Callable, params: Any, manifest: dict) -> 
     for name in sorted(manifest["datasets"]):
         if manifest["datasets"][name]["val"]["documents"] == 0:
             continue
-        n = pipeline.eval_num_batches(
-            manifest, name, cfg.train.seq_len, batch_size, cfg.eval.max_batches
-        )
+        n = pipeline.eval_num_batches(manifest, name, cfg.train.seq_len, batch_size, max_batches)
         nll, count = 0.0, 0.0
         with sharding.use(setup.mesh, setup.rules):
             for host_batch in pipeline.eval_batches(
@@ -391,6 +395,8 @@ class Trainer:
         self.train_step = setup.jit_train_step()
         self.eval_step = setup.jit_eval_step()
         self.stop_signal: str | None = None
+        self.best_eval = (0, float("inf"))  # (step, held-out loss)
+        self.workdir = workdir
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
@@ -412,7 +418,8 @@ class Trainer:
             return 0, state
         if self.checkpointer.read_meta(self.checkpointer.steps()[-1]).get("params_only"):
             raise ConfigError(
-                f"{self.checkpointer.directory} holds imported weights, not a training run; train in "
+                f"{self.checkpointer.directory} holds imported weights, not a training run; "
+                "train in "
                 "a new --workdir with --config.init_from=ckpt:<this workdir>."
             )
         step, state, data_state, saved_meta = self.checkpointer.restore(self.setup.abstract_state)
@@ -430,7 +437,8 @@ class Trainer:
             if len(streams) != per_host * jax.process_count():
                 raise ConfigError(
                     f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
-                    f"reads {per_host * jax.process_count()}; set --config.data.streams={len(streams)}."
+                    f"reads {per_host * jax.process_count()}; "
+                    f"set --config.data.streams={len(streams)}."
                 )
             first = jax.process_index() * per_host
             self.batches.set_state(streams[first : first + per_host])
@@ -470,7 +478,7 @@ class Trainer:
                     continue
                 self._after_step(total)
 
-            final_eval = self._eval(total)
+            final_eval = self._eval(total, final=True)
 
         self.checkpointer.wait()
         gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
@@ -480,7 +488,25 @@ class Trainer:
                 f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte "
                 f"(loss {final_eval['loss']:.4f}){gz}"
             )
-        return self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
+        summary = self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        cfg = self.config
+        tokens = summary["final_step"] * cfg.train.batch_size * cfg.train.seq_len
+        best_step, best_loss = self.best_eval
+        self.out.print(
+            f"run summary: {tokens:,} tokens seen "
+            f"(steps {summary['start_step']}-{summary['final_step']} "
+            f"in {metrics_lib.format_duration(summary['wall_s'])}) | final train loss "
+            f"{summary['train_loss']:.4f} | best held-out loss {best_loss:.4f} "
+            f"at step {best_step}\n"
+            f"  checkpoints: {self.checkpointer.directory}\n"
+            f"  metrics: {os.path.join(self.workdir, 'metrics.jsonl')} and "
+            f"{os.path.join(self.workdir, 'tb')}\n"
+            f"  plots: python tools/plot_metrics.py {self.workdir}"
+        )
 
     def _next_batch(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -529,14 +555,16 @@ class Trainer:
         mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
         skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
         self.out.print(
-            f"step {done:>6}/{self.config.train.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | "
+            f"step {done:>6}/{self.config.train.steps} | loss {last['loss']:.4f} | "
+            f"lr {last['lr']:.2e} | "
             f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
             f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
         )
 
-    def _eval(self, step: int) -> dict[str, float]:
+    def _eval(self, step: int, final: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
-        result = evaluate(self.setup, self.eval_step, self.state["params"], self.manifest)
+        cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
+        result = evaluate(self.setup, self.eval_step, self.state["params"], self.manifest, cap)
         if self.tasks:
             cfg = self.config
             result.update(
@@ -551,6 +579,8 @@ class Trainer:
                 )
             )
         self.out.write(step, result, prefix="eval/")
+        if "loss" in result and result["loss"] < self.best_eval[1]:
+            self.best_eval = (step, result["loss"])
         if "loss" in result:
             self.out.print(
                 f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
@@ -585,10 +615,11 @@ class Trainer:
         return self._summary(start_step, start, preempted=True)
 
     def _rollback(self, bad_steps: list[int], rollbacks: list[list[int]]) -> None:
-        """Returns to the newest checkpoint, keeping the data position so bad batches are skipped."""
+        """Returns to the last good checkpoint; the data position stays, skipping bad batches."""
         if len(rollbacks) > self.config.train.max_rollbacks:
             raise TrainingError(
-                f"training keeps failing: {len(rollbacks)} runs of {self.config.train.max_bad_steps} "
+                f"training keeps failing: {len(rollbacks)} runs of "
+                f"{self.config.train.max_bad_steps} "
                 f"skipped steps (non-finite or spiking loss) at steps {rollbacks}; lower optim.lr, "
                 "raise train.spike_ratio, or inspect the data around those steps."
             )
@@ -628,12 +659,13 @@ def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> di
     """Downstream multiple-choice tasks: the built-in next-line task plus any configured files."""
     tasks = {}
     if config.eval.next_line_examples > 0:
-        tasks["next_line"] = evaluate_lib.ensure_next_line_task(
-            os.path.join(workdir, "tasks", "next_line.jsonl"),
-            evaluate_lib.heldout_texts(manifest, tokenizer.decode),
-            n_examples=config.eval.next_line_examples,
-            seed=config.seed,
-        )
+        texts = evaluate_lib.heldout_texts(manifest, tokenizer.decode)
+        kwargs = dict(n_examples=config.eval.next_line_examples, seed=config.seed)
+        if jax.process_index() == 0:  # one writer; the task is deterministic, others rebuild it
+            path = os.path.join(workdir, "tasks", "next_line.jsonl")
+            tasks["next_line"] = evaluate_lib.ensure_next_line_task(path, texts, **kwargs)
+        else:
+            tasks["next_line"] = evaluate_lib.build_next_line_task(texts, **kwargs)
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
         tasks[os.path.splitext(os.path.basename(path))[0]] = evaluate_lib.load_task(path)
     return tasks
@@ -670,7 +702,8 @@ def _print_sample(config, setup, params, tokenizer, out) -> None:
 def _prepare_workdir(workdir: str, config: Any) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # One probe per process: many processes share the workdir.
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

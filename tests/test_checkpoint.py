@@ -58,8 +58,12 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
     ckpt.close()
 
 
-@pytest.mark.parametrize("preset,mesh_shape,n_devices", [("fsdp", (1, 1, 1), 1), ("fsdp_tp", (1, 4, 2), 8)])
-def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(tmp_path, preset, mesh_shape, n_devices):
+@pytest.mark.parametrize(
+    "preset,mesh_shape,n_devices", [("fsdp", (1, 1, 1), 1), ("fsdp_tp", (1, 4, 2), 8)]
+)
+def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(
+    tmp_path, preset, mesh_shape, n_devices
+):
     config = tiny_config()
     batches = [packed_batch(8, 16, seed=s, vocab=62) for s in range(3)]
     source = train.Setup(config, vocab_size=62, mesh=sharding.make_mesh((1, 8, 1)))
@@ -75,7 +79,9 @@ def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(tmp_path, prese
             expected.append(float(m["loss"]))
 
     config.mesh.preset = preset
-    target = train.Setup(config, vocab_size=62, mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n_devices]))
+    target = train.Setup(
+        config, vocab_size=62, mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
+    )
     _, state, _, _ = ckpt.restore(target.abstract_state)
     step = target.jit_train_step()
     got = []

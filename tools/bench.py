@@ -88,7 +88,9 @@ def bench(config, steps: int, vocab: int, checkpoint_every: int, split: bool) ->
         mem = compiled.memory_analysis()
         if mem is not None:
             results["compiled_memory_gb"] = (
-                mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes
                 + mem.temp_size_in_bytes
             ) / 1e9
         for _ in range(2):
@@ -97,7 +99,9 @@ def bench(config, steps: int, vocab: int, checkpoint_every: int, split: bool) ->
 
         ckpt = None
         if checkpoint_every:
-            ckpt = checkpoint.Checkpointer(tempfile.mkdtemp(prefix="jaxlm-bench-"), config.checkpoint)
+            ckpt = checkpoint.Checkpointer(
+                tempfile.mkdtemp(prefix="jaxlm-bench-"), config.checkpoint
+            )
         stall = 0.0
         t0 = time.perf_counter()
         for i in range(1, steps + 1):
@@ -152,26 +156,37 @@ def main(argv):
         r = bench(config, _STEPS.value, vocab, _CKPT.value, _SPLIT.value)
     except JaxlmError as e:
         sys.exit(f"error: {e}")
-    print(f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
-          f"{config.train.seq_len}, {r['devices']} {jax.devices()[0].platform} device(s), "
-          f"dtype {config.model.dtype}, remat {config.model.remat}")
+    print(
+        f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
+        f"{config.train.seq_len}, {r['devices']} {jax.devices()[0].platform} device(s), "
+        f"dtype {config.model.dtype}, remat {config.model.remat}"
+    )
     print(f"compile            {r['compile_s']:8.2f} s")
     print(f"step time          {r['step_time_s'] * 1e3:8.1f} ms")
     print(f"throughput         {r['tokens_per_s']:8,.0f} tokens/s")
-    print(f"model FLOP/s       {r['model_tflops_per_s'] * 1e3:8.1f} GFLOP/s "
-          f"(peak {r['peak_tflops_per_s'] * 1e3:,.1f} GFLOP/s, {r['peak_source']})")
+    print(
+        f"model FLOP/s       {r['model_tflops_per_s'] * 1e3:8.1f} GFLOP/s "
+        f"(peak {r['peak_tflops_per_s'] * 1e3:,.1f} GFLOP/s, {r['peak_source']})"
+    )
     print(f"MFU                {r['mfu_pct']:8.1f} %")
     if "forward_s" in r:
         fwd, fb, full = r["forward_s"], r["forward_backward_s"], r["step_time_s"]
-        print(f"time split         forward {100 * fwd / full:.0f}% | backward {100 * (fb - fwd) / full:.0f}% | "
-              f"optimizer+rest {100 * (full - fb) / full:.0f}%")
+        print(
+            f"time split         forward {100 * fwd / full:.0f}% | "
+            f"backward {100 * (fb - fwd) / full:.0f}% | "
+            f"optimizer+rest {100 * (full - fb) / full:.0f}%"
+        )
     if "compiled_memory_gb" in r:
-        print(f"compiled memory    {r['compiled_memory_gb']:8.3f} GB per device (XLA memory_analysis)")
+        print(
+            f"compiled memory    {r['compiled_memory_gb']:8.3f} GB per device (XLA memory_analysis)"
+        )
     if "peak_memory_gb" in r:
         print(f"peak memory        {r['peak_memory_gb']:8.3f} GB (device 0)")
     if "checkpoint_stall_pct" in r:
-        print(f"checkpoint stall   {r['checkpoint_stall_pct']:8.2f} % of loop time "
-              f"(async save every {_CKPT.value} steps)")
+        print(
+            f"checkpoint stall   {r['checkpoint_stall_pct']:8.2f} % of loop time "
+            f"(async save every {_CKPT.value} steps)"
+        )
 
 
 if __name__ == "__main__":

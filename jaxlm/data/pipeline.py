@@ -12,6 +12,7 @@ loss_mask float32 (B, L).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ def shard_paths(manifest: dict, dataset: str, split: str) -> list[str]:
 
 
 class _ToPair(grain.transforms.Map):
-    """Record bytes -> {'inputs': [BOS]+ids, 'targets': ids+[EOS]} (the record already ends in EOS)."""
+    """Record bytes -> inputs [BOS]+ids, targets ids+[EOS] (the record already ends in EOS)."""
 
     def __init__(self, bos_id: int):
         self.bos_id = bos_id
@@ -107,7 +108,9 @@ def train_dataset(
     for i, name in enumerate(names):
         docs = _documents(manifest, name, "train", shard_index, shard_count)
         if len(docs) == 0:
-            raise ValueError(f"dataset {name!r} has no training documents for stream {shard_index}.")
+            raise ValueError(
+                f"dataset {name!r} has no training documents for stream {shard_index}."
+            )
         # Each stream gets its own order, or streams would read neighbouring documents in step.
         shuffle_seed = seed + i + 7919 * shard_index
         streams.append(docs.shuffle(seed=shuffle_seed).repeat().map(_ToPair(bos)))
@@ -131,9 +134,19 @@ class HostBatches:
     hosts with two streams produce exactly the batches of one host with two streams.
     """
 
-    def __init__(self, manifest: dict, *, seq_len: int, global_batch: int, seed: int, streams: int,
-                 process_index: int, process_count: int, weights: dict[str, float] | None = None,
-                 worker_count: int = 0):
+    def __init__(
+        self,
+        manifest: dict,
+        *,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        streams: int,
+        process_index: int,
+        process_count: int,
+        weights: dict[str, float] | None = None,
+        worker_count: int = 0,
+    ):
         if streams % process_count or global_batch % streams:
             raise ConfigError(
                 f"data.streams={streams} must be a multiple of the process count ({process_count}) "
@@ -141,9 +154,18 @@ class HostBatches:
             )
         per_host = streams // process_count
         self.iterators = [
-            iter(train_dataset(manifest, seq_len=seq_len, batch_size=global_batch // streams, seed=seed,
-                               shard_index=s, shard_count=streams, weights=weights,
-                               worker_count=worker_count))
+            iter(
+                train_dataset(
+                    manifest,
+                    seq_len=seq_len,
+                    batch_size=global_batch // streams,
+                    seed=seed,
+                    shard_index=s,
+                    shard_count=streams,
+                    weights=weights,
+                    worker_count=worker_count,
+                )
+            )
             for s in range(process_index * per_host, (process_index + 1) * per_host)
         ]
 
@@ -160,7 +182,9 @@ class HostBatches:
 
     def set_state(self, states: list[dict]) -> None:
         if len(states) != len(self.iterators):
-            raise ValueError(f"data state has {len(states)} streams but this host reads {len(self.iterators)}.")
+            raise ValueError(
+                f"data state has {len(states)} streams but this host reads {len(self.iterators)}."
+            )
         for it, state in zip(self.iterators, states, strict=True):
             it.set_state(_from_json(state))
 
@@ -199,7 +223,7 @@ def eval_batches(
     ).map(_to_batch)
     rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):
-        chunk = [row for _, row in zip(range(batch_size), rows)]
+        chunk = list(itertools.islice(rows, batch_size))
         if chunk:
             batch = {k: np.stack([row[k] for row in chunk]) for k in chunk[0]}
         else:
