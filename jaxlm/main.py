@@ -7,9 +7,10 @@ not exist is an error, not a silent new field.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from jaxlm.cli import run_cli
 from jaxlm.errors import JaxlmError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,12 +35,7 @@ def main(argv):
 
 
 def run():
-    flags.mark_flag_as_required("config")
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:  # raised by --config.x overrides naming unknown keys
-        message = str(e.args[0] if e.args else e).replace("\n", " ")
-        sys.exit(f"error: bad --config override: {message}")
+    run_cli(main)
 
 
 if __name__ == "__main__":

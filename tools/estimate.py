@@ -19,7 +19,7 @@ import dataclasses
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 # Config files do `from configs import base`; make the repository root importable from anywhere.
@@ -97,12 +97,9 @@ def _measure(config, hardware) -> None:
 
 
 def run() -> None:
-    flags.mark_flag_as_required("config")
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:  # raised by --config.x overrides naming unknown keys
-        message = str(e.args[0] if e.args else e).replace("\n", " ")
-        sys.exit(f"error: bad --config override: {message}")
+    from jaxlm.cli import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import shutil
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from jaxlm.data.records import file_sha256
+from jaxlm.data.tokenizer import tokenizer_info
 from jaxlm.errors import JaxlmError
 
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
@@ -148,13 +150,7 @@ class HFTokenizer:
 
     def info(self) -> dict[str, Any]:
         """The manifest's ``tokenizer`` entry (without the file name)."""
-        return {
-            "sha256": self.sha256,
-            "vocab_size": self.vocab_size,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "pad_id": self.pad_id,
-        }
+        return tokenizer_info(self)
 
     def __repr__(self) -> str:
         return (
@@ -184,15 +180,6 @@ def find_tokenizer(directory: str) -> str:
         if os.path.isfile(os.path.join(directory, name)):
             return os.path.join(directory, name)
     return ""
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes (how manifests and checkpoints name a tokenizer)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def copy_files(src_dir: str, dst_dir: str) -> str:

@@ -48,6 +48,7 @@ def read_shard(path: str) -> list[np.ndarray]:
 
 
 def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (how manifests and checkpoints name a tokenizer)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -75,16 +75,21 @@ class Tokenizer:
 
     def info(self) -> dict[str, Any]:
         """The manifest's ``tokenizer`` entry (without the file name)."""
-        return {
-            "sha256": self.sha256,
-            "vocab_size": self.vocab_size,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "pad_id": self.pad_id,
-        }
+        return tokenizer_info(self)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def tokenizer_info(tok: Any) -> dict[str, Any]:
+    """The manifest's ``tokenizer`` entry for any backend with the Tokenizer interface."""
+    return {
+        "sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+    }
 
 
 def load(path: str) -> Any:
