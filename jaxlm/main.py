@@ -21,13 +21,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 
 def main(argv):
     del argv
-    from jaxlm import train  # after flag parsing: grain workers need absl flags parsed first
+    from jaxlm import loop  # after flag parsing: grain workers need absl flags parsed first
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO: keep stdout readable
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
-        train.run(config, workdir)
+        loop.run(config, workdir)
     except JaxlmError as e:
         if os.environ.get("JAXLM_TRACEBACK"):
             raise

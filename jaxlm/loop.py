@@ -1,0 +1,448 @@
+"""The training job: data, state, the loop with eval, checkpoints, preemption and rollback.
+
+`run(config, workdir)` is what `python -m jaxlm.main` does: prepare (or find) the data, build
+the sharded state or restore it from the newest checkpoint in `workdir`, train, evaluate, save,
+and print a sample. The pure pieces it drives (steps, `Setup`, `evaluate`) live in train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint as ckpt_lib
+from jaxlm import evaluate as evaluate_lib
+from jaxlm import generate as generate_lib
+from jaxlm import metrics as metrics_lib
+from jaxlm import sharding, train
+from jaxlm.data import pipeline
+from jaxlm.errors import ConfigError, JaxlmError
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the training job described by `config` in `workdir`.
+
+    Returns a summary: start and final step, final train loss, final eval metrics, the gzip
+    baseline, wall time, and whether the run was preempted.
+    """
+    # Imported here: data preparation is only needed by a full run, not by the step functions.
+    from jaxlm.data import prepare as prepare_lib
+    from jaxlm.data import tokenizer as tokenizer_lib
+
+    train.validate(config)
+    sharding.maybe_initialize_distributed(config.mesh)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    if config.train.batch_size % (sharding.batch_divisor(mesh) * config.train.grad_accum):
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} must divide by the batch mesh axes "
+            f"({sharding.batch_divisor(mesh)}) times train.grad_accum ({config.train.grad_accum})."
+        )
+    _prepare_workdir(workdir, config)
+    if config.data.manifest:
+        if not os.path.isfile(config.data.manifest):
+            raise ConfigError(f"data.manifest={config.data.manifest!r} does not exist.")
+        manifest_path = config.data.manifest
+    else:
+        manifest_path = prepare_lib.prepare(
+            config.data,
+            config.tokenizer,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    manifest = pipeline.load_manifest(manifest_path)
+    tokenizer_path = os.path.join(manifest["root"], manifest["tokenizer"]["file"])
+    if jax.process_index() == 0:
+        shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
+    tokenizer = tokenizer_lib.load(tokenizer_path)
+    vocab_size = tokenizer.vocab_size
+    if config.init_from:
+        from jaxlm.convert import hf
+
+        # The base model's embedding may be padded past its tokenizer: keep the model's size.
+        vocab_size = hf.source_model_config(config.init_from).vocab_size
+        if tokenizer.vocab_size > vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} pieces but init_from's model only "
+                f"{vocab_size} embeddings; prepare the data with the base model's own tokenizer."
+            )
+    setup = train.Setup(config, vocab_size, mesh)
+    trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    # The sample runs on process 0's host arrays; on many processes it is left to tools/generate.py.
+    if not summary["preempted"] and jax.process_count() == 1:
+        _print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)
+    trainer.out.close()
+    return summary
+
+
+class Trainer:
+    """The training loop of one run: steps, logging, eval, checkpoints, preemption, rollback."""
+
+    def __init__(
+        self, config: Any, setup: train.Setup, workdir: str, manifest: dict, tokenizer: Any
+    ):
+        self.config, self.setup, self.manifest = config, setup, manifest
+        self.tokenizer = tokenizer
+        self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
+        self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
+        self.checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
+        )
+        self.batches = pipeline.HostBatches(
+            manifest,
+            seq_len=config.train.seq_len,
+            global_batch=config.train.batch_size,
+            seed=config.seed,
+            streams=config.data.streams or jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            weights={n: d.weight for n, d in config.data.datasets.items()},
+            worker_count=config.data.grain_workers,
+        )
+        self.meta = {
+            "config": json.loads(config.to_json_best_effort()),
+            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+            "mesh_shape": dict(setup.mesh.shape),
+            "param_shapes": ckpt_lib.param_shapes(setup.abstract_state["params"]),
+        }
+        self.out.print(
+            f"model: {setup.n_params / 1e6:.2f}M parameters | mesh {dict(setup.mesh.shape)} preset "
+            f"{config.mesh.preset} | {jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"{jax.process_count()} process(es)"
+        )
+        self.step, self.state = self._restore_or_init()
+        self.batches_drawn = self.step
+        self.train_step = setup.jit_train_step()
+        self.eval_step = setup.jit_eval_step()
+        self.stop_signal: str | None = None
+        self.best_eval = (0, float("inf"))  # (step, held-out loss)
+        self.workdir = workdir
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def _restore_or_init(self) -> tuple[int, train.TrainState]:
+        if not self.checkpointer.steps():
+            state = self.setup.init_state()
+            if self.config.init_from:
+                from jaxlm.convert import hf
+
+                state["params"] = hf.load_init_params(
+                    self.config.init_from,
+                    self.setup,
+                    self.meta["tokenizer_sha256"],
+                    log=self.out.print,
+                )
+            return 0, state
+        if self.checkpointer.read_meta(self.checkpointer.steps()[-1]).get("params_only"):
+            raise ConfigError(
+                f"{self.checkpointer.directory} holds imported weights, not a training run; "
+                "train in "
+                "a new --workdir with --config.init_from=ckpt:<this workdir>."
+            )
+        step, state, data_state, saved_meta = self.checkpointer.restore(self.setup.abstract_state)
+        if saved_meta.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint at step {step} was trained with tokenizer "
+                f"{saved_meta.get('tokenizer_sha256', '?')[:12]} but the data now uses "
+                f"{self.meta['tokenizer_sha256'][:12]}; use the original data and tokenizer config."
+            )
+        if data_state is not None:
+            # Streams are global: flatten the saved per-process lists, then take this host's part,
+            # so a checkpoint written by N processes resumes on any process count.
+            streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
+            per_host = len(self.batches.iterators)
+            if len(streams) != per_host * jax.process_count():
+                raise ConfigError(
+                    f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
+                    f"reads {per_host * jax.process_count()}; "
+                    f"set --config.data.streams={len(streams)}."
+                )
+            first = jax.process_index() * per_host
+            self.batches.set_state(streams[first : first + per_host])
+        self.out.trim(step)
+        self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
+        return step, state
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        total = cfg.train.steps
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.flops_per_step = self.setup.flops_per_token(cfg.train.seq_len) * tokens_per_step
+        self.clock = metrics_lib.Throughput(self.step, total, tokens_per_step)
+        self.pending, self.data_wait, self.last = [], 0.0, {}
+        bad_steps: list[int] = []
+        rollbacks: list[list[int]] = []
+        previous_skip = None  # (step, device scalar) read one step late, to keep dispatch async
+        start_step, start = self.step, time.perf_counter()
+
+        with sharding.use(self.setup.mesh, self.setup.rules):
+            while self.step < total:
+                if self._should_stop():
+                    return self._preempt(start_step, start)
+                host_batch = self._next_batch()
+                self.state, step_metrics = self.train_step(
+                    self.state, sharding.host_to_global(host_batch, self.setup.mesh)
+                )
+                self.step += 1
+                self.pending.append(step_metrics)
+                if previous_skip is not None:
+                    bad_steps = bad_steps + [previous_skip[0]] if int(previous_skip[1]) else []
+                previous_skip = (self.step, step_metrics["skipped"])
+                if len(bad_steps) >= cfg.train.max_bad_steps:
+                    rollbacks.append(bad_steps)
+                    self._rollback(bad_steps, rollbacks)
+                    bad_steps, previous_skip = [], None
+                    continue
+                self._after_step(total)
+
+            final_eval = self._eval(total, final=True)
+
+        self.checkpointer.wait()
+        gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
+        if "bits_per_byte" in final_eval:
+            gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
+            self.out.print(
+                f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte "
+                f"(loss {final_eval['loss']:.4f}){gz}"
+            )
+        summary = self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        cfg = self.config
+        tokens = summary["final_step"] * cfg.train.batch_size * cfg.train.seq_len
+        best_step, best_loss = self.best_eval
+        self.out.print(
+            f"run summary: {tokens:,} tokens seen "
+            f"(steps {summary['start_step']}-{summary['final_step']} "
+            f"in {metrics_lib.format_duration(summary['wall_s'])}) | final train loss "
+            f"{summary['train_loss']:.4f} | best held-out loss {best_loss:.4f} "
+            f"at step {best_step}\n"
+            f"  checkpoints: {self.checkpointer.directory}\n"
+            f"  metrics: {os.path.join(self.workdir, 'metrics.jsonl')} and "
+            f"{os.path.join(self.workdir, 'tb')}\n"
+            f"  plots: python tools/plot_metrics.py {self.workdir}"
+        )
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.data_wait += time.perf_counter() - t0
+        # Injected faults belong to positions in the data stream, which a rollback does not rewind.
+        self.batches_drawn += 1
+        step = self.batches_drawn
+        if step in tuple(self.config.train.inject_nan_at):
+            batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+        if step in tuple(self.config.train.inject_spike_at):
+            rng = np.random.RandomState(step)
+            batch = dict(
+                batch,
+                targets=rng.randint(
+                    0, self.setup.model_cfg.vocab_size, batch["targets"].shape
+                ).astype(np.int32),
+            )
+        return batch
+
+    def _after_step(self, total: int) -> None:
+        cfg, done = self.config, self.step
+        if done % cfg.train.log_every == 0 or done == total:
+            self._log(done)
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
+            self._eval(done)
+        if done % cfg.checkpoint.every == 0 or done == total:
+            self._save(force=done == total)
+
+    def _log(self, done: int) -> None:
+        fetched = jax.device_get(self.pending)
+        last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        last["lr"] = float(fetched[-1]["lr"])
+        last["skipped"] = float(sum(m["skipped"] for m in fetched))
+        timing = self.clock.update(done)
+        last.update(timing, data_wait_s=self.data_wait / len(fetched))
+        last["update_to_param"] = last["update_norm"] / max(last["param_norm"], 1e-12)
+        peak = metrics_lib.peak_flops_per_device()
+        if peak:
+            last["mfu"] = self.flops_per_step / timing["step_time_s"] / (peak * jax.device_count())
+        mem = metrics_lib.device_memory_gb()
+        if mem is not None:
+            last["memory_gb"] = mem
+        self.pending, self.data_wait, self.last = [], 0.0, last
+        self.out.write(done, {k: v for k, v in last.items() if k != "eta_s"}, prefix="train/")
+        mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
+        skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
+        self.out.print(
+            f"step {done:>6}/{self.config.train.steps} | loss {last['loss']:.4f} | "
+            f"lr {last['lr']:.2e} | "
+            f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
+            f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
+        )
+
+    def _eval(self, step: int, final: bool = False) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
+        result = train.evaluate(
+            self.setup, self.eval_step, self.state["params"], self.manifest, cap
+        )
+        if self.tasks:
+            cfg = self.config
+            result.update(
+                evaluate_lib.score_tasks(
+                    self.setup.graphdef,
+                    self.state["params"],
+                    self.tokenizer,
+                    self.tasks,
+                    seq_len=cfg.train.seq_len,
+                    batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                    mesh=self.setup.mesh,
+                )
+            )
+        self.out.write(step, result, prefix="eval/")
+        if "loss" in result and result["loss"] < self.best_eval[1]:
+            self.best_eval = (step, result["loss"])
+        if "loss" in result:
+            self.out.print(
+                f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                f"{result['bits_per_byte']:.3f} bits/byte{_task_summary(result)} | "
+                f"{time.perf_counter() - t0:.1f}s"
+            )
+        return result
+
+    def _save(self, force: bool = False) -> None:
+        data_state = ckpt_lib.gather_host_states(self.batches.get_state())
+        self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+
+    def _should_stop(self) -> bool:
+        """Whether a stop signal arrived here or, on multi-host, on any process."""
+        flag = self.stop_signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+            if flag and self.stop_signal is None:
+                self.stop_signal = "a stop signal on another process"
+        return flag
+
+    def _preempt(self, start_step: int, start: float) -> dict[str, Any]:
+        if self.step not in self.checkpointer.steps():
+            self._save(force=True)
+        self.checkpointer.wait()
+        self.out.print(
+            f"stopped by {self.stop_signal} at step {self.step}: checkpoint saved in "
+            f"{self.checkpointer.directory}; run the same command to resume."
+        )
+        return self._summary(start_step, start, preempted=True)
+
+    def _rollback(self, bad_steps: list[int], rollbacks: list[list[int]]) -> None:
+        """Returns to the last good checkpoint; the data position stays, skipping bad batches."""
+        if len(rollbacks) > self.config.train.max_rollbacks:
+            raise TrainingError(
+                f"training keeps failing: {len(rollbacks)} runs of "
+                f"{self.config.train.max_bad_steps} "
+                f"skipped steps (non-finite or spiking loss) at steps {rollbacks}; lower optim.lr, "
+                "raise train.spike_ratio, or inspect the data around those steps."
+            )
+        self.checkpointer.wait()
+        # A checkpoint written during the streak (detection lags a step) is not a good one.
+        good = [s for s in self.checkpointer.steps() if s < bad_steps[0]]
+        self.checkpointer.delete_after(good[-1] if good else 0)
+        if not good:
+            self.step, self.state = 0, self.setup.init_state()
+        else:
+            self.step, self.state, _, _ = self.checkpointer.restore(
+                self.setup.abstract_state, good[-1]
+            )
+        self.pending = []
+        self.out.print(
+            f"rollback: steps {bad_steps} were skipped in a row; back to step {self.step}, "
+            "continuing with the batches after the bad ones"
+        )
+        self.out.write(self.step, {"rollbacks": len(rollbacks)}, prefix="train/")
+
+    def _summary(self, start_step: int, start: float, **extra) -> dict[str, Any]:
+        return dict(
+            start_step=start_step,
+            final_step=self.step,
+            train_loss=self.last.get("loss"),
+            wall_s=time.perf_counter() - start,
+            **{"preempted": False, **extra},
+        )
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> dict[str, list]:
+    """Downstream multiple-choice tasks: the built-in next-line task plus any configured files."""
+    tasks = {}
+    if config.eval.next_line_examples > 0:
+        texts = evaluate_lib.heldout_texts(manifest, tokenizer.decode)
+        kwargs = dict(n_examples=config.eval.next_line_examples, seed=config.seed)
+        if jax.process_index() == 0:  # one writer; the task is deterministic, others rebuild it
+            path = os.path.join(workdir, "tasks", "next_line.jsonl")
+            tasks["next_line"] = evaluate_lib.ensure_next_line_task(path, texts, **kwargs)
+        else:
+            tasks["next_line"] = evaluate_lib.build_next_line_task(texts, **kwargs)
+    for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
+        tasks[os.path.splitext(os.path.basename(path))[0]] = evaluate_lib.load_task(path)
+    return tasks
+
+
+def _task_summary(result: dict[str, float]) -> str:
+    accuracies = {k[: -len("/accuracy")]: v for k, v in result.items() if k.endswith("/accuracy")}
+    return "".join(f" | {name} acc {acc:.1%}" for name, acc in sorted(accuracies.items()))
+
+
+class TrainingError(JaxlmError):
+    """The run cannot make progress (repeated non-finite or spiking losses)."""
+
+
+def _print_sample(config, setup, params, tokenizer, out) -> None:
+    s = config.sample
+    if s.max_tokens <= 0 or not s.prompt:
+        return
+    with sharding.use(setup.mesh, setup.rules):
+        new_tokens = generate_lib.generate(
+            setup.graphdef,
+            params,
+            [[tokenizer.bos_id] + tokenizer.encode(s.prompt)],
+            max_new_tokens=s.max_tokens,
+            eos_id=tokenizer.eos_id,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=config.seed,
+        )[0]
+    out.print("sample (KV-cache decoding):\n" + s.prompt + tokenizer.decode(new_tokens))
+
+
+def _prepare_workdir(workdir: str, config: Any) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        # One probe per process: many processes share the workdir.
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir {workdir!r} cannot be written ({e.strerror}); choose another."
+        ) from None
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
