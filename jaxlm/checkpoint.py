@@ -70,9 +70,7 @@ class Checkpointer:
         failures = []
         for s in candidates:
             try:
-                meta = self.manager.restore(
-                    s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-                )["meta"]
+                meta = self._meta(s)
                 check_compatible(meta, abstract_state)
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
                 if self._has_item(s, "data"):
@@ -105,11 +103,14 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """The metadata saved with `step` (config, tokenizer hash, shapes), or {} if unreadable."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-                "meta"
-            ]
+            return self._meta(step)
         except Exception:  # noqa: BLE001 - an unreadable checkpoint is dealt with by restore()
             return {}
+
+    def _meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
     def _move_aside(self, step: int) -> str:
         """Renames an unreadable step directory so it is kept for inspection but never reused."""

@@ -25,9 +25,10 @@ from jaxlm.errors import ConfigError
 
 
 def load_manifest(path: str) -> dict:
-    """Reads manifest.json and resolves shard paths relative to its folder."""
-    with open(path) as f:
-        manifest = json.load(f)
+    """Reads manifest.json and records its folder, which shard paths are relative to."""
+    from jaxlm.data import prepare  # the manifest's owner; imported late, it pulls in curation
+
+    manifest = prepare.load_manifest(path)
     manifest["root"] = os.path.dirname(os.path.abspath(path))
     return manifest
 
@@ -69,11 +70,12 @@ def _documents(manifest: dict, dataset: str, split: str, shard_index: int, shard
     return grain.MapDataset.source(source)[shard_index::shard_count]
 
 
-def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch_size: int, drop_remainder: bool):
+def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """Documents packed end to end into rows of the batch contract (one row per element)."""
     packed = grain.experimental.ConcatThenSplitIterDataset(
         docs, length_struct={"inputs": seq_len, "targets": seq_len}
     )
-    return packed.map(_to_batch).batch(batch_size, drop_remainder=drop_remainder)
+    return packed.map(_to_batch)
 
 
 def train_dataset(
@@ -119,7 +121,7 @@ def train_dataset(
         if len(streams) > 1
         else streams[0]
     )
-    ds = _pack_and_batch(mixed.to_iter_dataset(), seq_len, batch_size, drop_remainder=True)
+    ds = _packed_rows(mixed.to_iter_dataset(), seq_len).batch(batch_size, drop_remainder=True)
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
@@ -218,9 +220,7 @@ def eval_batches(
     """
     bos = manifest["tokenizer"]["bos_id"]
     docs = _documents(manifest, dataset, "val", 0, 1).map(_ToPair(bos))
-    packed = grain.experimental.ConcatThenSplitIterDataset(
-        docs.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len}
-    ).map(_to_batch)
+    packed = _packed_rows(docs.to_iter_dataset(), seq_len)
     rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):
         chunk = list(itertools.islice(rows, batch_size))
