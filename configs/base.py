@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False  # share the input embedding with the output projection
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # activation recomputation: none | full | dots
-    c.model.attention = "auto"  # auto (cudnn on GPU, else xla) | xla | cudnn
+    c.model.attention = "auto"  # auto (GPU cudnn, TPU splash, else xla) | xla | cudnn | splash
     c.model.init_std = 0.02  # std of the normal init of weight matrices
 
     c.data = ml_collections.ConfigDict()

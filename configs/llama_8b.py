@@ -39,7 +39,7 @@ def get_config():
     c.model.tie_embeddings = False  # separate output head: 2 x 525M of the 8.03B parameters
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay fp32
     c.model.remat = "full"  # keep only each block's input; recompute the rest in the backward
-    c.model.attention = "auto"  # cuDNN flash attention on GPUs, XLA elsewhere
+    c.model.attention = "auto"  # cuDNN flash attention on GPUs, splash on TPUs, XLA elsewhere
 
     c.tokenizer.vocab_size = 128256  # Llama 3's vocabulary size
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import metrics, optim, sharding
+from jaxlm import attention, metrics, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 
@@ -237,7 +237,7 @@ _SAVED_NONE = {
 def memory(
     m: model_lib.ModelConfig, tx: optax.GradientTransformation, layout: Layout, budget: float
 ) -> Memory:
-    """Per-device memory of one train step of model `m` (attention resolved: xla | cudnn)."""
+    """Per-device memory of one train step of `m` (attention resolved: xla | cudnn | splash)."""
     tensor = layout.mesh_shape["tensor"] if layout.preset == "fsdp_tp" else 1
     params, opt = state_bytes(m, tx, layout)
     a = jnp.dtype(m.dtype).itemsize
@@ -387,7 +387,7 @@ def estimate(
         config.model, int(vocab_size or config.tokenizer.vocab_size)
     )
     if config.model.attention == "auto":  # what the trainer picks on that platform
-        m = dataclasses.replace(m, attention="cudnn" if hw.platform == "gpu" else "xla")
+        m = dataclasses.replace(m, attention=attention.default_for(hw.platform))
     shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
     layout = Layout(
         config.mesh.preset,

@@ -175,6 +175,25 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
 
 
+def per_device(
+    fn: Any, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[str | None]
+) -> Any:
+    """`fn` run on each device's slice of its arguments (shard_map), split by logical names.
+
+    For kernels XLA cannot partition itself (Pallas). Outside `use(...)` it is `fn` unchanged.
+    """
+    if _active is None:
+        return fn
+    mesh, rules = _active
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(logical_to_spec(axes, rules) for axes in in_axes),
+        out_specs=logical_to_spec(out_axes, rules),
+        check_vma=False,
+    )
+
+
 def maybe_initialize_distributed(mesh_cfg: Any) -> None:
     """Joins a multi-process JAX runtime when the config or the environment asks for it.
 

@@ -1,12 +1,15 @@
 """Properties of the transformer: causality, packing isolation, KV-cache equivalence, shapes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import generate, model
+from jaxlm import attention, generate, model
+from jaxlm.errors import ConfigError
 
 CFG = model.ModelConfig(
     vocab_size=61,
@@ -76,8 +79,6 @@ def test_cached_step_logits_match_full_forward_within_1e5(net):
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_logits():
-    import dataclasses
-
     net = model.create(dataclasses.replace(CFG, dtype="bfloat16"))
     logits = net(jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32
@@ -85,8 +86,6 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits():
 
 
 def test_remat_gives_the_same_gradients():
-    import dataclasses
-
     tokens = jnp.asarray(np.random.RandomState(4).randint(0, 61, (2, 9)))
 
     def grads(cfg):
@@ -105,3 +104,39 @@ def test_bad_head_counts_are_one_clear_error():
         model.ModelConfig(
             vocab_size=61, d_model=28, n_layers=1, n_heads=6, n_kv_heads=4, head_dim=6, d_ff=44
         )
+
+
+def test_splash_attention_equals_xla_in_logits_and_gradients():
+    """The Pallas kernel (interpret mode off TPU) under packing, padding and GQA."""
+    cfg = dataclasses.replace(CFG, max_seq_len=attention.SPLASH_LANES)
+    splash_net = model.create(dataclasses.replace(cfg, attention="splash"), seed=3)
+    xla_net = model.create(cfg, seed=3)
+    rng = np.random.RandomState(4)
+    L = attention.SPLASH_LANES  # the shortest sequence the kernel takes
+    tokens = jnp.asarray(rng.randint(0, 61, (2, L)))
+    segment_ids = np.ones((2, L), np.int32)
+    segment_ids[0, 41:] = 2  # two documents in row 0 ...
+    segment_ids[1, 100:] = 0  # ... padding at the end of row 1
+    positions = np.concatenate([np.arange(41), np.arange(L - 41)])[None].repeat(2, 0)
+    args = (tokens, jnp.asarray(positions), jnp.asarray(segment_ids))
+
+    def loss_and_grads(net):
+        graphdef, state = nnx.split(net)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(*args) ** 2)  # noqa: E731
+        return net(*args), jax.grad(loss)(nnx.to_pure_dict(state))
+
+    splash_logits, splash_grads = loss_and_grads(splash_net)
+    xla_logits, xla_grads = loss_and_grads(xla_net)
+    np.testing.assert_allclose(splash_logits, xla_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(splash_grads), jax.tree.leaves(xla_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_attention_picks_the_fused_kernel_of_each_platform():
+    assert [attention.default_for(p) for p in ("tpu", "gpu", "cpu")] == ["splash", "cudnn", "xla"]
+
+
+def test_splash_attention_rejects_a_length_the_kernel_cannot_tile():
+    net = model.create(dataclasses.replace(CFG, attention="splash"), seed=3)
+    with pytest.raises(ConfigError, match="multiple of 128"):
+        net(jnp.zeros((1, 40), jnp.int32))

@@ -69,6 +69,15 @@ def test_sharded_losses_equal_single_device(preset, mesh_shape, batches, single_
     assert mu.sharding.spec == jax.tree.leaves(state["params"])[0].sharding.spec
 
 
+def test_splash_attention_on_a_tensor_parallel_mesh_equals_xla_on_one_device():
+    # The Pallas kernel runs per device under shard_map (batch rows over fsdp, heads over tensor).
+    long = dict(train__seq_len=128, model__max_seq_len=128)
+    batches = [packed_batch(8, 128, seed=s, vocab=62) for s in range(3)]
+    splash = make_setup("fsdp_tp", (1, 4, 2), model__attention="splash", **long)
+    xla = make_setup(devices=jax.devices()[:1], **long)
+    np.testing.assert_allclose(run_steps(splash, batches)[1], run_steps(xla, batches)[1], rtol=1e-5)
+
+
 def test_gradient_accumulation_equals_one_big_batch():
     setup = make_setup(devices=jax.devices()[:1])
     params = setup.init_state()["params"]

@@ -1,0 +1,96 @@
+"""Attention kernels behind one call: XLA or cuDNN (`jax.nn.dot_product_attention`) and Pallas
+splash attention for TPU.
+
+All three compute causal attention within documents: a query sees the keys at or before its
+position that carry its segment id. XLA and cuDNN read that from a boolean mask (B, 1, L, S);
+splash reads the segment ids (B, L) themselves and skips whole blocks that are masked out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import sharding
+from jaxlm.errors import ConfigError
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+SPLASH_BLOCK = 512  # query/key block of the splash kernel; shorter sequences use their length
+SPLASH_LANES = 128  # the kernel's blocks must be whole multiples of the TPU's 128 lanes
+
+
+def default_for(platform: str) -> str:
+    """What `model.attention="auto"` becomes: the fused kernel where the platform has one."""
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+
+
+def attend(
+    q: jax.Array,  # (B, L, H, E)
+    k: jax.Array,  # (B, S, K, E)
+    v: jax.Array,  # (B, S, K, E)
+    mask: jax.Array,  # (B, 1, L, S) bool
+    segment_ids: jax.Array,  # (B, L); splash needs S == L (training and prefill)
+    implementation: str,
+) -> jax.Array:  # (B, L, H, E)
+    """Softmax(q k^T / sqrt(E)) v under the causal same-document mask, by `implementation`."""
+    if implementation == "splash":
+        return _splash(q, k, v, segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _splash_kernel(n_heads: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # only when used
+
+    block = min(SPLASH_BLOCK, seq_len)
+    if seq_len % block or block % SPLASH_LANES:
+        raise ConfigError(
+            f"model.attention=splash needs a sequence length that is a multiple of "
+            f"{SPLASH_LANES} (and of {SPLASH_BLOCK} above it), not {seq_len}."
+        )
+    mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * n_heads)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    # head_shards/q_seq_shards describe how the mask is split; here each device builds the
+    # kernel for its own heads (inside shard_map), so the mask is never split.
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def _splash(q, k, v, segment_ids):
+    # Pallas kernels are not partitioned by XLA: run one per device on its own batch rows and
+    # heads. Off TPU the kernel runs in interpret mode (slow; for tests).
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    interpret = jax.default_backend() != "tpu"
+
+    def local(q, k, v, segment_ids):  # this device's slice
+        B, L, H, E = q.shape
+        kernel = _splash_kernel(H, L, interpret)
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (B, L, N, E) -> (B, N, L, E)
+        out = jax.vmap(kernel)(
+            heads_first(q * E**-0.5).astype(q.dtype),
+            heads_first(k),
+            heads_first(v),
+            segment_ids=SegmentIds(q=segment_ids, kv=segment_ids),
+        )
+        return heads_first(out)
+
+    return sharding.per_device(
+        local,
+        in_axes=(
+            ("batch", "seq", "heads", "head_dim"),
+            ("batch", "seq", "kv_heads", "head_dim"),
+            ("batch", "seq", "kv_heads", "head_dim"),
+            ("batch", "seq"),
+        ),
+        out_axes=("batch", "seq", "heads", "head_dim"),
+    )(q, k, v, segment_ids)
