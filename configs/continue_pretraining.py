@@ -55,11 +55,11 @@ def get_config(source: str = "") -> ml_collections.ConfigDict:
     c.name = "continue_pretraining"
     fields, tokenizer_path, init_from = dict(TINYSOLAR), "", ""
     if source:
-        from jaxlm.convert import hf
+        from jaxlm.convert import init_from as warm_start
 
         init_from = source if source.partition(":")[0] in ("hf", "ckpt") else f"hf:{source}"
-        fields = hf.model_fields(init_from)
-        tokenizer_path = hf.source_tokenizer(init_from)
+        fields = warm_start.model_fields(init_from)
+        tokenizer_path = warm_start.tokenizer_file(init_from)
     c.init_from = init_from  # 'hf:<dir>' | 'ckpt:<workdir or step dir>' | '' = random init
 
     vocab_size = fields.pop("vocab_size")

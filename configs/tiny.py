@@ -6,10 +6,11 @@ Hardware: any CPU. Data: the interpreter's own standard-library source (~31 MB o
 prepared once into a cache in ~12 s; 2% of files held out by content hash). Model: 3 layers,
 d=384, 6.3M parameters, 4096-piece code-safe BPE; 300 steps of 16 x 256 tokens (1.2M tokens).
 
-Measured on a quiet 2-core AMD EPYC (2026-11-22, see docs/perf.md): 6 min 35 s wall in all
-(prep 12 s, ~3,600 tokens/s), final held-out 2.36 bits per byte where gzip -9 gets 1.61 on
-the same text (Python source is very compressible: gzip reaches 1.59 on the whole stdlib),
-next-line task 33% (chance 25%). Beating gzip on code takes ~10x this compute.
+Measured on a 2-core AMD EPYC VM (2026-11-22 06:52 UTC, see docs/perf.md): 5 min 22 s wall in
+all (prep 18 s, ~4,400 tokens/s in training; tools/bench.py: 739 ms per step, 51.7% MFU), final
+held-out 2.37 bits per byte where gzip -9 gets 1.61 on the same text (Python source is very
+compressible: gzip reaches 1.59 on the whole stdlib), next-line task 32% (chance 25%). Beating
+gzip on code takes ~10x this compute.
 """
 
 from configs import base

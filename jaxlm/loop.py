@@ -63,10 +63,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     tokenizer = tokenizer_lib.load(tokenizer_path)
     vocab_size = tokenizer.vocab_size
     if config.init_from:
-        from jaxlm.convert import hf
+        from jaxlm.convert import init_from
 
         # The base model's embedding may be padded past its tokenizer: keep the model's size.
-        vocab_size = hf.source_model_config(config.init_from).vocab_size
+        vocab_size = init_from.model_config(config.init_from).vocab_size
         if tokenizer.vocab_size > vocab_size:
             raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} pieces but init_from's model only "
@@ -137,9 +137,9 @@ class Trainer:
         if not self.checkpointer.steps():
             state = self.setup.init_state()
             if self.config.init_from:
-                from jaxlm.convert import hf
+                from jaxlm.convert import init_from
 
-                state["params"] = hf.load_init_params(
+                state["params"] = init_from.load_params(
                     self.config.init_from,
                     self.setup,
                     self.meta["tokenizer_sha256"],

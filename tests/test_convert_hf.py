@@ -19,6 +19,7 @@ from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding, train
 from jaxlm.convert import hf
+from jaxlm.convert import init_from as warm_start
 from jaxlm.data import hf_tokenizer
 from jaxlm.errors import ConfigError
 from tests.helpers import packed_batch, tiny_config
@@ -293,7 +294,7 @@ SMALL = model_lib.ModelConfig(
 def setup_for(init_from, mesh_shape=(1, -1, 1), preset="fsdp", **changes):
     """A Setup whose model section is copied from `init_from`, then changed by `changes`."""
     config = tiny_config()
-    fields = hf.model_fields(init_from)
+    fields = warm_start.model_fields(init_from)
     vocab = fields.pop("vocab_size")
     for key, value in {**fields, **changes}.items():
         config.model[key] = value
@@ -305,8 +306,8 @@ def test_init_from_hf_and_ckpt_place_the_same_params_in_shards(tmp_path):
     src = write_numpy_hf(str(tmp_path / "hf"), SMALL, shards=2)
     hf.import_hf(src, str(tmp_path / "imported"), progress=False)
     setup = setup_for(f"hf:{src}", (2, 4, 1), "fsdp")
-    from_hf = hf.load_init_params(f"hf:{src}", setup)
-    from_ckpt = hf.load_init_params(f"ckpt:{tmp_path / 'imported'}", setup)
+    from_hf = warm_start.load_params(f"hf:{src}", setup)
+    from_ckpt = warm_start.load_params(f"ckpt:{tmp_path / 'imported'}", setup)
     expected = read_params(src)[1]
     leaves = jax.tree_util.tree_leaves_with_path
     want = dict(leaves(expected))
@@ -321,9 +322,9 @@ def test_init_from_with_another_model_shape_names_the_field(tmp_path):
     src = write_numpy_hf(str(tmp_path / "hf"), SMALL)
     setup = setup_for(f"hf:{src}", d_ff=64)
     with pytest.raises(ConfigError, match=r"d_ff=56 but the run's model.d_ff is 64"):
-        hf.load_init_params(f"hf:{src}", setup)
+        warm_start.load_params(f"hf:{src}", setup)
     with pytest.raises(ConfigError, match="must be 'hf:<model dir>' or 'ckpt:"):
-        hf.load_init_params(f"{src}", setup)
+        warm_start.load_params(f"{src}", setup)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -703,7 +704,9 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
 
     setup = train.Setup(config, tok.vocab_size, sharding.make_mesh(config.mesh.shape))
     state = setup.init_state()
-    state["params"] = hf.load_init_params(config.init_from, setup, manifest["tokenizer"]["sha256"])
+    state["params"] = warm_start.load_params(
+        config.init_from, setup, manifest["tokenizer"]["sha256"]
+    )
     train_step, eval_step = setup.jit_train_step(), setup.jit_eval_step()
     before = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
     it = iter(pipeline.train_dataset(manifest, seq_len=64, batch_size=8, seed=0))

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family safetensors <-> jaxlm checkpoints, and `init_from` loading.
+"""Hugging Face Llama-family safetensors <-> jaxlm checkpoints.
 
 - `import_hf(hf_dir, workdir)`: `config.json` + `*.safetensors` (one file, or shards with
   `model.safetensors.index.json`) -> `workdir/checkpoints/0/` (a params-only state),
@@ -6,8 +6,7 @@
 - `export_hf(ckpt, out_dir)`: a jaxlm checkpoint -> `config.json`, `model.safetensors` (or
   shards of at most `max_shard_bytes` + index), `generation_config.json` and tokenizer files,
   loadable with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`.
-- `load_init_params(init_from, setup)`: `hf:<dir>` or `ckpt:<workdir|step dir>` -> the params
-  of a new run in `setup.param_shardings` (the optimizer, step and data position start fresh).
+`jaxlm/convert/init_from.py` starts a new run from either kind of weights.
 
 Conversion streams: each tensor is read on its own (`safetensors.safe_open`, reopened per
 tensor so no file stays memory-mapped); export reads the checkpoint in pieces of
@@ -31,7 +30,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -49,17 +48,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer old checkpoints saved; recomputed here
 RESTORE_BYTES = 256 * 2**20  # export reads the checkpoint in pieces of about this size
-SHAPE_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "d_ff",
-    "tie_embeddings",
-)
-NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
 
 
 class ConvertError(JaxlmError):
@@ -395,7 +383,7 @@ def iter_hf_params(
 def import_hf(hf_dir: str, workdir: str, progress: bool = True) -> model_lib.ModelConfig:
     """Converts a Hugging Face Llama directory into a jaxlm checkpoint in `workdir`.
 
-    Writes `workdir/checkpoints/0/` (state = {'params'} only; `load_init_params` reads it),
+    Writes `workdir/checkpoints/0/` (state = {'params'} only; `init_from.load_params` reads it),
     `workdir/model_config.json` and `workdir/tokenizer/` (the model's tokenizer files).
     Returns the model's ModelConfig.
     """
@@ -646,120 +634,6 @@ def _export_tokenizer(
             "embeddings; pass the tokenizer it was trained with."
         )
     return hf_tokenizer.write_for_transformers(source, out_dir, cfg.max_seq_len)
-
-
-# --------------------------------------------------------------------------- init_from
-
-
-def parse_init_from(init_from: str) -> tuple[str, str]:
-    """('hf' | 'ckpt', path) of a `config.init_from` value."""
-    kind, sep, path = init_from.partition(":")
-    if not sep or kind not in ("hf", "ckpt") or not path:
-        raise ConfigError(
-            f"config.init_from={init_from!r} must be 'hf:<model dir>' or "
-            "'ckpt:<workdir or step dir>'."
-        )
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"config.init_from={init_from!r}: {path} does not exist.")
-    return kind, path
-
-
-def source_model_config(init_from: str) -> model_lib.ModelConfig:
-    """The ModelConfig of the weights `init_from` names (reads config/metadata, not weights)."""
-    kind, path = parse_init_from(init_from)
-    if kind == "hf":
-        return model_config_from_hf(read_hf_config(path), os.path.join(path, "config.json"))
-    ckpt_dir, step = resolve_checkpoint(path)
-    return model_config_from_meta(read_meta(ckpt_dir, step), f"{ckpt_dir}/{step}")
-
-
-def source_tokenizer(init_from: str) -> str:
-    """The tokenizer file that came with `init_from`'s weights ('' if none)."""
-    kind, path = parse_init_from(init_from)
-    if kind == "ckpt":
-        path = os.path.join(os.path.dirname(resolve_checkpoint(path)[0]), "tokenizer")
-    return find_tokenizer(path)
-
-
-def model_fields(init_from: str) -> dict[str, Any]:
-    """The `config.model` fields of a source model, for a recipe to copy (plus vocab_size)."""
-    fields = dataclasses.asdict(source_model_config(init_from))
-    for run_choice in ("dtype", "remat", "attention"):  # how to run it, not what it is
-        fields.pop(run_choice)
-    return fields
-
-
-def load_init_params(
-    init_from: str,
-    setup: Any,
-    tokenizer_sha256: str | None = None,
-    log: Callable[[str], None] = print,
-) -> Any:
-    """The parameters `init_from` names, placed in `setup.param_shardings` (a pure dict).
-
-    Args:
-      init_from: 'hf:<HF model dir>' (streamed tensor by tensor onto the devices) or
-        'ckpt:<workdir, checkpoints dir or step dir>' (only the params are read: the
-        optimizer state, step and data position of that run are ignored).
-      setup: the new run's `train.Setup`.
-      tokenizer_sha256: the run's tokenizer hash; refused if the source came with another.
-      log: where a RoPE/norm setting that differs from the source's is reported.
-
-    Raises:
-      ConfigError: a shape-defining model field differs from the source's (named), or the
-        data was tokenized with another tokenizer than the source model's.
-    """
-    kind, path = parse_init_from(init_from)
-    src, mine = source_model_config(init_from), setup.model_cfg
-    for field in SHAPE_FIELDS:
-        theirs, ours = getattr(src, field), getattr(mine, field)
-        if theirs != ours:
-            name = "tokenizer's vocab_size" if field == "vocab_size" else f"model.{field}"
-            raise ConfigError(
-                f"config.init_from={init_from!r} has {field}={theirs} but the run's "
-                f"{name} is {ours}; make the run's model match its source."
-            )
-    for field in NUMERIC_FIELDS:
-        if getattr(src, field) != getattr(mine, field):
-            log(
-                f"init_from: model.{field}={getattr(mine, field)} differs from the source's "
-                f"{getattr(src, field)}; training will adapt the weights to it."
-            )
-    _check_tokenizer(init_from, tokenizer_sha256)
-    shardings = traverse_util.flatten_dict(setup.param_shardings)
-    if kind == "hf":
-        flat = {}
-        for t, w in iter_hf_params(path, src, progress=True):
-            flat[t.path] = jax.make_array_from_callback(
-                w.shape, shardings[t.path], lambda idx, w=w: w[idx]
-            )
-            del w
-    else:
-        ckpt_dir, step = resolve_checkpoint(path)
-        abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in layout(src)}
-        flat = restore_params(ckpt_dir, step, abstract, shardings)
-    return traverse_util.unflatten_dict(flat)
-
-
-def _check_tokenizer(init_from: str, sha: str | None) -> None:
-    kind, path = parse_init_from(init_from)
-    if not sha:
-        return
-    if kind == "hf":
-        known = {
-            file_sha256(os.path.join(path, n))
-            for n in ("tokenizer.json", "tokenizer.model")
-            if os.path.isfile(os.path.join(path, n))
-        }
-    else:
-        ckpt_dir, step = resolve_checkpoint(path)
-        known = {read_meta(ckpt_dir, step).get("tokenizer_sha256")} - {"", None}
-    if known and sha not in known:
-        raise ConfigError(
-            f"the data was tokenized with tokenizer {sha[:12]}, not the one of "
-            f"config.init_from={init_from!r}; set config.tokenizer.path to it."
-        )
 
 
 # --------------------------------------------------------------------------- progress

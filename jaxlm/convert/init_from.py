@@ -1,0 +1,146 @@
+"""`config.init_from`: start a new run from Hugging Face weights or another run's checkpoint.
+
+`hf:<model dir>` streams the safetensors tensor by tensor onto the devices; `ckpt:<workdir,
+checkpoints dir or step dir>` reads only the params of that run. Either way the optimizer,
+step and data position start fresh, the model's shapes must match the source's (one sentence
+names the field that differs) and so must the tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxlm import model as model_lib
+from jaxlm.convert import hf
+from jaxlm.data.hf_tokenizer import file_sha256, find_tokenizer
+from jaxlm.errors import ConfigError
+
+SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_ff",
+    "tie_embeddings",
+)
+NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
+
+
+def parse(init_from: str) -> tuple[str, str]:
+    """('hf' | 'ckpt', path) of a `config.init_from` value."""
+    kind, sep, path = init_from.partition(":")
+    if not sep or kind not in ("hf", "ckpt") or not path:
+        raise ConfigError(
+            f"config.init_from={init_from!r} must be 'hf:<model dir>' or "
+            "'ckpt:<workdir or step dir>'."
+        )
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config.init_from={init_from!r}: {path} does not exist.")
+    return kind, path
+
+
+def model_config(init_from: str) -> model_lib.ModelConfig:
+    """The ModelConfig of the weights `init_from` names (reads config/metadata, not weights)."""
+    kind, path = parse(init_from)
+    if kind == "hf":
+        return hf.model_config_from_hf(hf.read_hf_config(path), os.path.join(path, "config.json"))
+    ckpt_dir, step = hf.resolve_checkpoint(path)
+    return hf.model_config_from_meta(hf.read_meta(ckpt_dir, step), f"{ckpt_dir}/{step}")
+
+
+def tokenizer_file(init_from: str) -> str:
+    """The tokenizer file that came with `init_from`'s weights ('' if none)."""
+    kind, path = parse(init_from)
+    if kind == "ckpt":
+        path = os.path.join(os.path.dirname(hf.resolve_checkpoint(path)[0]), "tokenizer")
+    return find_tokenizer(path)
+
+
+def model_fields(init_from: str) -> dict[str, Any]:
+    """The `config.model` fields of a source model, for a recipe to copy (plus vocab_size)."""
+    fields = dataclasses.asdict(model_config(init_from))
+    for run_choice in ("dtype", "remat", "attention"):  # how to run it, not what it is
+        fields.pop(run_choice)
+    return fields
+
+
+def load_params(
+    init_from: str,
+    setup: Any,
+    tokenizer_sha256: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """The parameters `init_from` names, placed in `setup.param_shardings` (a pure dict).
+
+    Args:
+      init_from: 'hf:<HF model dir>' (streamed tensor by tensor onto the devices) or
+        'ckpt:<workdir, checkpoints dir or step dir>' (only the params are read: the
+        optimizer state, step and data position of that run are ignored).
+      setup: the new run's `train.Setup`.
+      tokenizer_sha256: the run's tokenizer hash; refused if the source came with another.
+      log: where a RoPE/norm setting that differs from the source's is reported.
+
+    Raises:
+      ConfigError: a shape-defining model field differs from the source's (named), or the
+        data was tokenized with another tokenizer than the source model's.
+    """
+    kind, path = parse(init_from)
+    src, mine = model_config(init_from), setup.model_cfg
+    for field in SHAPE_FIELDS:
+        theirs, ours = getattr(src, field), getattr(mine, field)
+        if theirs != ours:
+            name = "tokenizer's vocab_size" if field == "vocab_size" else f"model.{field}"
+            raise ConfigError(
+                f"config.init_from={init_from!r} has {field}={theirs} but the run's "
+                f"{name} is {ours}; make the run's model match its source."
+            )
+    for field in NUMERIC_FIELDS:
+        if getattr(src, field) != getattr(mine, field):
+            log(
+                f"init_from: model.{field}={getattr(mine, field)} differs from the source's "
+                f"{getattr(src, field)}; training will adapt the weights to it."
+            )
+    _check_tokenizer(init_from, tokenizer_sha256)
+    shardings = traverse_util.flatten_dict(setup.param_shardings)
+    if kind == "hf":
+        flat = {}
+        for t, w in hf.iter_hf_params(path, src, progress=True):
+            flat[t.path] = jax.make_array_from_callback(
+                w.shape, shardings[t.path], lambda idx, w=w: w[idx]
+            )
+            del w
+    else:
+        ckpt_dir, step = hf.resolve_checkpoint(path)
+        abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in hf.layout(src)}
+        flat = hf.restore_params(ckpt_dir, step, abstract, shardings)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _check_tokenizer(init_from: str, sha: str | None) -> None:
+    kind, path = parse(init_from)
+    if not sha:
+        return
+    if kind == "hf":
+        known = {
+            file_sha256(os.path.join(path, n))
+            for n in ("tokenizer.json", "tokenizer.model")
+            if os.path.isfile(os.path.join(path, n))
+        }
+    else:
+        ckpt_dir, step = hf.resolve_checkpoint(path)
+        known = {hf.read_meta(ckpt_dir, step).get("tokenizer_sha256")} - {"", None}
+    if known and sha not in known:
+        raise ConfigError(
+            f"the data was tokenized with tokenizer {sha[:12]}, not the one of "
+            f"config.init_from={init_from!r}; set config.tokenizer.path to it."
+        )
