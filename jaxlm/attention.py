@@ -12,16 +12,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
-from jaxlm.errors import ConfigError
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 SPLASH_BLOCK = 512  # query/key block of the splash kernel; shorter sequences use their length
 SPLASH_LANES = 128  # the kernel's blocks must be whole multiples of the TPU's 128 lanes
 
 
-def default_for(platform: str) -> str:
-    """What `model.attention="auto"` becomes: the fused kernel where the platform has one."""
-    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+def default_for(platform: str, dtype: str, head_dim: int) -> str:
+    """What `model.attention="auto"` becomes: the fused kernel where the platform has one.
+
+    cuDNN's fused attention takes only 16-bit inputs and head dims that are multiples of 8 (up
+    to 128 on every GPU generation), so an fp32 or odd-headed model stays on XLA on a GPU.
+    """
+    if platform == "gpu":
+        cudnn_ok = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
+        return "cudnn" if cudnn_ok else "xla"
+    return "splash" if platform == "tpu" else "xla"
 
 
 def attend(
@@ -29,24 +35,30 @@ def attend(
     k: jax.Array,  # (B, S, K, E)
     v: jax.Array,  # (B, S, K, E)
     mask: jax.Array,  # (B, 1, L, S) bool
-    segment_ids: jax.Array,  # (B, L); splash needs S == L (training and prefill)
+    segment_ids: jax.Array,  # (B, L)
     implementation: str,
 ) -> jax.Array:  # (B, L, H, E)
-    """Softmax(q k^T / sqrt(E)) v under the causal same-document mask, by `implementation`."""
+    """Softmax(q k^T / sqrt(E)) v under the causal same-document mask, by `implementation`.
+
+    Splash runs where its kernel can tile the sequence (keys aligned with queries, L a multiple
+    of 128); anything else (KV-cache decoding, short scoring batches) goes through XLA.
+    """
     if implementation == "splash":
-        return _splash(q, k, v, segment_ids)
+        if splash_tiles(q.shape[1], k.shape[1]):
+            return _splash(q, k, v, segment_ids)
+        implementation = "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def splash_tiles(q_len: int, kv_len: int) -> bool:
+    """Whether the splash kernel takes these lengths (blocks are whole multiples of 128 lanes)."""
+    return q_len == kv_len and q_len % SPLASH_LANES == 0 and q_len % min(SPLASH_BLOCK, q_len) == 0
 
 
 def _splash_kernel(n_heads: int, seq_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash  # only when used
 
     block = min(SPLASH_BLOCK, seq_len)
-    if seq_len % block or block % SPLASH_LANES:
-        raise ConfigError(
-            f"model.attention=splash needs a sequence length that is a multiple of "
-            f"{SPLASH_LANES} (and of {SPLASH_BLOCK} above it), not {seq_len}."
-        )
     mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * n_heads)
     sizes = splash.BlockSizes(
         block_q=block,

@@ -77,7 +77,11 @@ class ModelConfig:
         if kwargs.get("rope_scaling") is not None:
             kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"]) or None
         if kwargs.get("attention") == "auto":
-            kwargs["attention"] = attention.default_for(jax.default_backend())
+            kwargs["attention"] = attention.default_for(
+                jax.default_backend(),
+                kwargs.get("dtype", cls.dtype),
+                kwargs["head_dim"],
+            )
         return cls(vocab_size=vocab_size, **kwargs)
 
 
@@ -194,9 +198,7 @@ class Attention(nnx.Module):
             )
             cache = {"k": k, "v": v, "index": index + x.shape[1]}
             k, v = k.astype(dtype), v.astype(dtype)
-        # Splash needs keys aligned with queries, so decoding from a KV cache goes through XLA.
-        implementation = "xla" if cache is not None else self.cfg.attention
-        out = attention.attend(q, k, v, mask, segment_ids, implementation)
+        out = attention.attend(q, k, v, mask, segment_ids, self.cfg.attention)
         out = sharding.constrain(out, ("batch", "seq", "heads", "head_dim"))  # (B, L, H, E)
         return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
 

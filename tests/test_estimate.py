@@ -15,7 +15,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from configs import base, llama_8b, tiny
 from jaxlm import estimate as est_lib
-from jaxlm import metrics, sharding, train
+from jaxlm import estimate_table, metrics, sharding, train
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 
@@ -113,7 +113,7 @@ def test_hardware_peaks_come_from_metrics():
 
 def test_table_is_readable_in_80_columns():
     for config, chips in ((tiny.get_config(), 1), (llama_8b.get_config(), 8)):
-        table = est_lib.format_table(est_lib.estimate(config, "h100", chips, 0.45, 2.5))
+        table = estimate_table.format_table(est_lib.estimate(config, "h100", chips, 0.45, 2.5))
         lines = table.splitlines()
         assert max(len(line) for line in lines) <= 80
         headers = [line.split()[0] for line in lines if not line.startswith((" ", "="))]

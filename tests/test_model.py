@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from jaxlm import attention, generate, model
-from jaxlm.errors import ConfigError
 
 CFG = model.ModelConfig(
     vocab_size=61,
@@ -132,11 +131,19 @@ def test_splash_attention_equals_xla_in_logits_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_attention_picks_the_fused_kernel_of_each_platform():
-    assert [attention.default_for(p) for p in ("tpu", "gpu", "cpu")] == ["splash", "cudnn", "xla"]
+def test_auto_attention_picks_the_fused_kernel_each_platform_can_run():
+    assert attention.default_for("tpu", "float32", 64) == "splash"
+    assert attention.default_for("gpu", "bfloat16", 128) == "cudnn"
+    assert attention.default_for("gpu", "float32", 64) == "xla"  # cuDNN takes 16-bit inputs only
+    assert attention.default_for("gpu", "bfloat16", 6) == "xla"  # ... and head dims of 8k
+    assert attention.default_for("cpu", "bfloat16", 64) == "xla"
 
 
-def test_splash_attention_rejects_a_length_the_kernel_cannot_tile():
-    net = model.create(dataclasses.replace(CFG, attention="splash"), seed=3)
-    with pytest.raises(ConfigError, match="multiple of 128"):
-        net(jnp.zeros((1, 40), jnp.int32))
+def test_splash_falls_back_to_xla_where_its_kernel_cannot_tile():
+    # Scoring batches and KV-cache decoding have lengths the kernel cannot take.
+    splash_net = model.create(dataclasses.replace(CFG, attention="splash"), seed=3)
+    xla_net = model.create(CFG, seed=3)
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, 61, (2, 40)))
+    np.testing.assert_array_equal(splash_net(tokens), xla_net(tokens))
+    assert not attention.splash_tiles(40, 40) and not attention.splash_tiles(128, 256)
+    assert attention.splash_tiles(128, 128) and attention.splash_tiles(1024, 1024)

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import sys
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 # Config files do `from configs import base`; make the repository root importable from anywhere.
@@ -41,9 +41,10 @@ _MEASURE = flags.DEFINE_bool("measure", False, "Also compile the step here; prin
 
 def main(argv: list[str]) -> None:
     del argv
-    from jaxlm import estimate
+    from jaxlm import estimate, estimate_table
     from jaxlm.errors import JaxlmError
 
+    logging.set_verbosity(logging.WARNING)  # jax logs each accelerator backend it cannot open
     config = _CONFIG.value
     if config is None:
         sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
             price_per_chip_hour=_PRICE.value,
             tokens=_TOKENS.value,
         )
-        print(estimate.format_table(est))
+        print(estimate_table.format_table(est))
         if _MEASURE.value:
             _measure(config, hardware)
     except JaxlmError as e:
