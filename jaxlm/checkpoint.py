@@ -21,6 +21,15 @@ import jaxlm
 from jaxlm.errors import JaxlmError
 
 
+def read_step_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
+    """The metadata saved with `step` under `ckpt_dir`, read without a Checkpointer."""
+    return _restore_meta(ocp.CheckpointManager(ckpt_dir), step)
+
+
+def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 class CheckpointError(JaxlmError):
     """No usable checkpoint, or one written by an incompatible run."""
 
@@ -108,9 +117,7 @@ class Checkpointer:
             return {}
 
     def _meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        return _restore_meta(self.manager, step)
 
     def _move_aside(self, step: int) -> str:
         """Renames an unreadable step directory so it is kept for inspection but never reused."""

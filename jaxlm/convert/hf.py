@@ -444,14 +444,6 @@ def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     return path, steps[-1] if step is None else step
 
 
-def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
-    """The metadata a Checkpointer saved with `step`."""
-    import orbax.checkpoint as ocp
-
-    args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-    return ocp.CheckpointManager(ckpt_dir).restore(step, args=args)["meta"]
-
-
 def model_config_from_meta(meta: dict[str, Any], where: str) -> model_lib.ModelConfig:
     """The ModelConfig of a checkpoint written by `import_hf` or by a training run."""
     if meta.get("model_config"):
@@ -514,7 +506,7 @@ def export_hf(
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     ckpt_dir, step = resolve_checkpoint(ckpt, step)
-    meta = read_meta(ckpt_dir, step)
+    meta = ckpt_lib.read_step_meta(ckpt_dir, step)
     cfg = model_config_from_meta(meta, f"{ckpt_dir}/{step}")
     if cfg.d_model % cfg.n_heads:
         raise ConvertError(

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm.convert import hf
 from jaxlm.data.hf_tokenizer import file_sha256, find_tokenizer
@@ -55,7 +56,7 @@ def model_config(init_from: str) -> model_lib.ModelConfig:
     if kind == "hf":
         return hf.model_config_from_hf(hf.read_hf_config(path), os.path.join(path, "config.json"))
     ckpt_dir, step = hf.resolve_checkpoint(path)
-    return hf.model_config_from_meta(hf.read_meta(ckpt_dir, step), f"{ckpt_dir}/{step}")
+    return hf.model_config_from_meta(ckpt_lib.read_step_meta(ckpt_dir, step), f"{ckpt_dir}/{step}")
 
 
 def tokenizer_file(init_from: str) -> str:
@@ -138,7 +139,7 @@ def _check_tokenizer(init_from: str, sha: str | None) -> None:
         }
     else:
         ckpt_dir, step = hf.resolve_checkpoint(path)
-        known = {hf.read_meta(ckpt_dir, step).get("tokenizer_sha256")} - {"", None}
+        known = {ckpt_lib.read_step_meta(ckpt_dir, step).get("tokenizer_sha256")} - {"", None}
     if known and sha not in known:
         raise ConfigError(
             f"the data was tokenized with tokenizer {sha[:12]}, not the one of "
