@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # activation recomputation: none | full | dots
     c.model.attention = "auto"  # auto (GPU cudnn, TPU splash, else xla) | xla | cudnn | splash
+    c.model.scan_layers = False  # run the blocks under one lax.scan: compile time flat in depth
     c.model.init_std = 0.02  # std of the normal init of weight matrices
 
     c.data = ml_collections.ConfigDict()

@@ -44,6 +44,7 @@ def get_config():
     c.model.tie_embeddings = True  # GPT-2 shares the input embedding with the output head
     c.model.dtype = "bfloat16"  # compute dtype; parameters and Adam state stay fp32
     c.model.remat = "none"  # 32 x 1,024 tokens per chip fit without recomputation
+    c.model.scan_layers = True  # one scanned block: compile time does not grow with depth
 
     # GPT-2's vocabulary. Sets the embedding rows only when data prep trains the tokenizer;
     # with tokenizer.path set, the tokenizer file's own size decides.

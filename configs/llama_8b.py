@@ -40,6 +40,7 @@ def get_config():
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay fp32
     c.model.remat = "full"  # keep only each block's input; recompute the rest in the backward
     c.model.attention = "auto"  # cuDNN flash attention on GPUs, splash on TPUs, XLA elsewhere
+    c.model.scan_layers = True  # one scanned block: compile time does not grow with depth
 
     c.tokenizer.vocab_size = 128256  # Llama 3's vocabulary size
 

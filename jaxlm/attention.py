@@ -82,7 +82,7 @@ def _splash(q, k, v, segment_ids):
     # heads. Off TPU the kernel runs in interpret mode (slow; for tests).
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    interpret = jax.default_backend() != "tpu"
+    interpret = sharding.platform() != "tpu"  # the target's: compiling for TPU on a CPU is real
 
     def local(q, k, v, segment_ids):  # this device's slice
         B, L, H, E = q.shape

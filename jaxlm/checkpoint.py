@@ -146,6 +146,12 @@ def check_compatible(meta: dict, abstract_state: Any) -> None:
     if not saved:
         return
     current = param_shapes(abstract_state["params"])
+    saved_scanned = not any(name.startswith("blocks/0/") for name in saved)
+    if saved_scanned != (not any(name.startswith("blocks/0/") for name in current)):
+        raise CheckpointError(
+            f"the checkpoint was written with model.scan_layers={saved_scanned}; resume with the "
+            "same setting, or start a new --workdir with --config.init_from=ckpt:<this run>."
+        )
     for name, shape in current.items():
         if name not in saved:
             raise CheckpointError(

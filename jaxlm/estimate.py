@@ -38,50 +38,20 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import attention, metrics, optim, sharding
+from jaxlm import attention, hardware, metrics, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 
-GiB = 1024**3
+GiB = hardware.GiB
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 USABLE_FRACTION = 0.9  # of HBM: headroom for XLA workspace, fragmentation and the runtime
 WIDTH = 80  # columns of the table
 
 
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    """One accelerator chip: dense bf16 peak FLOP/s and memory (HBM) per chip."""
-
-    name: str
-    peak_flops: float  # FLOP/s, dense bf16, no sparsity
-    memory_bytes: float  # HBM per chip
-    platform: str = "gpu"  # tpu | gpu | cpu: decides what attention="auto" becomes
-
-
-# Peak FLOP/s are read from metrics.PEAK_FLOPS (the trainer's MFU divides by the same numbers);
-# memory is the vendors' HBM per chip.
-HARDWARE: dict[str, Hardware] = {
-    "tpu-v4": Hardware("TPU v4", metrics.PEAK_FLOPS["tpu v4"], 32 * GiB, "tpu"),
-    "tpu-v5e": Hardware("TPU v5e", metrics.PEAK_FLOPS["tpu v5e"], 16 * GiB, "tpu"),
-    "tpu-v5p": Hardware("TPU v5p", metrics.PEAK_FLOPS["tpu v5p"], 95 * GiB, "tpu"),
-    "tpu-v6e": Hardware("TPU v6e", metrics.PEAK_FLOPS["tpu v6e"], 32 * GiB, "tpu"),
-    "a100": Hardware("A100 80GB", metrics.PEAK_FLOPS["a100"], 80 * GiB, "gpu"),
-    "h100": Hardware("H100", metrics.PEAK_FLOPS["h100"], 80 * GiB, "gpu"),
-    "h200": Hardware("H200", metrics.PEAK_FLOPS["h200"], 141 * GiB, "gpu"),
-}
-
-
-def get_hardware(name: str) -> Hardware:
-    """The preset called `name` ("h100", "tpu-v5p", "v5p" and "TPU v5p" all work)."""
-    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
-    key = f"tpu-{key}" if f"tpu-{key}" in HARDWARE else key
-    if key not in HARDWARE:
-        raise ConfigError(
-            f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE)}, or give peak "
-            "FLOP/s and memory per chip yourself (Hardware(...), or --hardware=custom "
-            "--peak-tflops=... --hbm-gib=...)."
-        )
-    return HARDWARE[key]
+# The chip table lives in jaxlm/hardware.py (shared with the trainer's MFU and tools/compile.py).
+Hardware = hardware.Chip
+HARDWARE = hardware.CHIPS
+get_hardware = hardware.get_chip
 
 
 # --------------------------------------------------------------------------- parameters

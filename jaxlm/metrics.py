@@ -15,29 +15,12 @@ from typing import Any
 
 import jax
 
-# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets (no sparsity).
-PEAK_FLOPS = {
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,  # v5e
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6 lite": 918e12,  # v6e (Trillium)
-    "tpu v6e": 918e12,
-    "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "b200": 2250e12,
-}
-
+from jaxlm import hardware
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
-    """Vendor peak bf16 FLOP/s of `device`, or None when unknown (e.g. CPU)."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops
-    return None
+    """Vendor peak bf16 FLOP/s of `device` (from `hardware.CHIPS`), or None (e.g. CPU)."""
+    chip = hardware.chip_of_device((device or jax.devices()[0]).device_kind)
+    return chip.peak_flops if chip else None
 
 
 def flops_per_token(

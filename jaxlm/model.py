@@ -9,7 +9,7 @@ at block boundaries with `sharding.constrain`; which mesh axes those names map t
 `sharding.py` alone, so no mesh axis appears here.
 
 Shape alphabet: B batch, L length, S key length, D model dim, H query heads, K kv heads,
-E head dim, F mlp dim, V vocab.
+E head dim, F mlp dim, V vocab, N layers (the leading axis of a `scan_layers` model's blocks).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, traverse_util
 
 from jaxlm import attention, sharding
@@ -47,6 +48,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
     attention: str = "xla"  # xla | cudnn | splash (see jaxlm/attention.py)
+    # Blocks stacked on a leading `layers` axis and run by one scan: compile time and program
+    # size stay flat in depth. Parameters then have a (n_layers, ...) shape; see stack_layers.
+    scan_layers: bool = False
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -70,15 +74,21 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_config(cls, model_cfg: Any, vocab_size: int) -> ModelConfig:
-        """Builds the frozen config from the `config.model` ConfigDict and the tokenizer's vocab."""
+    def from_config(
+        cls, model_cfg: Any, vocab_size: int, platform: str | None = None
+    ) -> ModelConfig:
+        """Builds the frozen config from the `config.model` ConfigDict and the tokenizer's vocab.
+
+        `attention="auto"` resolves for `platform` (tpu | gpu | cpu; default: this host's
+        backend), which is the target's when compiling for hardware this host does not have.
+        """
         fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
         kwargs = {k: v for k, v in model_cfg.items() if k in fields}
         if kwargs.get("rope_scaling") is not None:
             kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"]) or None
         if kwargs.get("attention") == "auto":
             kwargs["attention"] = attention.default_for(
-                jax.default_backend(),
+                platform or jax.default_backend(),
                 kwargs.get("dtype", cls.dtype),
                 kwargs["head_dim"],
             )
@@ -248,7 +258,10 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
@@ -280,20 +293,10 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)  # (B, L, D)
         x = sharding.constrain(x, ("batch", "seq", "embed"))
 
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            if cache is not None:
-                layer_cache = dict(cache["layers"][i], index=cache["index"])
-                x, layer_cache = block(x, positions, mask, segment_ids, inv_freq, layer_cache)
-                new_layers.append({"k": layer_cache["k"], "v": layer_cache["v"]})
-            elif cfg.remat != "none":
-                remat_block = nnx.remat(
-                    lambda blk, x: blk(x, positions, mask, segment_ids, inv_freq)[0],
-                    policy=REMAT_POLICIES[cfg.remat],
-                )
-                x = remat_block(block, x)
-            else:
-                x, _ = block(x, positions, mask, segment_ids, inv_freq)
+        if cfg.scan_layers:
+            x, new_layers = self._scan_blocks(x, positions, mask, segment_ids, inv_freq, cache)
+        else:
+            x, new_layers = self._loop_blocks(x, positions, mask, segment_ids, inv_freq, cache)
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
@@ -303,21 +306,96 @@ class Transformer(nnx.Module):
             return logits
         return logits, dict(cache, layers=new_layers, index=cache["index"] + L)
 
+    def _loop_blocks(self, x, positions, mask, segment_ids, inv_freq, cache):
+        """The blocks one after another (a Python loop: one copy of each in the program)."""
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                layer_cache = dict(cache["layers"][i], index=cache["index"])
+                x, layer_cache = block(x, positions, mask, segment_ids, inv_freq, layer_cache)
+                new_layers.append({"k": layer_cache["k"], "v": layer_cache["v"]})
+            elif self.cfg.remat != "none":
+                remat_block = nnx.remat(
+                    lambda blk, x: blk(x, positions, mask, segment_ids, inv_freq)[0],
+                    policy=REMAT_POLICIES[self.cfg.remat],
+                )
+                x = remat_block(block, x)
+            else:
+                x, _ = block(x, positions, mask, segment_ids, inv_freq)
+        return x, new_layers
+
+    def _scan_blocks(self, x, positions, mask, segment_ids, inv_freq, cache):
+        """The stacked blocks under one `lax.scan`: one copy of a block in the program.
+
+        The scan slices each stacked parameter (and, when decoding, each stacked cache entry)
+        along its leading `layers` axis; the residual stream is the carry.
+        """
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, layer):
+            block_state, layer_cache = layer
+            block = nnx.merge(graphdef, block_state)
+            if layer_cache is not None:
+                layer_cache = dict(layer_cache, index=cache["index"])
+            x, layer_cache = block(x, positions, mask, segment_ids, inv_freq, layer_cache)
+            if layer_cache is not None:
+                layer_cache = {"k": layer_cache["k"], "v": layer_cache["v"]}
+            return sharding.constrain(x, ("batch", "seq", "embed")), layer_cache
+
+        if cache is None and self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+        layer_caches = None if cache is None else cache["layers"]
+        x, new_layers = jax.lax.scan(body, x, (stacked, layer_caches))
+        return x, new_layers
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """n_layers blocks as one Block whose parameters have a leading `layers` axis."""
+    keys = jax.random.split(rngs.params(), cfg.n_layers)
+    blocks = nnx.vmap(lambda key: Block(cfg, nnx.Rngs(params=key)))(keys)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
+    return blocks
+
+
+def stack_layers(params: dict) -> dict:
+    """Per-layer parameters {'blocks': {0: tree, 1: tree, ...}} -> one tree of (n_layers, ...)
+    arrays, the layout of a `scan_layers` model. Works on numpy and jax arrays alike."""
+    layers = [params["blocks"][i] for i in sorted(params["blocks"])]
+    stack = np.stack if isinstance(jax.tree.leaves(layers[0])[0], np.ndarray) else jnp.stack
+    return dict(params, blocks=jax.tree.map(lambda *xs: stack(xs), *layers))
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`: one tree per layer, keyed 0 .. n_layers - 1."""
+    stacked = params["blocks"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return dict(params, blocks={i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
+
 
 def init_cache(cfg: ModelConfig, segment_ids: jax.Array) -> dict[str, Any]:
     """An empty KV cache with one slot per column of `segment_ids` (B, S).
 
     `segment_ids` marks the slots that will hold real tokens (1) and padding (0), so left-padded
-    prompts of different lengths can share one batch.
+    prompts of different lengths can share one batch. A `scan_layers` model keeps one
+    (n_layers, B, S, K, E) array for keys and one for values; otherwise a list per layer.
     """
     B, S = segment_ids.shape
     shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
-    return {
-        "layers": [
+    if cfg.scan_layers:
+        layers: Any = {
+            "k": jnp.zeros((cfg.n_layers, *shape), dtype),
+            "v": jnp.zeros((cfg.n_layers, *shape), dtype),
+        }
+    else:
+        layers = [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(cfg.n_layers)
-        ],
+        ]
+    return {
+        "layers": layers,
         "index": jnp.array(0, jnp.int32),
         "segment_ids": segment_ids,
     }

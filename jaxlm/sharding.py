@@ -1,8 +1,9 @@
 """Device mesh, logical-to-mesh axis rules, and multi-host start-up.
 
 Model code names the axes of its parameters and activations logically (`batch, seq, embed, heads,
-kv_heads, head_dim, mlp, vocab, norm`). This module alone decides which mesh axis each name is
-split over, through a few named presets:
+kv_heads, head_dim, mlp, vocab, norm`, and `layers`, the stacking axis of a scanned model, which
+no preset splits). This module alone decides which mesh axis each name is split over, through a
+few named presets:
 
 - `dp`: parameters replicated; the batch is split over every device.
 - `fsdp`: parameters (and so gradients and optimizer state) split over `fsdp` along `embed`;
@@ -88,6 +89,10 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    if devices[0].platform == "tpu":  # a slice's compile-only devices: lay the mesh on the torus
+        from jax.experimental import mesh_utils
+
+        return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
@@ -165,6 +170,14 @@ def use(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[None]:
         yield
     finally:
         _active = previous
+
+
+def platform() -> str:
+    """The platform being traced for: the active mesh's devices' (a TPU slice's when compiling
+    ahead of time on a CPU), else this host's default backend."""
+    if _active is None:
+        return jax.default_backend()
+    return _active[0].devices.flat[0].platform
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

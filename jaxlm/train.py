@@ -159,9 +159,14 @@ def make_eval_step(graphdef: Any) -> Callable[[Any, Batch], tuple[jax.Array, jax
 class Setup:
     """The model, optimizer and shardings of a run, built once from its config."""
 
-    def __init__(self, config: Any, vocab_size: int, mesh: jax.sharding.Mesh):
+    def __init__(
+        self, config: Any, vocab_size: int, mesh: jax.sharding.Mesh, platform: str | None = None
+    ):
+        """`platform` (default: the mesh's devices') is what `model.attention=auto` resolves
+        for; a CUDA export from a CPU host passes "gpu"."""
         self.config = config
-        self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size)
+        self.platform = platform or mesh.devices.flat[0].platform
+        self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, self.platform)
         self.mesh = mesh
         self.rules = sharding.rules_for(config.mesh.preset)
         self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -209,25 +214,52 @@ class Setup:
 
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shards (no full copy on one device)."""
-        with sharding.use(self.mesh, self.rules):
-            return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+        init = jax.jit(self.in_mesh(self._init_fn), out_shardings=self.state_shardings)
+        return init()
+
+    def in_mesh(self, fn: Callable) -> Callable:
+        """`fn` traced with this run's mesh and rules active, whoever calls it: the sharding
+        constraints inside the model can never be lost by tracing outside `sharding.use`."""
+
+        def traced_in_mesh(*args):
+            with sharding.use(self.mesh, self.rules):
+                return fn(*args)
+
+        return traced_in_mesh
 
     def jit_train_step(self) -> Callable:
+        """The jitted `train_step(state, batch)`: donated state, explicit shardings."""
         t = self.config.train
         step = make_train_step(
             self.graphdef, self.tx, self.schedule, t.grad_accum, t.spike_ratio, t.spike_warmup
         )
         batch_sh = sharding.batch_sharding(self.mesh)
         return jax.jit(
-            step,
+            self.in_mesh(step),
             in_shardings=(self.state_shardings, batch_sh),
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
         )
 
     def jit_eval_step(self) -> Callable:
+        """The jitted `eval_step(params, batch) -> (summed nll, target count)`."""
         batch_sh = sharding.batch_sharding(self.mesh)
-        return jax.jit(make_eval_step(self.graphdef), in_shardings=(self.param_shardings, batch_sh))
+        return jax.jit(
+            self.in_mesh(make_eval_step(self.graphdef)),
+            in_shardings=(self.param_shardings, batch_sh),
+        )
+
+    def abstract_batch(self, rows: int | None = None) -> Batch:
+        """ShapeDtypeStructs of a global batch (default train.batch_size rows), sharded as the
+        step takes it: for compiling without data."""
+        rows_sharding = sharding.batch_sharding(self.mesh)
+        shape = (rows or self.config.train.batch_size, self.config.train.seq_len)
+        batch = {
+            k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows_sharding)
+            for k in ("inputs", "targets", "segment_ids", "positions")
+        }
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows_sharding)
+        return batch
 
     def flops_per_token(self, seq_len: int) -> float:
         m = self.model_cfg

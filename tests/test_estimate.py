@@ -105,9 +105,15 @@ def test_chinchilla_budget_for_the_8b_recipe():
     assert est.chinchilla_params == pytest.approx(math.sqrt(est.tokens * est.params.total / 20))
 
 
-def test_hardware_peaks_come_from_metrics():
-    for key, hw in est_lib.HARDWARE.items():
-        assert hw.peak_flops == metrics.PEAK_FLOPS[key.replace("-", " ")]
+def test_trainer_mfu_and_planner_read_one_chip_table():
+    # What jax reports as device_kind on each chip -> the planner's entry for that chip.
+    kinds = {"TPU v4": "tpu-v4", "TPU v5 lite": "tpu-v5e", "TPU v5": "tpu-v5p",
+             "TPU v6 lite": "tpu-v6e", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200",
+             "NVIDIA A100-SXM4-80GB": "a100"}  # fmt: skip
+    for kind, key in kinds.items():
+        device = type("Device", (), {"device_kind": kind})()
+        assert metrics.peak_flops_per_device(device) == est_lib.HARDWARE[key].peak_flops, kind
+    assert metrics.peak_flops_per_device(type("D", (), {"device_kind": "cpu"})()) is None
     assert est_lib.get_hardware("TPU v5p") is est_lib.get_hardware("v5p")
 
 

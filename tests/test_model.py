@@ -147,3 +147,85 @@ def test_splash_falls_back_to_xla_where_its_kernel_cannot_tile():
     np.testing.assert_array_equal(splash_net(tokens), xla_net(tokens))
     assert not attention.splash_tiles(40, 40) and not attention.splash_tiles(128, 256)
     assert attention.splash_tiles(128, 128) and attention.splash_tiles(1024, 1024)
+
+
+# --------------------------------------------------------------------------- scanned layers
+
+SCAN_CFG = dataclasses.replace(CFG, n_layers=3)  # three layers: a mix-up of layers shows
+
+
+def _unrolled_and_scanned(cfg=SCAN_CFG):
+    """The same weights as an unrolled model and as a scanned one (stacked by stack_layers)."""
+    unrolled = model.create(cfg, seed=5)
+    g_loop, state = nnx.split(unrolled)
+    params = nnx.to_pure_dict(state)
+    g_scan, _ = nnx.split(model.abstract(dataclasses.replace(cfg, scan_layers=True)))
+    return g_loop, params, g_scan, model.stack_layers(params)
+
+
+def test_scanned_layers_equal_unrolled_in_logits_and_gradients():
+    g_loop, params, g_scan, stacked = _unrolled_and_scanned()
+    batch = {k: jnp.asarray(v) for k, v in _packed(3, 17).items()}
+
+    def loss(graphdef, p):
+        logits = nnx.merge(graphdef, p)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
+
+    (l_loop, logits_loop), grads_loop = jax.value_and_grad(
+        lambda p: loss(g_loop, p), has_aux=True
+    )(params)
+    (l_scan, logits_scan), grads_scan = jax.value_and_grad(
+        lambda p: loss(g_scan, p), has_aux=True
+    )(stacked)
+    np.testing.assert_allclose(logits_scan, logits_loop, rtol=0, atol=1e-5)
+    assert abs(float(l_scan - l_loop)) < 1e-6
+    flat_loop = jax.tree.leaves(model.stack_layers(grads_loop))
+    for a, b in zip(jax.tree.leaves(grads_scan), flat_loop, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The layers really are distinct: reversing their order changes the logits.
+    reversed_layers = dict(params, blocks={i: params["blocks"][2 - i] for i in range(3)})
+    other = nnx.merge(g_scan, model.stack_layers(reversed_layers))(batch["inputs"])
+    assert not np.allclose(other, nnx.merge(g_scan, stacked)(batch["inputs"]), atol=1e-3)
+
+
+def test_scanned_parameters_carry_a_leading_layers_axis():
+    scanned = model.abstract(dataclasses.replace(SCAN_CFG, scan_layers=True))
+    axes = model.logical_axes(nnx.state(scanned))
+    shapes = nnx.to_pure_dict(nnx.state(scanned))
+    assert axes["blocks"]["attn"]["wq"] == ("layers", "embed", "heads", "head_dim")
+    assert shapes["blocks"]["attn"]["wq"].shape == (3, 28, 6, 6)
+    assert axes["embed"] == ("vocab", "embed")  # outside the blocks nothing changes
+    unrolled = model.abstract(SCAN_CFG)
+    assert model.count_params(shapes) == model.count_params(nnx.to_pure_dict(nnx.state(unrolled)))
+
+
+def test_stack_and_unstack_layers_are_inverse():
+    _, params, _, stacked = _unrolled_and_scanned()
+    back = model.unstack_layers(jax.tree.map(np.asarray, stacked))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scanned_cached_decoding_equals_unrolled():
+    g_loop, params, g_scan, stacked = _unrolled_and_scanned()
+    prompts = [[5, 17, 3, 44, 2], [9, 1, 30]]
+    loop = generate.generate(g_loop, params, prompts, max_new_tokens=6, eos_id=-1)
+    scan = generate.generate(g_scan, stacked, prompts, max_new_tokens=6, eos_id=-1)
+    assert scan == loop
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_scanned_remat_gives_the_same_gradients(policy):
+    _, params, g_scan, stacked = _unrolled_and_scanned()
+    remat_cfg = dataclasses.replace(SCAN_CFG, scan_layers=True, remat=policy)
+    g_remat, _ = nnx.split(model.abstract(remat_cfg))
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 61, (2, 11)))
+    grad = lambda g: jax.grad(lambda p: jnp.sum(nnx.merge(g, p)(tokens) ** 2))(stacked)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(grad(g_remat)), jax.tree.leaves(grad(g_scan)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _packed(batch, seq_len):
+    from tests.helpers import packed_batch
+
+    return packed_batch(batch, seq_len, seed=4)

@@ -5,6 +5,7 @@
     python tools/estimate.py --config=configs/tiny.py --config.model.remat=full --chips=1
     python tools/estimate.py --config=configs/llama_8b.py --hardware=custom \\
         --peak-tflops=1979 --hbm-gib=192 --chips=8
+    python tools/estimate.py --config=configs/llama_8b.py --target=v5p-64   # as tools/compile.py
 
 Prints an 80-column table: Model, Compute, Memory per device, Time & cost, Chinchilla and
 Suggestions. Bad input (an unknown chip, an MFU outside (0, 1], no chips) is one `error:` line.
@@ -37,6 +38,10 @@ _PEAK = flags.DEFINE_float("peak-tflops", None, "Peak dense bf16 TFLOP/s per chi
 _HBM = flags.DEFINE_float("hbm-gib", None, "Memory per chip in GiB (override).")
 _PLATFORM = flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu"], "Platform of --hardware=custom.")
 _MEASURE = flags.DEFINE_bool("measure", False, "Also compile the step here; print XLA's total.")
+_TARGET = flags.DEFINE_string(
+    "target", None, "A slice as tools/compile.py names it (v5p-64, v5e-16, h100-8): sets the "
+    "hardware and the chip count."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -49,11 +54,16 @@ def main(argv: list[str]) -> None:
     if config is None:
         sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
     try:
-        hardware = _hardware()
+        hardware, chips = _hardware(), _CHIPS.value
+        if _TARGET.value:
+            from jaxlm import hardware as hardware_lib
+
+            target = hardware_lib.parse_target(_TARGET.value)
+            hardware, chips = target.chip, target.chips
         est = estimate.estimate(
             config,
             hardware,
-            chips=_CHIPS.value,
+            chips=chips,
             mfu=_MFU.value,
             price_per_chip_hour=_PRICE.value,
             tokens=_TOKENS.value,

@@ -238,8 +238,10 @@ class Tensor:
 
 
 def layout(cfg: model_lib.ModelConfig) -> list[Tensor]:
-    """Every parameter of `cfg`'s model, in Hugging Face's order."""
-    pure = nnx.to_pure_dict(nnx.state(model_lib.abstract(cfg)))
+    """Every parameter of `cfg`'s model, in Hugging Face's order, one tensor per layer (paths
+    ('blocks', i, ...)) also for a `scan_layers` model, whose checkpoints stack them."""
+    per_layer = dataclasses.replace(cfg, scan_layers=False)
+    pure = nnx.to_pure_dict(nnx.state(model_lib.abstract(per_layer)))
     shape = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(pure).items()}
     out = [Tensor(("embed",), "model.embed_tokens.weight", "same", shape[("embed",)])]
     for i in range(cfg.n_layers):
@@ -458,12 +460,42 @@ def model_config_from_meta(meta: dict[str, Any], where: str) -> model_lib.ModelC
 
 
 def restore_params(
-    ckpt_dir: str, step: int, abstract: dict[tuple, Any], shardings: dict[tuple, Any] | None = None
+    ckpt_dir: str,
+    step: int,
+    abstract: dict[tuple, Any],
+    shardings: dict[tuple, Any] | None = None,
+    stacked_layers: int = 0,
 ) -> dict[tuple, Any]:
     """Reads only the parameters in `abstract` ({path: ShapeDtypeStruct}) from a checkpoint.
 
     They come back as host numpy arrays, or as jax arrays placed by `shardings` ({path: ...}).
+    `stacked_layers` > 0 says the checkpoint is a `scan_layers` model's with that many layers:
+    per-layer paths ('blocks', i, ...) are then read from its stacked arrays (each stacked
+    array is read whole, once).
     """
+    if stacked_layers:
+        stacked = {}
+        for path, leaf in abstract.items():
+            if path[0] == "blocks":
+                shape = (stacked_layers, *leaf.shape)
+                stacked[("blocks", *path[2:])] = jax.ShapeDtypeStruct(shape, leaf.dtype)
+            else:
+                stacked[path] = leaf
+        values = _restore(ckpt_dir, step, stacked, None)
+        host = {
+            p: values[("blocks", *p[2:])][p[1]] if p[0] == "blocks" else values[p]
+            for p in abstract
+        }
+        if shardings is None:
+            return host
+        return {
+            p: jax.make_array_from_callback(x.shape, shardings[p], lambda i, x=x: x[i])
+            for p, x in host.items()
+        }
+    return _restore(ckpt_dir, step, abstract, shardings)
+
+
+def _restore(ckpt_dir, step, abstract, shardings):
     import orbax.checkpoint as ocp
 
     if shardings is None:
@@ -523,6 +555,10 @@ def export_hf(
 
     bar = Progress("export", sum(t.size for t in tensors) * np_dtype.itemsize, enabled=progress)
     weight_map, total = {}, 0
+    stacked = {}  # a scanned model's checkpoint: its stacked arrays, read once, sliced per layer
+    if cfg.scan_layers:
+        abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in tensors}
+        stacked = restore_params(ckpt_dir, step, abstract, stacked_layers=cfg.n_layers)
     for i, shard in enumerate(shards):
         file = (
             "model.safetensors"
@@ -533,7 +569,11 @@ def export_hf(
             _write_header(f, shard, np_dtype)
             for piece in _group(shard, 4, RESTORE_BYTES):  # fp32 reads of bounded size
                 abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in piece}
-                values = restore_params(ckpt_dir, step, abstract)
+                values = (
+                    {t.path: stacked.pop(t.path) for t in piece}
+                    if stacked
+                    else restore_params(ckpt_dir, step, abstract)
+                )
                 for t in piece:
                     data = to_hf(t, values.pop(t.path), np_dtype)
                     f.write(data.reshape(-1).view(np.uint8))  # no copy, any dtype

@@ -70,7 +70,7 @@ def tokenizer_file(init_from: str) -> str:
 def model_fields(init_from: str) -> dict[str, Any]:
     """The `config.model` fields of a source model, for a recipe to copy (plus vocab_size)."""
     fields = dataclasses.asdict(model_config(init_from))
-    for run_choice in ("dtype", "remat", "attention"):  # how to run it, not what it is
+    for run_choice in ("dtype", "remat", "attention", "scan_layers"):  # how it runs, not what
         fields.pop(run_choice)
     return fields
 
@@ -112,19 +112,25 @@ def load_params(
                 f"{getattr(src, field)}; training will adapt the weights to it."
             )
     _check_tokenizer(init_from, tokenizer_sha256)
-    shardings = traverse_util.flatten_dict(setup.param_shardings)
+    # Sources are read one tensor per layer; a scanned run stacks them on the host first.
+    shardings = None if mine.scan_layers else traverse_util.flatten_dict(setup.param_shardings)
+    place = lambda w, s: jax.make_array_from_callback(w.shape, s, lambda i: w[i])  # noqa: E731
     if kind == "hf":
         flat = {}
         for t, w in hf.iter_hf_params(path, src, progress=True):
-            flat[t.path] = jax.make_array_from_callback(
-                w.shape, shardings[t.path], lambda idx, w=w: w[idx]
-            )
+            flat[t.path] = w if shardings is None else place(w, shardings[t.path])
             del w
     else:
         ckpt_dir, step = hf.resolve_checkpoint(path)
         abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in hf.layout(src)}
-        flat = hf.restore_params(ckpt_dir, step, abstract, shardings)
-    return traverse_util.unflatten_dict(flat)
+        stacked_layers = src.n_layers if src.scan_layers else 0
+        flat = hf.restore_params(ckpt_dir, step, abstract, shardings, stacked_layers)
+    params = traverse_util.unflatten_dict(flat)
+    if not mine.scan_layers:
+        return params
+    stacked = traverse_util.flatten_dict(model_lib.stack_layers(params))
+    shardings = traverse_util.flatten_dict(setup.param_shardings)
+    return traverse_util.unflatten_dict({p: place(w, shardings[p]) for p, w in stacked.items()})
 
 
 def _check_tokenizer(init_from: str, sha: str | None) -> None:

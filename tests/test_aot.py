@@ -1,0 +1,217 @@
+"""Compiling the train step for hardware this machine lacks: TPU slices through libtpu's real
+compiler (compile-only devices, Mosaic kernels included) and a CUDA export."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax import export
+
+from jaxlm import aot, estimate, hardware, sharding, train
+from jaxlm.errors import ConfigError
+from tests.helpers import tiny_config
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+# CI installs libtpu (the `tpu` extra); there a missing compiler is a failure, not a skip.
+needs_libtpu = pytest.mark.skipif(
+    not HAVE_LIBTPU and not os.environ.get("CI"), reason="libtpu is not installed"
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tp": (1, -1, 2)}
+
+
+def small_config(preset="fsdp", **model):
+    """A two-layer bf16 Llama whose heads (128 wide) and length (256) the splash kernel tiles."""
+    c = tiny_config(d_model=256, n_heads=4, n_kv_heads=2, head_dim=128, d_ff=640, max_seq_len=256)
+    c.model.dtype = "bfloat16"
+    c.model.attention = "auto"  # splash on a TPU target, cuDNN on a GPU one
+    for k, v in model.items():
+        c.model[k] = v
+    c.tokenizer.vocab_size = 1024
+    c.train.seq_len = 256
+    c.train.batch_size = 8
+    c.mesh.preset = preset
+    c.mesh.shape = MESH[preset]
+    return c
+
+
+def setup_for(config, target):
+    target = hardware.parse_target(target)
+    mesh = sharding.make_mesh(config.mesh.shape, hardware.target_devices(target))
+    return train.Setup(config, config.tokenizer.vocab_size, mesh, platform=target.platform)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def test_target_names_follow_the_cloud_consoles():
+    assert hardware.parse_target("v5p-64").chips == 32  # v5p counts TensorCores, two per chip
+    assert hardware.parse_target("v5p-64").topology == "v5p:2x4x4"
+    assert hardware.parse_target("v4-8").topology == "v4:2x2x1"
+    assert hardware.parse_target("v5e-16").topology == "v5e:4x4"  # v5e counts chips
+    assert hardware.parse_target("v6e-8").topology == "v6e:2x4"
+    assert hardware.parse_target("h100-8").chips == 8
+    assert hardware.parse_target("h200").chips == 1
+    for bad, words in (("v5p-3", "two per chip"), ("v5e-12", "power-of-two"), ("x9-8", "unknown")):
+        with pytest.raises(ConfigError, match=words):
+            hardware.parse_target(bad)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(preset):
+    config = small_config(preset)
+    report = aot.compile_step(config, "v5e-4")
+    setup = setup_for(config, "v5e-4")
+    state = shard_bytes(setup.abstract_state)
+    batch = shard_bytes(setup.abstract_batch())
+    # The compiler's argument buffers are this preset's shards of the state, plus the batch
+    # (TPU layouts pad small arrays to whole tiles: a little slack).
+    assert report.memory["arguments"] == pytest.approx(state + batch, rel=0.03)
+    assert report.memory["aliased"] == pytest.approx(state, rel=0.03)  # the state is donated
+    whole = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
+    expected_split = {"dp": 1, "fsdp": 4, "fsdp_tp": 4}[preset]
+    assert state == pytest.approx(whole / expected_split, rel=0.02)
+    assert report.model.attention == "splash"  # `auto` resolved for the TPU, not this CPU
+    assert report.cost.flops > 0 and report.fits
+    table = aot.format_report(report)
+    assert all(len(line) <= estimate.WIDTH for line in table.splitlines())
+    assert estimate.format_bytes(report.memory["total"]) in table
+
+
+@needs_libtpu
+def test_splash_attention_compiles_through_mosaic_not_interpret_mode():
+    setup = setup_for(small_config("fsdp_tp"), "v5e-4")
+    lowered = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch())
+    hlo = lowered.compile().as_text()
+    assert "tpu_custom_call" in hlo  # the Pallas kernel reached the TPU as a Mosaic kernel
+    xla = setup_for(small_config("fsdp_tp", attention="xla"), "v5e-4")
+    plain = xla.jit_train_step().lower(xla.abstract_state, xla.abstract_batch())
+    assert "tpu_custom_call" not in plain.compile().as_text()
+
+
+@needs_libtpu
+def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
+    unrolled = aot.compile_step(small_config(n_layers=3), "v5e-4")
+    assert unrolled.cost_method == "direct"
+    config = small_config(n_layers=3, scan_layers=True)
+    config.train.grad_accum = 2
+    scanned = aot.compile_step(config, "v5e-4")
+    assert scanned.cost_method.startswith("extrapolated")
+    # The same work: three layers, the whole batch. (The optimizer update is counted once per
+    # micro-batch in the extrapolation, a few percent of this tiny model's step.)
+    assert scanned.cost.flops == pytest.approx(unrolled.cost.flops, rel=0.05)
+    # What XLA reports for the scanned program alone counts one layer of one micro-batch.
+    setup = setup_for(config, "v5e-4")
+    raw = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
+    assert aot._cost(raw).flops < 0.5 * unrolled.cost.flops
+    assert scanned.estimated_mfu is not None and 0 < scanned.estimated_mfu < 1
+
+
+@needs_libtpu
+@pytest.mark.parametrize("target", ["v5e-4", "v5p-8"])
+def test_planner_memory_is_within_15_percent_of_the_tpu_compiler(target):
+    config = small_config("fsdp", n_layers=4, scan_layers=True, remat="full")
+    config.train.batch_size = 32
+    report = aot.compile_step(config, target)
+    assert report.planner_memory == pytest.approx(report.memory["total"], rel=0.15)
+
+
+@needs_libtpu
+def test_a_step_that_cannot_fit_is_one_sentence():
+    args = [
+        "--config=configs/tiny.py",
+        "--target=v5e-1",
+        "--config.train.batch_size=4096",
+        "--config.train.seq_len=512",
+    ]
+    out = subprocess.run(
+        [sys.executable, "tools/compile.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        timeout=600,
+    )
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr
+    assert "does not fit on v5e-1" in errors[0] and "planner" in errors[0]
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "TPU_WORKER_HOSTNAMES" not in out.stderr + out.stdout  # libtpu's noise stays hidden
+
+
+def test_train_step_exports_for_cuda_without_a_gpu():
+    config = small_config("fsdp", attention="xla")
+    setup = setup_for(config, "h100-8")
+    exported = export.export(setup.jit_train_step(), platforms=["cuda"])(
+        setup.abstract_state, setup.abstract_batch()
+    )
+    assert exported.platforms == ("cuda",) and exported.nr_devices == 8
+    leaves = jax.tree.leaves((setup.abstract_state, setup.abstract_batch()))
+    assert [a.shape for a in exported.in_avals] == [x.shape for x in leaves]
+    # The program carries the mesh, and parameters stay split over its fsdp axis.
+    module = exported.mlir_module()
+    assert '["data"=1, "fsdp"=8, "tensor"=1]' in module
+    assert '{"fsdp"}' in module
+    # `auto` attention becomes cuDNN for a bf16 model on a GPU; where cuDNN cannot lower (no
+    # CUDA plugin here) the report says it exported the XLA path instead.
+    report = aot.compile_step(small_config("fsdp"), "h100-8")
+    assert report.memory is None and report.cost is None
+    assert report.model.attention in ("cudnn", "xla")
+    if report.model.attention == "xla":
+        assert "XLA attention" in report.note
+
+
+def test_installing_libtpu_leaves_a_cpu_run_on_the_cpu_and_quiet():
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    out = subprocess.run(
+        [sys.executable, "-c", "import jaxlm, jax; print(jax.default_backend())"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "cpu"
+    assert "TPU" not in out.stderr, out.stderr
+
+
+def test_rows_of_a_report_are_consistent():
+    target = hardware.parse_target("v5p-8")
+    cost = aot.Cost(flops=1e12, seconds=0.5, bytes_accessed=1e9)
+    report = aot.Report(
+        name="x",
+        target=target,
+        mesh_shape={"data": 1, "fsdp": 4, "tensor": 1},
+        preset="fsdp",
+        model=setup_model(),
+        batch_size=8,
+        seq_len=256,
+        grad_accum=1,
+        compile_seconds=1.0,
+        memory={"arguments": 1.0, "outputs": 1.0, "aliased": 1.0, "temp": 2.0, "total": 3.0},
+        planner_memory=3.3,
+        cost=cost,
+        cost_method="direct",
+        model_flops_per_step=1.8e12,
+    )
+    assert report.estimated_tokens_per_second == 8 * 256 / 0.5
+    np.testing.assert_allclose(report.estimated_mfu, 1.8e12 / (0.5 * 4 * 459e12))
+    assert report.fits and "+10% vs compiler" in aot.format_report(report)
+
+
+def setup_model():
+    from jaxlm import model
+
+    return model.ModelConfig(vocab_size=61, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
+                             head_dim=4, d_ff=16)  # fmt: skip

@@ -1,0 +1,71 @@
+"""Compile a recipe's train step for a TPU slice or export it for CUDA, on this CPU.
+
+    pip install 'jaxlm[tpu]'   # libtpu: the real TPU compiler, runs without a TPU
+    python tools/compile.py --config=configs/llama_1b.py --target=v5p-8
+    python tools/compile.py --config=configs/llama_8b.py --target=v5p-64
+    python tools/compile.py --config=configs/llama_1b.py --target=h100-8   # CUDA export
+    python tools/compile.py --config=configs/llama_8b.py --target=v5e-16 \\
+        --config.train.grad_accum=16 --json=/tmp/llama_8b_v5e.json
+
+Builds exactly the step `python -m jaxlm.main` runs (same shardings, donation, gradient
+accumulation, remat; `model.attention=auto` resolves for the target) and prints one table:
+per-device memory from the TPU compiler against the chip's HBM and the planner's estimate,
+compile time, FLOPs per step, and the compiler's *estimated* step time with the tokens/s and
+MFU it implies (estimates, not measurements). A step that does not fit is one `error:`
+sentence naming the overflow and the cheapest remedy. Targets: v4-N, v5p-N (N TensorCores,
+two per chip), v5e-N, v6e-N (N chips), and a100/h100/h200/b200-N (N GPUs) for CUDA export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+# Config files do `from configs import base`; make the repository root importable from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_TARGET = flags.DEFINE_string("target", None, "v5p-64, v5e-16, v4-8, v6e-8, h100-8, ...")
+_VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary (default tokenizer.vocab_size).")
+_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    from jaxlm import aot, hardware
+    from jaxlm.errors import JaxlmError
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        if not _TARGET.value:
+            raise JaxlmError("--target is required, e.g. --target=v5p-8 or --target=h100-8.")
+        target = hardware.parse_target(_TARGET.value)
+        if target.platform != "tpu":  # a CUDA export lays the mesh over that many host devices
+            jax.config.update("jax_num_cpu_devices", target.chips)
+        print(f"compiling {_CONFIG.value.get('name', 'config')} for {target.name} ...", flush=True)
+        report = aot.compile_step(_CONFIG.value, target, _VOCAB.value)
+    except JaxlmError as e:
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+    print(aot.format_report(report))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(aot.report_dict(report), f, indent=2)
+            f.write("\n")
+
+
+def run() -> None:
+    from jaxlm.cli import run_cli
+
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    run()
