@@ -134,6 +134,24 @@ def test_merge_refuses_hosts_with_different_tokenizers(tmp_path):
 # --------------------------------------------------------------------------- corrupt tokenizers
 
 
+def test_one_loader_reads_a_tokenizer_json_by_content_under_any_name(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from jaxlm.data import hf_tokenizer
+
+    vocab = {"<unk>": 0, "</s>": 1, "a": 2}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tokenizer.model"))  # JSON under a sentencepiece name
+    tok = tokenizer.load(str(tmp_path / "tokenizer.model"))
+    assert isinstance(tok, tokenizer.HFTokenizer)
+    assert (tok.eos_id, tok.encode("a a"), tok.path) == (
+        1,
+        [2, 2],
+        str(tmp_path / "tokenizer.model"),
+    )
+    assert hf_tokenizer.load_any is tokenizer.load  # a name kept for convert/, not a second loader
+
+
 @pytest.mark.parametrize("name", ["tokenizer.model", "broken.json", "renamed.model"])
 def test_corrupt_tokenizer_file_is_one_sentence_naming_it(tmp_path, name):
     path = tmp_path / name

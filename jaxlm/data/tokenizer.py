@@ -67,7 +67,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Loads a sentencepiece ``.model`` file."""
+        """Loads a sentencepiece ``.model`` (callers use :func:`load`: it picks the backend)."""
         with open(path, "rb") as f:
             return cls(f.read(), os.path.abspath(path))
 
@@ -342,7 +342,7 @@ class HFTokenizer:
 
     @classmethod
     def load(cls, path: str) -> HFTokenizer:
-        """Loads a ``tokenizer.json`` file."""
+        """Loads a ``tokenizer.json`` file (callers use :func:`load`: it picks the backend)."""
         with open(path, "rb") as f:
             return cls(f.read(), os.path.abspath(path))
 
