@@ -97,14 +97,14 @@ def verify(m: dict[str, Any], tok: Any = None, check_shards: bool = False) -> No
     if not os.path.isfile(tok_file):
         raise DataError(
             f"{tok_file}, the tokenizer the data at {root} was written with, is missing; "
-            "copy the prepared-data folder whole or re-run prepare."
+            "copy the prepared-data folder whole, or delete it and prepare again."
         )
     have = file_sha256(tok_file)
     if have != want:
         raise DataError(
             f"{tok_file} does not match the sha256 recorded in its manifest (file {have[:12]}, "
             f"manifest {want[:12]}), so it is not the tokenizer the data was written with; "
-            "put that tokenizer back or re-run prepare."
+            f"put that tokenizer back, or delete {root} and prepare again."
         )
     if check_shards:
         for name, ds in m["datasets"].items():
@@ -113,7 +113,8 @@ def verify(m: dict[str, Any], tok: Any = None, check_shards: bool = False) -> No
                     if file_sha256(os.path.join(root, shard["path"])) != shard["sha256"]:
                         raise DataError(
                             f"Shard {shard['path']} of dataset {name!r} does not match its "
-                            "manifest (written by another run or tokenizer); re-run prepare."
+                            f"manifest (written by another run or tokenizer); delete {root} and "
+                            "prepare again."
                         )
 
 
