@@ -183,17 +183,17 @@ def heldout_texts(manifest: dict, decode: Any, max_documents: int = 0) -> Iterat
     """Yields the held-out (val) documents of a prepared corpus as text, in a fixed order.
 
     Args:
-      manifest: from `jaxlm.data.pipeline.load_manifest`.
+      manifest: from `jaxlm.data.manifest.load`.
       decode: token ids -> text (the run's `tokenizer.decode`).
       max_documents: stop after this many documents; 0 = all.
     """
     import grain
 
-    from jaxlm.data import pipeline
+    from jaxlm.data import manifest as manifest_lib
 
     count = 0
     for name in sorted(manifest["datasets"]):
-        paths = pipeline.shard_paths(manifest, name, "val")
+        paths = manifest_lib.shard_paths(manifest, name, "val")
         if not paths:
             continue
         source = grain.sources.ArrayRecordDataSource(paths)
@@ -526,10 +526,10 @@ def _find_tokenizer(workdir: str, config: Any) -> str:
     if config.get("tokenizer") and config.tokenizer.get("path"):
         candidates.append(config.tokenizer.path)
     if config.get("data") and config.data.get("manifest"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            with open(config.data.manifest) as f:
-                file = json.load(f)["tokenizer"]["file"]
-            candidates.append(os.path.join(os.path.dirname(config.data.manifest), file))
+        from jaxlm.data import manifest as manifest_lib
+
+        with contextlib.suppress(JaxlmError):  # a moved or stale manifest offers no candidate
+            candidates.append(manifest_lib.tokenizer_path(manifest_lib.load(config.data.manifest)))
     for path in candidates:
         if os.path.isfile(path):
             return path

@@ -22,6 +22,7 @@ from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding, train
+from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, JaxlmError
 
@@ -56,8 +57,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-    manifest = pipeline.load_manifest(manifest_path)
-    tokenizer_path = os.path.join(manifest["root"], manifest["tokenizer"]["file"])
+    manifest = manifest_lib.load(manifest_path)  # refuses data whose tokenizer file was swapped
+    tokenizer_path = manifest_lib.tokenizer_path(manifest)
     if jax.process_index() == 0:
         shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
     tokenizer = tokenizer_lib.load(tokenizer_path)

@@ -612,9 +612,8 @@ def test_prepared_records_equal_the_tokenizer_library(
         "llama3_json": lambda: tokenizer_dirs["llama3"] / "tokenizer.json",
     }[kind]()
     docs = real_documents()
-    shards, _ = records.tokenize_to_shards(
-        docs, str(path), str(tmp_path), "s-{index:03d}.ar", docs_per_shard=100, num_proc=1
-    )
+    with records.Encoder(str(path), num_proc=1) as encoder:
+        shards, _ = encoder.write_shards(docs, str(tmp_path), "s-{index:03d}.ar", 100)
     got = [r for s in shards for r in records.read_shard(str(tmp_path / s.path))]
     encode, eos = library_encoder(path)
     assert len(got) == len(docs)
@@ -699,6 +698,7 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
     tokenizer, train, see held-out domain loss fall, export, and load the result in transformers."""
     transformers = pytest.importorskip("transformers")
     from configs import continue_pretraining
+    from jaxlm.data import manifest as manifest_lib
     from jaxlm.data import pipeline, prepare
     from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -739,8 +739,8 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
     config.checkpoint.async_save = False
 
     manifest_path = prepare.prepare(config.data, config.tokenizer, log=lambda s: None)
-    manifest = pipeline.load_manifest(manifest_path)
-    tok = tokenizer_lib.load(os.path.join(manifest["root"], manifest["tokenizer"]["file"]))
+    manifest = manifest_lib.load(manifest_path)
+    tok = tokenizer_lib.load(manifest_lib.tokenizer_path(manifest))
     assert manifest["tokenizer"]["sha256"] == hf_tokenizer.file_sha256(str(base / "tokenizer.json"))
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (vocab, 1, 2)
 

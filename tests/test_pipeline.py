@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from jaxlm.data import pipeline, prepare, records, sources, tokenizer
+from jaxlm.data import files, manifest, pipeline, prepare, records, sources, tokenizer
 
 PAD, BOS, EOS = 0, 1, 2
 BODY = (100, 997)  # document body token ids: never a tag, BOS, EOS or padding
@@ -46,7 +46,12 @@ def _manifest(root, datasets: dict[str, dict], docs_per_shard: int = 500) -> dic
       docs_per_shard: documents per ArrayRecord shard (several shards exercise the source).
     """
     root = str(root)
-    manifest = {"tokenizer": {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}, "datasets": {}}
+    # A stand-in tokenizer file: these tests never decode, but loading checks its hash.
+    with open(os.path.join(root, "tokenizer.model"), "wb") as f:
+        f.write(b"synthetic documents need no tokenizer")
+    sha = files.file_sha256(os.path.join(root, "tokenizer.model"))
+    tok = {"file": "tokenizer.model", "sha256": sha, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
+    m = {"tokenizer": tok, "datasets": {}}
     for name, spec in datasets.items():
         entry: dict = {"weight": spec.get("weight", 1.0)}
         for split in ("train", "val"):
@@ -59,11 +64,11 @@ def _manifest(root, datasets: dict[str, dict], docs_per_shard: int = 500) -> dic
             entry[split] = {"shards": shards}
             for k in ("documents", "tokens", "bytes"):
                 entry[split][k] = sum(s[k] for s in shards)
-        manifest["datasets"][name] = entry
+        m["datasets"][name] = entry
     path = os.path.join(root, "manifest.json")
     with open(path, "w") as f:
-        json.dump(manifest, f)
-    return pipeline.load_manifest(path)
+        json.dump(m, f)
+    return manifest.load(path)
 
 
 # --------------------------------------------------------------------------- reading rows back
@@ -403,8 +408,8 @@ def test_real_stdlib_text_round_trips_through_prepare_and_packing(tmp_path):
     c.data.docs_per_shard = 8
     c.data.curation.pii.enabled = False  # PII scrubbing rewrites e-mail addresses in email/
     c.tokenizer.vocab_size = 512
-    m = pipeline.load_manifest(prepare.prepare(c.data, c.tokenizer, log=lambda s: None))
-    tok = tokenizer.load(os.path.join(m["root"], m["tokenizer"]["file"]))
+    m = manifest.load(prepare.prepare(c.data, c.tokenizer, log=lambda s: None))
+    tok = tokenizer.load(manifest.tokenizer_path(m))
     assert m["tokenizer"]["bos_id"] == tok.bos_id and m["tokenizer"]["eos_id"] == tok.eos_id
     originals = set()
     for f in sources.resolve_files(c.data.datasets.stdlib.paths):  # the files prepare read

@@ -12,7 +12,7 @@ import time
 import ml_collections
 import pytest
 
-from jaxlm.data import curate, prepare, records, sources, tokenizer
+from jaxlm.data import curate, manifest, prepare, records, sources, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def _curated(data_cfg) -> dict[str, list[str]]:
 
 
 def _decoded(manifest_path) -> dict[str, list[str]]:
-    m = prepare.load_manifest(manifest_path)
+    m = manifest.load(manifest_path)
     root = os.path.dirname(manifest_path)
     tok = tokenizer.load(os.path.join(root, m["tokenizer"]["file"]))
     out = {}
@@ -117,7 +117,7 @@ def test_shards_decode_to_the_curated_documents(prepared):
 
 def test_manifest_counts_match_the_shards(prepared):
     path, *_ = prepared
-    m = prepare.load_manifest(path)
+    m = manifest.load(path)
     root = os.path.dirname(path)
     assert m["version"] == 1 and m["key"] == os.path.basename(root)
     assert m["tokenizer"]["file"] == "tokenizer.model"
@@ -154,7 +154,7 @@ def test_val_gzip_bits_per_byte_is_gzip_of_the_held_out_text(prepared):
     path, *_ = prepared
     val = "".join(_decoded(path)["val"]).encode()
     want = 8 * len(gzip.compress(val, 9)) / len(val)
-    bpb = prepare.load_manifest(path)["val_gzip_bits_per_byte"]
+    bpb = manifest.load(path)["val_gzip_bits_per_byte"]
     assert bpb["code"] == pytest.approx(want, abs=1e-9)
     assert bpb["all"] == pytest.approx(want, abs=1e-9)
 
@@ -173,7 +173,7 @@ def test_second_call_hits_the_cache(prepared):
     data_cfg.num_proc = 1
     data_cfg.datasets.code.weight = 3.0  # neither does a mixture weight: refreshed in place
     assert prepare.prepare(data_cfg, tok_cfg, log=Log()) == path
-    assert prepare.load_manifest(path)["datasets"]["code"]["weight"] == 3.0
+    assert manifest.load(path)["datasets"]["code"]["weight"] == 3.0
     data_cfg.datasets.code.weight = 1.0
     prepare.prepare(data_cfg, tok_cfg, log=Log())
 
@@ -202,7 +202,7 @@ def test_val_split_stable_under_rerun_and_added_files(corpus, prepared, tmp_path
     # Re-run from scratch (fresh cache): identical shards, byte for byte.
     d2, t2 = _configs(data_cfg.datasets.code.paths, tmp_path / "cache2")
     again = prepare.prepare(d2, t2, log=Log())
-    m1, m2 = prepare.load_manifest(path), prepare.load_manifest(again)
+    m1, m2 = manifest.load(path), manifest.load(again)
     assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
 
     def shard_hashes(m):
@@ -223,19 +223,19 @@ def test_val_split_stable_under_rerun_and_added_files(corpus, prepared, tmp_path
 
 def test_other_tokenizer_is_detected_by_sha256(prepared, tmp_path):
     path, *_ = prepared
-    prepare.verify_manifest(path, check_shards=True)
+    manifest.load(path, check_shards=True)
     root = os.path.dirname(path)
     right = tokenizer.load(os.path.join(root, "tokenizer.model"))
-    prepare.verify_manifest(path, right)
+    manifest.load(path, right)
     texts = [f"def f{i}():\n    return {i}\n" for i in range(300)]
     cfg = _configs("", "")[1]
     other = tokenizer.train_tokenizer(texts, cfg, str(tmp_path / "other.model"))
     with pytest.raises(prepare.DataError, match="tokenized with tokenizer"):
-        prepare.verify_manifest(path, other)
+        manifest.load(path, other)
     # A shard rewritten with another tokenizer under the same name: its hash gives it away.
     fake = tmp_path / "fake"
     shutil.copytree(root, fake)
-    shard = prepare.load_manifest(path)["datasets"]["code"]["train"]["shards"][0]["path"]
+    shard = manifest.load(path)["datasets"]["code"]["train"]["shards"][0]["path"]
     os.remove(fake / shard)
     writer = records.ShardWriter(str(fake), shard, 16)
     for text in texts[:5]:
@@ -243,7 +243,7 @@ def test_other_tokenizer_is_detected_by_sha256(prepared, tmp_path):
         writer.write(records.encode_record(ids, other.eos_id), len(ids) + 1, len(text))
     writer.close()
     with pytest.raises(prepare.DataError, match="does not match"):
-        prepare.verify_manifest(str(fake / "manifest.json"), check_shards=True)
+        manifest.load(str(fake / "manifest.json"), check_shards=True)
 
 
 def test_given_tokenizer_is_used_and_worker_pool_matches_in_process(prepared, tmp_path):
@@ -251,8 +251,8 @@ def test_given_tokenizer_is_used_and_worker_pool_matches_in_process(prepared, tm
     root = os.path.dirname(path)
     d, t = _configs(data_cfg.datasets.code.paths, tmp_path / "cache", num_proc=2)
     t.path = os.path.join(root, "tokenizer.model")
-    m = prepare.load_manifest(prepare.prepare(d, t, log=Log()))
-    ref = prepare.load_manifest(path)
+    m = manifest.load(prepare.prepare(d, t, log=Log()))
+    ref = manifest.load(path)
     assert m["tokenizer"] == ref["tokenizer"]
     for split in ("train", "val"):  # two spawned workers write the same bytes as one process
         got = [s["sha256"] for s in m["datasets"]["code"][split]["shards"]]
@@ -329,9 +329,9 @@ def test_two_hosts_prepare_and_merge(corpus, prepared, tmp_path):
         th.join(timeout=120)
     assert not errors, errors
     assert results[0] == results[1]
-    m = prepare.load_manifest(results[0])
+    m = manifest.load(results[0])
     root = os.path.dirname(results[0])
-    hosts = [prepare.load_manifest(os.path.join(root, h, "manifest.json")) for h in m["hosts"]]
+    hosts = [manifest.load(os.path.join(root, h, "manifest.json")) for h in m["hosts"]]
     assert len({h["tokenizer"]["sha256"] for h in hosts} | {m["tokenizer"]["sha256"]}) == 1
     ds = m["datasets"]["code"]
     for split in ("train", "val"):

@@ -214,7 +214,7 @@ def timed_tokenize_stage(timings: list[tuple[str, float, int, int]]):
 
 def time_tokenization(config: Any, paths: list[str]) -> list[dict[str, Any]]:
     """Prepares the corpora into a temporary cache and returns one row of numbers per corpus."""
-    from jaxlm.data import pipeline, prepare, records, sources, tokenizer
+    from jaxlm.data import manifest, prepare, records, sources, tokenizer
 
     cache = tempfile.mkdtemp(prefix="bench_data_")
     try:
@@ -224,8 +224,8 @@ def time_tokenization(config: Any, paths: list[str]) -> list[dict[str, Any]]:
         with timed_tokenize_stage(timings):
             manifest_path = prepare.prepare(c.data, c.tokenizer)
         prepare_s = time.perf_counter() - t0
-        m = pipeline.load_manifest(manifest_path)
-        tok = tokenizer.load(os.path.join(m["root"], m["tokenizer"]["file"]))
+        m = manifest.load(manifest_path)
+        tok = tokenizer.load(manifest.tokenizer_path(m))
         rows = []
         for name, ds_cfg in c.data.datasets.items():
             mine = [t for t in timings if t[0].split(" ")[-1].split("/")[0] == name]
@@ -279,7 +279,8 @@ def time_tokenization(config: Any, paths: list[str]) -> list[dict[str, Any]]:
 
 
 def run(config: Any, corpora: list[str] | None) -> None:
-    from jaxlm.data import pipeline, prepare
+    from jaxlm.data import manifest as manifest_lib
+    from jaxlm.data import prepare
 
     before = load_average()
     B, L = config.train.batch_size, config.train.seq_len
@@ -290,7 +291,7 @@ def run(config: Any, corpora: list[str] | None) -> None:
         manifest_path = config.data.manifest
     else:
         manifest_path = prepare.prepare(config.data, config.tokenizer)
-    manifest = pipeline.load_manifest(manifest_path)
+    manifest = manifest_lib.load(manifest_path)
     train_tokens = sum(d["train"]["tokens"] for d in manifest["datasets"].values())
 
     loader: dict[int, dict[str, float]] = {}

@@ -1,1 +1,1 @@
-"""Data stages: sources -> curate -> tokenizer -> records -> pipeline."""
+"""Data stages: sources -> curate -> tokenizer -> records (+ manifest) -> pipeline."""

@@ -270,13 +270,6 @@ class _Stats:
         raise KeyError(name)
 
 
-def quality_stats(text: str) -> dict[str, float]:
-    """Every statistic the quality thresholds are compared against (for inspection/tuning)."""
-    words = text.lower().split()
-    st = _Stats(text, words, _word_hashes(words))
-    return {k.split("_", 1)[1]: st.get(k.split("_", 1)[1]) for k in THRESHOLDS}
-
-
 def quality_failure(stats: _Stats, th: dict[str, Any]) -> str | None:
     """Name of the first quality rule the document fails, or None if it passes all."""
     for key, value in th.items():

@@ -15,28 +15,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Iterator
 
 import grain
 import numpy as np
 
+from jaxlm.data import manifest as manifest_lib
 from jaxlm.errors import ConfigError
-
-
-def load_manifest(path: str) -> dict:
-    """Reads manifest.json and records its folder, which shard paths are relative to."""
-    from jaxlm.data import prepare  # the manifest's owner; imported late, it pulls in curation
-
-    manifest = prepare.load_manifest(path)
-    manifest["root"] = os.path.dirname(os.path.abspath(path))
-    return manifest
-
-
-def shard_paths(manifest: dict, dataset: str, split: str) -> list[str]:
-    """Absolute paths of one dataset's shards for `split` (train | val)."""
-    shards = manifest["datasets"][dataset][split]["shards"]
-    return [os.path.join(manifest["root"], s["path"]) for s in shards if s["documents"] > 0]
 
 
 class _ToPair(grain.transforms.Map):
@@ -65,7 +50,7 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _documents(manifest: dict, dataset: str, split: str, shard_index: int, shard_count: int):
-    source = grain.sources.ArrayRecordDataSource(shard_paths(manifest, dataset, split))
+    source = grain.sources.ArrayRecordDataSource(manifest_lib.shard_paths(manifest, dataset, split))
     # Every shard_count-th document: disjoint slices, no coordination between readers needed.
     return grain.MapDataset.source(source)[shard_index::shard_count]
 
@@ -92,7 +77,7 @@ def train_dataset(
     """Endless stream of packed batches over a weighted mixture of datasets.
 
     Args:
-      manifest: from `load_manifest`.
+      manifest: from `jaxlm.data.manifest.load`.
       seq_len: L, tokens per row.
       batch_size: rows per batch.
       seed: shuffle seed; each dataset reshuffles every epoch.
@@ -104,14 +89,18 @@ def train_dataset(
     weights = weights or {n: manifest["datasets"][n].get("weight", 1.0) for n in names}
     names = [n for n in names if weights.get(n, 0) > 0]
     if not names:
-        raise ValueError("every dataset has mixture weight 0; give at least one a positive weight.")
+        raise ConfigError(
+            "every dataset has mixture weight 0 (data.datasets.<name>.weight); "
+            "give at least one a positive weight."
+        )
     bos = manifest["tokenizer"]["bos_id"]
     streams = []
     for i, name in enumerate(names):
         docs = _documents(manifest, name, "train", shard_index, shard_count)
         if len(docs) == 0:
-            raise ValueError(
-                f"dataset {name!r} has no training documents for stream {shard_index}."
+            raise ConfigError(
+                f"dataset {name!r} has no training documents for stream {shard_index} of "
+                f"data.streams={shard_count}; add documents or lower data.streams."
             )
         # Each stream gets its own order, or streams would read neighbouring documents in step.
         shuffle_seed = seed + i + 7919 * shard_index
@@ -184,8 +173,9 @@ class HostBatches:
 
     def set_state(self, states: list[dict]) -> None:
         if len(states) != len(self.iterators):
-            raise ValueError(
-                f"data state has {len(states)} streams but this host reads {len(self.iterators)}."
+            raise ConfigError(
+                f"the data state has {len(states)} streams but this host reads "
+                f"{len(self.iterators)}; set data.streams to what the state was saved with."
             )
         for it, state in zip(self.iterators, states, strict=True):
             it.set_state(_from_json(state))

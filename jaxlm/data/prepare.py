@@ -9,7 +9,7 @@
    hash-ranked tokenizer sample and val text to a streaming gzip (the baseline bits-per-byte);
 3. train the tokenizer on the sample (or load ``tokenizer.path``);
 4. tokenize the spilled documents into ArrayRecord shards (see ``records``);
-5. write ``manifest.json``.
+5. write ``manifest.json`` (the format is ``jaxlm.data.manifest``'s).
 
 Caching: the output lives in ``<cache_root>/<key>/``, where the key hashes everything that
 changes the output (dataset paths and file sizes/mtimes, Python version for ``stdlib``, the
@@ -41,11 +41,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from jaxlm.data import curate, records, sources, tokenizer
+from jaxlm.data import manifest as manifest_lib
+from jaxlm.data.files import file_sha256
 from jaxlm.data.sources import DataError
 
-MANIFEST_VERSION = 1
 PREP_VERSION = 2  # bump when a code change alters prepared output, to invalidate old caches
-SPLITS = ("train", "val")
+SPLITS = manifest_lib.SPLITS
 WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
 
 
@@ -113,6 +114,10 @@ def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
         raise DataError(f"config.data.docs_per_shard={data_cfg.docs_per_shard} must be >= 1.")
     if tok_cfg.path and not os.path.isfile(os.path.expanduser(tok_cfg.path)):
         raise DataError(f"config.tokenizer.path={tok_cfg.path!r} does not exist.")
+    if tok_cfg.path:
+        # Load the user's file now: a corrupt one fails before curation, and its error names
+        # that file rather than the copy in the temporary folder that is tokenized from later.
+        tokenizer.load(os.path.expanduser(tok_cfg.path))
     try:
         tokenizer.trainer_options(tok_cfg)  # a bad model_type fails now, not after curation
         for cfg in _datasets(data_cfg).values():  # so does a bad quality preset
@@ -127,7 +132,7 @@ def cache_key(
     """A short hash of everything that affects the prepared output, and what it hashed."""
     tok = {k: v for k, v in tok_cfg.to_dict().items() if k != "path"}
     if tok_cfg.path:
-        tok = {"file_sha256": records.file_sha256(os.path.expanduser(tok_cfg.path))}
+        tok = {"file_sha256": file_sha256(os.path.expanduser(tok_cfg.path))}
     material = {
         "prep_version": PREP_VERSION,
         "datasets": {
@@ -150,59 +155,6 @@ def cache_key(
     return digest[:16], material
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def load_manifest(path: str) -> dict[str, Any]:
-    """Reads a manifest (a ``manifest.json`` path or the directory holding it)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "manifest.json")
-    with open(path) as f:
-        return json.load(f)
-
-
-def verify_manifest(path: str, tok: Any = None, check_shards: bool = False) -> dict[str, Any]:
-    """Checks that a manifest's tokenizer (and optionally its shards) are what it says.
-
-    Raises:
-      DataError: ``tok`` is not the tokenizer the shards were written with, the tokenizer file
-        beside the manifest has another hash, or (``check_shards``) a shard's bytes changed.
-    """
-    m = load_manifest(path)
-    root = os.path.dirname(path) if not os.path.isdir(path) else path
-    want = m["tokenizer"]["sha256"]
-    if tok is not None and tok.sha256 != want:
-        raise DataError(
-            f"The data at {root} was tokenized with tokenizer {want[:12]}, not {tok.sha256[:12]} "
-            f"({tok.path}); re-run prepare or use the tokenizer.model next to the manifest."
-        )
-    tok_file = os.path.join(root, m["tokenizer"]["file"])
-    if records.file_sha256(tok_file) != want:
-        raise DataError(f"{tok_file} does not match the sha256 recorded in its manifest.")
-    if check_shards:
-        for name, ds in m["datasets"].items():
-            for split in SPLITS:
-                for shard in ds[split]["shards"]:
-                    if records.file_sha256(os.path.join(root, shard["path"])) != shard["sha256"]:
-                        raise DataError(
-                            f"Shard {shard['path']} of dataset {name!r} does not match its "
-                            "manifest (written by another run or tokenizer); re-run prepare."
-                        )
-    return m
-
-
-def _split_entry(shards: list[records.ShardInfo]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"shards": [s.to_dict() for s in shards]}
-    for k in ("documents", "tokens", "bytes"):
-        entry[k] = sum(getattr(s, k) for s in shards)
-    return entry
-
-
 def _wait_for(path: str, what: str, log: Callable[[str], None]) -> None:
     if os.path.exists(path):
         return
@@ -212,17 +164,6 @@ def _wait_for(path: str, what: str, log: Callable[[str], None]) -> None:
         if time.monotonic() > deadline:
             raise DataError(f"Timed out after {WAIT_TIMEOUT_S} s waiting for {path} ({what}).")
         time.sleep(1.0)
-
-
-def _sync_weights(path: str, datasets: dict[str, Any]) -> None:
-    """Mixture weights do not change the shards; refresh them in a cached manifest in place."""
-    m = load_manifest(path)
-    weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in datasets.items()}
-    if any(m["datasets"].get(n, {}).get("weight") != w for n, w in weights.items()):
-        for n, w in weights.items():
-            if n in m["datasets"]:
-                m["datasets"][n]["weight"] = w
-        _write_json(path, m)
 
 
 def prepare(
@@ -266,26 +207,27 @@ def prepare(
     }
     key, material = cache_key(data_cfg, tok_cfg, srcs, process_count)
     key_dir = os.path.join(sources.cache_root(data_cfg.cache_dir), key)
-    final_manifest = os.path.join(key_dir, "manifest.json")
+    final_manifest = os.path.join(key_dir, manifest_lib.FILE)
     if os.path.exists(final_manifest):
-        _sync_weights(final_manifest, ds_cfgs)
+        weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in ds_cfgs.items()}
+        manifest_lib.set_weights(final_manifest, weights)
         log(f"using prepared data at {key_dir}")
         return final_manifest
 
     job = _Job(ds_cfgs, srcs, data_cfg, tok_cfg, key, material, process_index, process_count, log)
-    if not os.path.exists(os.path.join(job.out_dir, "manifest.json")):
+    if not os.path.exists(os.path.join(job.out_dir, manifest_lib.FILE)):
         n_files = sum(len(s.files) for s in srcs.values())
         log(f"preparing {len(srcs)} dataset(s), {n_files:,} files -> {job.out_dir}")
         _prepare_host(job)
     if process_count > 1:
         host_manifests = [
-            os.path.join(key_dir, _host_dir(i, process_count), "manifest.json")
+            os.path.join(key_dir, _host_dir(i, process_count), manifest_lib.FILE)
             for i in range(process_count)
         ]
         if process_index == 0:
             for i, p in enumerate(host_manifests):
                 _wait_for(p, f"host {i}'s shards", log)
-            _write_json(final_manifest, merge_manifests(host_manifests, out_dir=key_dir))
+            manifest_lib.write(final_manifest, manifest_lib.merge(host_manifests, out_dir=key_dir))
         _wait_for(final_manifest, "host 0 to merge the manifests", log)
     log(f"prepared data at {key_dir} in {time.perf_counter() - t0:.1f} s")
     return final_manifest
@@ -327,9 +269,9 @@ def _prepare_host(job: _Job) -> None:
     try:
         manifest = _build(job, tmp)
         shutil.rmtree(os.path.join(tmp, "spill"))
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        manifest_lib.write(tmp, manifest)
         if os.path.exists(out_dir):
-            if os.path.exists(os.path.join(out_dir, "manifest.json")):
+            if os.path.exists(os.path.join(out_dir, manifest_lib.FILE)):
                 job.log(f"another process finished {out_dir} first; using it")
                 return
             shutil.rmtree(out_dir)  # an incomplete leftover; it never had a manifest
@@ -403,11 +345,14 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
 
     # 2. tokenizer: load, wait for host 0's, or train on the sample.
     t = time.perf_counter()
-    tok_file = "tokenizer.json" if tok_cfg.path.endswith(".json") else "tokenizer.model"
+    given = os.path.expanduser(tok_cfg.path) if tok_cfg.path else ""
+    # Named by content, as tokenizer.load reads it: a tokenizer.json under another name stays one.
+    is_json = bool(given) and tokenizer.is_tokenizer_json(given)
+    tok_file = "tokenizer.json" if is_json else "tokenizer.model"
     tok_path = os.path.join(tmp, tok_file)
     shared = os.path.join(os.path.dirname(job.out_dir), tok_file)
-    if tok_cfg.path:
-        shutil.copyfile(os.path.expanduser(tok_cfg.path), tok_path)
+    if given:
+        shutil.copyfile(given, tok_path)
         how = f"loaded {tok_cfg.path}"
     elif process_count > 1 and process_index != 0:
         _wait_for(shared, "host 0's tokenizer", log)
@@ -448,21 +393,21 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
                     int(data_cfg.docs_per_shard),
                     label=f"tokenize {name}/{split}",
                 )
-                datasets[name][split] = _split_entry(shards)
+                datasets[name][split] = manifest_lib.split_entry(s.to_dict() for s in shards)
 
     bpb = {name: m.bits_per_byte() for name, m in gz.items()}
     bpb["all"] = gz_all.bits_per_byte()
-    return {
-        "version": MANIFEST_VERSION,
-        "key": job.key,
-        "tokenizer": {"file": tok_file, **tok.info()},
-        "datasets": datasets,
-        "curation": reports,
-        "problems": {name: src.problems.to_list() for name, src in srcs.items()},
-        "val_gzip_bits_per_byte": bpb,
-        "host": {"process_index": process_index, "process_count": process_count},
-        "config": _summary(job.material),
-    }
+    return manifest_lib.make(
+        key=job.key,
+        tokenizer_file=tok_file,
+        tokenizer_info=tok.info(),
+        datasets=datasets,
+        curation=reports,
+        problems={name: src.problems.to_list() for name, src in srcs.items()},
+        val_gzip_bits_per_byte=bpb,
+        host={"process_index": process_index, "process_count": process_count},
+        config=_summary(job.material),
+    )
 
 
 def _summary(material: dict[str, Any]) -> dict[str, Any]:
@@ -472,55 +417,3 @@ def _summary(material: dict[str, Any]) -> dict[str, Any]:
         ds["files"] = sum(1 for f in ds["files"] if isinstance(f, list))
     out["python"] = sys.version
     return out
-
-
-def merge_manifests(paths: list[str], out_dir: str | None = None) -> dict[str, Any]:
-    """Combines per-host manifests into one whose shard paths are relative to ``out_dir``.
-
-    Args:
-      paths: the hosts' ``manifest.json`` files.
-      out_dir: where the merged manifest will live (default: the hosts' common parent).
-        ``tokenizer.model`` must be there too.
-
-    Raises:
-      DataError: the hosts used different tokenizers (their shards cannot be mixed).
-    """
-    ms = [load_manifest(p) for p in paths]
-    dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
-    out_dir = os.path.abspath(out_dir or os.path.commonpath(dirs))
-    shas = {m["tokenizer"]["sha256"] for m in ms}
-    if len(shas) != 1:
-        raise DataError(f"Host manifests {paths} use {len(shas)} different tokenizers.")
-    merged: dict[str, Any] = {k: ms[0][k] for k in ("version", "key", "tokenizer")}
-    tok_file = ms[0]["tokenizer"]["file"]
-    if not os.path.exists(os.path.join(out_dir, tok_file)):
-        shutil.copyfile(os.path.join(dirs[0], tok_file), os.path.join(out_dir, tok_file))
-    merged["datasets"], merged["curation"], merged["problems"] = {}, {}, {}
-    raw: dict[str, float] = {}
-    gzipped: dict[str, float] = {}
-    for m, d in zip(ms, dirs, strict=True):
-        for name, ds in m["datasets"].items():
-            out = merged["datasets"].setdefault(name, {"weight": ds["weight"]})
-            for split in SPLITS:
-                shards = [
-                    dict(s, path=os.path.relpath(os.path.join(d, s["path"]), out_dir))
-                    for s in ds[split]["shards"]
-                ]
-                out.setdefault(split, {"shards": []})["shards"] += shards
-            rep = curate.CurationReport.from_dict(m["curation"][name])
-            if name in merged["curation"]:
-                rep = curate.CurationReport.from_dict(merged["curation"][name]).merge(rep)
-            merged["curation"][name] = rep.to_dict()
-            merged["problems"].setdefault(name, []).extend(m["problems"].get(name, []))
-            # gzip size = bpb * bytes / 8 per host; the merged value is their byte-weighted mean.
-            bpb, nbytes = m["val_gzip_bits_per_byte"].get(name), ds["val"]["bytes"]
-            for k in (name, "all"):
-                raw[k] = raw.get(k, 0) + nbytes
-                gzipped[k] = gzipped.get(k, 0) + (bpb or 0.0) * nbytes
-    for ds in merged["datasets"].values():
-        for split in SPLITS:
-            for k in ("documents", "tokens", "bytes"):
-                ds[split][k] = sum(s[k] for s in ds[split]["shards"])
-    merged["val_gzip_bits_per_byte"] = {k: (gzipped[k] / raw[k] if raw[k] else None) for k in raw}
-    merged["hosts"] = [os.path.relpath(d, out_dir) for d in dirs]
-    return merged

@@ -5,7 +5,7 @@ The contract with the training pipeline (``jaxlm.data.pipeline``): **one record 
 Shards are written with ``group_size:1`` so any record can be read without decoding its
 neighbours, which grain's global shuffle relies on.
 
-Tokenization runs in ``num_proc`` spawned worker processes, each loading the sentencepiece model
+Tokenization runs in ``num_proc`` spawned worker processes, each loading the tokenizer
 once. Results come back in submission order, so the shards are identical for any ``num_proc``.
 Spawn, not fork: the caller may already have imported JAX, whose threads do not survive a fork.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import multiprocessing as mp
 import os
 import sys
@@ -23,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+
+from jaxlm.data.files import file_sha256
 
 RECORD_DTYPE = "<i4"
 ARRAY_RECORD_OPTIONS = "group_size:1"  # random access per record; zstd-compressed by default
@@ -45,15 +46,6 @@ def read_shard(path: str) -> list[np.ndarray]:
 
     source = grain.sources.ArrayRecordDataSource([path])
     return [decode_record(source[i]) for i in range(len(source))]
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes (how manifests and checkpoints name a tokenizer)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -192,7 +184,7 @@ class Encoder:
     """A pool of tokenizer workers, reused for every shard set written inside its ``with``.
 
     Args:
-      tokenizer_path: the ``.model`` file each worker loads once.
+      tokenizer_path: the tokenizer file (``tokenizer.load``) each worker loads once.
       num_proc: worker processes; 0 = one per CPU; 1 = tokenize in this process (no pool).
     """
 
@@ -263,17 +255,3 @@ class Encoder:
             progress.update(len(sizes), sum(sizes), sum(t for _, t in recs))
         shards = writer.close()
         return shards, progress.done()
-
-
-def tokenize_to_shards(
-    texts: Iterable[str],
-    tokenizer_path: str,
-    root: str,
-    pattern: str,
-    docs_per_shard: int,
-    num_proc: int = 0,
-    label: str = "tokenize",
-) -> tuple[list[ShardInfo], float]:
-    """One-shot :meth:`Encoder.write_shards` (starts and stops its own worker pool)."""
-    with Encoder(tokenizer_path, num_proc) as enc:
-        return enc.write_shards(texts, root, pattern, docs_per_shard, label)

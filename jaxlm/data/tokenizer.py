@@ -1,8 +1,10 @@
-"""Tokenizer: a small sentencepiece wrapper, a code-safe trainer, and a deterministic sampler.
+"""Tokenizers: two backends with one interface, the one loader, a code-safe trainer, a sampler.
 
-:class:`Tokenizer` is deliberately thin (load, encode, decode, special ids, file hash) so another
-backend, e.g. a Hugging Face ``tokenizer.json``, can sit beside it with the same interface and
-be chosen by :func:`load` from the file suffix.
+:class:`Tokenizer` (sentencepiece) and :class:`HFTokenizer` (a Hugging Face ``tokenizer.json``)
+are deliberately thin (encode, decode, special ids, file hash) and interchangeable.
+:func:`load` is the only way jaxlm opens a tokenizer file: it picks the backend from the file's
+content, so a ``tokenizer.json`` copied under another name (data preparation stores it as given)
+still loads as what it is, and a broken file is one error sentence naming that file.
 
 Special ids are fixed for every model trained here: ``pad=0, unk=1, bos=2, eos=3``. Pad 0 lets
 padded batches be made with ``np.zeros``.
@@ -18,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
+
+from jaxlm.errors import JaxlmError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Newlines and tabs always get pieces of their own. Runs of spaces are left to BPE (with
@@ -43,7 +48,15 @@ class Tokenizer:
     """
 
     def __init__(self, model_proto: bytes, path: str = "") -> None:
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:  # sentencepiece's message is a C++ source location, not a reason
+            self._sp = None
+        if self._sp is None or self._sp.get_piece_size() == 0:  # empty bytes parse as no model
+            raise JaxlmError(
+                f"{path or 'the tokenizer'} is not a sentencepiece model (it does not parse); "
+                "point tokenizer.path at a valid .model or tokenizer.json file."
+            )
         self.path = path
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
         self.vocab_size: int = self._sp.get_piece_size()
@@ -54,7 +67,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Loads a sentencepiece ``.model`` file."""
+        """Loads a sentencepiece ``.model`` (callers use :func:`load`: it picks the backend)."""
         with open(path, "rb") as f:
             return cls(f.read(), os.path.abspath(path))
 
@@ -92,16 +105,34 @@ def tokenizer_info(tok: Any) -> dict[str, Any]:
     }
 
 
-def load(path: str) -> Any:
-    """Loads a tokenizer, choosing the backend from the file suffix.
+def is_tokenizer_json(path: str) -> bool:
+    """True for a Hugging Face ``tokenizer.json`` (by suffix, or JSON content under another name).
 
-    ``*.json`` is a Hugging Face ``tokenizer.json`` (``jaxlm.data.hf_tokenizer``, same interface);
-    anything else is a sentencepiece model.
+    Data preparation may store the file under a fixed name; a sentencepiece model is a binary
+    protobuf and never starts with '{'.
     """
     if path.endswith(".json"):
-        from jaxlm.data import hf_tokenizer
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip()[:1] == b"{"
+    except OSError:
+        return False
 
-        return hf_tokenizer.HFTokenizer.load(path)
+
+def load(path: str) -> Tokenizer | HFTokenizer:
+    """Loads a tokenizer file: the one loader every jaxlm module and tool calls.
+
+    A ``tokenizer.json`` (by suffix or content, see :func:`is_tokenizer_json`) loads as
+    :class:`HFTokenizer`; anything else as a sentencepiece :class:`Tokenizer`.
+
+    Raises:
+      JaxlmError: the file is missing or not a valid tokenizer (one sentence naming ``path``).
+    """
+    if not os.path.isfile(path):
+        raise JaxlmError(f"tokenizer file {path} does not exist.")
+    if is_tokenizer_json(path):
+        return HFTokenizer.load(path)
     return Tokenizer.load(path)
 
 
@@ -220,3 +251,121 @@ class HashSampler:
     def texts(self) -> list[str]:
         """The sample, in priority order (so training sees the same sequence every time)."""
         return [t for _, _, t in sorted(self._heap, key=lambda x: -x[0])]
+
+
+# --------------------------------------------------------------------------- Hugging Face backend
+# Models imported from Hugging Face must be trained on text tokenized exactly as in their
+# pretraining, so data preparation can use the model's own tokenizer.json through the
+# `tokenizers` library (pip install 'jaxlm[hf]'; imported only when such a file is loaded).
+#
+# Special ids come from the tokenizer.json bytes alone, never from sibling files: data
+# preparation copies the tokenizer file into its cache, and the same file must always give the
+# same BOS/EOS (manifests and checkpoints identify a tokenizer by the file's sha256). BOS is the
+# special token the post-processor puts first (<s> in Llama 2, <|begin_of_text|> in Llama 3),
+# EOS the first of the usual end-of-text names present; a tokenizer with no end-of-text token
+# is refused, since every record ends with EOS. `encode` never adds special tokens: the
+# training pipeline adds BOS itself.
+
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|im_end|>", "<|eot_id|>")
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+UNK_NAMES = ("<unk>", "[UNK]")
+
+
+def _post_processor_bos(spec: dict | None) -> str | None:
+    """The special token a TemplateProcessing post-processor puts before a single sequence."""
+    if not spec:
+        return None
+    if spec.get("type") == "Sequence":
+        for sub in spec.get("processors", []):
+            found = _post_processor_bos(sub)
+            if found:
+                return found
+        return None
+    if spec.get("type") == "TemplateProcessing":
+        single = spec.get("single") or []
+        if single and "SpecialToken" in single[0]:
+            return single[0]["SpecialToken"]["id"]
+    return None
+
+
+class HFTokenizer:
+    """A ``tokenizers`` tokenizer loaded from a ``tokenizer.json`` file.
+
+    Attributes:
+      path: the file it was loaded from ('' if built from bytes).
+      sha256: hex digest of the file's bytes (as recorded in manifests and checkpoints).
+      vocab_size: ids in use, added tokens included.
+      bos_id, eos_id, pad_id, unk_id: special ids; -1 where the tokenizer has none.
+    """
+
+    def __init__(self, data: bytes, path: str = "") -> None:
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise JaxlmError(
+                f"{path or 'tokenizer.json'} needs the 'tokenizers' package; "
+                "run pip install 'jaxlm[hf]'."
+            ) from None
+        try:
+            text = data.decode("utf-8")
+            self._tok = _Tokenizer.from_str(text)
+            spec = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise JaxlmError(
+                f"{path or 'tokenizer.json'} is not a valid Hugging Face tokenizer.json ({reason})."
+            ) from None
+        self.path = path
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        bos_name = _post_processor_bos(spec.get("post_processor"))
+        self.eos_id: int = self._first_id(EOS_NAMES)
+        if self.eos_id < 0:
+            raise JaxlmError(
+                f"{path or 'tokenizer.json'} has none of the end-of-text tokens {list(EOS_NAMES)}; "
+                "jaxlm ends every document with one, so this tokenizer cannot prepare data."
+            )
+        bos = self._tok.token_to_id(bos_name) if bos_name else None
+        self.bos_id: int = bos if bos is not None else self._first_id(BOS_NAMES)
+        if self.bos_id < 0:
+            self.bos_id = self.eos_id  # GPT-2 style: one token separates documents both ways
+        self.pad_id: int = self._first_id(PAD_NAMES)
+        self.unk_id: int = self._first_id(UNK_NAMES)
+
+    def _first_id(self, names: Sequence[str]) -> int:
+        for name in names:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        return -1
+
+    @classmethod
+    def load(cls, path: str) -> HFTokenizer:
+        """Loads a ``tokenizer.json`` file (callers use :func:`load`: it picks the backend)."""
+        with open(path, "rb") as f:
+            return cls(f.read(), os.path.abspath(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of several texts in one call (the library parallelises it)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; special tokens decode to nothing."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i)) or ""
+
+    def info(self) -> dict[str, Any]:
+        """The manifest's ``tokenizer`` entry (without the file name)."""
+        return tokenizer_info(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+        )

@@ -1,0 +1,255 @@
+"""The manifest: the one module that reads, verifies, writes and merges ``manifest.json``.
+
+A manifest sits beside the ArrayRecord shards ``prepare`` writes and describes them::
+
+  version                 VERSION
+  key                     the cache key (``prepare.cache_key``) the folder is named after
+  tokenizer               {file, sha256, vocab_size, bos_id, eos_id, pad_id}; ``file`` lies
+                          beside the manifest and ``sha256`` is that file's hash
+  datasets.<name>         {weight, train: SPLIT, val: SPLIT}
+    SPLIT                 {shards: [{path, documents, tokens, bytes, sha256}], documents,
+                          tokens, bytes}; shard paths are relative to the manifest's folder,
+                          tokens include each document's EOS, bytes are UTF-8 text
+  curation.<name>         the curation report (``curate.CurationReport.to_dict``)
+  problems.<name>         input problems (``sources.Problems.to_list``)
+  val_gzip_bits_per_byte  {<name>: float, all: float}: the gzip baseline of the held-out text
+  host | hosts            who wrote it: one host's {process_index, process_count}, or the
+                          per-host folders a merged manifest was combined from
+  config                  a summary of what the cache key hashed
+
+:func:`load` is how every stage opens one, and it always checks the tokenizer file beside the
+manifest against the recorded hash (DESIGN: a stage refuses records whose tokenizer hash does
+not match), so a swapped tokenizer is refused before any training step. The loaded dict carries
+one extra key, ``root``: the manifest's folder, which shard and tokenizer paths are relative to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+from jaxlm.data import curate
+from jaxlm.data.files import file_sha256, write_json
+from jaxlm.data.sources import DataError
+
+VERSION = 1
+FILE = "manifest.json"
+SPLITS = ("train", "val")
+_COUNTS = ("documents", "tokens", "bytes")
+
+
+def path_of(path: str) -> str:
+    """The ``manifest.json`` path for a manifest path or the folder holding it."""
+    return os.path.join(path, FILE) if os.path.isdir(path) else path
+
+
+def _read(path: str) -> dict[str, Any]:
+    """The manifest's JSON as written (no ``root``), with its shape checked; one-sentence errors."""
+    path = path_of(path)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"manifest {path} does not exist; run prepare or fix the path.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise DataError(f"manifest {path} cannot be read ({reason}); re-run prepare.") from None
+    if not isinstance(m, dict) or not isinstance(m.get("datasets"), dict):
+        raise DataError(f"{path} is not a jaxlm manifest (it has no 'datasets'); re-run prepare.")
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict) or not {"file", "sha256"} <= set(tok):
+        raise DataError(
+            f"{path} names no tokenizer file and hash, so its records cannot be checked; "
+            "re-run prepare."
+        )
+    if m.get("version", VERSION) != VERSION:
+        raise DataError(
+            f"{path} is manifest version {m['version']} but this jaxlm reads version {VERSION}; "
+            "re-run prepare."
+        )
+    return m
+
+
+def verify(m: dict[str, Any], tok: Any = None, check_shards: bool = False) -> None:
+    """Checks that a loaded manifest's tokenizer (and optionally its shards) are what it says.
+
+    Args:
+      m: a manifest from :func:`load` (it needs ``root``).
+      tok: a loaded tokenizer that is about to read or write this data, if any.
+      check_shards: also hash every shard (slow on a large corpus: it reads every byte).
+
+    Raises:
+      DataError: ``tok`` is not the tokenizer the shards were written with, the tokenizer file
+        beside the manifest is missing or has another hash, or (``check_shards``) a shard's
+        bytes changed.
+    """
+    root = m["root"]
+    want = m["tokenizer"]["sha256"]
+    if tok is not None and tok.sha256 != want:
+        raise DataError(
+            f"The data at {root} was tokenized with tokenizer {want[:12]}, not {tok.sha256[:12]} "
+            f"({tok.path}); re-run prepare or use the tokenizer file next to the manifest."
+        )
+    tok_file = tokenizer_path(m)
+    if not os.path.isfile(tok_file):
+        raise DataError(
+            f"{tok_file}, the tokenizer the data at {root} was written with, is missing; "
+            "copy the prepared-data folder whole, or delete it and prepare again."
+        )
+    have = file_sha256(tok_file)
+    if have != want:
+        raise DataError(
+            f"{tok_file} does not match the sha256 recorded in its manifest (file {have[:12]}, "
+            f"manifest {want[:12]}), so it is not the tokenizer the data was written with; "
+            f"put that tokenizer back, or delete {root} and prepare again."
+        )
+    if check_shards:
+        for name, ds in m["datasets"].items():
+            for split in SPLITS:
+                for shard in ds[split]["shards"]:
+                    if file_sha256(os.path.join(root, shard["path"])) != shard["sha256"]:
+                        raise DataError(
+                            f"Shard {shard['path']} of dataset {name!r} does not match its "
+                            f"manifest (written by another run or tokenizer); delete {root} and "
+                            "prepare again."
+                        )
+
+
+def load(path: str, tok: Any = None, check_shards: bool = False) -> dict[str, Any]:
+    """Reads and verifies a manifest; the only way jaxlm opens one.
+
+    Args:
+      path: a ``manifest.json`` or the folder holding it.
+      tok, check_shards: see :func:`verify`; the tokenizer file's hash is checked always.
+
+    Returns:
+      The manifest, plus ``root``: its folder as an absolute path.
+
+    Raises:
+      DataError: the manifest is missing or malformed, or :func:`verify` refuses it.
+    """
+    m = _read(path)
+    m["root"] = os.path.dirname(os.path.abspath(path_of(path)))
+    verify(m, tok, check_shards)
+    return m
+
+
+def tokenizer_path(m: dict[str, Any]) -> str:
+    """Absolute path of the tokenizer file of a loaded manifest."""
+    return os.path.join(m["root"], m["tokenizer"]["file"])
+
+
+def shard_paths(m: dict[str, Any], dataset: str, split: str) -> list[str]:
+    """Absolute paths of one dataset's non-empty shards for ``split`` (train | val)."""
+    shards = m["datasets"][dataset][split]["shards"]
+    return [os.path.join(m["root"], s["path"]) for s in shards if s["documents"] > 0]
+
+
+def split_entry(shards: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A ``datasets.<name>.<split>`` entry: the shards (``ShardInfo.to_dict()``) and their sums."""
+    entry: dict[str, Any] = {"shards": list(shards)}
+    for k in _COUNTS:
+        entry[k] = sum(s[k] for s in entry["shards"])
+    return entry
+
+
+def make(
+    *,
+    key: str,
+    tokenizer_file: str,
+    tokenizer_info: dict[str, Any],
+    datasets: dict[str, Any],
+    curation: dict[str, Any],
+    problems: dict[str, list],
+    val_gzip_bits_per_byte: dict[str, float | None],
+    host: dict[str, int],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """A new manifest (see the module docstring for what each field holds)."""
+    return {
+        "version": VERSION,
+        "key": key,
+        "tokenizer": {"file": tokenizer_file, **tokenizer_info},
+        "datasets": datasets,
+        "curation": curation,
+        "problems": problems,
+        "val_gzip_bits_per_byte": val_gzip_bits_per_byte,
+        "host": host,
+        "config": config,
+    }
+
+
+def write(path: str, m: dict[str, Any]) -> None:
+    """Writes a manifest atomically (a reader never sees half a file); ``root`` is not stored."""
+    write_json(path_of(path), {k: v for k, v in m.items() if k != "root"})
+
+
+def set_weights(path: str, weights: dict[str, float]) -> None:
+    """Refreshes the mixture weights of a written manifest in place.
+
+    Weights do not change the shards, so a cached preparation serves any weights; only names
+    the manifest already has are updated.
+    """
+    m = _read(path)
+    if any(m["datasets"].get(n, {}).get("weight") != w for n, w in weights.items()):
+        for n, w in weights.items():
+            if n in m["datasets"]:
+                m["datasets"][n]["weight"] = w
+        write(path, m)
+
+
+def merge(paths: list[str], out_dir: str | None = None) -> dict[str, Any]:
+    """Combines per-host manifests into one whose shard paths are relative to ``out_dir``.
+
+    Args:
+      paths: the hosts' ``manifest.json`` files (each verified as it is loaded).
+      out_dir: where the merged manifest will live (default: the hosts' common parent). The
+        tokenizer file is copied there if it is not there yet.
+
+    Returns:
+      The merged manifest, to be written with :func:`write`.
+
+    Raises:
+      DataError: the hosts used different tokenizers (their shards cannot be mixed).
+    """
+    ms = [load(p) for p in paths]
+    dirs = [m["root"] for m in ms]
+    out_dir = os.path.abspath(out_dir or os.path.commonpath(dirs))
+    shas = {m["tokenizer"]["sha256"] for m in ms}
+    if len(shas) != 1:
+        raise DataError(f"Host manifests {paths} use {len(shas)} different tokenizers.")
+    merged: dict[str, Any] = {k: ms[0][k] for k in ("version", "key", "tokenizer")}
+    tok_file = ms[0]["tokenizer"]["file"]
+    if not os.path.exists(os.path.join(out_dir, tok_file)):
+        shutil.copyfile(os.path.join(dirs[0], tok_file), os.path.join(out_dir, tok_file))
+    merged["datasets"], merged["curation"], merged["problems"] = {}, {}, {}
+    raw: dict[str, float] = {}
+    gzipped: dict[str, float] = {}
+    for m, d in zip(ms, dirs, strict=True):
+        for name, ds in m["datasets"].items():
+            out = merged["datasets"].setdefault(name, {"weight": ds["weight"]})
+            for split in SPLITS:
+                shards = [
+                    dict(s, path=os.path.relpath(os.path.join(d, s["path"]), out_dir))
+                    for s in ds[split]["shards"]
+                ]
+                out.setdefault(split, {"shards": []})["shards"] += shards
+            rep = curate.CurationReport.from_dict(m["curation"][name])
+            if name in merged["curation"]:
+                rep = curate.CurationReport.from_dict(merged["curation"][name]).merge(rep)
+            merged["curation"][name] = rep.to_dict()
+            merged["problems"].setdefault(name, []).extend(m["problems"].get(name, []))
+            # gzip size = bpb * bytes / 8 per host; the merged value is their byte-weighted mean.
+            bpb, nbytes = m["val_gzip_bits_per_byte"].get(name), ds["val"]["bytes"]
+            for k in (name, "all"):
+                raw[k] = raw.get(k, 0) + nbytes
+                gzipped[k] = gzipped.get(k, 0) + (bpb or 0.0) * nbytes
+    for ds in merged["datasets"].values():
+        for split in SPLITS:
+            ds[split] = split_entry(ds[split]["shards"])
+    merged["val_gzip_bits_per_byte"] = {k: (gzipped[k] / raw[k] if raw[k] else None) for k in raw}
+    merged["hosts"] = [os.path.relpath(d, out_dir) for d in dirs]
+    return merged
