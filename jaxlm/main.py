@@ -32,6 +32,11 @@ def main(argv):
         if os.environ.get("JAXLM_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        print("stopped by Ctrl-C; checkpoints already written are kept.", file=sys.stderr)
+        sys.exit(130)
 
 
 def run():
