@@ -183,3 +183,17 @@ def test_a_valid_config_passes_validation_and_reaches_data_preparation(jaxlm_mai
     # The control: the same harness with no bad input gets as far as preparing the data.
     code, output = jaxlm_main()
     assert code == -1, output[-3000:]
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(jaxlm_main, monkeypatch):
+    from jaxlm.data import prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises during data preparation
+
+    monkeypatch.setattr(prepare, "prepare", interrupted)
+    code, output = jaxlm_main()
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        "stopped by Ctrl-C; checkpoints already written are kept."
+    )
