@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import faults, sharding, train, validate
+from jaxlm import faults, peers, sharding, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import pipeline
@@ -69,12 +69,24 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 f"the tokenizer has {tokenizer.vocab_size} pieces but init_from's model only "
                 f"{vocab_size} embeddings; prepare the data with the base model's own tokenizer."
             )
-    setup = train.Setup(config, vocab_size, mesh)
-    trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+    # From here on every process runs the same collectives: a dead peer must stop the others.
+    # (Not earlier: data preparation may hold the GIL for longer than the heartbeat timeout.)
+    watchdog = peers.Watchdog().start()
+    clean = False
     try:
-        summary = trainer.train()
-    finally:
+        setup = train.Setup(config, vocab_size, mesh)
+        trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+        try:
+            summary = trainer.train()
+        except BaseException as e:
+            # A dead peer: close() would wait for a save that needs it, so leave at once.
+            peers.raise_if_peer_lost(e)
+            trainer.close()
+            raise
         trainer.close()
+        clean = True
+    finally:
+        watchdog.stop(clean)
     # The sample runs on process 0's host arrays; on many processes it is left to tools/generate.py.
     if not summary["preempted"] and jax.process_count() == 1:
         _print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)

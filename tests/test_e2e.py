@@ -483,3 +483,43 @@ def test_ctrl_c_during_the_final_evaluation_stops_it_at_once(config_file, tmp_pa
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "stopped by SIGINT during the final evaluation: training is complete" in stdout
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "4", "state"))
+
+
+def test_a_dead_peer_stops_the_other_process_within_seconds(config_file, tmp_path):
+    workdir = str(tmp_path / "dead_peer")
+    port = free_port()
+    procs = [
+        start(
+            config_file,
+            workdir,
+            "--config.train.steps=100000",
+            "--config.checkpoint.every=1000",
+            "--config.data.streams=2",
+            "--config.train.batch_size=8",
+            f"--config.mesh.coordinator=127.0.0.1:{port}",
+            "--config.mesh.num_processes=2",
+            f"--config.mesh.process_id={i}",
+            devices=4,
+        )
+        for i in range(2)
+    ]
+    try:
+        wait_for_step(workdir, 3, procs[0])
+        procs[1].send_signal(signal.SIGKILL)  # process 0 hosts the coordinator: kill the other
+        t0 = time.time()
+        _, stderr = procs[0].communicate(timeout=120)
+        assert time.time() - t0 < 30  # the heartbeat timeout is 10 s; jax's own is 100 s
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    # On CPU the next gloo collective fails at once; where a collective hangs instead (other
+    # transports), the heartbeat watchdog speaks after 10 s.
+    assert last.startswith("error: "), stderr[-3000:]
+    assert (
+        "a peer process has most likely died" in last
+        or "process 1 sent no heartbeat for 10 s" in last
+    ), stderr[-3000:]
+    assert "Traceback" not in stderr and "Check failure" not in stderr, stderr[-3000:]
