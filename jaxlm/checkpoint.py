@@ -113,11 +113,13 @@ class Checkpointer:
             try:
                 meta = self._meta(s)
                 check_compatible(meta, abstract_state)
-                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                target = self._with_legacy_rng(s, abstract_state)
+                items = {"state": ocp.args.StandardRestore(target)}
                 if self._has_item(s, "data"):
                     items["data"] = ocp.args.JsonRestore()
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
-                return s, restored["state"], restored.get("data"), meta
+                state = {k: v for k, v in restored["state"].items() if k in abstract_state}
+                return s, state, restored.get("data"), meta
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
@@ -134,6 +136,20 @@ class Checkpointer:
             f"every checkpoint in {self.directory} is unreadable (steps {failures}); refusing to "
             "start from scratch over them: move the directory away or pass another --workdir."
         )
+
+    def _with_legacy_rng(self, step: int, abstract_state: Any) -> Any:
+        """`abstract_state`, plus the `rng` entry checkpoints held before it left the state.
+
+        It was saved but never read; orbax refuses a target without it, so restore and drop it.
+        """
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - no metadata: the restore itself will say what is wrong
+            return abstract_state
+        if "rng" not in saved or "rng" in abstract_state:
+            return abstract_state
+        replicated = abstract_state["step"].sharding
+        return dict(abstract_state, rng=jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated))
 
     def delete_after(self, step: int) -> None:
         """Deletes every checkpoint newer than `step` (e.g. ones written during a loss blow-up)."""

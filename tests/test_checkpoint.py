@@ -130,3 +130,18 @@ def test_a_failed_background_save_is_one_error_and_keeps_the_earlier_checkpoints
     assert ckpt.steps() == [1]
     ckpt.check()  # reported once, then the Checkpointer is usable again
     ckpt.close()
+
+
+def test_a_checkpoint_written_with_the_old_rng_entry_still_restores(tmp_path):
+    config = tiny_config()
+    setup = setup_for(config)
+    state = setup.init_state()
+    assert "rng" not in state
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
+    ckpt.save(1, dict(state, rng=jax.random.PRNGKey(0)), None, {})  # as jaxlm wrote them before
+    ckpt.wait()
+    _, restored, _, _ = ckpt.restore(setup.abstract_state)
+    assert sorted(restored) == sorted(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    ckpt.close()
