@@ -143,10 +143,10 @@ class Checkpointer:
         It was saved but never read; orbax refuses a target without it, so restore and drop it.
         """
         try:
-            saved = self.manager.item_metadata(step)["state"]
+            legacy = "rng" in self.manager.item_metadata(step)["state"]
         except Exception:  # noqa: BLE001 - no metadata: the restore itself will say what is wrong
-            return abstract_state
-        if "rng" not in saved or "rng" in abstract_state:
+            legacy = False
+        if not legacy or "rng" in abstract_state:
             return abstract_state
         replicated = abstract_state["step"].sharding
         return dict(abstract_state, rng=jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated))

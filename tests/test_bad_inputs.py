@@ -7,6 +7,7 @@ JAX start-up. `jaxlm.data.prepare.prepare` is replaced by a function that record
 """
 
 import contextlib
+import importlib
 import io
 import json
 import sys
@@ -15,7 +16,6 @@ import traceback
 import pytest
 
 from jaxlm import cli
-from jaxlm import main as main_lib
 
 CONFIG = """
 from tests.helpers import tiny_config
@@ -70,7 +70,32 @@ def files(tmp_path_factory):
     }
 
 
-def run_main(argv: list[str], monkeypatch) -> tuple[int, str]:
+@contextlib.contextmanager
+def main_module():
+    """jaxlm.main with its flags, beside other commands' (tools/bench.py also has --config).
+
+    absl keeps one global flag registry: the other commands' flags of the same names step
+    aside while jaxlm.main is imported afresh, and come back afterwards.
+    """
+    from absl import flags
+
+    names = ("config", "workdir")
+    aside = {n: flags.FLAGS[n] for n in names if n in flags.FLAGS}
+    for name in aside:
+        delattr(flags.FLAGS, name)
+    sys.modules.pop("jaxlm.main", None)
+    try:
+        yield importlib.import_module("jaxlm.main")
+    finally:
+        sys.modules.pop("jaxlm.main", None)
+        for name in names:
+            if name in flags.FLAGS:
+                delattr(flags.FLAGS, name)
+        for name, flag in aside.items():
+            flags.FLAGS[name] = flag
+
+
+def run_main(main_lib, argv: list[str], monkeypatch) -> tuple[int, str]:
     """Runs `python -m jaxlm.main ARGV` in this process; returns (exit code, stdout + stderr)."""
     monkeypatch.setattr(sys, "argv", ["jaxlm.main", *argv])
     out = io.StringIO()
@@ -104,18 +129,22 @@ def jaxlm_main(files, monkeypatch):
     monkeypatch.setattr(prepare, "prepare", refuse)
     monkeypatch.setenv("JAXLM_TRACEBACK", "")
 
-    def call(*overrides, workdir=None):
-        workdir = workdir or str(files["root"] / "runs" / "w")
-        try:
-            return run_main(
-                [f"--config={files['config']}", f"--workdir={workdir}", *overrides], monkeypatch
-            )
-        finally:  # the next case parses its own argv from scratch
-            for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-                delattr(flags.FLAGS, name)  # an override registers a flag per key it names
-            flags.FLAGS.unparse_flags()
+    was_parsed = flags.FLAGS.is_parsed()
+    with main_module() as main_lib:
 
-    return call
+        def call(*overrides, workdir=None):
+            workdir = workdir or str(files["root"] / "runs" / "w")
+            argv = [f"--config={files['config']}", f"--workdir={workdir}", *overrides]
+            try:
+                return run_main(main_lib, argv, monkeypatch)
+            finally:  # the next case parses its own argv from scratch
+                for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+                    delattr(flags.FLAGS, name)  # an override registers a flag per key it names
+                flags.FLAGS.unparse_flags()
+
+        yield call
+    if was_parsed:
+        flags.FLAGS.mark_as_parsed()
 
 
 # (overrides, text the error line must contain); {name} is filled from the `files` fixture.
