@@ -26,7 +26,7 @@ from jaxlm import attention, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError, JaxlmError
 
-# key -> (lowest allowed value, what the bound means); integers unless the default is a float.
+# key -> lowest allowed value (1: positive, 0: non-negative).
 _AT_LEAST = {
     "train.steps": 1,
     "train.batch_size": 1,
