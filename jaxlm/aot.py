@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import estimate, hardware, sharding, train
+from jaxlm import estimate, hardware, sharding, train, validate
 from jaxlm.errors import ConfigError
 
 
@@ -123,7 +123,7 @@ def compile_step(
       ConfigError: a bad target, a mesh or batch that cannot be laid out on it, no libtpu.
       DoesNotFit: the step needs more memory per chip than the target has.
     """
-    train.validate(config)
+    validate.check_config(config)
     target = target if isinstance(target, hardware.Target) else hardware.parse_target(target)
     vocab = int(vocab_size or config.tokenizer.vocab_size)
     devices = hardware.target_devices(target)
@@ -178,8 +178,9 @@ def compile_step(
     if not with_cost:
         cost, method = None, ""
     elif setup.model_cfg.scan_layers or t.grad_accum > 1:
-        cost, method = _extrapolated_cost(config, vocab, mesh, target), (
-            "extrapolated from 1 and 2 unrolled layers"
+        cost, method = (
+            _extrapolated_cost(config, vocab, mesh, target),
+            ("extrapolated from 1 and 2 unrolled layers"),
         )
     else:
         cost, method = _cost(compiled), "direct"

@@ -1,16 +1,19 @@
 """Checkpoints: orbax async saves of the train state, the data iterator and run metadata.
 
 Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`. `state` is the whole train-state
-pytree (params, optimizer state, step, rng); `data` is the grain iterator's state (JSON, taken
-synchronously at save time so the async write cannot race the next batch); `meta` is the config,
-tokenizer hash, mesh shape and jaxlm version.
+pytree (params, optimizer state, step, loss guard); `data` is the grain iterator's state (JSON,
+taken synchronously at save time so the async write cannot race the next batch); `meta` is the
+config, tokenizer hash, mesh shape and jaxlm version. A save that fails in the background (a
+full disk) is a CheckpointError at the next step, and the earlier checkpoints stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -47,6 +50,8 @@ class Checkpointer:
         )
         self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=options)
+        self._unconfirmed: int | None = None  # step of a started save not yet known to be durable
+        _quiet_orbax_tracebacks()
 
     def save(
         self, step: int, state: Any, data_state: dict | None, meta: dict, force: bool = False
@@ -58,7 +63,34 @@ class Checkpointer:
         }
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if self._unconfirmed is not None:
+            self.wait()  # orbax waits for it anyway; this names its step if it failed
+        with self._failure_as_error(step):
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if started:
+            self._unconfirmed = step
+        return started
+
+    def check(self) -> None:
+        """Raises CheckpointError if a background save has failed; never blocks on one.
+
+        Called every step, so a full disk stops the run at once instead of at the next save.
+        """
+        if self._unconfirmed is not None and not self.manager.is_saving_in_progress():
+            self.wait()  # the save is over: this returns at once, raising its error if any
+
+    @contextlib.contextmanager
+    def _failure_as_error(self, step: int | None) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax raises whatever the filesystem raised
+            self._unconfirmed = None
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise CheckpointError(
+                f"saving the checkpoint at step {step} in {self.directory} failed ({reason}); "
+                "the run stops here and keeps every earlier checkpoint: free space (or fix the "
+                "directory) and run the same command to resume."
+            ) from None
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints present, oldest first."""
@@ -81,11 +113,13 @@ class Checkpointer:
             try:
                 meta = self._meta(s)
                 check_compatible(meta, abstract_state)
-                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                target = self._with_legacy_rng(s, abstract_state)
+                items = {"state": ocp.args.StandardRestore(target)}
                 if self._has_item(s, "data"):
                     items["data"] = ocp.args.JsonRestore()
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
-                return s, restored["state"], restored.get("data"), meta
+                state = {k: v for k, v in restored["state"].items() if k in abstract_state}
+                return s, state, restored.get("data"), meta
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
@@ -102,6 +136,20 @@ class Checkpointer:
             f"every checkpoint in {self.directory} is unreadable (steps {failures}); refusing to "
             "start from scratch over them: move the directory away or pass another --workdir."
         )
+
+    def _with_legacy_rng(self, step: int, abstract_state: Any) -> Any:
+        """`abstract_state`, plus the `rng` entry checkpoints held before it left the state.
+
+        It was saved but never read; orbax refuses a target without it, so restore and drop it.
+        """
+        try:
+            legacy = "rng" in self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - no metadata: the restore itself will say what is wrong
+            legacy = False
+        if not legacy or "rng" in abstract_state:
+            return abstract_state
+        replicated = abstract_state["step"].sharding
+        return dict(abstract_state, rng=jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated))
 
     def delete_after(self, step: int) -> None:
         """Deletes every checkpoint newer than `step` (e.g. ones written during a loss blow-up)."""
@@ -132,12 +180,37 @@ class Checkpointer:
         return (self.manager.directory / str(step) / name).exists()
 
     def wait(self) -> None:
-        """Blocks until every started save is durable on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until every started save is durable on disk.
+
+        Raises:
+          CheckpointError: a save failed (e.g. the disk is full); earlier checkpoints are kept.
+        """
+        with self._failure_as_error(self._unconfirmed):
+            self.manager.wait_until_finished()
+        self._unconfirmed = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save (raising CheckpointError if it failed), then closes."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+class _DropTraceback(logging.Filter):
+    """Keeps orbax's error lines but not their tracebacks: Checkpointer reports the failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+    # orbax logs through absl's logger (a handler on the root logger once absl runs).
+    for logger in (logging.getLogger("absl"), logging.getLogger()):
+        if not any(isinstance(f, _DropTraceback) for f in logger.filters):
+            logger.addFilter(_DropTraceback())
 
 
 def check_compatible(meta: dict, abstract_state: Any) -> None:

@@ -11,3 +11,11 @@ class JaxlmError(Exception):
 
 class ConfigError(JaxlmError, ValueError):
     """A config value that cannot work, named by its key."""
+
+
+class PeerLost(JaxlmError):
+    """Another process of a multi-process run died: this one must exit without waiting for it.
+
+    `jaxlm.main` leaves through `os._exit`: jax's exit handler would otherwise wait at a
+    shutdown barrier for the dead process until the heartbeat timeout, then abort with a dump.
+    """

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -19,9 +20,9 @@ import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import evaluate as evaluate_lib
+from jaxlm import faults, peers, sharding, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import sharding, train
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, JaxlmError
@@ -37,18 +38,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     from jaxlm.data import prepare as prepare_lib
     from jaxlm.data import tokenizer as tokenizer_lib
 
-    train.validate(config)
+    validate.check(config, workdir)  # every config error, before any device or data work
     sharding.maybe_initialize_distributed(config.mesh)
-    mesh = sharding.make_mesh(config.mesh.shape)
-    if config.train.batch_size % (sharding.batch_divisor(mesh) * config.train.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} must divide by the batch mesh axes "
-            f"({sharding.batch_divisor(mesh)}) times train.grad_accum ({config.train.grad_accum})."
-        )
+    mesh = validate.check_devices(config)
     _prepare_workdir(workdir, config)
-    if config.data.manifest:
-        if not os.path.isfile(config.data.manifest):
-            raise ConfigError(f"data.manifest={config.data.manifest!r} does not exist.")
+    if config.data.manifest:  # validate.check has made sure it exists
         manifest_path = config.data.manifest
     else:
         manifest_path = prepare_lib.prepare(
@@ -58,6 +52,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             process_count=jax.process_count(),
         )
     manifest = manifest_lib.load(manifest_path)  # refuses data whose tokenizer file was swapped
+    validate.check_manifest(manifest, manifest_path)
     tokenizer_path = manifest_lib.tokenizer_path(manifest)
     if jax.process_index() == 0:
         shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
@@ -73,12 +68,24 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 f"the tokenizer has {tokenizer.vocab_size} pieces but init_from's model only "
                 f"{vocab_size} embeddings; prepare the data with the base model's own tokenizer."
             )
-    setup = train.Setup(config, vocab_size, mesh)
-    trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+    # From here on every process runs the same collectives: a dead peer must stop the others.
+    # (Not earlier: data preparation may hold the GIL for longer than the heartbeat timeout.)
+    watchdog = peers.Watchdog().start()
+    clean = False
     try:
-        summary = trainer.train()
-    finally:
+        setup = train.Setup(config, vocab_size, mesh)
+        trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+        try:
+            summary = trainer.train()
+        except BaseException as e:
+            # A dead peer: close() would wait for a save that needs it, so leave at once.
+            peers.raise_if_peer_lost(e)
+            trainer.close()
+            raise
         trainer.close()
+        clean = True
+    finally:
+        watchdog.stop(clean)
     # The sample runs on process 0's host arrays; on many processes it is left to tools/generate.py.
     if not summary["preempted"] and jax.process_count() == 1:
         _print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)
@@ -122,17 +129,39 @@ class Trainer:
             f"{jax.process_count()} process(es)"
         )
         self.step, self.state = self._restore_or_init()
-        self.batches_drawn = self.step
+        self.stream: Iterator[dict[str, np.ndarray]] = self.batches
+        t = config.train
+        if t.inject_nan_at or t.inject_spike_at:  # fault tests, wrapped once here
+            self.stream = faults.FaultyBatches(
+                self.batches,
+                nan_at=t.inject_nan_at,
+                spike_at=t.inject_spike_at,
+                vocab_size=setup.model_cfg.vocab_size,
+                drawn=self.step,
+            )
         self.train_step = setup.jit_train_step()
         self.eval_step = setup.jit_eval_step()
         self.stop_signal: str | None = None
+        self.in_eval = False
         self.best_eval = (0, float("inf"))  # (step, held-out loss)
         self.workdir = workdir
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        self.previous_handlers = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
 
     def _on_signal(self, signum, frame) -> None:
+        """The first signal asks the loop to save and stop at the next step boundary.
+
+        An evaluation changes no state, so one in progress is abandoned at once (on one process;
+        with many, every process must leave the collectives together, so it finishes first). A
+        second Ctrl-C stops at once, keeping the checkpoints already written.
+        """
+        repeated = self.stop_signal is not None
         self.stop_signal = signal.Signals(signum).name
+        if self.in_eval and jax.process_count() == 1:
+            raise _EvalInterrupted
+        if repeated and signum == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def _restore_or_init(self) -> tuple[int, train.TrainState]:
         if not self.checkpointer.steps():
@@ -212,6 +241,13 @@ class Trainer:
             final_eval = self._eval(total, final=True)
 
         self.checkpointer.wait()
+        if final_eval is None:
+            self.out.print(
+                f"stopped by {self.stop_signal} during the final evaluation: training is complete "
+                f"and its checkpoint at step {self.step} is in {self.checkpointer.directory}; the "
+                "final held-out numbers were skipped."
+            )
+            return self._summary(start_step, start, preempted=True)
         gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
         if "bits_per_byte" in final_eval:
             gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
@@ -241,25 +277,13 @@ class Trainer:
 
     def _next_batch(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        batch = next(self.batches)
+        batch = next(self.stream)
         self.data_wait += time.perf_counter() - t0
-        # Injected faults belong to positions in the data stream, which a rollback does not rewind.
-        self.batches_drawn += 1
-        step = self.batches_drawn
-        if step in tuple(self.config.train.inject_nan_at):
-            batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
-        if step in tuple(self.config.train.inject_spike_at):
-            rng = np.random.RandomState(step)
-            batch = dict(
-                batch,
-                targets=rng.randint(
-                    0, self.setup.model_cfg.vocab_size, batch["targets"].shape
-                ).astype(np.int32),
-            )
         return batch
 
     def _after_step(self, total: int) -> None:
         cfg, done = self.config, self.step
+        self.checkpointer.check()  # a save that failed in the background stops the run now
         if done % cfg.train.log_every == 0 or done == total:
             self._log(done)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
@@ -292,8 +316,31 @@ class Trainer:
             f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
         )
 
-    def _eval(self, step: int, final: bool = False) -> dict[str, float]:
+    def _eval(self, step: int, final: bool = False) -> dict[str, float] | None:
+        """Held-out (and task) metrics at `step`, or None if a stop signal cut them short."""
         t0 = time.perf_counter()
+        alone = jax.process_count() == 1  # many processes must all run the same collectives
+        if alone and self.stop_signal is not None:  # arrived just before: do not start
+            return None
+        self.in_eval = True  # only while computing: a write to the logs is never cut in half
+        try:
+            result = self._compute_eval(final)
+        except _EvalInterrupted:
+            return None
+        finally:
+            self.in_eval = False
+        self.out.write(step, result, prefix="eval/")
+        if "loss" in result and result["loss"] < self.best_eval[1]:
+            self.best_eval = (step, result["loss"])
+        if "loss" in result:
+            self.out.print(
+                f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                f"{result['bits_per_byte']:.3f} bits/byte{_task_summary(result)} | "
+                f"{time.perf_counter() - t0:.1f}s"
+            )
+        return result
+
+    def _compute_eval(self, final: bool) -> dict[str, float]:
         cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
         result = train.evaluate(
             self.setup, self.eval_step, self.state["params"], self.manifest, cap
@@ -310,15 +357,6 @@ class Trainer:
                     batch_size=cfg.eval.batch_size or cfg.train.batch_size,
                     mesh=self.setup.mesh,
                 )
-            )
-        self.out.write(step, result, prefix="eval/")
-        if "loss" in result and result["loss"] < self.best_eval[1]:
-            self.best_eval = (step, result["loss"])
-        if "loss" in result:
-            self.out.print(
-                f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
-                f"{result['bits_per_byte']:.3f} bits/byte{_task_summary(result)} | "
-                f"{time.perf_counter() - t0:.1f}s"
             )
         return result
 
@@ -383,9 +421,12 @@ class Trainer:
         )
 
     def close(self) -> None:
-        self.checkpointer.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+        """Waits for the last save and gives the signals back to their previous handlers."""
+        try:
+            self.checkpointer.close()
+        finally:
+            for sig, handler in self.previous_handlers.items():
+                signal.signal(sig, handler)
 
 
 def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> dict[str, list]:
@@ -413,6 +454,10 @@ class TrainingError(JaxlmError):
     """The run cannot make progress (repeated non-finite or spiking losses)."""
 
 
+class _EvalInterrupted(Exception):
+    """Raised by the signal handler to abandon an evaluation (which changes no state)."""
+
+
 def _print_sample(config, setup, params, tokenizer, out) -> None:
     s = config.sample
     if s.max_tokens <= 0 or not s.prompt:
@@ -433,17 +478,7 @@ def _print_sample(config, setup, params, tokenizer, out) -> None:
 
 
 def _prepare_workdir(workdir: str, config: Any) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        # One probe per process: many processes share the workdir.
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"--workdir {workdir!r} cannot be written ({e.strerror}); choose another."
-        ) from None
+    # validate.check has made the workdir and proved it writable.
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -11,7 +11,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxlm import cli
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import JaxlmError, PeerLost
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -31,7 +31,16 @@ def main(argv):
     except JaxlmError as e:
         if os.environ.get("JAXLM_TRACEBACK"):
             raise
+        if isinstance(e, PeerLost):  # see its docstring
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        print("stopped by Ctrl-C; checkpoints already written are kept.", file=sys.stderr)
+        sys.exit(130)
 
 
 def run():

@@ -17,6 +17,7 @@ import jax
 
 from jaxlm import hardware
 
+
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     """Vendor peak bf16 FLOP/s of `device` (from `hardware.CHIPS`), or None (e.g. CPU)."""
     chip = hardware.chip_of_device((device or jax.devices()[0]).device_kind)

@@ -1,4 +1,4 @@
-"""Training pieces: config checks, the pure train/eval steps, state set-up, held-out evaluation.
+"""Training pieces: the pure train/eval steps, state set-up, held-out evaluation.
 
 The job that drives them (data, loop, checkpoints, preemption, rollback) is `jaxlm/loop.py`.
 """
@@ -18,28 +18,9 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding
 from jaxlm.data import pipeline
-from jaxlm.errors import ConfigError
 
-TrainState = dict[str, Any]  # {'params', 'opt_state', 'step', 'rng', 'guard'}
+TrainState = dict[str, Any]  # {'params', 'opt_state', 'step', 'guard'}
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (B, L) int32; loss_mask f32
-
-
-def validate(config: Any) -> None:
-    """Checks cross-field constraints once, before any expensive work."""
-    t = config.train
-    if t.steps <= 0 or t.batch_size <= 0 or t.seq_len <= 0:
-        raise ConfigError("train.steps, train.batch_size and train.seq_len must be positive.")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} must be a multiple of "
-            f"train.grad_accum={t.grad_accum}."
-        )
-    if t.seq_len > config.model.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}."
-        )
-    if config.optim.warmup_steps < 0 or config.optim.lr < 0:
-        raise ConfigError("optim.lr and optim.warmup_steps must not be negative.")
 
 
 # --------------------------------------------------------------------------- the pure steps
@@ -140,7 +121,6 @@ def make_train_step(
             "params": new_params,
             "opt_state": keep(opt_state, state["opt_state"]),
             "step": state["step"] + 1,
-            "rng": state["rng"],
             "guard": new_guard,
         }
         return new_state, metrics
@@ -188,7 +168,6 @@ class Setup:
             "params": self.param_shardings,
             "opt_state": opt_shardings,
             "step": replicated,
-            "rng": replicated,
             "guard": {"loss_ema": replicated, "accepted": replicated},
         }
         abstract_state = jax.eval_shape(self._init_fn)
@@ -208,7 +187,6 @@ class Setup:
             "params": params,
             "opt_state": self.tx.init(params),
             "step": jnp.array(0, jnp.int32),
-            "rng": jax.random.PRNGKey(seed),
             "guard": {"loss_ema": jnp.array(0.0, jnp.float32), "accepted": jnp.array(0, jnp.int32)},
         }
 

@@ -78,7 +78,9 @@ def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(p
     # (TPU layouts pad small arrays to whole tiles: a little slack).
     assert report.memory["arguments"] == pytest.approx(state + batch, rel=0.03)
     assert report.memory["aliased"] == pytest.approx(state, rel=0.03)  # the state is donated
-    whole = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
+    whole = sum(
+        math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state)
+    )
     expected_split = {"dp": 1, "fsdp": 4, "fsdp_tp": 4}[preset]
     assert state == pytest.approx(whole / expected_split, rel=0.02)
     assert report.model.attention == "splash"  # `auto` resolved for the TPU, not this CPU

@@ -1,5 +1,7 @@
 """Checkpoint round trips are exact, and restoring into another model is one clear error."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -90,4 +92,56 @@ def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(
             state, m = step(state, sharding.host_to_global(b, target.mesh))
             got.append(float(m["loss"]))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+    ckpt.close()
+
+
+def test_a_failed_background_save_is_one_error_and_keeps_the_earlier_checkpoints(
+    tmp_path, monkeypatch
+):
+    from orbax.checkpoint._src.handlers import standard_checkpoint_handler as handler
+
+    config = tiny_config()
+    config.checkpoint.keep = 1  # a successful save at step 2 would delete step 1
+    setup = setup_for(config)
+    state = setup.init_state()
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
+    ckpt.save(1, state, None, {})
+    ckpt.wait()
+
+    class DiskFull:
+        def result(self, timeout=None):
+            raise OSError(28, "No space left on device")
+
+    original = handler.StandardCheckpointHandler.async_save
+
+    async def failing_save(self, *args, **kwargs):
+        return list(await original(self, *args, **kwargs) or []) + [DiskFull()]
+
+    monkeypatch.setattr(handler.StandardCheckpointHandler, "async_save", failing_save)
+    assert ckpt.save(2, state, None, {})  # returns at once; the write fails in the background
+    deadline = time.time() + 30
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"saving the checkpoint at step 2 in .* failed \(\[Errno 28\] No space left",
+    ):
+        while time.time() < deadline:
+            ckpt.check()  # non-blocking: raises once the background save has failed
+            time.sleep(0.01)
+    assert ckpt.steps() == [1]
+    ckpt.check()  # reported once, then the Checkpointer is usable again
+    ckpt.close()
+
+
+def test_a_checkpoint_written_with_the_old_rng_entry_still_restores(tmp_path):
+    config = tiny_config()
+    setup = setup_for(config)
+    state = setup.init_state()
+    assert "rng" not in state
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
+    ckpt.save(1, dict(state, rng=jax.random.PRNGKey(0)), None, {})  # as jaxlm wrote them before
+    ckpt.wait()
+    _, restored, _, _ = ckpt.restore(setup.abstract_state)
+    assert sorted(restored) == sorted(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
     ckpt.close()

@@ -81,8 +81,8 @@ def command(config_file, workdir, *overrides):
     ]
 
 
-def run(config_file, workdir, *overrides, check=True, devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def run(config_file, workdir, *overrides, check=True, devices=1, env=None):
+    env = dict(env or os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run(
         command(config_file, workdir, *overrides),
         cwd=REPO,
@@ -98,8 +98,8 @@ def run(config_file, workdir, *overrides, check=True, devices=1):
     return proc
 
 
-def start(config_file, workdir, *overrides, devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def start(config_file, workdir, *overrides, devices=1, env=None):
+    env = dict(env or os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen(
         command(config_file, workdir, *overrides),
         cwd=REPO,
@@ -108,6 +108,17 @@ def start(config_file, workdir, *overrides, devices=1):
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def patched_env(tmp_path, code: str) -> dict:
+    """An environment whose Pythons run `code` at start-up (a sitecustomize module): how a test
+    makes a subprocess meet a fault that cannot be set up from outside it (a full disk, a slow
+    evaluation)."""
+    folder = tmp_path / "sitecustomize"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    path = os.pathsep.join(filter(None, [str(folder), REPO, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path)
 
 
 def losses(workdir):
@@ -173,7 +184,7 @@ def test_sigkill_then_restart_is_bitwise_identical(config_file, tmp_path):
     run(config_file, reference)
 
     killed = str(tmp_path / "killed")
-    kill_at = random.Random().randint(5, 7)  # after the checkpoint at 4, before the one at 8
+    kill_at = random.Random(18).randint(5, 7)  # after the checkpoint at 4, before the one at 8
     proc = start(config_file, killed)
     wait_for_step(killed, kill_at, proc)
     while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):  # async save finalised
@@ -283,7 +294,7 @@ def test_repeated_bad_steps_roll_back_then_give_up(config_file, tmp_path):
         ),
         (
             ["--config.data.manifest=", "--config.data.datasets.stdlib.paths=/no/such/dir/*.txt"],
-            "error: ",
+            "error: data.datasets.stdlib.paths='/no/such/dir/*.txt': The data path pattern",
         ),
     ],
 )
@@ -392,3 +403,123 @@ def test_wandb_offline_run_holds_the_scalars(config_file, tmp_path):
     for step, loss in losses(workdir).items():
         assert json.dumps(loss).encode() in data, f"train/loss of step {step} not in the W&B run"
     assert b"train/loss" in data and b"eval/bits_per_byte" in data
+
+
+DISK_FULL_AT_SECOND_SAVE = """
+from orbax.checkpoint._src.handlers import standard_checkpoint_handler as handler
+
+original = handler.StandardCheckpointHandler.async_save
+calls = []
+
+
+class DiskFull:
+    def result(self, timeout=None):
+        raise OSError(28, "No space left on device")
+
+
+async def async_save(self, *args, **kwargs):
+    futures = await original(self, *args, **kwargs)
+    calls.append(1)
+    return list(futures or []) + ([DiskFull()] if len(calls) == 2 else [])
+
+
+handler.StandardCheckpointHandler.async_save = async_save
+"""
+
+
+def test_failed_async_save_stops_the_run_at_once_and_keeps_earlier_checkpoints(
+    config_file, tmp_path
+):
+    workdir = str(tmp_path / "disk_full")
+    env = patched_env(tmp_path, DISK_FULL_AT_SECOND_SAVE)
+    # keep=1: had the save at step 200 succeeded, it would have deleted the one at step 100.
+    overrides = ["--config.checkpoint.keep=1", "--config.checkpoint.every=100"]
+    failed = run(config_file, workdir, *overrides, "--config.train.steps=400", check=False, env=env)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: saving the checkpoint at step 200 in "), last
+    assert "No space left on device" in last
+    # Found by the per-step check, not by the next save (step 300) waiting for this one.
+    assert 200 < max(losses(workdir)) < 300, max(losses(workdir))
+    steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert steps == ["100"]
+    resumed = run(config_file, workdir, *overrides, "--config.train.steps=102")
+    assert "resuming from checkpoint at step 100" in resumed.stdout
+
+
+SLOW_FINAL_EVALUATION = """
+import time
+
+from jaxlm import train
+
+original = train.evaluate
+
+
+def evaluate(*args, **kwargs):
+    print("final evaluation started", flush=True)
+    time.sleep(120)  # a held-out split that takes minutes; signals arrive between bytecodes
+    return original(*args, **kwargs)
+
+
+train.evaluate = evaluate
+"""
+
+
+def test_ctrl_c_during_the_final_evaluation_stops_it_at_once(config_file, tmp_path):
+    workdir = str(tmp_path / "final_eval")
+    env = patched_env(tmp_path, SLOW_FINAL_EVALUATION)
+    proc = start(config_file, workdir, "--config.train.steps=4", env=env)
+    for line in proc.stdout:
+        if line.startswith("final evaluation started"):
+            break
+    else:
+        raise AssertionError(proc.communicate())
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 20
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGINT during the final evaluation: training is complete" in stdout
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "4", "state"))
+
+
+def test_a_dead_peer_stops_the_other_process_within_seconds(config_file, tmp_path):
+    workdir = str(tmp_path / "dead_peer")
+    port = free_port()
+    procs = [
+        start(
+            config_file,
+            workdir,
+            "--config.train.steps=100000",
+            "--config.checkpoint.every=1000",
+            "--config.data.streams=2",
+            "--config.train.batch_size=8",
+            f"--config.mesh.coordinator=127.0.0.1:{port}",
+            "--config.mesh.num_processes=2",
+            f"--config.mesh.process_id={i}",
+            devices=4,
+        )
+        for i in range(2)
+    ]
+    try:
+        wait_for_step(workdir, 3, procs[0])
+        procs[1].send_signal(signal.SIGKILL)  # process 0 hosts the coordinator: kill the other
+        t0 = time.time()
+        _, stderr = procs[0].communicate(timeout=120)
+        assert time.time() - t0 < 30  # the heartbeat timeout is 10 s; jax's own is 100 s
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    # On CPU the next gloo collective fails at once; where a collective hangs instead (other
+    # transports), the heartbeat watchdog speaks after 10 s.
+    assert last.startswith("error: "), stderr[-3000:]
+    assert (
+        "a peer process has most likely died" in last
+        or "process 1 sent no heartbeat for 10 s" in last
+    ), stderr[-3000:]
+    assert "Traceback" not in stderr and "Check failure" not in stderr, stderr[-3000:]

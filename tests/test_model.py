@@ -171,12 +171,12 @@ def test_scanned_layers_equal_unrolled_in_logits_and_gradients():
         logits = nnx.merge(graphdef, p)(batch["inputs"], batch["positions"], batch["segment_ids"])
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
 
-    (l_loop, logits_loop), grads_loop = jax.value_and_grad(
-        lambda p: loss(g_loop, p), has_aux=True
-    )(params)
-    (l_scan, logits_scan), grads_scan = jax.value_and_grad(
-        lambda p: loss(g_scan, p), has_aux=True
-    )(stacked)
+    (l_loop, logits_loop), grads_loop = jax.value_and_grad(lambda p: loss(g_loop, p), has_aux=True)(
+        params
+    )
+    (l_scan, logits_scan), grads_scan = jax.value_and_grad(lambda p: loss(g_scan, p), has_aux=True)(
+        stacked
+    )
     np.testing.assert_allclose(logits_scan, logits_loop, rtol=0, atol=1e-5)
     assert abs(float(l_scan - l_loop)) < 1e-6
     flat_loop = jax.tree.leaves(model.stack_layers(grads_loop))

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import sharding, train
+from jaxlm import faults, sharding, train
 from tests.helpers import packed_batch, tiny_config
 
 
@@ -134,3 +134,15 @@ def test_nan_and_spiking_batches_are_skipped_bitwise():
             for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(other[key]), strict=True):
                 np.testing.assert_array_equal(a, b)
     assert after_spike["step"] == before["step"] + 2
+
+
+def test_fault_injection_poisons_only_the_named_stream_positions():
+    batches = iter([packed_batch(2, 16, seed=s, vocab=61) for s in range(6)])
+    # Resumed after 2 batches: positions 3..8 are drawn; 4 gets NaN, 6 scrambled targets.
+    stream = faults.FaultyBatches(batches, nan_at=(1, 4), spike_at=(6,), vocab_size=61, drawn=2)
+    got = list(stream)
+    for i, (position, batch) in enumerate(zip(range(3, 9), got, strict=True)):
+        clean = packed_batch(2, 16, seed=i, vocab=61)
+        assert np.isnan(batch["loss_mask"]).all() == (position == 4)
+        assert np.array_equal(batch["targets"], clean["targets"]) == (position != 6)
+        assert batch["targets"].max() < 61

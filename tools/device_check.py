@@ -59,7 +59,7 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlm import model as model_lib  # noqa: E402
-from jaxlm import train  # noqa: E402
+from jaxlm import train, validate  # noqa: E402
 from tools import bench  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["gpt2_124m", "llama_1b"], "Configs to benchmark.")
@@ -268,7 +268,7 @@ def bench_config(name: str, overrides: dict, impl: str, plan: Plan) -> dict:
         for key, value in values.items():
             config[section][key] = value
     config.model.attention = impl
-    train.validate(config)
+    validate.check_config(config)
     vocab = plan.vocab or config.tokenizer.vocab_size
     r = bench.bench(config, plan.steps, plan.rounds, vocab, checkpoint_every=0, split=False)
     t = config.train

@@ -39,8 +39,10 @@ _HBM = flags.DEFINE_float("hbm-gib", None, "Memory per chip in GiB (override).")
 _PLATFORM = flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu"], "Platform of --hardware=custom.")
 _MEASURE = flags.DEFINE_bool("measure", False, "Also compile the step here; print XLA's total.")
 _TARGET = flags.DEFINE_string(
-    "target", None, "A slice as tools/compile.py names it (v5p-64, v5e-16, h100-8): sets the "
-    "hardware and the chip count."
+    "target",
+    None,
+    "A slice as tools/compile.py names it (v5p-64, v5e-16, h100-8): sets the "
+    "hardware and the chip count.",
 )
 
 

@@ -483,8 +483,7 @@ def restore_params(
                 stacked[path] = leaf
         values = _restore(ckpt_dir, step, stacked, None)
         host = {
-            p: values[("blocks", *p[2:])][p[1]] if p[0] == "blocks" else values[p]
-            for p in abstract
+            p: values[("blocks", *p[2:])][p[1]] if p[0] == "blocks" else values[p] for p in abstract
         }
         if shardings is None:
             return host

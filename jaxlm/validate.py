@@ -1,0 +1,275 @@
+"""One validation pass over a run's config, before any data work starts.
+
+`check(config, workdir)` builds every cheap object the run will build later (the model config,
+the sharding rules, the schedule and optimizer, the init_from source, the tokenizer file) and
+checks every path and range, so a typo fails in a second with one sentence that names the key,
+not after data preparation (minutes to hours) or as a traceback. It touches no device: on a
+multi-host run it runs before the processes wait for each other.
+
+`check_devices(config)` is the rest, run once the devices are known (after
+`jax.distributed.initialize`): the mesh and how the batch splits over it.
+
+`check_manifest(manifest)` refuses prepared data the run cannot evaluate on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxlm import attention, optim, sharding
+from jaxlm import model as model_lib
+from jaxlm.errors import ConfigError, JaxlmError
+
+# key -> lowest allowed value (1: positive, 0: non-negative).
+_AT_LEAST = {
+    "train.steps": 1,
+    "train.batch_size": 1,
+    "train.seq_len": 1,
+    "train.grad_accum": 1,
+    "train.log_every": 1,
+    "train.spike_ratio": 0,
+    "train.spike_warmup": 0,
+    "train.max_bad_steps": 1,
+    "train.max_rollbacks": 0,
+    "optim.lr": 0,
+    "optim.init_lr": 0,
+    "optim.warmup_steps": 0,
+    "optim.min_lr_ratio": 0,
+    "optim.weight_decay": 0,
+    "optim.clip_norm": 0,
+    "optim.eps": 0,
+    "model.d_model": 1,
+    "model.n_layers": 1,
+    "model.n_heads": 1,
+    "model.n_kv_heads": 1,
+    "model.head_dim": 1,
+    "model.d_ff": 1,
+    "model.max_seq_len": 1,
+    "model.norm_eps": 0,
+    "model.init_std": 0,
+    "checkpoint.every": 1,
+    # keep=0 would keep no checkpoint at all (orbax deletes each one once written), so a rerun
+    # silently starts over: refused rather than reinterpreted.
+    "checkpoint.keep": 1,
+    "checkpoint.keep_every": 0,
+    "eval.every": 0,
+    "eval.max_batches": 0,
+    "eval.batch_size": 0,
+    "eval.next_line_examples": 0,
+    "data.num_proc": 0,
+    "data.docs_per_shard": 1,
+    "data.streams": 0,
+    "data.grain_workers": 0,
+    "tokenizer.vocab_size": 1,
+    "sample.max_tokens": 0,
+    "sample.temperature": 0,
+    "sample.top_k": 0,
+}
+_BELOW_ONE = ("optim.b1", "optim.b2")  # Adam betas: [0, 1)
+_FRACTIONS = ("optim.decay_fraction", "optim.min_lr_ratio", "sample.top_p")  # [0, 1]
+
+
+def check(config: Any, workdir: str) -> None:
+    """Checks `config` and `workdir` without touching a device or reading the corpus.
+
+    Raises:
+      ConfigError: the first problem found, in one sentence naming the key or the file.
+    """
+    check_config(config)
+    _check_data(config)
+    _check_paths(config, workdir)
+
+
+def check_config(config: Any) -> None:
+    """The checks of `check` that need no files: values, and every object built from them
+    (what compiling a step without data, as `jaxlm.aot` does, relies on)."""
+    for key, low in _AT_LEAST.items():
+        value = _get(config, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+            bound = "positive" if low == 1 else "non-negative"
+            raise ConfigError(f"{key}={value!r} must be {bound}.")
+    for key in _BELOW_ONE:
+        if not 0 <= _get(config, key) < 1:
+            raise ConfigError(f"{key}={_get(config, key)!r} must be in [0, 1).")
+    for key in _FRACTIONS:
+        if not 0 <= _get(config, key) <= 1:
+            raise ConfigError(f"{key}={_get(config, key)!r} must be in [0, 1].")
+    _check_train(config)
+    _build_objects(config)
+
+
+def check_devices(config: Any) -> jax.sharding.Mesh:
+    """The run's mesh, after checking that the batches split evenly over it.
+
+    Call after `sharding.maybe_initialize_distributed`: it counts the devices of every process.
+    """
+    # `auto` attention resolves against the platform, which needs the backend started.
+    model_lib.ModelConfig.from_config(config.model, config.tokenizer.vocab_size)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    t, split = config.train, sharding.batch_divisor(mesh)
+    if t.batch_size % (split * t.grad_accum):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must divide by the batch mesh axes ({split}) "
+            f"times train.grad_accum ({t.grad_accum})."
+        )
+    eval_batch = config.eval.batch_size or t.batch_size
+    if eval_batch % split:
+        raise ConfigError(
+            f"eval.batch_size={config.eval.batch_size} must divide by the batch mesh axes "
+            f"({split}); 0 uses train.batch_size."
+        )
+    return mesh
+
+
+def check_manifest(manifest: dict, manifest_path: str) -> None:
+    """Refuses prepared data with no held-out documents: the final evaluation needs some."""
+    held_out = sum(d["val"]["documents"] for d in manifest["datasets"].values())
+    if held_out == 0:
+        raise ConfigError(
+            f"the held-out split of {manifest_path} has no documents, so the run could not be "
+            "evaluated; prepare the data with a larger data.val_fraction or more documents."
+        )
+
+
+def _get(config: Any, key: str) -> Any:
+    section, name = key.split(".")
+    return config[section][name]
+
+
+def _check_train(config: Any) -> None:
+    t, m = config.train, config.model
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be a multiple of "
+            f"train.grad_accum={t.grad_accum}."
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}.")
+    for key in ("inject_nan_at", "inject_spike_at"):
+        steps = t[key]
+        if not isinstance(steps, Sequence) or not all(isinstance(s, int) and s > 0 for s in steps):
+            raise ConfigError(f"train.{key}={steps!r} must be a tuple of positive batch numbers.")
+
+
+def _build_objects(config: Any) -> None:
+    """Builds what the run builds later from the config; their own errors name the key."""
+    attention_choices = ("auto", *attention.IMPLEMENTATIONS)
+    if config.model.attention not in attention_choices:
+        raise ConfigError(
+            f"model.attention must be one of {attention_choices}, not {config.model.attention!r}."
+        )
+    # `auto` needs the platform, hence the backend; it is built for real in check_devices.
+    model_cfg = config.model.copy_and_resolve_references()
+    if model_cfg.attention == "auto":
+        with model_cfg.unlocked():
+            model_cfg.attention = "xla"
+    try:
+        model_lib.ModelConfig.from_config(model_cfg, config.tokenizer.vocab_size)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model cannot build a model: {e}") from None
+    sharding.rules_for(config.mesh.preset)
+    _check_mesh_shape(config.mesh.shape)
+    if config.optim.schedule not in optim.SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule must be one of {optim.SCHEDULES}, not {config.optim.schedule!r}."
+        )
+    try:
+        optim.make_optimizer(config.optim, config.train.steps)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.optim cannot build an optimizer: {e}") from None
+    if config.init_from:
+        from jaxlm.convert import init_from
+
+        try:
+            init_from.model_config(config.init_from)  # parses, checks existence, reads metadata
+        except ConfigError:
+            raise
+        except (JaxlmError, OSError, ValueError, KeyError) as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"config.init_from={config.init_from!r} cannot be read ({reason})."
+            ) from None
+
+
+def _check_mesh_shape(shape: Any) -> None:
+    """The device-independent half of `sharding.resolve_mesh_shape` (the count comes later)."""
+    try:
+        sizes = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ConfigError(f"mesh.shape={shape!r} must be a tuple of integers.") from None
+    # A device count the shape fits exactly, so only its structure can fail here.
+    sharding.resolve_mesh_shape(sizes, math.prod(s for s in sizes if s > 0))
+
+
+def _check_data(config: Any) -> None:
+    from jaxlm.data import sources
+    from jaxlm.data import tokenizer as tokenizer_lib
+
+    d, tok = config.data, config.tokenizer
+    if d.manifest:
+        if not os.path.isfile(d.manifest):
+            raise ConfigError(f"data.manifest={d.manifest!r} does not exist.")
+    else:
+        if not 0 < d.val_fraction < 1:
+            raise ConfigError(
+                f"data.val_fraction={d.val_fraction!r} must be in (0, 1): the run evaluates on "
+                "the held-out documents."
+            )
+        datasets = dict(d.datasets.items()) if d.get("datasets") else {}
+        if not datasets:
+            raise ConfigError("data.datasets is empty; name at least one dataset to train on.")
+        for name, ds in datasets.items():
+            if ds.get("weight", 1.0) < 0:
+                raise ConfigError(f"data.datasets.{name}.weight={ds.weight} must not be negative.")
+            try:
+                sources.resolve_files(ds.paths)
+            except JaxlmError as e:
+                raise ConfigError(f"data.datasets.{name}.paths={ds.paths!r}: {e}") from None
+        if not sum(ds.get("weight", 1.0) for ds in datasets.values()) > 0:
+            raise ConfigError("data.datasets weights sum to 0; give at least one a weight > 0.")
+        try:
+            tokenizer_lib.trainer_options(tok)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if tok.path:
+        path = os.path.expanduser(tok.path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"tokenizer.path={tok.path!r} does not exist.")
+        try:
+            tokenizer_lib.load(path)
+        except Exception:  # noqa: BLE001 - sentencepiece raises bare RuntimeErrors
+            raise ConfigError(
+                f"tokenizer.path={tok.path!r} is not a readable tokenizer: neither a sentencepiece "
+                ".model nor a Hugging Face tokenizer.json loads from it."
+            ) from None
+
+
+def _check_paths(config: Any, workdir: str) -> None:
+    from jaxlm import evaluate as evaluate_lib
+
+    for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
+        try:
+            evaluate_lib.load_task(path)
+        except JaxlmError as e:
+            raise ConfigError(f"eval.task_files: {e}") from None
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        # Host and pid in the name: many processes may share the workdir.
+        probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir {workdir!r} cannot be written ({e.strerror}); choose another."
+        ) from None
