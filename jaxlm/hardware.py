@@ -61,8 +61,8 @@ def get_chip(name: str) -> Chip:
     if key not in CHIPS:
         raise ConfigError(
             f"unknown hardware {name!r}; choose one of {', '.join(CHIPS)}, or give peak "
-            "FLOP/s and memory per chip yourself (--hardware=custom --peak-tflops=... "
-            "--hbm-gib=...)."
+            "FLOP/s and memory per chip yourself (Hardware(...), or --hardware=custom "
+            "--peak-tflops=... --hbm-gib=...)."
         )
     return CHIPS[key]
 

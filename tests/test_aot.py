@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from configs import llama_1b
 from jaxlm import aot, estimate, hardware, sharding, train
 from jaxlm.errors import ConfigError
 from tests.helpers import tiny_config
@@ -120,11 +121,14 @@ def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("target", ["v5e-4", "v5p-8"])
+@pytest.mark.parametrize("target", ["v5p-8", "v4-8"])
 def test_planner_memory_is_within_15_percent_of_the_tpu_compiler(target):
-    config = small_config("fsdp", n_layers=4, scan_layers=True, remat="full")
-    config.train.batch_size = 32
-    report = aot.compile_step(config, target)
+    # llama_1b's widths, batch, vocabulary and remat, two layers deep (the full recipe, and
+    # llama_8b, are compared in docs/perf.md). At toy widths the TPU compiler's use depends on
+    # the headroom it has (the same step takes twice the memory on a v5p as on a v5e).
+    config = llama_1b.get_config()
+    config.model.n_layers = 2
+    report = aot.compile_step(config, target, with_cost=False)
     assert report.planner_memory == pytest.approx(report.memory["total"], rel=0.15)
 
 

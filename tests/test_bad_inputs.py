@@ -7,6 +7,7 @@ JAX start-up. `jaxlm.data.prepare.prepare` is replaced by a function that record
 """
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -48,11 +49,14 @@ def files(tmp_path_factory):
     no_heldout = root / "no_heldout" / "manifest.json"
     no_heldout.parent.mkdir()
     split = {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
+    tokenizer_file = no_heldout.parent / "tokenizer.model"  # loads check it against its hash
+    tokenizer_file.write_bytes(b"a stand-in: only its hash is read before the held-out check")
+    tokenizer_sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     no_heldout.write_text(
         json.dumps(
             {
                 "datasets": {"a": {"weight": 1.0, "train": dict(split, documents=9), "val": split}},
-                "tokenizer": {"file": "tokenizer.model", "sha256": "0" * 64, "vocab_size": 61},
+                "tokenizer": {"file": "tokenizer.model", "sha256": tokenizer_sha, "vocab_size": 61},
             }
         )
     )

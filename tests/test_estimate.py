@@ -175,7 +175,7 @@ def test_cli_bad_input_is_one_error_line():
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [
         "error: unknown hardware 'h900'; choose one of tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, "
-        "h100, h200, or give peak FLOP/s and memory per chip yourself (Hardware(...), or "
+        "h100, h200, b200, or give peak FLOP/s and memory per chip yourself (Hardware(...), or "
         "--hardware=custom --peak-tflops=... --hbm-gib=...)."
     ]
 

@@ -29,7 +29,7 @@ TARGETS = {
     "tiny": ("v5e-4", "v6e-8"),
     "gpt2_124m": ("v5e-8", "v5p-8"),
     "tinysolar_248m": ("v5e-8", "v5p-8"),
-    "llama_1b": ("v5p-8", "v6e-8"),
+    "llama_1b": ("v5p-8", "v4-8"),
     "llama_8b": ("v5p-64", "v6e-64"),
 }
 MESH = {"dp": "(-1,1,1)", "fsdp": "(1,-1,1)", "fsdp_tp": "(1,-1,2)"}
