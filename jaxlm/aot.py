@@ -155,6 +155,13 @@ def compile_step(
         planner_memory=planned.memory.total,
         model_flops_per_step=setup.flops_per_token(t.seq_len) * t.batch_size * t.seq_len,
     )
+    state = planned.memory.params + planned.memory.opt_state  # exact: no compile needed
+    if state > target.chip.memory_bytes:
+        raise DoesNotFit(
+            f"{common['name']} does not fit on {target.name}: its parameters and optimizer state "
+            f"alone take {estimate.format_bytes(state)} per chip of "
+            f"{estimate.format_bytes(target.chip.memory_bytes)}; {_remedy(planned)}"
+        )
     if target.platform != "tpu":
         return _export_cuda(config, vocab, mesh, setup, target, common, planned)
 
@@ -203,11 +210,12 @@ def _compile(setup: train.Setup, target: hardware.Target, planned: estimate.Esti
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
             raise
-        used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", message)
-        need = f"{used.group(1)}B of {used.group(2)}B" if used else "more than its"
+        # e.g. "... HLO temporaries (44.34G) exceeds available HBM (15.75G)."
+        sizes = re.findall(r"\(([\d.]+[KMGT]?)\)", message)
+        need = f"{sizes[0]}B of temporaries against {sizes[1]}B" if len(sizes) >= 2 else "more"
         raise DoesNotFit(
             f"{setup.config.get('name', 'config')} does not fit on {target.name}: the TPU "
-            f"compiler needs {need} HBM per chip; {_remedy(planned)}"
+            f"compiler needs {need} of HBM per chip; {_remedy(planned)}"
         ) from None
 
 
@@ -219,8 +227,13 @@ def _remedy(planned: estimate.Estimate) -> str:
             size = " ".join(verdict.split()[:2])
             return f"the cheapest fix the planner finds is {label.strip()} ({size} per chip)."
     for line in planned.suggestions:
-        if line.startswith("--chips="):
-            return f"it needs more chips: {line}"
+        match = re.match(r"--chips=(\d+) fits with (.*)\.", line)
+        if match:
+            chips, how = int(match.group(1)), match.group(2)
+            chip = planned.hardware
+            size = f"{chip.name.split()[-1].lower()}-{chips * chip.cores_per_chip}"
+            slice_name = f" (--target={size})" if chip.platform == "tpu" else ""
+            return f"it needs {chips} chips{slice_name}, with {how}."
     return "shorten train.seq_len or use more chips."
 
 

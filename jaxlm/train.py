@@ -266,18 +266,17 @@ def evaluate(
             continue
         n = pipeline.eval_num_batches(manifest, name, cfg.train.seq_len, batch_size, max_batches)
         nll, count = 0.0, 0.0
-        with sharding.use(setup.mesh, setup.rules):
-            for host_batch in pipeline.eval_batches(
-                manifest,
-                name,
-                seq_len=cfg.train.seq_len,
-                batch_size=host_rows,
-                num_batches=n,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            ):
-                s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
-                nll, count = nll + float(s), count + float(c)
+        for host_batch in pipeline.eval_batches(
+            manifest,
+            name,
+            seq_len=cfg.train.seq_len,
+            batch_size=host_rows,
+            num_batches=n,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
+            s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
+            nll, count = nll + float(s), count + float(c)
         loss = nll / max(count, 1)
         nbytes = count * pipeline.val_bytes_per_target(manifest, name)
         out[f"{name}/loss"] = loss

@@ -138,7 +138,7 @@ def test_a_step_that_cannot_fit_is_one_sentence():
         "--config=configs/tiny.py",
         "--target=v5e-1",
         "--config.train.batch_size=4096",
-        "--config.train.seq_len=512",
+        "--config.train.seq_len=256",
     ]
     out = subprocess.run(
         [sys.executable, "tools/compile.py", *args],
@@ -154,6 +154,17 @@ def test_a_step_that_cannot_fit_is_one_sentence():
     assert "does not fit on v5e-1" in errors[0] and "planner" in errors[0]
     assert "Traceback" not in out.stderr + out.stdout
     assert "TPU_WORKER_HOSTNAMES" not in out.stderr + out.stdout  # libtpu's noise stays hidden
+
+
+@needs_libtpu
+def test_llama_8b_on_one_v5e_chip_is_refused_before_compiling():
+    from configs import llama_8b
+
+    with pytest.raises(aot.DoesNotFit) as e:
+        aot.compile_step(llama_8b.get_config(), "v5e-1")
+    message = str(e.value)
+    assert "\n" not in message and "optimizer state alone take 89.7 GiB" in message
+    assert "--target=v5e-64" in message  # the remedy is a slice the planner says fits
 
 
 def test_train_step_exports_for_cuda_without_a_gpu():

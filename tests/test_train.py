@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm import faults, sharding, train
-from tests.helpers import packed_batch, tiny_config
+from tests.helpers import VOCAB, packed_batch, tiny_config
 
 
 def make_setup(preset="fsdp", mesh_shape=(1, -1, 1), devices=None, **overrides):
@@ -146,3 +146,15 @@ def test_fault_injection_poisons_only_the_named_stream_positions():
         assert np.isnan(batch["loss_mask"]).all() == (position == 4)
         assert np.array_equal(batch["targets"], clean["targets"]) == (position != 6)
         assert batch["targets"].max() < 61
+
+
+def test_the_jitted_steps_carry_their_mesh_whoever_traces_them():
+    config = tiny_config()
+    setup = train.Setup(config, VOCAB, sharding.make_mesh((1, -1, 1)))
+    batch = setup.abstract_batch()
+    assert sharding._active is None  # no caller opened the mesh by hand
+    outside = setup.jit_train_step().lower(setup.abstract_state, batch).as_text()
+    with sharding.use(setup.mesh, setup.rules):
+        inside = setup.jit_train_step().lower(setup.abstract_state, batch).as_text()
+    constraints = outside.count("sdy.sharding_constraint")
+    assert constraints > 0 and constraints == inside.count("sdy.sharding_constraint")
