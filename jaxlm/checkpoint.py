@@ -42,7 +42,8 @@ def _manager(
     """The one place jaxlm builds an orbax CheckpointManager (read-only unless `options`)."""
     if options is None:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with _quiet_absl():  # orbax warns about every read-only manager; readers need none of that
+    # orbax warns about every read-only manager it opens; a reader needs none of that.
+    with _quiet_absl() if options.read_only else contextlib.nullcontext():
         return ocp.CheckpointManager(directory, options=options)
 
 
@@ -61,7 +62,8 @@ def all_steps(ckpt_dir: str) -> list[int]:
     """Steps of the complete checkpoints in `ckpt_dir`, oldest first ([] if it does not exist)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted(_manager(ckpt_dir).all_steps())
+    with contextlib.closing(_manager(ckpt_dir)) as manager:
+        return sorted(manager.all_steps())
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
@@ -87,8 +89,8 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
 
 def read_step_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
     """The metadata saved with `step` under `ckpt_dir`, read without a Checkpointer."""
-    with _quiet_absl():
-        return _restore_meta(_manager(ckpt_dir), step)
+    with contextlib.closing(_manager(ckpt_dir)) as manager, _quiet_absl():
+        return _restore_meta(manager, step)
 
 
 def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -154,10 +156,8 @@ def _restore_params(
     restore = ocp.args.PyTreeRestore(
         item=item, partial_restore=True, restore_args={"params": traverse_util.unflatten_dict(args)}
     )
-    manager = _manager(ckpt_dir)
-    with _quiet_absl():
+    with contextlib.closing(_manager(ckpt_dir)) as manager, _quiet_absl():
         restored = manager.restore(step, args=ocp.args.Composite(state=restore))
-    manager.close()
     return traverse_util.flatten_dict(restored["state"]["params"])
 
 
