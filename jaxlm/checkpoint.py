@@ -1,5 +1,10 @@
 """Checkpoints: orbax async saves of the train state, the data iterator and run metadata.
 
+The only module that talks to orbax: `_manager` is its one `CheckpointManager` construction
+site. Besides the training `Checkpointer`, it reads checkpoints for the other tools: `resolve`
+(a path or step -> (checkpoints dir, step)), `all_steps`, `read_step_meta` and `restore_params`
+(the parameters only).
+
 Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`. `state` is the whole train-state
 pytree (params, optimizer state, step, loss guard); `data` is the grain iterator's state (JSON,
 taken synchronously at save time so the async write cannot race the next batch); `meta` is the
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,37 +25,175 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 import jaxlm
+from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
-
-
-def read_step_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
-    """The metadata saved with `step` under `ckpt_dir`, read without a Checkpointer."""
-    return _restore_meta(ocp.CheckpointManager(ckpt_dir), step)
-
-
-def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 class CheckpointError(JaxlmError):
     """No usable checkpoint, or one written by an incompatible run."""
 
 
-class Checkpointer:
-    """Saves and restores `(state, data iterator state, metadata)` under `directory`."""
+def _manager(
+    directory: str, options: ocp.CheckpointManagerOptions | None = None
+) -> ocp.CheckpointManager:
+    """The one place jaxlm builds an orbax CheckpointManager (read-only unless `options`)."""
+    if options is None:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    # orbax warns about every read-only manager it opens; a reader needs none of that.
+    with _quiet_absl() if options.read_only else contextlib.nullcontext():
+        return ocp.CheckpointManager(directory, options=options)
 
-    def __init__(self, directory: str, ckpt_cfg: Any):
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def all_steps(ckpt_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in `ckpt_dir`, oldest first ([] if it does not exist)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    with contextlib.closing(_manager(ckpt_dir)) as manager:
+        return sorted(manager.all_steps())
+
+
+def resolve(path: str, step: int | None = None) -> tuple[str, int]:
+    """(checkpoints directory, step) for a workdir, its checkpoints/ folder or a step folder.
+
+    Raises:
+      CheckpointError: there is no checkpoint there, or none at `step`.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(os.path.basename(path)) if step is None else step
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    steps = all_steps(path)
+    if not steps:
+        raise CheckpointError(
+            f"no jaxlm checkpoint found in {path}; pass a workdir or a step folder."
+        )
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{path} has no checkpoint at step {step} (it has {steps}).")
+    return path, steps[-1] if step is None else step
+
+
+def read_step_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
+    """The metadata saved with `step` under `ckpt_dir`, read without a Checkpointer."""
+    with contextlib.closing(_manager(ckpt_dir)) as manager, _quiet_absl():
+        return _restore_meta(manager, step)
+
+
+def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def model_config_from_meta(meta: dict[str, Any], where: str) -> model_lib.ModelConfig:
+    """The ModelConfig of a checkpoint written by `import_hf` or by a training run."""
+    if meta.get("model_config"):
+        return model_lib.ModelConfig.from_dict(meta["model_config"])
+    try:
+        vocab = int(meta["param_shapes"]["embed"][0])
+        return model_lib.ModelConfig.from_config(meta["config"]["model"], vocab)
+    except (KeyError, TypeError):
+        raise CheckpointError(
+            f"{where} has no model config in its metadata (not written by jaxlm)."
+        ) from None
+
+
+def restore_params(
+    ckpt_dir: str,
+    step: int,
+    abstract: dict[tuple, Any],
+    shardings: dict[tuple, Any] | None = None,
+    stacked_layers: int = 0,
+) -> dict[tuple, Any]:
+    """Reads only the parameters in `abstract` ({path: ShapeDtypeStruct}) from a checkpoint.
+
+    They come back as host numpy arrays, or as jax arrays placed by `shardings` ({path: ...}).
+    `stacked_layers` > 0 says the checkpoint is a `scan_layers` model's with that many layers:
+    per-layer paths ('blocks', i, ...) are then read from its stacked arrays (each stacked
+    array is read whole, once).
+    """
+    if stacked_layers:
+        stacked = {}
+        for path, leaf in abstract.items():
+            if path[0] == "blocks":
+                shape = (stacked_layers, *leaf.shape)
+                stacked[("blocks", *path[2:])] = jax.ShapeDtypeStruct(shape, leaf.dtype)
+            else:
+                stacked[path] = leaf
+        values = _restore_params(ckpt_dir, step, stacked, None)
+        host = {
+            p: values[("blocks", *p[2:])][p[1]] if p[0] == "blocks" else values[p] for p in abstract
+        }
+        if shardings is None:
+            return host
+        return {
+            p: jax.make_array_from_callback(x.shape, shardings[p], lambda i, x=x: x[i])
+            for p, x in host.items()
+        }
+    return _restore_params(ckpt_dir, step, abstract, shardings)
+
+
+def _restore_params(
+    ckpt_dir: str, step: int, abstract: dict[tuple, Any], shardings: dict[tuple, Any] | None
+) -> dict[tuple, Any]:
+    if shardings is None:
+        args = {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in abstract}
+    else:
+        args = {p: ocp.ArrayRestoreArgs(sharding=shardings[p]) for p in abstract}
+    item = {"params": traverse_util.unflatten_dict(abstract)}
+    restore = ocp.args.PyTreeRestore(
+        item=item, partial_restore=True, restore_args={"params": traverse_util.unflatten_dict(args)}
+    )
+    with contextlib.closing(_manager(ckpt_dir)) as manager, _quiet_absl():
+        restored = manager.restore(step, args=ocp.args.Composite(state=restore))
+    return traverse_util.flatten_dict(restored["state"]["params"])
+
+
+class Checkpointer:
+    """Saves and restores `(state, data iterator state, metadata)` under `directory`.
+
+    Args:
+      directory: the checkpoints directory (created).
+      ckpt_cfg: a run's `config.checkpoint`; when given, its keep, keep_every and async_save
+        override the keyword options.
+      keep: how many recent checkpoints to keep (None: all).
+      keep_every: also keep every checkpoint whose step is a multiple of this (0: none).
+      async_save: write in the background while training continues.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        ckpt_cfg: Any = None,
+        *,
+        keep: int | None = None,
+        keep_every: int = 0,
+        async_save: bool = True,
+    ):
+        if ckpt_cfg is not None:
+            keep, keep_every = ckpt_cfg.keep, ckpt_cfg.keep_every
+            async_save = ckpt_cfg.async_save
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt_cfg.keep,
-            keep_period=ckpt_cfg.keep_every or None,
-            enable_async_checkpointing=ckpt_cfg.async_save,
+            max_to_keep=keep,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,  # a save killed mid-write leaves a tmp dir: drop it
         )
         self.directory = directory
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        self.manager = _manager(directory, options)
         self._unconfirmed: int | None = None  # step of a started save not yet known to be durable
         _quiet_orbax_tracebacks()
 

@@ -13,6 +13,10 @@ class ConfigError(JaxlmError, ValueError):
     """A config value that cannot work, named by its key."""
 
 
+class ConvertError(JaxlmError):
+    """A model directory or checkpoint that cannot be converted; the message names the cause."""
+
+
 class PeerLost(JaxlmError):
     """Another process of a multi-process run died: this one must exit without waiting for it.
 

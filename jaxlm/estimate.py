@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import attention, hardware, metrics, optim, sharding
+from jaxlm import attention, hardware, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 
@@ -370,9 +370,7 @@ def estimate(
     )
     tx, _ = optim.make_optimizer(config.optim, max(int(t.steps), 1))
     counts = param_counts(m)
-    per_token = metrics.flops_per_token(
-        counts.non_embedding, m.n_layers, m.n_heads, m.head_dim, t.seq_len, m.vocab_size, m.d_model
-    )
+    per_token = m.flops_per_token(t.seq_len)
     est = Estimate(
         name=config.get("name", "config"),
         model=m,

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -429,18 +428,6 @@ class Trained:
     step: int  # the checkpoint's step
 
 
-@contextlib.contextmanager
-def _quiet_absl():
-    # orbax logs a warning for every read-only manager it opens; a CLI user needs none of them.
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_trained(
     workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
 ) -> Trained:
@@ -456,7 +443,7 @@ def load_trained(
       mesh: where to place the params; default all devices, (1, -1, 1) with the run's preset.
     """
     import ml_collections
-    import orbax.checkpoint as ocp
+    from flax import traverse_util
 
     from jaxlm import checkpoint as ckpt_lib
     from jaxlm import train
@@ -467,13 +454,7 @@ def load_trained(
             f"workdir {workdir!r} does not exist; pass the --workdir of a training run."
         )
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = []
-    if os.path.isdir(ckpt_dir):
-        with _quiet_absl():
-            manager = ocp.CheckpointManager(
-                ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-            )
-        steps = sorted(manager.all_steps())
+    steps = ckpt_lib.all_steps(ckpt_dir)
     if not steps:
         raise JaxlmError(
             f"no checkpoint in {ckpt_dir}; train first (python -m jaxlm.main --workdir={workdir})."
@@ -483,8 +464,7 @@ def load_trained(
     elif step not in steps:
         raise JaxlmError(f"no checkpoint at step {step} in {ckpt_dir}; available steps: {steps}.")
 
-    with _quiet_absl():
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = ckpt_lib.read_step_meta(ckpt_dir, step)
     config_dict = meta.get("config")
     if config_dict is None:
         config_path = os.path.join(workdir, "config.json")
@@ -508,15 +488,11 @@ def load_trained(
     vocab_size = (meta.get("param_shapes") or {}).get("embed", [tokenizer.vocab_size])[0]
     setup = train.Setup(config, vocab_size, mesh)
     ckpt_lib.check_compatible(meta, setup.abstract_state)
-    abstract = {"params": setup.abstract_state["params"]}
-    restore = ocp.args.PyTreeRestore(
-        item=abstract,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True,
+    abstract = traverse_util.flatten_dict(setup.abstract_state["params"])
+    shardings = {path: leaf.sharding for path, leaf in abstract.items()}
+    params = traverse_util.unflatten_dict(
+        ckpt_lib.restore_params(ckpt_dir, step, abstract, shardings)
     )
-    with _quiet_absl():
-        params = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
-    manager.close()
     return Trained(config=config, setup=setup, params=params, tokenizer=tokenizer, step=step)
 
 

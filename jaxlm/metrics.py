@@ -1,4 +1,5 @@
-"""Run metrics: model FLOPs and MFU, and writers for stdout, metrics.jsonl, TensorBoard and W&B.
+"""Run metrics: the devices' peak FLOP/s (for MFU), and writers for stdout, metrics.jsonl,
+TensorBoard and W&B.
 
 TensorBoard events are written with tensorboardX so the default install carries no TensorFlow
 (`clu.metric_writers` would import it).
@@ -22,27 +23,6 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     """Vendor peak bf16 FLOP/s of `device` (from `hardware.CHIPS`), or None (e.g. CPU)."""
     chip = hardware.chip_of_device((device or jax.devices()[0]).device_kind)
     return chip.peak_flops if chip else None
-
-
-def flops_per_token(
-    n_params_non_embed: int,
-    n_layers: int,
-    n_heads: int,
-    head_dim: int,
-    seq_len: int,
-    vocab_size: int,
-    d_model: int,
-) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus causal attention.
-
-    N counts every weight used in a matmul, so the output projection (V x D) is included but the
-    embedding lookup is not. Attention scores and values cost 2 matmuls of L x L x (H E) per layer
-    forward; causal masking halves the useful work, and training is 3x forward: 6 L H E per token
-    per layer, the way MaxText counts it.
-    """
-    matmul_params = n_params_non_embed + vocab_size * d_model
-    attention = 6 * n_layers * n_heads * head_dim * seq_len
-    return 6 * matmul_params + attention
 
 
 class Writer:

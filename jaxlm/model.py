@@ -24,7 +24,9 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxlm import attention, sharding
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, ConvertError
+
+HF_ARCHITECTURES = ("LlamaForCausalLM",)  # the Hugging Face models from_hf accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +96,155 @@ class ModelConfig:
             )
         return cls(vocab_size=vocab_size, **kwargs)
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        """Builds the config from its JSON form (`model_config.json`, checkpoint metadata)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in fields.items() if k in known}
+        if kwargs.get("rope_scaling") is not None:
+            kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+        """Builds the config of a Hugging Face Llama `config.json` (`where` names it in errors).
+
+        Raises:
+          ConvertError: not a Llama model, or an option jaxlm does not implement.
+        """
+        arch, model_type = hf.get("architectures") or [], hf.get("model_type")
+        if model_type != "llama" or any(a not in HF_ARCHITECTURES for a in arch):
+            raise ConvertError(
+                f"{where} has architectures={arch} (model_type {model_type!r}); only "
+                f"Llama-architecture causal LMs ({', '.join(HF_ARCHITECTURES)}) import."
+            )
+        if hf.get("quantization_config"):
+            raise ConvertError(f"{where}: quantization_config is set; import an unquantized model.")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConvertError(
+                f"{where}: hidden_act={hf['hidden_act']!r} is unsupported (only silu)."
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConvertError(f"{where}: {flag}=true is not supported (jaxlm has no biases).")
+        theta, scaling = _hf_rope(hf, where)
+        try:
+            d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                d_model=d_model,
+                n_layers=int(hf["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+                head_dim=int(hf.get("head_dim") or d_model // n_heads),
+                d_ff=int(hf["intermediate_size"]),
+                max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                init_std=float(hf.get("initializer_range", 0.02)),
+            )
+        except KeyError as e:
+            raise ConvertError(
+                f"{where} lacks the field {e.args[0]!r} a Llama config needs."
+            ) from None
+        except ConfigError as e:
+            raise ConvertError(f"{where} describes a model jaxlm cannot build: {e}") from None
+
+    def to_hf(
+        self, dtype: str = "float32", special_ids: dict[str, int | None] | None = None
+    ) -> dict[str, Any]:
+        """A `config.json` for transformers' LlamaForCausalLM (read by transformers 4.43+ and 5)."""
+        scaling = None
+        if self.rope_scaling is not None:
+            factor, low, high, original = self.rope_scaling
+            scaling = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
+        ids = special_ids or {}
+        return {
+            "architectures": list(HF_ARCHITECTURES),
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.d_model,
+            "intermediate_size": self.d_ff,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "initializer_range": self.init_std,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": scaling,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "pretraining_tp": 1,
+            "use_cache": True,
+            **{k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+            "torch_dtype": dtype,
+            "dtype": dtype,  # transformers 4 reads torch_dtype, 5 dtype
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus causal attention.
+
+        N counts every non-embedding parameter (the norm scales too, a rounding error) and the
+        output projection (V x D), but not the embedding lookup. Attention scores and values
+        cost 2 matmuls of L x L x (H E) per layer forward; causal masking halves the useful
+        work, and training is 3x forward: 6 L H E per token per layer, the way MaxText counts it.
+        """
+        D, H, K, E, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+        per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F + 2 * D  # + 2 norms
+        matmul_params = self.n_layers * per_layer + D + self.vocab_size * D  # + final norm
+        attention_flops = 6 * self.n_layers * H * E * seq_len
+        return 6 * matmul_params + attention_flops
+
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
+    """(rope_theta, Llama-3 rope_scaling or None) from either transformers config format."""
+    # transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters.
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(key) or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ConvertError(f"{where}: a per-layer {key} is not supported (one RoPE for all).")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConvertError(f"{where}: partial_rotary_factor={partial} is not supported (only 1).")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConvertError(
+            f"{where}: {key}.rope_type={rope_type!r} is not supported; only "
+            "Llama-3 ('llama3') RoPE scaling or none."
+        )
+    try:
+        original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        return theta, (
+            float(params["factor"]),
+            float(params["low_freq_factor"]),
+            float(params["high_freq_factor"]),
+            int(original),
+        )
+    except (KeyError, TypeError) as e:
+        raise ConvertError(f"{where}: {key} of type llama3 lacks the field {e}.") from None
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding
 from jaxlm.data import pipeline
@@ -240,11 +239,8 @@ class Setup:
         return batch
 
     def flops_per_token(self, seq_len: int) -> float:
-        m = self.model_cfg
-        non_embed = self.n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-        return metrics_lib.flops_per_token(
-            non_embed, m.n_layers, m.n_heads, m.head_dim, seq_len, m.vocab_size, m.d_model
-        )
+        """`ModelConfig.flops_per_token`, kept here for the callers that hold a Setup."""
+        return self.model_cfg.flops_per_token(seq_len)
 
 
 # --------------------------------------------------------------------------- evaluation

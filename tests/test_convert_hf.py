@@ -103,7 +103,7 @@ def jaxlm_logits(cfg, params, tokens):
 
 
 def read_params(hf_dir):
-    cfg = hf.model_config_from_hf(hf.read_hf_config(hf_dir))
+    cfg = model_lib.ModelConfig.from_hf(hf.read_hf_config(hf_dir))
     flat = {t.path: w for t, w in hf.iter_hf_params(hf_dir, cfg)}
     return cfg, traverse_util.unflatten_dict(flat)
 
@@ -144,11 +144,11 @@ def test_both_config_formats_give_the_same_model():
     )
     v4 = dict(common, rope_theta=5000.0, rope_scaling=dict(LLAMA3_SCALING))
     v5 = dict(common, rope_parameters=dict(LLAMA3_SCALING, rope_theta=5000.0))
-    a, b = hf.model_config_from_hf(v4), hf.model_config_from_hf(v5)
+    a, b = model_lib.ModelConfig.from_hf(v4), model_lib.ModelConfig.from_hf(v5)
     assert a == b
     assert a.rope_scaling == (8.0, 1.0, 4.0, 64) and a.rope_theta == 5000.0 and a.tie_embeddings
     # The exported config reads back as the same model.
-    assert hf.model_config_from_hf(hf.hf_config_from_model(a)) == a
+    assert model_lib.ModelConfig.from_hf(a.to_hf()) == a
 
 
 # --------------------------------------------------------------------------- round trips
@@ -162,10 +162,10 @@ def test_import_export_import_is_bitwise(tmp_path):
     hf.import_hf(str(tmp_path / "out"), str(tmp_path / "b"), progress=False)
 
     cfg = json.load(open(tmp_path / "a" / "model_config.json"))
-    tensors = hf.layout(hf.model_config_from_dict(cfg))
+    tensors = hf.layout(model_lib.ModelConfig.from_dict(cfg))
     abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in tensors}
-    a = hf.restore_params(str(tmp_path / "a" / "checkpoints"), 0, abstract)
-    b = hf.restore_params(str(tmp_path / "b" / "checkpoints"), 0, abstract)
+    a = ckpt_lib.restore_params(str(tmp_path / "a" / "checkpoints"), 0, abstract)
+    b = ckpt_lib.restore_params(str(tmp_path / "b" / "checkpoints"), 0, abstract)
     assert a.keys() == b.keys()
     for path in a:
         assert a[path].tobytes() == b[path].tobytes(), path
@@ -274,7 +274,7 @@ def write_numpy_hf(path, cfg, seed=0, shards=1):
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf.hf_config_from_model(cfg), f)
+        json.dump(cfg.to_hf(), f)
     return path
 
 

@@ -229,3 +229,15 @@ def _packed(batch, seq_len):
     from tests.helpers import packed_batch
 
     return packed_batch(batch, seq_len, seed=4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("scan", [True, False])
+def test_flops_per_token_counts_every_weight_of_the_built_model(tie, scan):
+    """The shape formula in ModelConfig.flops_per_token cannot drift from the real model."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=tie, scan_layers=scan)
+    n_params = model.count_params(nnx.state(model.abstract(cfg), nnx.Param))
+    V, D, L = cfg.vocab_size, cfg.d_model, 37
+    matmul = n_params - V * D * (1 if tie else 2) + V * D  # the head, never the lookup
+    attention_flops = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * L
+    assert cfg.flops_per_token(L) == 6 * matmul + attention_flops

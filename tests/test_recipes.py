@@ -13,7 +13,6 @@ import pytest
 
 from configs import gpt2_124m, llama_1b, tinysolar_248m
 from jaxlm import model, sharding, train
-from jaxlm.convert import hf
 
 LLAMA_3_2_1B_HF = {
     "architectures": ["LlamaForCausalLM"],
@@ -101,7 +100,7 @@ def test_tinysolar_rounds_to_its_published_248m(tinysolar_params):
 )
 def test_recipe_shapes_equal_the_published_config_json(recipe, published):
     ours = _model_cfg(recipe.get_config())
-    theirs = hf.model_config_from_hf(published)
+    theirs = model.ModelConfig.from_hf(published)
     # Only the trained context differs: the published files allow far longer positions.
     keep = dict(max_seq_len=ours.max_seq_len, dtype=ours.dtype, remat=ours.remat)
     theirs = dataclasses.replace(theirs, attention=ours.attention, **keep)

@@ -5,7 +5,7 @@
 Runs the real jitted train step of a config on synthetic packed batches (no data preparation),
 so the number is the model's, not the loader's. The timed steps run in `--rounds` windows and
 the step time is the median window. MFU is model FLOPs (6N + causal attention, see
-`jaxlm.metrics.flops_per_token`) per second over the devices' peak: the vendor bf16 peak on
+`ModelConfig.flops_per_token`) per second over the devices' peak: the vendor bf16 peak on
 GPU/TPU; on CPU the fp32 rate of large jitted matmuls timed before each step window, the
 fastest window counting (so host slow-downs during the run lower the MFU, never raise it).
 """
@@ -95,7 +95,7 @@ def bench(
     results = {"params_m": setup.n_params / 1e6, "devices": jax.device_count()}
     vendor_peak = metrics.peak_flops_per_device()
     cpu_peak = MatmulPeak() if vendor_peak is None else None
-    flops = setup.flops_per_token(L) * B * L  # per step
+    flops = setup.model_cfg.flops_per_token(L) * B * L  # per step
     with sharding.use(mesh, setup.rules):
         batch = sharding.host_to_global(host, mesh)
         state = setup.init_state()

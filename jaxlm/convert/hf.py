@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,17 +40,12 @@ from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm.data import hf_tokenizer
 from jaxlm.data.hf_tokenizer import file_sha256, find_tokenizer
-from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.errors import ConvertError
 
-ARCHITECTURES = ("LlamaForCausalLM",)
 DTYPES = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer old checkpoints saved; recomputed here
 RESTORE_BYTES = 256 * 2**20  # export reads the checkpoint in pieces of about this size
-
-
-class ConvertError(JaxlmError):
-    """A model directory or checkpoint that cannot be converted; the message names the cause."""
 
 
 # --------------------------------------------------------------------------- configs
@@ -72,130 +66,6 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-
-
-def _rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
-    """(rope_theta, Llama-3 rope_scaling or None) from either transformers config format."""
-    # transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters.
-    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    params = hf.get(key) or {}
-    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise ConvertError(f"{where}: a per-layer {key} is not supported (one RoPE for all).")
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ConvertError(f"{where}: partial_rotary_factor={partial} is not supported (only 1).")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        raise ConvertError(
-            f"{where}: {key}.rope_type={rope_type!r} is not supported; only "
-            "Llama-3 ('llama3') RoPE scaling or none."
-        )
-    try:
-        original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        return theta, (
-            float(params["factor"]),
-            float(params["low_freq_factor"]),
-            float(params["high_freq_factor"]),
-            int(original),
-        )
-    except (KeyError, TypeError) as e:
-        raise ConvertError(f"{where}: {key} of type llama3 lacks the field {e}.") from None
-
-
-def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> model_lib.ModelConfig:
-    """The jaxlm ModelConfig of a Hugging Face Llama config; unsupported options are errors."""
-    arch, model_type = hf.get("architectures") or [], hf.get("model_type")
-    if model_type != "llama" or any(a not in ARCHITECTURES for a in arch):
-        raise ConvertError(
-            f"{where} has architectures={arch} (model_type {model_type!r}); only "
-            f"Llama-architecture causal LMs ({', '.join(ARCHITECTURES)}) import."
-        )
-    if hf.get("quantization_config"):
-        raise ConvertError(f"{where}: quantization_config is set; import an unquantized model.")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{where}: hidden_act={hf['hidden_act']!r} is unsupported (only silu).")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise ConvertError(f"{where}: {flag}=true is not supported (jaxlm has no biases).")
-    theta, scaling = _rope(hf, where)
-    try:
-        d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        return model_lib.ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            d_model=d_model,
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or d_model // n_heads),
-            d_ff=int(hf["intermediate_size"]),
-            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_std=float(hf.get("initializer_range", 0.02)),
-        )
-    except KeyError as e:
-        raise ConvertError(f"{where} lacks the field {e.args[0]!r} a Llama config needs.") from None
-    except ConfigError as e:
-        raise ConvertError(f"{where} describes a model jaxlm cannot build: {e}") from None
-
-
-def hf_config_from_model(
-    cfg: model_lib.ModelConfig,
-    dtype: str = "float32",
-    special_ids: dict[str, int | None] | None = None,
-) -> dict[str, Any]:
-    """A `config.json` for transformers' LlamaForCausalLM (read by transformers 4.43+ and 5)."""
-    scaling = None
-    if cfg.rope_scaling is not None:
-        factor, low, high, original = cfg.rope_scaling
-        scaling = {
-            "rope_type": "llama3",
-            "factor": factor,
-            "low_freq_factor": low,
-            "high_freq_factor": high,
-            "original_max_position_embeddings": original,
-        }
-    ids = special_ids or {}
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": scaling,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        **{k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-        "torch_dtype": dtype,
-        "dtype": dtype,  # transformers 4 reads torch_dtype, 5 dtype
-    }
-
-
-def model_config_from_dict(fields: dict[str, Any]) -> model_lib.ModelConfig:
-    """A ModelConfig from its JSON form (`model_config.json`, checkpoint metadata)."""
-    known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-    kwargs = {k: v for k, v in fields.items() if k in known}
-    if kwargs.get("rope_scaling") is not None:
-        kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"])
-    return model_lib.ModelConfig(**kwargs)
 
 
 # --------------------------------------------------------------------------- parameter layout
@@ -390,7 +260,7 @@ def import_hf(hf_dir: str, workdir: str, progress: bool = True) -> model_lib.Mod
     Returns the model's ModelConfig.
     """
     hf = read_hf_config(hf_dir)
-    cfg = model_config_from_hf(hf, os.path.join(hf_dir, "config.json"))
+    cfg = model_lib.ModelConfig.from_hf(hf, os.path.join(hf_dir, "config.json"))
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ConvertError(f"{ckpt_dir} already holds checkpoints; import into an empty --workdir.")
@@ -412,8 +282,7 @@ def import_hf(hf_dir: str, workdir: str, progress: bool = True) -> model_lib.Mod
         "tokenizer_sha256": hf_tokenizer.copy_files(hf_dir, os.path.join(workdir, "tokenizer")),
         "param_shapes": ckpt_lib.param_shapes(params),
     }
-    opts = types.SimpleNamespace(keep=None, keep_every=0, async_save=False)
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, opts)
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=None, keep_every=0, async_save=False)
     checkpointer.save(0, {"params": params}, None, meta, force=True)
     checkpointer.close()
     _write_json(os.path.join(workdir, "model_config.json"), dataclasses.asdict(cfg))
@@ -424,89 +293,6 @@ def _write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-# --------------------------------------------------------------------------- jaxlm checkpoints
-
-
-def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-    """(checkpoints directory, step) for a workdir, its checkpoints/ folder or a step folder."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(os.path.basename(path)) if step is None else step
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = sorted(ocp.CheckpointManager(path).all_steps()) if os.path.isdir(path) else []
-    if not steps:
-        raise ConvertError(f"no jaxlm checkpoint found in {path}; pass a workdir or a step folder.")
-    if step is not None and step not in steps:
-        raise ConvertError(f"{path} has no checkpoint at step {step} (it has {steps}).")
-    return path, steps[-1] if step is None else step
-
-
-def model_config_from_meta(meta: dict[str, Any], where: str) -> model_lib.ModelConfig:
-    """The ModelConfig of a checkpoint written by `import_hf` or by a training run."""
-    if meta.get("model_config"):
-        return model_config_from_dict(meta["model_config"])
-    try:
-        vocab = int(meta["param_shapes"]["embed"][0])
-        return model_lib.ModelConfig.from_config(meta["config"]["model"], vocab)
-    except (KeyError, TypeError):
-        raise ConvertError(
-            f"{where} has no model config in its metadata (not written by jaxlm)."
-        ) from None
-
-
-def restore_params(
-    ckpt_dir: str,
-    step: int,
-    abstract: dict[tuple, Any],
-    shardings: dict[tuple, Any] | None = None,
-    stacked_layers: int = 0,
-) -> dict[tuple, Any]:
-    """Reads only the parameters in `abstract` ({path: ShapeDtypeStruct}) from a checkpoint.
-
-    They come back as host numpy arrays, or as jax arrays placed by `shardings` ({path: ...}).
-    `stacked_layers` > 0 says the checkpoint is a `scan_layers` model's with that many layers:
-    per-layer paths ('blocks', i, ...) are then read from its stacked arrays (each stacked
-    array is read whole, once).
-    """
-    if stacked_layers:
-        stacked = {}
-        for path, leaf in abstract.items():
-            if path[0] == "blocks":
-                shape = (stacked_layers, *leaf.shape)
-                stacked[("blocks", *path[2:])] = jax.ShapeDtypeStruct(shape, leaf.dtype)
-            else:
-                stacked[path] = leaf
-        values = _restore(ckpt_dir, step, stacked, None)
-        host = {
-            p: values[("blocks", *p[2:])][p[1]] if p[0] == "blocks" else values[p] for p in abstract
-        }
-        if shardings is None:
-            return host
-        return {
-            p: jax.make_array_from_callback(x.shape, shardings[p], lambda i, x=x: x[i])
-            for p, x in host.items()
-        }
-    return _restore(ckpt_dir, step, abstract, shardings)
-
-
-def _restore(ckpt_dir, step, abstract, shardings):
-    import orbax.checkpoint as ocp
-
-    if shardings is None:
-        args = {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in abstract}
-    else:
-        args = {p: ocp.ArrayRestoreArgs(sharding=shardings[p]) for p in abstract}
-    item = {"params": traverse_util.unflatten_dict(abstract)}
-    restore = ocp.args.PyTreeRestore(
-        item=item, partial_restore=True, restore_args={"params": traverse_util.unflatten_dict(args)}
-    )
-    restored = ocp.CheckpointManager(ckpt_dir).restore(step, args=ocp.args.Composite(state=restore))
-    return traverse_util.flatten_dict(restored["state"]["params"])
 
 
 # --------------------------------------------------------------------------- export
@@ -536,9 +322,9 @@ def export_hf(
     """
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
-    ckpt_dir, step = resolve_checkpoint(ckpt, step)
+    ckpt_dir, step = ckpt_lib.resolve(ckpt, step)
     meta = ckpt_lib.read_step_meta(ckpt_dir, step)
-    cfg = model_config_from_meta(meta, f"{ckpt_dir}/{step}")
+    cfg = ckpt_lib.model_config_from_meta(meta, f"{ckpt_dir}/{step}")
     if cfg.d_model % cfg.n_heads:
         raise ConvertError(
             f"transformers requires hidden_size divisible by num_attention_heads, "
@@ -557,7 +343,7 @@ def export_hf(
     stacked = {}  # a scanned model's checkpoint: its stacked arrays, read once, sliced per layer
     if cfg.scan_layers:
         abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in tensors}
-        stacked = restore_params(ckpt_dir, step, abstract, stacked_layers=cfg.n_layers)
+        stacked = ckpt_lib.restore_params(ckpt_dir, step, abstract, stacked_layers=cfg.n_layers)
     for i, shard in enumerate(shards):
         file = (
             "model.safetensors"
@@ -571,7 +357,7 @@ def export_hf(
                 values = (
                     {t.path: stacked.pop(t.path) for t in piece}
                     if stacked
-                    else restore_params(ckpt_dir, step, abstract)
+                    else ckpt_lib.restore_params(ckpt_dir, step, abstract)
                 )
                 for t in piece:
                     data = to_hf(t, values.pop(t.path), np_dtype)
@@ -584,7 +370,7 @@ def export_hf(
             os.path.join(out_dir, "model.safetensors.index.json"),
             {"metadata": {"total_size": total}, "weight_map": weight_map},
         )
-    _write_json(os.path.join(out_dir, "config.json"), hf_config_from_model(cfg, dtype, special))
+    _write_json(os.path.join(out_dir, "config.json"), cfg.to_hf(dtype, special))
     generation = {k: v for k, v in special.items() if v is not None}
     _write_json(
         os.path.join(out_dir, "generation_config.json"), {"_from_model_config": True, **generation}

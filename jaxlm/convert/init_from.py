@@ -54,16 +54,19 @@ def model_config(init_from: str) -> model_lib.ModelConfig:
     """The ModelConfig of the weights `init_from` names (reads config/metadata, not weights)."""
     kind, path = parse(init_from)
     if kind == "hf":
-        return hf.model_config_from_hf(hf.read_hf_config(path), os.path.join(path, "config.json"))
-    ckpt_dir, step = hf.resolve_checkpoint(path)
-    return hf.model_config_from_meta(ckpt_lib.read_step_meta(ckpt_dir, step), f"{ckpt_dir}/{step}")
+        config_json = os.path.join(path, "config.json")
+        return model_lib.ModelConfig.from_hf(hf.read_hf_config(path), config_json)
+    ckpt_dir, step = ckpt_lib.resolve(path)
+    return ckpt_lib.model_config_from_meta(
+        ckpt_lib.read_step_meta(ckpt_dir, step), f"{ckpt_dir}/{step}"
+    )
 
 
 def tokenizer_file(init_from: str) -> str:
     """The tokenizer file that came with `init_from`'s weights ('' if none)."""
     kind, path = parse(init_from)
     if kind == "ckpt":
-        path = os.path.join(os.path.dirname(hf.resolve_checkpoint(path)[0]), "tokenizer")
+        path = os.path.join(os.path.dirname(ckpt_lib.resolve(path)[0]), "tokenizer")
     return find_tokenizer(path)
 
 
@@ -121,10 +124,10 @@ def load_params(
             flat[t.path] = w if shardings is None else place(w, shardings[t.path])
             del w
     else:
-        ckpt_dir, step = hf.resolve_checkpoint(path)
+        ckpt_dir, step = ckpt_lib.resolve(path)
         abstract = {t.path: jax.ShapeDtypeStruct(t.shape, np.float32) for t in hf.layout(src)}
         stacked_layers = src.n_layers if src.scan_layers else 0
-        flat = hf.restore_params(ckpt_dir, step, abstract, shardings, stacked_layers)
+        flat = ckpt_lib.restore_params(ckpt_dir, step, abstract, shardings, stacked_layers)
     params = traverse_util.unflatten_dict(flat)
     if not mine.scan_layers:
         return params
@@ -144,7 +147,7 @@ def _check_tokenizer(init_from: str, sha: str | None) -> None:
             if os.path.isfile(os.path.join(path, n))
         }
     else:
-        ckpt_dir, step = hf.resolve_checkpoint(path)
+        ckpt_dir, step = ckpt_lib.resolve(path)
         known = {ckpt_lib.read_step_meta(ckpt_dir, step).get("tokenizer_sha256")} - {"", None}
     if known and sha not in known:
         raise ConfigError(
