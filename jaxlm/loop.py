@@ -210,7 +210,9 @@ class Trainer:
         cfg = self.config
         total = cfg.train.steps
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        self.flops_per_step = self.setup.flops_per_token(cfg.train.seq_len) * tokens_per_step
+        self.flops_per_step = (
+            self.setup.model_cfg.flops_per_token(cfg.train.seq_len) * tokens_per_step
+        )
         self.clock = metrics_lib.Throughput(self.step, total, tokens_per_step)
         self.pending, self.data_wait, self.last = [], 0.0, {}
         bad_steps: list[int] = []

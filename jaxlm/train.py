@@ -238,10 +238,6 @@ class Setup:
         batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows_sharding)
         return batch
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """`ModelConfig.flops_per_token`, kept here for the callers that hold a Setup."""
-        return self.model_cfg.flops_per_token(seq_len)
-
 
 # --------------------------------------------------------------------------- evaluation
 
