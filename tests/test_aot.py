@@ -113,11 +113,8 @@ def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
     # The same work: three layers, the whole batch. (The optimizer update is counted once per
     # micro-batch in the extrapolation, a few percent of this tiny model's step.)
     assert scanned.cost.flops == pytest.approx(unrolled.cost.flops, rel=0.05)
-    # What XLA reports for the scanned program alone counts one layer of one micro-batch.
-    setup = setup_for(config, "v5e-4")
-    raw = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
-    assert aot._cost(raw).flops < 0.5 * unrolled.cost.flops
-    assert scanned.estimated_mfu is not None and 0 < scanned.estimated_mfu < 1
+    assert scanned.cost_complete and unrolled.cost_complete
+    assert scanned.estimated_mfu is None or 0 < scanned.estimated_mfu < 1
 
 
 @needs_libtpu

@@ -21,6 +21,8 @@ from jaxlm import sharding, train
 from jaxlm.convert import hf
 from jaxlm.convert import init_from as warm_start
 from jaxlm.data import hf_tokenizer
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.files import file_sha256
 from jaxlm.errors import ConfigError
 from tests.helpers import packed_batch, tiny_config
 
@@ -566,14 +568,14 @@ def llama2_json(tokenizer_dirs):
 def json_dispatch(monkeypatch):
     """Routes tokenizer.json files to HFTokenizer in jaxlm.data.tokenizer (in this process)
     until that module dispatches itself; harmless once it does."""
-    from jaxlm.data import hf_tokenizer, tokenizer
+    from jaxlm.data import tokenizer
 
     load, cls_load = tokenizer.load, tokenizer.Tokenizer.load.__func__
 
     def pick(path, fallback):
         return (
-            hf_tokenizer.HFTokenizer.load(path)
-            if hf_tokenizer.is_tokenizer_json(path)
+            tokenizer_lib.HFTokenizer.load(path)
+            if tokenizer_lib.is_tokenizer_json(path)
             else fallback(path)
         )
 
@@ -625,7 +627,7 @@ def test_prepared_records_equal_the_tokenizer_library(
 @pytest.mark.parametrize("style", ["llama2", "llama3"])
 def test_hf_tokenizer_matches_transformers(style, tokenizer_dirs):
     transformers = pytest.importorskip("transformers")
-    from jaxlm.data.hf_tokenizer import HFTokenizer
+    from jaxlm.data.tokenizer import HFTokenizer
 
     path = (
         llama2_json(tokenizer_dirs)
@@ -669,7 +671,7 @@ def test_exported_sentencepiece_tokenizer_loads_in_transformers(style, tokenizer
 
 
 def test_tokenizer_json_is_recognised_by_content_and_needs_an_eos(tokenizer_dirs, tmp_path):
-    from jaxlm.data.hf_tokenizer import HFTokenizer, is_tokenizer_json
+    from jaxlm.data.tokenizer import HFTokenizer, is_tokenizer_json
     from jaxlm.errors import JaxlmError
 
     src = tokenizer_dirs["llama3"] / "tokenizer.json"
@@ -679,7 +681,7 @@ def test_tokenizer_json_is_recognised_by_content_and_needs_an_eos(tokenizer_dirs
     assert not is_tokenizer_json(str(tokenizer_dirs["llama2"] / "tokenizer.model"))
     tok = HFTokenizer.load(str(renamed))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, -1)
-    assert tok.sha256 == hf_tokenizer.file_sha256(str(src))
+    assert tok.sha256 == file_sha256(str(src))
     spec = json.loads(src.read_text())
     spec["added_tokens"] = spec["added_tokens"][:1]
     del spec["model"]["vocab"]["<|end_of_text|>"]
@@ -741,7 +743,7 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
     manifest_path = prepare.prepare(config.data, config.tokenizer, log=lambda s: None)
     manifest = manifest_lib.load(manifest_path)
     tok = tokenizer_lib.load(manifest_lib.tokenizer_path(manifest))
-    assert manifest["tokenizer"]["sha256"] == hf_tokenizer.file_sha256(str(base / "tokenizer.json"))
+    assert manifest["tokenizer"]["sha256"] == file_sha256(str(base / "tokenizer.json"))
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (vocab, 1, 2)
 
     setup = train.Setup(config, tok.vocab_size, sharding.make_mesh(config.mesh.shape))

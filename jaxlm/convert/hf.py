@@ -39,7 +39,9 @@ from flax import nnx, traverse_util
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm.data import hf_tokenizer
-from jaxlm.data.hf_tokenizer import file_sha256, find_tokenizer
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.files import file_sha256
+from jaxlm.data.hf_tokenizer import find_tokenizer
 from jaxlm.errors import ConvertError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -445,7 +447,7 @@ def _export_tokenizer(
             f"tokenizer {file} (sha256 {have[:12]}) is not the one this checkpoint "
             f"was trained with ({want[:12]}); pass that one with --tokenizer."
         )
-    if hf_tokenizer.load_any(file).vocab_size > cfg.vocab_size:
+    if tokenizer_lib.load(file).vocab_size > cfg.vocab_size:
         raise ConvertError(
             f"tokenizer {file} has more ids than the model's {cfg.vocab_size} "
             "embeddings; pass the tokenizer it was trained with."

@@ -20,7 +20,8 @@ from flax import traverse_util
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm.convert import hf
-from jaxlm.data.hf_tokenizer import file_sha256, find_tokenizer
+from jaxlm.data.files import file_sha256
+from jaxlm.data.hf_tokenizer import find_tokenizer
 from jaxlm.errors import ConfigError
 
 SHAPE_FIELDS = (

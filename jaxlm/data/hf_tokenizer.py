@@ -14,15 +14,8 @@ import os
 import shutil
 from typing import Any
 
-# Re-exported for existing callers (convert/hf.py, convert/init_from.py, tests); new code imports
-# them from jaxlm.data.tokenizer and jaxlm.data.files. `load_any` is `tokenizer.load` itself, not
-# a second loader, so the two names cannot disagree.
-from jaxlm.data.files import file_sha256 as file_sha256
-from jaxlm.data.tokenizer import HFTokenizer as HFTokenizer
-from jaxlm.data.tokenizer import is_tokenizer_json as is_tokenizer_json
-from jaxlm.data.tokenizer import load
-
-load_any = load
+from jaxlm.data.files import file_sha256
+from jaxlm.data.tokenizer import is_tokenizer_json, load
 
 TOKENIZER_FILES = (
     "tokenizer.json",
