@@ -72,7 +72,7 @@ def row(r: dict) -> str:
     if "error" in r:
         return f"| {r['name']} | {r['target']} | {r['preset']} | {r['error']} |||||"
     mem = r["memory"]
-    est = r["compiler_step_seconds_estimate"]
+    est = r["compiler_step_seconds_estimate"] if r.get("cost_complete", True) else None
     mfu = r["estimated_mfu"]
     layers = "scan" if r["scan_layers"] else "unrolled"
     return (
