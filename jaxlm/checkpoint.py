@@ -40,8 +40,8 @@ def _manager(
     directory: str, options: ocp.CheckpointManagerOptions | None = None
 ) -> ocp.CheckpointManager:
     """The one place jaxlm builds an orbax CheckpointManager (read-only unless `options`)."""
-    if options is None:
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    if options is None:  # (save_interval_steps=0: orbax warns when it has to reset it itself)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     # orbax warns about every read-only manager it opens; a reader needs none of that.
     with _quiet_absl() if options.read_only else contextlib.nullcontext():
         return ocp.CheckpointManager(directory, options=options)

@@ -72,8 +72,9 @@ def row(r: dict) -> str:
     if "error" in r:
         return f"| {r['name']} | {r['target']} | {r['preset']} | {r['error']} |||||"
     mem = r["memory"]
-    est = r["compiler_step_seconds_estimate"] if r.get("cost_complete", True) else None
-    mfu = r["estimated_mfu"]
+    complete = r.get("cost_complete", True)
+    est = r["compiler_step_seconds_estimate"] if complete else None
+    mfu = r["estimated_mfu"] if complete else None
     layers = "scan" if r["scan_layers"] else "unrolled"
     return (
         f"| {r['name']} | {r['target']} | {r['preset']} {layers} | {gib(mem['total'])} of "
