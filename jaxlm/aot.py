@@ -150,14 +150,8 @@ def compile_step(
             f"--xla_force_host_platform_device_count={target.chips} before jax starts."
         )
     mesh = sharding.make_mesh(config.mesh.shape, devices[: target.chips])
+    validate.check_batches(config, mesh)
     t = config.train
-    shards = sharding.batch_divisor(mesh)
-    if t.batch_size % (shards * t.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} does not split over {shards} batch shards x "
-            f"train.grad_accum={t.grad_accum} on {target.name}; use a multiple of "
-            f"{shards * t.grad_accum}."
-        )
     setup = train.Setup(config, vocab, mesh, platform=target.platform)
     planned = estimate.estimate(config, target.chip, chips=target.chips, vocab_size=vocab)
     common = dict(
@@ -171,40 +165,41 @@ def compile_step(
         planner_memory=planned.memory.total,
         model_flops_per_step=setup.model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len,
     )
+    hbm = estimate.format_bytes(target.chip.memory_bytes)
     state = planned.memory.params + planned.memory.opt_state  # exact: no compile needed
     if state > target.chip.memory_bytes:
-        raise DoesNotFit(
-            f"{common['name']} does not fit on {target.name}: its parameters and optimizer state "
-            f"alone take {estimate.format_bytes(state)} per chip of "
-            f"{estimate.format_bytes(target.chip.memory_bytes)}; {_remedy(planned)}"
+        raise _does_not_fit(
+            planned,
+            target,
+            f"its parameters and optimizer state alone take {estimate.format_bytes(state)} per "
+            f"chip of {hbm}",
         )
     if target.platform != "tpu":
-        return _export_cuda(config, vocab, mesh, setup, target, common, planned)
+        if planned.memory.total > target.chip.memory_bytes:
+            raise _does_not_fit(
+                planned,
+                target,
+                f"the planner puts the step at {estimate.format_bytes(planned.memory.total)} per "
+                f"GPU of {hbm}",
+            )
+        return _export_cuda(config, vocab, mesh, setup, target, common)
 
     start = time.perf_counter()
     compiled = _compile(setup, target, planned)
     seconds = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    memory = {
-        "arguments": float(stats.argument_size_in_bytes),
-        "outputs": float(stats.output_size_in_bytes),
-        "aliased": float(stats.alias_size_in_bytes),
-        "temp": float(stats.temp_size_in_bytes),
-    }
-    memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temp"]
+    memory = estimate.compiled_memory(compiled)
     if memory["total"] > target.chip.memory_bytes:
-        raise DoesNotFit(
-            f"{common['name']} does not fit on {target.name}: the TPU compiler needs "
-            f"{estimate.format_bytes(memory['total'])} per chip of "
-            f"{estimate.format_bytes(target.chip.memory_bytes)} HBM; {_remedy(planned)}"
+        raise _does_not_fit(
+            planned,
+            target,
+            f"the TPU compiler needs {estimate.format_bytes(memory['total'])} per chip of "
+            f"{hbm} HBM",
         )
     if not with_cost:
         cost, method = None, ""
-    elif setup.model_cfg.scan_layers or t.grad_accum > 1:
-        cost, method = (
-            _extrapolated_cost(config, vocab, mesh, target),
-            ("extrapolated from 1 and 2 unrolled layers"),
-        )
+    elif setup.model_cfg.scan_layers or t.grad_accum > 1:  # loops XLA would cost once
+        cost = _extrapolated_cost(config, vocab, mesh, target)
+        method = "extrapolated from 1 and 2 unrolled layers"
     else:
         cost, method = _cost(compiled), "direct"
     return Report(
@@ -219,7 +214,7 @@ def compile_step(
 
 def _compile(setup: train.Setup, target: hardware.Target, planned: estimate.Estimate) -> Any:
     """The TPU executable of the step; an out-of-memory compile becomes one sentence."""
-    lowered = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch())
+    lowered = setup.lower_train_step()
     try:
         return lowered.compile()
     except Exception as e:  # XLA raises its own runtime error type; only OOM is translated
@@ -229,10 +224,14 @@ def _compile(setup: train.Setup, target: hardware.Target, planned: estimate.Esti
         # e.g. "... HLO temporaries (44.34G) exceeds available HBM (15.75G)."
         sizes = re.findall(r"\(([\d.]+[KMGT]?)\)", message)
         need = f"{sizes[0]}B of temporaries against {sizes[1]}B" if len(sizes) >= 2 else "more"
-        raise DoesNotFit(
-            f"{setup.config.get('name', 'config')} does not fit on {target.name}: the TPU "
-            f"compiler needs {need} of HBM per chip; {_remedy(planned)}"
+        raise _does_not_fit(
+            planned, target, f"the TPU compiler needs {need} of HBM per chip"
         ) from None
+
+
+def _does_not_fit(planned: estimate.Estimate, target: hardware.Target, reason: str) -> DoesNotFit:
+    """One sentence: which step, which target, why, and the planner's cheapest remedy."""
+    return DoesNotFit(f"{planned.name} does not fit on {target.name}: {reason}; {_remedy(planned)}")
 
 
 def _remedy(planned: estimate.Estimate) -> str:
@@ -271,15 +270,15 @@ def _extrapolated_cost(
     t = config.train
     costs = []
     for layers in (1, 2):
-        variant = config.copy_and_resolve_references()
-        with variant.unlocked():
-            variant.model.n_layers = layers
-            variant.model.scan_layers = False
-            variant.train.grad_accum = 1
-            variant.train.batch_size = t.batch_size // t.grad_accum
-        setup = train.Setup(variant, vocab, mesh, platform=target.platform)
-        lowered = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch())
-        costs.append(_cost(lowered.compile()))
+        setup = _variant_setup(
+            config,
+            vocab,
+            mesh,
+            target,
+            model=dict(n_layers=layers, scan_layers=False),
+            train=dict(grad_accum=1, batch_size=t.batch_size // t.grad_accum),
+        )
+        costs.append(_cost(setup.lower_train_step().compile()))
     one, two = costs
     n, accum = config.model.n_layers, t.grad_accum
 
@@ -293,7 +292,17 @@ def _extrapolated_cost(
     )
 
 
-def _export_cuda(config, vocab, mesh, setup, target, common, planned) -> Report:
+def _variant_setup(config, vocab, mesh, target, **sections: dict[str, Any]) -> train.Setup:
+    """The Setup of `config` with some keys changed, e.g. model=dict(n_layers=1)."""
+    variant = config.copy_and_resolve_references()
+    with variant.unlocked():
+        for section, values in sections.items():
+            for key, value in values.items():
+                variant[section][key] = value
+    return train.Setup(variant, vocab, mesh, platform=target.platform)
+
+
+def _export_cuda(config, vocab, mesh, setup, target, common) -> Report:
     """The step exported for CUDA (StableHLO); memory is the planner's estimate."""
     from jax import export
 
@@ -306,22 +315,13 @@ def _export_cuda(config, vocab, mesh, setup, target, common, planned) -> Report:
     except Exception as e:  # cuDNN attention lowers only where the CUDA plugin finds cuDNN
         if setup.model_cfg.attention != "cudnn" or "cuDNN" not in str(e):
             raise
-        variant = config.copy_and_resolve_references()
-        with variant.unlocked():
-            variant.model.attention = "xla"
-        setup = train.Setup(variant, vocab, mesh, platform=target.platform)
+        setup = _variant_setup(config, vocab, mesh, target, model=dict(attention="xla"))
         export.export(setup.jit_train_step(), platforms=["cuda"])(
             setup.abstract_state, setup.abstract_batch()
         )
         note = (
             "exported with XLA attention: cuDNN attention lowers only with jax-cuda12-plugin "
             "and nvidia-cudnn-cu12 installed. " + note
-        )
-    if planned.memory.total > target.chip.memory_bytes:
-        raise DoesNotFit(
-            f"{common['name']} does not fit on {target.name}: the planner puts the step at "
-            f"{estimate.format_bytes(planned.memory.total)} per GPU of "
-            f"{estimate.format_bytes(target.chip.memory_bytes)}; {_remedy(planned)}"
         )
     return Report(
         model=setup.model_cfg,

@@ -29,6 +29,7 @@ from flax import traverse_util
 
 import jaxlm
 from jaxlm import model as model_lib
+from jaxlm import sharding
 from jaxlm.errors import JaxlmError
 
 
@@ -138,10 +139,7 @@ def restore_params(
         }
         if shardings is None:
             return host
-        return {
-            p: jax.make_array_from_callback(x.shape, shardings[p], lambda i, x=x: x[i])
-            for p, x in host.items()
-        }
+        return {p: sharding.place(x, shardings[p]) for p, x in host.items()}
     return _restore_params(ckpt_dir, step, abstract, shardings)
 
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import attention, hardware, optim, sharding
+from jaxlm import hardware, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 
@@ -353,13 +353,9 @@ def estimate(
     chips = default_chips(config) if chips is None else chips
     _check(chips, mfu, price_per_chip_hour, tokens, hw)
     t = config.train
-    m = model_lib.ModelConfig.from_config(
-        config.model, int(vocab_size or config.tokenizer.vocab_size)
-    )
-    if config.model.attention == "auto":  # what the trainer picks on that platform
-        m = dataclasses.replace(
-            m, attention=attention.default_for(hw.platform, m.dtype, m.head_dim)
-        )
+    # `auto` attention becomes what the trainer picks on that hardware's platform.
+    vocab = int(vocab_size or config.tokenizer.vocab_size)
+    m = model_lib.ModelConfig.from_config(config.model, vocab, hw.platform)
     shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
     layout = Layout(
         config.mesh.preset,
@@ -515,26 +511,22 @@ def xla_memory(
     pile up that a memory-aware GPU or TPU scheduler would free.
 
     Returns:
-      arguments, outputs, aliased, temp and total bytes; total = arguments + outputs - aliased
-      (the donated state is updated in place) + temp.
+      `compiled_memory`'s bytes: arguments, outputs, aliased, temp and total.
     """
     from jaxlm import train  # pulls in the data pipeline: only needed when measuring
 
     devices = list(devices if devices is not None else jax.devices())
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     setup = train.Setup(config, int(vocab_size or config.tokenizer.vocab_size), mesh)
-    rows = sharding.batch_sharding(mesh)
-    shape = (config.train.batch_size, config.train.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
-        for k in ("inputs", "targets", "segment_ids", "positions")
-    }
-    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows)
-    with sharding.use(mesh, setup.rules):
-        lowered = setup.jit_train_step().lower(setup.abstract_state, batch)
     cpu = devices[0].platform == "cpu"
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if cpu else None
-    stats = lowered.compile(compiler_options=options).memory_analysis()
+    return compiled_memory(setup.lower_train_step().compile(compiler_options=options))
+
+
+def compiled_memory(compiled: Any) -> dict[str, float]:
+    """A compiled step's per-device buffer bytes: arguments, outputs, aliased, temp and total
+    (= arguments + outputs - aliased, the donated state being updated in place, + temp)."""
+    stats = compiled.memory_analysis()
     out = {
         "arguments": stats.argument_size_in_bytes,
         "outputs": stats.output_size_in_bytes,

@@ -367,11 +367,8 @@ def score_task(
         if mesh is None:
             chunk = jax.device_put(chunk)  # explicit, so a transfer guard does not object
         else:
-            place = sharding.batch_sharding(mesh)
-            chunk = {
-                k: jax.make_array_from_callback(v.shape, place, lambda i, v=v: v[i])
-                for k, v in chunk.items()
-            }
+            rows = sharding.batch_sharding(mesh)
+            chunk = {k: sharding.place(v, rows) for k, v in chunk.items()}
         s, c = scorer(graphdef, params, chunk, num_segments=packed.num_segments)
         s, c = jax.device_get((s, c))  # explicit, so a transfer guard does not object
         sums.append(s)

@@ -180,22 +180,18 @@ def target_devices(target: Target) -> list:
     if target.chips < 4:  # smaller than one host: the host is the slice
         dims = torus_shape(target.chips, target.chip)
         kwargs["chips_per_host_bounds"] = dims + (1,) * (3 - len(dims))
-    with _stderr_captured() as log:
-        try:
+    try:
+        with _stderr_captured() as log:
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=target.topology, **kwargs
             )
-        except Exception as e:  # libtpu's errors are long C++ dumps: keep their first line
-            error = e
-        else:
-            error = None
-    if error is not None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as e:  # libtpu's errors are long C++ dumps: keep their first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         detail = log[0].strip().splitlines()[-1:] if log and log[0].strip() else []
         raise ConfigError(
             f"libtpu could not describe {target.name} ({target.topology}): {first}"
             + (f" [{detail[0][:200]}]" if detail else "")
-        )
+        ) from None
     return list(topology.devices)
 
 

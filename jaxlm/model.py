@@ -84,25 +84,23 @@ class ModelConfig:
         `attention="auto"` resolves for `platform` (tpu | gpu | cpu; default: this host's
         backend), which is the target's when compiling for hardware this host does not have.
         """
-        fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-        kwargs = {k: v for k, v in model_cfg.items() if k in fields}
-        if kwargs.get("rope_scaling") is not None:
-            kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"]) or None
+        kwargs = dict(model_cfg.items(), vocab_size=vocab_size)
         if kwargs.get("attention") == "auto":
             kwargs["attention"] = attention.default_for(
                 platform or jax.default_backend(),
                 kwargs.get("dtype", cls.dtype),
                 kwargs["head_dim"],
             )
-        return cls(vocab_size=vocab_size, **kwargs)
+        return cls.from_dict(kwargs)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
-        """Builds the config from its JSON form (`model_config.json`, checkpoint metadata)."""
+        """Builds the config from its JSON form (`model_config.json`, checkpoint metadata);
+        keys that are not fields (a run config's other settings) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in fields.items() if k in known}
         if kwargs.get("rope_scaling") is not None:
-            kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"])
+            kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"]) or None
         return cls(**kwargs)
 
     @classmethod

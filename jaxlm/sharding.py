@@ -234,6 +234,11 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
     multihost_utils.sync_global_devices("jaxlm: all processes joined")
 
 
+def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array every process holds whole: each device takes its slice."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays split over the batch axes."""
     sharding = batch_sharding(mesh)

@@ -144,8 +144,8 @@ class Setup:
         """`platform` (default: the mesh's devices') is what `model.attention=auto` resolves
         for; a CUDA export from a CPU host passes "gpu"."""
         self.config = config
-        self.platform = platform or mesh.devices.flat[0].platform
-        self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, self.platform)
+        platform = platform or mesh.devices.flat[0].platform
+        self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, platform)
         self.mesh = mesh
         self.rules = sharding.rules_for(config.mesh.preset)
         self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -226,17 +226,21 @@ class Setup:
             in_shardings=(self.param_shardings, batch_sh),
         )
 
-    def abstract_batch(self, rows: int | None = None) -> Batch:
-        """ShapeDtypeStructs of a global batch (default train.batch_size rows), sharded as the
-        step takes it: for compiling without data."""
+    def abstract_batch(self) -> Batch:
+        """ShapeDtypeStructs of a global train batch, sharded as the step takes it: for
+        compiling without data."""
         rows_sharding = sharding.batch_sharding(self.mesh)
-        shape = (rows or self.config.train.batch_size, self.config.train.seq_len)
+        shape = (self.config.train.batch_size, self.config.train.seq_len)
         batch = {
             k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows_sharding)
             for k in ("inputs", "targets", "segment_ids", "positions")
         }
         batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows_sharding)
         return batch
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The train step lowered on abstract state and batch: compile it, or read its HLO."""
+        return self.jit_train_step().lower(self.abstract_state, self.abstract_batch())
 
 
 # --------------------------------------------------------------------------- evaluation

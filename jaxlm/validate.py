@@ -112,6 +112,12 @@ def check_devices(config: Any) -> jax.sharding.Mesh:
     # `auto` attention resolves against the platform, which needs the backend started.
     model_lib.ModelConfig.from_config(config.model, config.tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh.shape)
+    check_batches(config, mesh)
+    return mesh
+
+
+def check_batches(config: Any, mesh: jax.sharding.Mesh) -> None:
+    """Refuses train and eval batches that do not split evenly over `mesh`'s batch axes."""
     t, split = config.train, sharding.batch_divisor(mesh)
     if t.batch_size % (split * t.grad_accum):
         raise ConfigError(
@@ -124,7 +130,6 @@ def check_devices(config: Any) -> jax.sharding.Mesh:
             f"eval.batch_size={config.eval.batch_size} must divide by the batch mesh axes "
             f"({split}); 0 uses train.batch_size."
         )
-    return mesh
 
 
 def check_manifest(manifest: dict, manifest_path: str) -> None:

@@ -94,11 +94,11 @@ def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(p
 @needs_libtpu
 def test_splash_attention_compiles_through_mosaic_not_interpret_mode():
     setup = setup_for(small_config("fsdp_tp"), "v5e-4")
-    lowered = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch())
+    lowered = setup.lower_train_step()
     hlo = lowered.compile().as_text()
     assert "tpu_custom_call" in hlo  # the Pallas kernel reached the TPU as a Mosaic kernel
     xla = setup_for(small_config("fsdp_tp", attention="xla"), "v5e-4")
-    plain = xla.jit_train_step().lower(xla.abstract_state, xla.abstract_batch())
+    plain = xla.lower_train_step()
     assert "tpu_custom_call" not in plain.compile().as_text()
 
 

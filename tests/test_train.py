@@ -151,10 +151,9 @@ def test_fault_injection_poisons_only_the_named_stream_positions():
 def test_the_jitted_steps_carry_their_mesh_whoever_traces_them():
     config = tiny_config()
     setup = train.Setup(config, VOCAB, sharding.make_mesh((1, -1, 1)))
-    batch = setup.abstract_batch()
     assert sharding._active is None  # no caller opened the mesh by hand
-    outside = setup.jit_train_step().lower(setup.abstract_state, batch).as_text()
+    outside = setup.lower_train_step().as_text()
     with sharding.use(setup.mesh, setup.rules):
-        inside = setup.jit_train_step().lower(setup.abstract_state, batch).as_text()
+        inside = setup.lower_train_step().as_text()
     constraints = outside.count("sdy.sharding_constraint")
     assert constraints > 0 and constraints == inside.count("sdy.sharding_constraint")

@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
+from jaxlm import sharding
 from jaxlm.convert import hf
 from jaxlm.data.files import file_sha256
 from jaxlm.data.hf_tokenizer import find_tokenizer
@@ -118,11 +119,10 @@ def load_params(
     _check_tokenizer(init_from, tokenizer_sha256)
     # Sources are read one tensor per layer; a scanned run stacks them on the host first.
     shardings = None if mine.scan_layers else traverse_util.flatten_dict(setup.param_shardings)
-    place = lambda w, s: jax.make_array_from_callback(w.shape, s, lambda i: w[i])  # noqa: E731
     if kind == "hf":
         flat = {}
         for t, w in hf.iter_hf_params(path, src, progress=True):
-            flat[t.path] = w if shardings is None else place(w, shardings[t.path])
+            flat[t.path] = w if shardings is None else sharding.place(w, shardings[t.path])
             del w
     else:
         ckpt_dir, step = ckpt_lib.resolve(path)
@@ -134,7 +134,9 @@ def load_params(
         return params
     stacked = traverse_util.flatten_dict(model_lib.stack_layers(params))
     shardings = traverse_util.flatten_dict(setup.param_shardings)
-    return traverse_util.unflatten_dict({p: place(w, shardings[p]) for p, w in stacked.items()})
+    return traverse_util.unflatten_dict(
+        {p: sharding.place(w, shardings[p]) for p, w in stacked.items()}
+    )
 
 
 def _check_tokenizer(init_from: str, sha: str | None) -> None:
