@@ -67,8 +67,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9  # Adam beta1
     c.optim.b2 = 0.95  # Adam beta2
     c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.weight_decay = 0.1  # decoupled weight decay on matrices (not norms)
+    c.optim.weight_decay = 0.1  # decoupled weight decay (times each group's wd_scale)
     c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    c.optim.name = "adamw"  # adamw | muon (block matrices; AdamW for the rest) | lion
+    # Parameter groups: attention/MLP matrices, embedding + output head, norm scales. Each has
+    # its own learning rate (lr_scale x the schedule) and weight decay (wd_scale x weight_decay).
+    c.optim.groups = ml_collections.ConfigDict()
+    for group, wd_scale in (("matrix", 1.0), ("embedding", 1.0), ("vector", 0.0)):
+        c.optim.groups[group] = ml_collections.ConfigDict(dict(lr_scale=1.0, wd_scale=wd_scale))
+    c.optim.muon = ml_collections.ConfigDict()  # optim.name=muon only: the matrix group
+    c.optim.muon.lr = 0.02  # peak Muon step size (follows the same schedule shape as optim.lr)
+    c.optim.muon.beta = 0.95  # momentum
+    c.optim.muon.ns_steps = 5  # Newton-Schulz iterations
+    c.optim.muon.consistent_rms = 0.0  # >0: scale updates to this RMS (then muon.lr ~ optim.lr)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

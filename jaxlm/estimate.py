@@ -188,8 +188,8 @@ def state_bytes(
     param_bytes = sum(jax.tree.leaves(jax.tree.map(lambda p, f: nbytes(p) * f, params, frac)))
     # Moments are split like their parameter (as train.Setup does); counters are replicated.
     opt_state = _abstract_opt_state(tx, _shapes_only(model_cfg))
-    opt = optax.tree_map_params(
-        tx, lambda s, f: nbytes(s) * f, opt_state, frac, transform_non_params=nbytes
+    opt = optim.map_param_leaves(
+        opt_state, params, frac, per_param=lambda s, f: nbytes(s) * f, other=nbytes
     )
     return float(param_bytes), float(sum(jax.tree.leaves(opt)))
 

@@ -1,14 +1,33 @@
-"""Optimizer: learning-rate schedules, AdamW with a decay mask, and global-norm clipping."""
+"""Optimizer: learning-rate schedules, per-group optimizers (AdamW, Muon, Lion), clipping."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon", "lion")
+GROUPS = ("matrix", "embedding", "vector")
+
+# Block matrices by name, and which of their trailing axes are the input (reduction) side:
+# Muon orthogonalizes each as a (fan-in, fan-out) matrix; a leading `layers` axis (scanned
+# blocks) is a batch axis, so every layer is orthogonalized on its own.
+_MATRIX_FAN_IN = {
+    "wq": 1,  # (D, H, E): D in, H*E out
+    "wk": 1,
+    "wv": 1,
+    "wo": 2,  # (H, E, D): H*E in, D out
+    "w_gate": 1,  # (D, F)
+    "w_up": 1,
+    "w_down": 1,  # (F, D)
+}
+_MATRIX_NDIM = {"wq": 3, "wk": 3, "wv": 3, "wo": 3, "w_gate": 2, "w_up": 2, "w_down": 2}
+_EMBEDDINGS = ("embed", "lm_head")
 
 
 def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
@@ -43,30 +62,146 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
     return lambda count: schedule(count + 1)
 
 
-def decay_mask(params: Any) -> Any:
-    """True for weights that get weight decay: matrices, not norm scales or biases (ndim < 2)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def _leaf_name(path: tuple) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def param_groups(params: Any) -> Any:
+    """Each parameter's group: 'matrix' (attention and MLP weights, stacked over layers or
+    not), 'embedding' (token embedding, output head) or 'vector' (norm scales).
+
+    By name, not by rank: with scanned layers a norm scale is (layers, D), rank 2, and must
+    still get no weight decay and no Muon.
+    """
+
+    def group(path, _):
+        name = _leaf_name(path)
+        if name in _MATRIX_FAN_IN:
+            return "matrix"
+        return "embedding" if name in _EMBEDDINGS else "vector"
+
+    return jax.tree_util.tree_map_with_path(group, params)
+
+
+def _muon_dims(params: Any) -> Any:
+    """Muon's view of each block matrix: fan-in axes, fan-out axes, the rest batch axes."""
+
+    def dims(path, p):
+        name = _leaf_name(path)
+        if name not in _MATRIX_FAN_IN:
+            return None
+        first = p.ndim - _MATRIX_NDIM[name]  # 1 with a leading layers axis, else 0
+        fan_in = _MATRIX_FAN_IN[name]
+        return MuonDimensionNumbers(
+            reduction_axis=tuple(range(first, first + fan_in)),
+            output_axis=tuple(range(first + fan_in, p.ndim)),
+        )
+
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _group_optimizer(
+    optim_cfg: Any, group: str, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    settings = optim_cfg.groups[group]
+    lr = _scaled(schedule, settings.lr_scale)
+    wd = optim_cfg.weight_decay * settings.wd_scale
+    name = optim_cfg.name
+    if name == "muon" and group == "matrix":
+        # Muon's step size is its own (orthogonalized updates have unit spectral scale); the
+        # schedule's shape is shared, so warmup and decay happen together for every group.
+        muon_lr = _scaled(schedule, settings.lr_scale * optim_cfg.muon.lr / optim_cfg.lr)
+        return optax.contrib.muon(
+            muon_lr,
+            beta=optim_cfg.muon.beta,
+            ns_steps=optim_cfg.muon.ns_steps,
+            weight_decay=wd,
+            muon_weight_dimension_numbers=_muon_dims,
+            consistent_rms=optim_cfg.muon.consistent_rms or None,
+        )
+    if name == "lion":
+        return optax.lion(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd)
+    return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=wd)
+
+
+def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
+    return schedule if factor == 1.0 else (lambda count: schedule(count) * factor)
 
 
 def make_optimizer(
     optim_cfg: Any, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; returns the transformation and its schedule."""
+    """Global-norm clipping, then one optimizer per parameter group (`param_groups`), each with
+    its own learning-rate scale and weight decay; returns the transformation and the schedule
+    of the base learning rate (`optim.lr`'s curve)."""
+    optim_cfg = _with_defaults(optim_cfg)
+    if optim_cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, not {optim_cfg.name!r}.")
     schedule = make_schedule(optim_cfg, total_steps)
     parts = []
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-    parts.append(
-        optax.adamw(
+    groups = optim_cfg.groups
+    if optim_cfg.name == "adamw" and all(
+        groups[g].lr_scale == 1.0 and groups[g].wd_scale in (0.0, 1.0) for g in GROUPS
+    ):
+        # One AdamW with a decay mask: the same updates as one AdamW per group, and the state
+        # layout of checkpoints written before per-group optimizers existed, so they resume.
+        decayed = {g for g in GROUPS if groups[g].wd_scale == 1.0}
+        adamw = optax.adamw(
             schedule,
             b1=optim_cfg.b1,
             b2=optim_cfg.b2,
             eps=optim_cfg.eps,
             weight_decay=optim_cfg.weight_decay,
-            mask=decay_mask,
+            mask=lambda params: jax.tree.map(lambda g: g in decayed, param_groups(params)),
         )
-    )
+        return optax.chain(*parts, adamw), schedule
+    per_group = {g: _group_optimizer(optim_cfg, g, schedule) for g in GROUPS}
+    parts.append(optax.multi_transform(per_group, param_groups))
     return optax.chain(*parts), schedule
+
+
+def _with_defaults(optim_cfg: Any) -> Any:
+    """Configs saved before optimizer choice existed (checkpoint metadata) train with AdamW."""
+    if "name" in optim_cfg:
+        return optim_cfg
+    optim_cfg = optim_cfg.copy_and_resolve_references()
+    with optim_cfg.unlocked():
+        optim_cfg.name = "adamw"
+        optim_cfg.groups = {
+            g: dict(lr_scale=1.0, wd_scale=0.0 if g == "vector" else 1.0) for g in GROUPS
+        }
+    return optim_cfg
+
+
+def map_param_leaves(
+    opt_state: Any, params: Any, values: Any, per_param: Callable, other: Callable
+) -> Any:
+    """Maps each optimizer-state leaf that mirrors a parameter (Adam moments, Muon momentum)
+    to `per_param(state_leaf, value)`, with `value` the leaf of `values` (a tree shaped like
+    `params`) at that parameter; every other leaf (step counters, coefficients) to
+    `other(state_leaf)`.
+
+    A state leaf mirrors the parameter whose key path ends its own key path and has its shape;
+    unlike optax.tree_map_params this sees through the masked sub-states of per-group
+    optimizers.
+    """
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    by_path = {
+        tuple(path): (param, value)
+        for (path, param), value in zip(flat, jax.tree.leaves(values), strict=True)
+    }
+    longest = max((len(p) for p in by_path), default=0)
+
+    def one(path, leaf):
+        for n in range(min(longest, len(path)), 0, -1):
+            param, value = by_path.get(tuple(path[-n:]), (None, None))
+            if param is not None and param.shape == leaf.shape:
+                return per_param(leaf, value)
+        return other(leaf)
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def global_norm(tree: Any) -> jax.Array:

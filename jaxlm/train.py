@@ -156,12 +156,12 @@ class Setup:
         self.param_shardings = sharding.tree_shardings(mesh, axes, abstract_params, self.rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(
-            self.tx,
-            lambda _, s: s,
+        opt_shardings = optim.map_param_leaves(
             abstract_opt,
+            abstract_params,
             self.param_shardings,
-            transform_non_params=lambda _: replicated,
+            per_param=lambda _, s: s,
+            other=lambda _: replicated,
         )
         self.state_shardings = {
             "params": self.param_shardings,

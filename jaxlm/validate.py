@@ -44,6 +44,10 @@ _AT_LEAST = {
     "optim.weight_decay": 0,
     "optim.clip_norm": 0,
     "optim.eps": 0,
+    "optim.muon.lr": 0,
+    "optim.muon.ns_steps": 1,
+    "optim.muon.consistent_rms": 0,
+    **{f"optim.groups.{g}.{k}": 0 for g in optim.GROUPS for k in ("lr_scale", "wd_scale")},
     "model.d_model": 1,
     "model.n_layers": 1,
     "model.n_heads": 1,
@@ -71,7 +75,7 @@ _AT_LEAST = {
     "sample.temperature": 0,
     "sample.top_k": 0,
 }
-_BELOW_ONE = ("optim.b1", "optim.b2")  # Adam betas: [0, 1)
+_BELOW_ONE = ("optim.b1", "optim.b2", "optim.muon.beta")  # momentum decays: [0, 1)
 _FRACTIONS = ("optim.decay_fraction", "optim.min_lr_ratio", "sample.top_p")  # [0, 1]
 
 
@@ -143,8 +147,9 @@ def check_manifest(manifest: dict, manifest_path: str) -> None:
 
 
 def _get(config: Any, key: str) -> Any:
-    section, name = key.split(".")
-    return config[section][name]
+    for name in key.split("."):
+        config = config[name]
+    return config
 
 
 def _check_train(config: Any) -> None:

@@ -160,6 +160,8 @@ CASES = [
     (["--config.init_from=bogus"], "init_from='bogus'"),
     (["--config.init_from=hf:/no/such/model"], "/no/such/model"),
     (["--config.optim.schedule=bogus"], "optim.schedule"),
+    (["--config.optim.name=sgd"], "optim.name must be one of"),
+    (["--config.optim.groups.vector.lr_scale=-1.0"], "optim.groups.vector.lr_scale=-1.0"),
     (["--config.checkpoint.every=0"], "checkpoint.every=0"),
     (["--config.train.log_every=0"], "train.log_every=0"),
     (["--config.train.grad_accum=0"], "train.grad_accum=0"),
