@@ -1,0 +1,102 @@
+"""The Colab notebooks: each runs top to bottom on CPU in tiny mode, and the repository holds
+them without outputs.
+
+Each notebook is executed by a fresh Jupyter kernel running this interpreter, with this checkout
+first on PYTHONPATH, `JAXLM_NOTEBOOK_TINY=1` (the notebooks' one switch for a smoke run) and a
+temporary working directory and data cache, so nothing is written into the repository.
+"""
+
+import glob
+import os
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
+CELL_TIMEOUT_S = 600  # a stuck cell fails the test instead of hanging CI
+
+
+def test_the_three_notebooks_exist():
+    names = [os.path.basename(p) for p in NOTEBOOKS]
+    assert names == ["continued_pretraining.ipynb", "data_pipeline.ipynb", "quickstart.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_stored_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code
+    for i, cell in enumerate(code):
+        assert cell.outputs == [], f"code cell {i} has outputs: clear them before committing"
+        assert cell.execution_count is None, f"code cell {i} has an execution count"
+
+
+def kernel_env(monkeypatch, tmp_path):
+    """The kernel's environment: a plain one-device CPU runtime in tiny mode, this checkout."""
+    monkeypatch.setenv("JAXLM_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (REPO, path) if p))
+    # conftest gives this process 8 fake devices; a notebook sees the runtime as a user would.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws PNGs
+
+
+def execute(path, tmp_path):
+    """The notebook after running every cell in a kernel of this interpreter; raises on an error."""
+    nb = nbformat.read(path, as_version=4)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    client.execute()  # nbclient.exceptions.CellExecutionError names the cell and its traceback
+    return nb
+
+
+def outputs(nb, tag):
+    (cell,) = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    return cell.outputs
+
+
+@pytest.mark.slow  # the three notebooks together: ~90 s on a 2-core CPU
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
+    kernel_env(monkeypatch, tmp_path)
+    nb = execute(path, tmp_path)
+    assert os.listdir(tmp_path / "cwd") == ["runs"]  # what it wrote is under its working dir
+    first = nb.cells[[c.cell_type for c in nb.cells].index("code")]
+    assert "tiny mode" in "".join(o.get("text", "") for o in first.outputs)
+    if os.path.basename(path) == "quickstart.ipynb":
+        plot = outputs(nb, "loss-plot")
+        assert any("image/png" in o.get("data", {}) for o in plot), plot
+        text = "".join(o.get("text", "") for o in outputs(nb, "sample"))
+        header, _, sample = text.partition("\n")
+        assert header.startswith("sample from step 20"), text
+        prompt = "def fibonacci(n):\n"  # configs/base.py's sample prompt
+        assert sample.startswith(prompt) and sample[len(prompt) :].strip(), text
+
+
+def test_kernel_is_this_interpreter():
+    """nbclient's `python3` kernel must run this interpreter (the venv with jaxlm's deps)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    km = KernelManager(kernel_name="python3")
+    km.kernel_spec  # noqa: B018 - loads the spec format_kernel_cmd reads
+    cmd = km.format_kernel_cmd()
+    assert spec.argv[0] in ("python", "python3", sys.executable)
+    assert cmd[0] == sys.executable
