@@ -8,6 +8,7 @@ temporary working directory and data cache, so nothing is written into the repos
 
 import glob
 import os
+import re
 import sys
 
 import pytest
@@ -22,8 +23,20 @@ CELL_TIMEOUT_S = 600  # a stuck cell fails the test instead of hanging CI
 
 
 def test_the_three_notebooks_exist():
-    names = [os.path.basename(p) for p in NOTEBOOKS]
-    assert names == ["continued_pretraining.ipynb", "data_pipeline.ipynb", "quickstart.ipynb"]
+    names = {os.path.basename(p) for p in NOTEBOOKS}
+    assert {"quickstart.ipynb", "continued_pretraining.ipynb", "data_pipeline.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_readme_links_the_notebook_with_a_description_and_colab(path):
+    name = os.path.basename(path)
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        lines = [line for line in f if line.startswith(f"- `colab/{name}`: ")]
+    assert len(lines) == 1, f"README.md needs one '- `colab/{name}`: <description>' line"
+    assert len(lines[0].split(": ", 1)[1].strip()) > 20
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        colab = re.findall(r"https://colab\.research\.google\.com/github/\S+?\.ipynb", f.read())
+    assert any(url.endswith(f"/jaxlm/blob/main/colab/{name}") for url in colab), colab
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -54,8 +67,13 @@ def kernel_env(monkeypatch, tmp_path):
 
 
 def execute(path, tmp_path):
-    """The notebook after running every cell in a kernel of this interpreter; raises on an error."""
+    """The notebook after running every cell in a kernel of this interpreter; raises on an error.
+
+    A last cell is added that prints which interpreter and which jaxlm the kernel ran.
+    """
     nb = nbformat.read(path, as_version=4)
+    probe = "import sys, jaxlm\nprint(sys.executable)\nprint(jaxlm.__file__)"
+    nb.cells.append(nbformat.v4.new_code_cell(probe))
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     client = nbclient.NotebookClient(
@@ -78,6 +96,9 @@ def outputs(nb, tag):
 def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
     kernel_env(monkeypatch, tmp_path)
     nb = execute(path, tmp_path)
+    executable, jaxlm_init = nb.cells[-1].outputs[0]["text"].split()
+    assert executable == sys.executable  # the kernel is this venv's interpreter ...
+    assert jaxlm_init == os.path.join(REPO, "jaxlm", "__init__.py")  # ... running this checkout
     assert os.listdir(tmp_path / "cwd") == ["runs"]  # what it wrote is under its working dir
     first = nb.cells[[c.cell_type for c in nb.cells].index("code")]
     assert "tiny mode" in "".join(o.get("text", "") for o in first.outputs)
@@ -89,16 +110,3 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
         assert header.startswith("sample from step 20"), text
         prompt = "def fibonacci(n):\n"  # configs/base.py's sample prompt
         assert sample.startswith(prompt) and sample[len(prompt) :].strip(), text
-
-
-def test_kernel_is_this_interpreter():
-    """nbclient's `python3` kernel must run this interpreter (the venv with jaxlm's deps)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    spec = KernelSpecManager().get_kernel_spec("python3")
-    km = KernelManager(kernel_name="python3")
-    km.kernel_spec  # noqa: B018 - loads the spec format_kernel_cmd reads
-    cmd = km.format_kernel_cmd()
-    assert spec.argv[0] in ("python", "python3", sys.executable)
-    assert cmd[0] == sys.executable
