@@ -91,7 +91,7 @@ def outputs(nb, tag):
     return cell.outputs
 
 
-@pytest.mark.slow  # the three notebooks together: ~90 s on a 2-core CPU
+@pytest.mark.slow  # all three: ~48 s of CPU, ~92 s wall on a busy 2-core machine
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
     kernel_env(monkeypatch, tmp_path)
