@@ -19,13 +19,14 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import evaluate as evaluate_lib
 from jaxlm import faults, peers, sharding, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.evaluate import choices
+from jaxlm.evaluate import tasks as tasks_lib
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -350,7 +351,7 @@ class Trainer:
         if self.tasks:
             cfg = self.config
             result.update(
-                evaluate_lib.score_tasks(
+                choices.score_tasks(
                     self.setup.graphdef,
                     self.state["params"],
                     self.tokenizer,
@@ -435,15 +436,15 @@ def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> di
     """Downstream multiple-choice tasks: the built-in next-line task plus any configured files."""
     tasks = {}
     if config.eval.next_line_examples > 0:
-        texts = evaluate_lib.heldout_texts(manifest, tokenizer.decode)
+        texts = tasks_lib.heldout_texts(manifest, tokenizer.decode)
         kwargs = dict(n_examples=config.eval.next_line_examples, seed=config.seed)
         if jax.process_index() == 0:  # one writer; the task is deterministic, others rebuild it
             path = os.path.join(workdir, "tasks", "next_line.jsonl")
-            tasks["next_line"] = evaluate_lib.ensure_next_line_task(path, texts, **kwargs)
+            tasks["next_line"] = tasks_lib.ensure_next_line_task(path, texts, **kwargs)
         else:
-            tasks["next_line"] = evaluate_lib.build_next_line_task(texts, **kwargs)
+            tasks["next_line"] = tasks_lib.build_next_line_task(texts, **kwargs)
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
-        tasks[os.path.splitext(os.path.basename(path))[0]] = evaluate_lib.load_task(path)
+        tasks[os.path.splitext(os.path.basename(path))[0]] = tasks_lib.load_task(path)
     return tasks
 
 

@@ -260,11 +260,11 @@ def _check_data(config: Any) -> None:
 
 
 def _check_paths(config: Any, workdir: str) -> None:
-    from jaxlm import evaluate as evaluate_lib
+    from jaxlm.evaluate import tasks
 
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
         try:
-            evaluate_lib.load_task(path)
+            tasks.load_task(path)
         except JaxlmError as e:
             raise ConfigError(f"eval.task_files: {e}") from None
     try:
