@@ -53,7 +53,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             process_count=jax.process_count(),
         )
     manifest = manifest_lib.load(manifest_path)  # refuses data whose tokenizer file was swapped
-    validate.check_manifest(manifest, manifest_path)
+    validate.check_manifest(manifest, manifest_path, config)
     tokenizer_path = manifest_lib.tokenizer_path(manifest)
     if jax.process_index() == 0:
         shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
@@ -338,10 +338,19 @@ class Trainer:
         if "loss" in result:
             self.out.print(
                 f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
-                f"{result['bits_per_byte']:.3f} bits/byte{_task_summary(result)} | "
+                f"{result['bits_per_byte']:.3f} bits/byte{self._validation_summary(result)}"
+                f"{_task_summary(result)} | "
                 f"{time.perf_counter() - t0:.1f}s"
             )
         return result
+
+    def _validation_summary(self, result: dict[str, float]) -> str:
+        """' | <set> X.XXX bits/byte' for each named validation set (data.validation)."""
+        return "".join(
+            f" | {name} {result[f'{name}/bits_per_byte']:.3f} bits/byte"
+            for name in manifest_lib.validation_sets(self.manifest)
+            if f"{name}/bits_per_byte" in result
+        )
 
     def _compute_eval(self, final: bool) -> dict[str, float]:
         cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split

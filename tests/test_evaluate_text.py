@@ -53,7 +53,7 @@ def write_tokenizer(path):
     return tok
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with tests/test_lm_eval.py
 def hf_model(tmp_path_factory):
     """(HF model dir, torch model, tokenizers.Tokenizer): a tiny random Llama with a tokenizer."""
     pytest.importorskip("tokenizers")
