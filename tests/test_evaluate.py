@@ -182,8 +182,9 @@ def test_shared_context_scores_equal_one_pass_per_choice(setup, memorizing_run):
     reference = scoring.score_sequences(
         setup.graphdef, params, choice_sequences(examples), seq_len=SEQ_LEN, batch_size=32
     )
-    shared = choices.score_continuations(
-        setup.graphdef, params, choices.encode_task(TOK, examples, SEQ_LEN), batch_size=8
+    groups = choices.encode_task(TOK, examples, SEQ_LEN)
+    shared = choices.score_continuations(  # two calls of two rows, several contexts per row
+        setup.graphdef, params, groups, seq_len=SEQ_LEN, batch_size=2, max_segments=4
     )
     np.testing.assert_allclose(shared.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(shared.tokens, reference.tokens)

@@ -114,6 +114,7 @@ class JaxlmLM(TemplateLM):
                 setup.graphdef,
                 self.model.params,
                 batches,
+                seq_len=self.max_length,
                 batch_size=self.batch_size,
                 mesh=setup.mesh,
             )
