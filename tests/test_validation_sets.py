@@ -99,6 +99,7 @@ def test_no_validation_document_reaches_a_training_batch(prepared):
     )
 
 
+@pytest.mark.slow  # a short training run: ~20 s of compiling on a 2-core CPU
 def test_a_run_reports_every_validation_set_at_every_eval(prepared, tmp_path, capsys):
     from jaxlm import loop
     from tools import plot_metrics
