@@ -10,12 +10,12 @@ a choice's tokens never depend on its context.
 Shared contexts: contexts (but their last token) are packed as segments into rows and go
 through the model once, filling a KV cache (their logits are never computed); the choices of a
 context row's questions are then packed, as [last context token] + choice, into continuation
-rows that read that row's cache, each choice in its question's segment so it attends to its own
-context and itself only. Running context + choice once per choice (the
+rows scored in passes over that row's cache, each choice in its question's segment so it
+attends to its own context and itself only. Running context + choice once per choice (the
 packed layout of `scoring.score_sequences`) gives the same numbers up to float rounding (the
-tests: 1e-5) but runs every context C times (`tools/bench_eval.py`, docs/perf.md). A context
-too long for `seq_len` is cut from the left so the longest choice fits; all choices see the
-same context.
+tests: 1e-5) but runs every context C times: the shared layout is 2.2x faster on a 4-choice task
+(`tools/bench_eval.py`, docs/perf.md). A context too long for `seq_len` is cut from the left
+so the longest choice fits; all choices see the same context.
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ def continuation_logprobs(
 
     Args:
       batch: context, context_segments, context_positions int32 (Rc, Lc): every context but
-        its last token, packed as segments 1..S of rows (0 = padding); owner (R,): the context
-        row each continuation row reads; inputs, targets, segments, positions, mask int32
-        (R, W): choices of distinct questions of the owner row, each in its question's segment,
-        as inputs = [last context token] + choice[:-1] and targets = choice.
+        its last token, packed as segments 1..S of rows (0 = padding); inputs, targets,
+        segments, positions, mask int32 (Rc, J, W): J continuation rows per context row, each
+        holding choices of distinct questions of that row in their question's segment, as
+        inputs = [last context token] + choice[:-1] and targets = choice.
       num_segments: S, the most questions a context row holds.
 
     Returns:
-      summed log-probability, token count and argmax hits of each continuation, (R, S):
+      summed log-probability, token count and argmax hits of each continuation, (J, Rc, S):
       column s is segment s + 1.
     """
     model = nnx.merge(graphdef, params)
     segments = batch["context_segments"]
-    Rc, W = segments.shape[0], batch["inputs"].shape[1]
+    Rc, W = segments.shape[0], batch["inputs"].shape[2]
     slots = jnp.concatenate([segments, jnp.zeros((Rc, W), jnp.int32)], axis=1)  # (Rc, Lc + W)
     # Only the cache is kept: the context pass's logits are dead code XLA drops.
     _, cache = model(
@@ -66,23 +66,23 @@ def continuation_logprobs(
         segments,
         cache=model_lib.init_cache(model.cfg, slots),
     )
-    # A continuation row reads its context row's cache (a scanned model stacks layers in front
-    # of the batch axis); its tokens carry their question's segment id, so each sees its own
-    # context and its own earlier tokens only.
-    owner = batch["owner"]  # (R,)
-    batch_axis = 1 if model.cfg.scan_layers else 0
-    cache = {
-        "layers": jax.tree.map(lambda a: jnp.take(a, owner, axis=batch_axis), cache["layers"]),
-        "index": cache["index"],
-        "segment_ids": jnp.concatenate([segments[owner], batch["segments"]], axis=1),
-    }
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segments"], cache=cache)
-    mask = batch["mask"].astype(jnp.float32)  # (R, W)
-    logprob = -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    hit = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-    onehot = jax.nn.one_hot(batch["segments"] - 1, num_segments, dtype=jnp.float32)  # (R, W, S)
-    per_segment = lambda x: jnp.einsum("RW,RWS->RS", x * mask, onehot)  # noqa: E731
-    return per_segment(logprob), per_segment(mask), per_segment(hit)
+
+    def score(_, rows):
+        # One continuation row per context row, reading that row's cache in place (the keys
+        # it writes after the context are dropped with the returned cache). Its tokens carry
+        # their question's segment id: each sees its own context and its own tokens only.
+        seen = dict(cache, segment_ids=jnp.concatenate([segments, rows["segments"]], axis=1))
+        logits, _ = model(rows["inputs"], rows["positions"], rows["segments"], cache=seen)
+        mask = rows["mask"].astype(jnp.float32)  # (Rc, W)
+        logprob = -optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
+        hit = (jnp.argmax(logits, axis=-1) == rows["targets"]).astype(jnp.float32)
+        onehot = jax.nn.one_hot(rows["segments"] - 1, num_segments, dtype=jnp.float32)
+        per_segment = lambda x: jnp.einsum("RW,RWS->RS", x * mask, onehot)  # noqa: E731
+        return None, (per_segment(logprob), per_segment(mask), per_segment(hit))
+
+    keys = ("inputs", "targets", "segments", "positions", "mask")
+    passes = {k: jnp.swapaxes(batch[k], 0, 1) for k in keys}  # (J, Rc, W)
+    return jax.lax.scan(score, None, passes)[1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,7 +94,8 @@ def _jitted(mesh: jax.sharding.Mesh | None) -> Callable:
 
 
 def _round_up(n: int, step: int = 32) -> int:
-    """Widths in steps of 32 (powers of two below): a task compiles a handful of shapes."""
+    """`n` rounded up to a power of two below `step`, else to a multiple of `step`: a task
+    compiles a handful of shapes."""
     return 1 << max(n - 1, 0).bit_length() if n <= step else -(-n // step) * step
 
 
@@ -115,29 +116,25 @@ def _pack_contexts(groups: Sequence[Group], seq_len: int, max_segments: int) -> 
 
 
 def _pack_continuations(
-    groups: Sequence[Group], chunk: list[list[int]], width: int
-) -> list[tuple[int, list[tuple[int, int, int]]]]:
-    """Continuation rows of `width` tokens: (context row, [(segment, group, choice), ...]).
+    groups: Sequence[Group], row: list[int], width: int
+) -> list[list[tuple[int, int, int]]]:
+    """The continuation rows of one context row: [(segment, group, choice), ...] each.
 
-    A row reads one context row's cache and holds at most one choice per question (two choices
-    of one question would share a segment and see each other).
+    A row holds at most `width` tokens and one choice per question (two choices of one
+    question would share a segment and see each other).
     """
-    out = []
-    for r, row in enumerate(chunk):
-        items: list[tuple[int, int, int]] = []
-        used = 0
-        n_choices = max(len(groups[g][1]) for g in row)
-        for j in range(n_choices):  # choice-major: a row rarely meets a question twice
-            for s, g in enumerate(row):
-                if j >= len(groups[g][1]):
-                    continue
-                n = len(groups[g][1][j])
-                if used + n > width or any(s == t for t, _, _ in items):
-                    out.append((r, items))
-                    items, used = [], 0
-                items.append((s, g, j))
-                used += n
-        out.append((r, items))
+    out: list[list[tuple[int, int, int]]] = [[]]
+    used = 0
+    for j in range(max(len(groups[g][1]) for g in row)):  # choice-major: rarely a repeat
+        for s, g in enumerate(row):
+            if j >= len(groups[g][1]):
+                continue
+            n = len(groups[g][1][j])
+            if used + n > width or any(s == t for t, _, _ in out[-1]):
+                out.append([])
+                used = 0
+            out[-1].append((s, g, j))
+            used += n
     return out
 
 
@@ -155,9 +152,9 @@ def score_continuations(
     """Scores each group's continuations given its context, the context run once per group.
 
     Contexts are packed as segments into rows of `seq_len` and run once, filling a KV cache;
-    the choices of a context row's questions are packed into continuation rows that read that
-    row's cache, each choice in its question's segment. So no context is run twice and little
-    is padding.
+    the choices of a context row's questions are packed into continuation rows, each choice in
+    its question's segment, and scored in passes (a scan) that each read the cache in place:
+    no context runs twice, the cache is never copied, and little is padding.
 
     Args:
       graphdef, params: the model.
@@ -185,17 +182,18 @@ def score_continuations(
     split = scoring.round_batch(1, mesh)
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        conts = _pack_continuations(groups, chunk, W)
-        # Row counts in steps of 8: few shapes to compile, little padding in the last call.
-        n_rows = -(-len(conts) // (8 * split)) * 8 * split
+        conts = [_pack_continuations(groups, row, W) for row in chunk]
+        # Passes as many as the fullest row needs (rounding them up cost a third more time on
+        # the next-line task); context rows in steps of 8, so the last call pads little.
+        J = max(len(c) for c in conts)
         n_context = min(batch_size, -(-len(chunk) // (8 * split)) * 8 * split)
         host = {
             k: np.zeros((n_context, seq_len), np.int32)
             for k in ("context", "context_segments", "context_positions")
         }
         for k in ("inputs", "targets", "segments", "positions", "mask"):
-            host[k] = np.zeros((n_rows, W), np.int32)
-        host["owner"] = np.zeros(n_rows, np.int32)
+            host[k] = np.zeros((n_context, J, W), np.int32)
+        where = []  # (flat index, pass, context row, segment column)
         for r, row in enumerate(chunk):
             start = 0
             for s, g in enumerate(row):
@@ -205,26 +203,25 @@ def score_continuations(
                 host["context_segments"][r, start : start + n] = s + 1
                 host["context_positions"][r, start : start + n] = np.arange(n)
                 start += n
-        where = []  # (flat index, continuation row, segment column)
-        for c_row, (r, items) in enumerate(conts):
-            host["owner"][c_row] = r
-            start = 0
-            for s, g, j in items:
-                context, cont = groups[g][0], groups[g][1][j]
-                span = slice(start, start + len(cont))
-                host["inputs"][c_row, span] = [context[-1], *cont[:-1]]
-                host["targets"][c_row, span] = cont
-                host["segments"][c_row, span] = s + 1
-                host["positions"][c_row, span] = len(context) - 1 + np.arange(len(cont))
-                host["mask"][c_row, span] = 1
-                start += len(cont)
-                where.append((offsets[g] + j, c_row, s))
+            for p, items in enumerate(conts[r]):
+                start = 0
+                for s, g, j in items:
+                    context, cont = groups[g][0], groups[g][1][j]
+                    span = (r, p, slice(start, start + len(cont)))
+                    host["inputs"][span] = [context[-1], *cont[:-1]]
+                    host["targets"][span] = cont
+                    host["segments"][span] = s + 1
+                    host["positions"][span] = len(context) - 1 + np.arange(len(cont))
+                    host["mask"][span] = 1
+                    start += len(cont)
+                    where.append((offsets[g] + j, p, r, s))
         out = _jitted(mesh)(graphdef, params, scoring.device_rows(host, mesh), num_segments=S)
         sums, counts, hits = jax.device_get(out)  # explicit, so a transfer guard does not object
-        flat, c_rows, cols = (np.asarray(x) for x in zip(*where, strict=True))
-        tokens[flat] = counts[c_rows, cols].round().astype(np.int64)
-        logprob[flat] = sums[c_rows, cols]
-        greedy[flat] = hits[c_rows, cols].round() == tokens[flat]
+        flat, *at = np.asarray(where).T  # at: (pass, context row, segment column)
+        at = tuple(at)
+        tokens[flat] = counts[at].round().astype(np.int64)
+        logprob[flat] = sums[at]
+        greedy[flat] = hits[at].round() == tokens[flat]
         if progress is not None:
             progress(min(lo + batch_size, len(rows)), len(rows))
     return scoring.Scores(logprob, tokens, greedy)
