@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.datasets.stdlib.paths = "stdlib"  # comma-separated globs/dirs, or 'stdlib'
     c.data.datasets.stdlib.text_field = "text"  # JSONL key / Parquet column with the text
     c.data.datasets.stdlib.weight = 1.0  # mixture weight (normalised over datasets)
+    # Named validation sets, evaluated at every eval beside the held-out split and never trained
+    # on (training documents with the same text are dropped): data.validation.<name> =
+    # ConfigDict(paths='comma-separated globs', text_field='text'). Read whole, not curated.
+    c.data.validation = ml_collections.ConfigDict()
     c.data.val_fraction = 0.02  # share of documents held out, chosen by content hash
     c.data.num_proc = 0  # tokenization worker processes; 0 = os.cpu_count()
     c.data.docs_per_shard = 2000  # documents per ArrayRecord shard

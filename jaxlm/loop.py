@@ -19,13 +19,14 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import evaluate as evaluate_lib
 from jaxlm import faults, peers, sharding, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.evaluate import choices
+from jaxlm.evaluate import tasks as tasks_lib
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             process_count=jax.process_count(),
         )
     manifest = manifest_lib.load(manifest_path)  # refuses data whose tokenizer file was swapped
-    validate.check_manifest(manifest, manifest_path)
+    validate.check_manifest(manifest, manifest_path, config)
     tokenizer_path = manifest_lib.tokenizer_path(manifest)
     if jax.process_index() == 0:
         shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
@@ -337,10 +338,19 @@ class Trainer:
         if "loss" in result:
             self.out.print(
                 f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
-                f"{result['bits_per_byte']:.3f} bits/byte{_task_summary(result)} | "
+                f"{result['bits_per_byte']:.3f} bits/byte{self._validation_summary(result)}"
+                f"{_task_summary(result)} | "
                 f"{time.perf_counter() - t0:.1f}s"
             )
         return result
+
+    def _validation_summary(self, result: dict[str, float]) -> str:
+        """' | <set> X.XXX bits/byte' for each named validation set (data.validation)."""
+        return "".join(
+            f" | {name} {result[f'{name}/bits_per_byte']:.3f} bits/byte"
+            for name in manifest_lib.validation_sets(self.manifest)
+            if f"{name}/bits_per_byte" in result
+        )
 
     def _compute_eval(self, final: bool) -> dict[str, float]:
         cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
@@ -350,7 +360,7 @@ class Trainer:
         if self.tasks:
             cfg = self.config
             result.update(
-                evaluate_lib.score_tasks(
+                choices.score_tasks(
                     self.setup.graphdef,
                     self.state["params"],
                     self.tokenizer,
@@ -435,15 +445,15 @@ def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> di
     """Downstream multiple-choice tasks: the built-in next-line task plus any configured files."""
     tasks = {}
     if config.eval.next_line_examples > 0:
-        texts = evaluate_lib.heldout_texts(manifest, tokenizer.decode)
+        texts = tasks_lib.heldout_texts(manifest, tokenizer.decode)
         kwargs = dict(n_examples=config.eval.next_line_examples, seed=config.seed)
         if jax.process_index() == 0:  # one writer; the task is deterministic, others rebuild it
             path = os.path.join(workdir, "tasks", "next_line.jsonl")
-            tasks["next_line"] = evaluate_lib.ensure_next_line_task(path, texts, **kwargs)
+            tasks["next_line"] = tasks_lib.ensure_next_line_task(path, texts, **kwargs)
         else:
-            tasks["next_line"] = evaluate_lib.build_next_line_task(texts, **kwargs)
+            tasks["next_line"] = tasks_lib.build_next_line_task(texts, **kwargs)
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
-        tasks[os.path.splitext(os.path.basename(path))[0]] = evaluate_lib.load_task(path)
+        tasks[os.path.splitext(os.path.basename(path))[0]] = tasks_lib.load_task(path)
     return tasks
 
 

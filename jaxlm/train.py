@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding
+from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step', 'guard'}
@@ -249,42 +250,59 @@ class Setup:
 def evaluate(
     setup: Setup, eval_step: Callable, params: Any, manifest: dict, max_batches: int = 0
 ) -> dict[str, float]:
-    """Held-out loss, perplexity and bits per byte for each dataset and for all together.
+    """Held-out loss, perplexity and bits per byte for each dataset and for all together, and
+    for each named validation set (`<name>/loss`, ...; not part of the held-out totals).
 
     `max_batches` > 0 caps the batches per dataset (a cheaper estimate); 0 is the whole split.
     """
-    cfg = setup.config
-    batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    host_rows = batch_size // jax.process_count()
     out, total_nll, total_bytes, total_count = {}, 0.0, 0.0, 0.0
-    for name in sorted(manifest["datasets"]):
-        if manifest["datasets"][name]["val"]["documents"] == 0:
+    sets = [(n, "val") for n in sorted(manifest["datasets"])]
+    sets += [(n, "validation") for n in manifest_lib.validation_sets(manifest)]
+    for name, split in sets:
+        if manifest_lib.split_info(manifest, name, split)["documents"] == 0:
             continue
-        n = pipeline.eval_num_batches(manifest, name, cfg.train.seq_len, batch_size, max_batches)
-        nll, count = 0.0, 0.0
-        for host_batch in pipeline.eval_batches(
-            manifest,
-            name,
-            seq_len=cfg.train.seq_len,
-            batch_size=host_rows,
-            num_batches=n,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
-            nll, count = nll + float(s), count + float(c)
+        nll, count = _eval_split(setup, eval_step, params, manifest, name, split, max_batches)
         loss = nll / max(count, 1)
-        nbytes = count * pipeline.val_bytes_per_target(manifest, name)
+        nbytes = count * pipeline.val_bytes_per_target(manifest, name, split)
         out[f"{name}/loss"] = loss
         out[f"{name}/perplexity"] = math.exp(min(loss, 50))
         out[f"{name}/bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
-        total_nll, total_bytes, total_count = (
-            total_nll + nll,
-            total_bytes + nbytes,
-            total_count + count,
-        )
+        if split == "val":
+            total_nll, total_bytes = total_nll + nll, total_bytes + nbytes
+            total_count += count
     if total_count:
         out["loss"] = total_nll / total_count
         out["perplexity"] = math.exp(min(out["loss"], 50))
         out["bits_per_byte"] = total_nll / math.log(2) / total_bytes
     return out
+
+
+def _eval_split(
+    setup: Setup,
+    eval_step: Callable,
+    params: Any,
+    manifest: dict,
+    name: str,
+    split: str,
+    max_batches: int,
+) -> tuple[float, float]:
+    """Summed nll and target count over one held-out split or validation set."""
+    cfg = setup.config
+    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    n = pipeline.eval_num_batches(
+        manifest, name, cfg.train.seq_len, batch_size, max_batches, split=split
+    )
+    nll, count = 0.0, 0.0
+    for host_batch in pipeline.eval_batches(
+        manifest,
+        name,
+        seq_len=cfg.train.seq_len,
+        batch_size=batch_size // jax.process_count(),
+        num_batches=n,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        split=split,
+    ):
+        s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
+        nll, count = nll + float(s), count + float(c)
+    return nll, count

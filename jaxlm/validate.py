@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -136,13 +137,21 @@ def check_batches(config: Any, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-def check_manifest(manifest: dict, manifest_path: str) -> None:
-    """Refuses prepared data with no held-out documents: the final evaluation needs some."""
+def check_manifest(manifest: dict, manifest_path: str, config: Any = None) -> None:
+    """Refuses prepared data with no held-out documents (the final evaluation needs some), or
+    without a validation set `config.data.validation` names."""
     held_out = sum(d["val"]["documents"] for d in manifest["datasets"].values())
     if held_out == 0:
         raise ConfigError(
             f"the held-out split of {manifest_path} has no documents, so the run could not be "
             "evaluated; prepare the data with a larger data.val_fraction or more documents."
+        )
+    wanted = dict(config.data.get("validation") or {}) if config is not None else {}
+    missing = sorted(set(wanted) - set(manifest.get("validation", {})))
+    if missing:
+        raise ConfigError(
+            f"data.validation.{missing[0]} is not in {manifest_path}; prepare the data with it "
+            "(tools/prepare_data.py with the run's config) or remove it."
         )
 
 
@@ -245,6 +254,7 @@ def _check_data(config: Any) -> None:
                 sources.resolve_files(ds.paths)
             except JaxlmError as e:
                 raise ConfigError(f"data.datasets.{name}.paths={ds.paths!r}: {e}") from None
+        _check_validation_sets(d, datasets)
         if not sum(ds.get("weight", 1.0) for ds in datasets.values()) > 0:
             raise ConfigError("data.datasets weights sum to 0; give at least one a weight > 0.")
         try:
@@ -264,12 +274,40 @@ def _check_data(config: Any) -> None:
             ) from None
 
 
+def _check_validation_sets(d: Any, datasets: dict[str, Any]) -> None:
+    """data.validation.<name>: a usable metric name, not a dataset's, with files that exist."""
+    from jaxlm.data import sources
+
+    for name, vs in (d.get("validation") or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in ("all", "loss"):
+            raise ConfigError(
+                f"data.validation.{name}: a validation set's name must be letters, digits, '_', "
+                "'.' or '-' (it names metrics such as eval/<name>/loss)."
+            )
+        if name in datasets:
+            raise ConfigError(
+                f"data.validation.{name} has the name of a training dataset; name it otherwise "
+                "(their metrics would collide)."
+            )
+        if not hasattr(vs, "get") or not isinstance(vs.get("paths"), str):
+            raise ConfigError(
+                f"data.validation.{name} must be a ConfigDict with paths='<globs>' (and "
+                "optionally text_field)."
+            )
+        if not isinstance(vs.get("text_field", "text"), str):
+            raise ConfigError(f"data.validation.{name}.text_field must be a string.")
+        try:
+            sources.resolve_files(vs.paths)
+        except JaxlmError as e:
+            raise ConfigError(f"data.validation.{name}.paths={vs.paths!r}: {e}") from None
+
+
 def _check_paths(config: Any, workdir: str) -> None:
-    from jaxlm import evaluate as evaluate_lib
+    from jaxlm.evaluate import tasks
 
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
         try:
-            evaluate_lib.load_task(path)
+            tasks.load_task(path)
         except JaxlmError as e:
             raise ConfigError(f"eval.task_files: {e}") from None
     try:

@@ -1,5 +1,6 @@
 """Zero-shot multiple-choice scoring: memorized answers score 100%, a fresh model scores chance,
-packed scoring equals a plain forward pass, and the next-line task is deterministic and correct."""
+packed scoring equals a plain forward pass, shared-context scoring equals one pass per choice,
+and the next-line task is deterministic and correct."""
 
 import json
 import math
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import evaluate, sharding, train
+from jaxlm import sharding, train
 from jaxlm.errors import JaxlmError
+from jaxlm.evaluate import choices, scoring, tasks
 from tests.helpers import tiny_config
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz \n"
@@ -89,6 +91,15 @@ def memorizing_run(setup):
     return fresh, state["params"], float(metrics["loss"]), examples
 
 
+def choice_sequences(examples, seq_len=SEQ_LEN):
+    """Every (BOS + context + choice, choice length) of a task, the context cut as scoring does."""
+    return [
+        ([*context, *ids], len(ids))
+        for context, conts in choices.encode_task(TOK, examples, seq_len)
+        for ids in conts
+    ]
+
+
 def rows32(packed):
     """Packed rows zero-padded to the 32-row batch of `score`, so its compiled scorer is reused."""
     n = len(packed.rows["inputs"])
@@ -99,9 +110,7 @@ def rows32(packed):
 
 
 def score(setup, params, examples):
-    return evaluate.score_task(
-        setup.graphdef, params, TOK, examples, seq_len=SEQ_LEN, batch_size=32
-    )
+    return choices.score_task(setup.graphdef, params, TOK, examples, seq_len=SEQ_LEN, batch_size=32)
 
 
 def test_memorized_gold_choices_score_100_percent(setup, memorizing_run):
@@ -127,12 +136,11 @@ def test_packed_scores_equal_a_plain_forward_pass_of_each_sequence(setup, memori
     params = memorizing_run[1]
     examples = random_task(3, seed=3, context_len=12, choice_len=5, n_choices=3)
     examples[1]["context"] = "x" * 70
-    packed = evaluate._pack(TOK, examples, SEQ_LEN, max_segments=32)
+    seqs = choice_sequences(examples)
+    packed = scoring.pack(seqs, SEQ_LEN)
     assert packed.where[:, 1].max() > 0  # several sequences really share a row
-    scorer = evaluate._jitted_scorer(None)
-    sums, counts = scorer(setup.graphdef, params, rows32(packed), num_segments=packed.num_segments)
-    got = np.asarray(sums)[packed.where[:, 0], packed.where[:, 1]]
-    np.testing.assert_array_equal(np.asarray(counts)[packed.where[:, 0], packed.where[:, 1]], 5)
+    got = scoring.score_sequences(setup.graphdef, params, seqs, seq_len=SEQ_LEN, batch_size=32)
+    np.testing.assert_array_equal(got.tokens, 5)
 
     # Reference: every sequence alone in its own right-padded row (causal, so padding is inert).
     seqs = []
@@ -150,7 +158,41 @@ def test_packed_scores_equal_a_plain_forward_pass_of_each_sequence(setup, memori
         sum(logp[r, t - 1, seq[t]] for t in range(len(seq) - 5, len(seq)))
         for r, seq in enumerate(seqs)
     ]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.logprob, expected, rtol=1e-5, atol=1e-5)
+    greedy = [
+        all(logp[r, t - 1].argmax() == seq[t] for t in range(len(seq) - 5, len(seq)))
+        for r, seq in enumerate(seqs)
+    ]
+    np.testing.assert_array_equal(got.greedy, greedy)
+
+
+def test_shared_context_scores_equal_one_pass_per_choice(setup, memorizing_run):
+    """The KV-cache layout (context once, choices as continuations) against the packed one
+    (context + choice per choice): same log-probabilities, token counts and accuracies, with
+    contexts of many lengths, one-token choices, a variable number of choices and a cut context."""
+    params = memorizing_run[1]
+    examples = random_task(20, seed=11, context_len=9, choice_len=6)
+    rng = random.Random(0)
+    for i, ex in enumerate(examples):
+        ex["context"] = ex["context"][: rng.randrange(0, 10)] + "q" * (i % 7)
+        ex["choices"] = [c[: rng.randrange(1, 7)] for c in ex["choices"][: 2 + i % 3]]
+        ex["gold"] %= len(ex["choices"])
+    examples[3]["context"] = "y" * 90  # cut from the left to fit the row
+    examples.extend(memorizing_run[3][:6])  # some the model knows: not every score is noise
+    reference = scoring.score_sequences(
+        setup.graphdef, params, choice_sequences(examples), seq_len=SEQ_LEN, batch_size=32
+    )
+    groups = choices.encode_task(TOK, examples, SEQ_LEN)
+    shared = choices.score_continuations(  # two calls of two rows, several contexts per row
+        setup.graphdef, params, groups, seq_len=SEQ_LEN, batch_size=2, max_segments=4
+    )
+    np.testing.assert_allclose(shared.logprob, reference.logprob, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(shared.tokens, reference.tokens)
+    np.testing.assert_array_equal(shared.greedy, reference.greedy)
+    assert reference.greedy.any()
+    assert choices.accuracies(examples, shared.logprob, shared.tokens) == choices.accuracies(
+        examples, reference.logprob, reference.tokens
+    )
 
 
 def test_scoring_split_over_eight_devices_equals_one_device(setup, memorizing_run):
@@ -158,45 +200,46 @@ def test_scoring_split_over_eight_devices_equals_one_device(setup, memorizing_ru
     mesh = sharding.make_mesh((1, -1, 1))  # 8 fake devices, fsdp
     sharded_setup = train.Setup(setup.config, TOK.vocab_size, mesh)
     sharded = jax.device_put(trained, sharded_setup.param_shardings)
-    packed = evaluate._pack(TOK, random_task(8, seed=5), SEQ_LEN, max_segments=32)
+    packed = scoring.pack(choice_sequences(random_task(8, seed=5)), SEQ_LEN)
     rows = rows32(packed)
-    one = evaluate._jitted_scorer(None)(
+    one = scoring.jitted_scorer(None)(
         setup.graphdef, trained, rows, num_segments=packed.num_segments
     )
     with sharding.use(mesh, sharded_setup.rules):
-        many = evaluate._jitted_scorer(mesh)(
+        many = scoring.jitted_scorer(mesh)(
             setup.graphdef,
             sharded,
             jax.device_put(rows, sharding.batch_sharding(mesh)),
             num_segments=packed.num_segments,
         )
-        result = evaluate.score_task(
+        result = choices.score_task(
             setup.graphdef, sharded, TOK, examples, seq_len=SEQ_LEN, batch_size=28, mesh=mesh
         )
     np.testing.assert_allclose(many[0], one[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(many[1], one[1])
+    np.testing.assert_array_equal(many[2], one[2])
     assert result["accuracy"] == 1.0
 
 
 def test_a_choice_longer_than_the_row_is_one_clear_error(setup):
     examples = [{"context": "ab", "choices": ["a" * 80, "b"], "gold": 0}]
     with pytest.raises(JaxlmError, match="example 0 choice 0 encodes to 80 tokens"):
-        evaluate.score_task(setup.graphdef, None, TOK, examples, seq_len=SEQ_LEN, batch_size=4)
+        choices.score_task(setup.graphdef, None, TOK, examples, seq_len=SEQ_LEN, batch_size=4)
 
 
 def test_task_round_trips_through_jsonl_and_bad_lines_name_their_line(tmp_path):
     examples = random_task(5, seed=4)
     path = str(tmp_path / "task.jsonl")
-    evaluate.write_task(path, examples)
-    assert evaluate.load_task(path) == examples
+    tasks.write_task(path, examples)
+    assert tasks.load_task(path) == examples
     with open(path, "a") as f:
         f.write(json.dumps({"context": "a", "choices": ["b", "c"], "gold": 2}) + "\n")
     with pytest.raises(
         JaxlmError, match=r"task.jsonl:6: 'gold' must be an integer index into the 2"
     ):
-        evaluate.load_task(path)
+        tasks.load_task(path)
     with pytest.raises(JaxlmError, match="does not exist"):
-        evaluate.load_task(str(tmp_path / "missing.jsonl"))
+        tasks.load_task(str(tmp_path / "missing.jsonl"))
 
 
 # --------------------------------------------------------------------------- next-line task
@@ -214,13 +257,11 @@ SOURCE = [
 
 
 def test_next_line_task_is_deterministic_and_gold_is_the_true_next_line():
-    task = evaluate.build_next_line_task(
+    task = tasks.build_next_line_task(SOURCE, n_examples=40, seed=7, context_lines=3, n_choices=4)
+    assert task == tasks.build_next_line_task(
         SOURCE, n_examples=40, seed=7, context_lines=3, n_choices=4
     )
-    assert task == evaluate.build_next_line_task(
-        SOURCE, n_examples=40, seed=7, context_lines=3, n_choices=4
-    )
-    assert task != evaluate.build_next_line_task(
+    assert task != tasks.build_next_line_task(
         SOURCE, n_examples=40, seed=8, context_lines=3, n_choices=4
     )
     assert len(task) == 40
@@ -241,7 +282,7 @@ def test_next_line_task_is_deterministic_and_gold_is_the_true_next_line():
 
 def test_next_line_task_on_too_little_text_is_one_clear_error():
     with pytest.raises(JaxlmError, match="only 1 distinct usable lines"):
-        evaluate.build_next_line_task(["x = 1\nvalue = compute()\n\n"], n_examples=5)
+        tasks.build_next_line_task(["x = 1\nvalue = compute()\n\n"], n_examples=5)
 
 
 def test_heldout_texts_decode_val_records_and_the_task_file_is_reused(tmp_path):
@@ -256,10 +297,10 @@ def test_heldout_texts_decode_val_records_and_the_task_file_is_reused(tmp_path):
         "root": str(tmp_path),
         "datasets": {"code": {"val": {"shards": [{"path": "val-0.arrayrecord", "documents": 2}]}}},
     }
-    assert list(evaluate.heldout_texts(manifest, TOK.decode)) == docs
+    assert list(tasks.heldout_texts(manifest, TOK.decode)) == docs
 
     path = str(tmp_path / "tasks" / "next_line.jsonl")
-    built = evaluate.ensure_next_line_task(
-        path, evaluate.heldout_texts(manifest, TOK.decode), n_examples=10, seed=0
+    built = tasks.ensure_next_line_task(
+        path, tasks.heldout_texts(manifest, TOK.decode), n_examples=10, seed=0
     )
-    assert evaluate.ensure_next_line_task(path) == built  # read back, not rebuilt
+    assert tasks.ensure_next_line_task(path) == built  # read back, not rebuilt

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import checkpoint, evaluate, generate, model, sharding, train
+from jaxlm import checkpoint, generate, model, sharding, train
 from jaxlm.errors import JaxlmError
+from jaxlm.evaluate import trained as trained_lib
 from tests.helpers import tiny_config
 from tools import generate as generate_tool
 
@@ -181,7 +182,7 @@ def test_generate_tool_continues_the_prompt_with_the_checkpointed_model(workdir,
 
 def test_load_trained_restores_the_saved_params_exactly(workdir):
     wd, setup, params, _ = workdir
-    trained = evaluate.load_trained(str(wd))
+    trained = trained_lib.load_trained(str(wd))
     assert trained.step == 5 and trained.config.sample.max_tokens == 7
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -193,7 +194,7 @@ def test_a_different_tokenizer_is_refused(workdir, tmp_path):
     shutil.copytree(workdir[0], other)
     char_tokenizer(str(other / "tokenizer.model"), text="zyxwvu tsrq")
     with pytest.raises(JaxlmError, match="is not the tokenizer checkpoint 5 was trained with"):
-        evaluate.load_trained(str(other))
+        trained_lib.load_trained(str(other))
 
 
 def test_generate_tool_errors_are_one_line(workdir, tmp_path, capsys):

@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     try:
-        from jaxlm import evaluate
+        from jaxlm.evaluate import trained as trained_lib
 
         if args.max_tokens is not None and args.max_tokens < 1:
             raise JaxlmError(f"--max_tokens must be at least 1, not {args.max_tokens}.")
-        trained = evaluate.load_trained(args.workdir, step=args.step)
+        trained = trained_lib.load_trained(args.workdir, step=args.step)
         sample = trained.config.get("sample") or {}
         pick = lambda flag, key, default: flag if flag is not None else sample.get(key, default)  # noqa: E731
         text = continue_prompt(

@@ -3,7 +3,9 @@
     python tools/plot_metrics.py runs/tiny [runs/other ...] [--out=dashboard.png]
 
 Panels: train and held-out loss (loss spikes marked), learning rate, gradient norm, throughput,
-downstream accuracy (`eval/<task>/accuracy`, chance level dashed) and held-out bits per byte;
+downstream accuracy (`eval/<task>/accuracy`, chance level dashed) and bits per byte: held-out
+(solid), each dataset's held-out split and each named validation set (`eval/<name>/bits_per_byte`,
+dashed and dotted);
 the x axis is tokens seen (step x train.batch_size x train.seq_len from each run's config.json,
 or steps when a config is missing). Needs matplotlib: pip install 'jaxlm[plot]'.
 Default output: <first workdir>/metrics.png.
@@ -25,6 +27,7 @@ from jaxlm.errors import JaxlmError
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps, values), sorted by step
 _TASK_KEY = re.compile(r"^eval/(.+)/accuracy$")
+_BPB_KEY = re.compile(r"^eval/(.+)/bits_per_byte$")  # per dataset and per validation set
 
 
 def read_metrics(workdir: str) -> Series:
@@ -121,7 +124,7 @@ def plot(workdirs: list[str], out: str) -> str:
         ax_grad: "gradient norm",
         ax_tput: "throughput (tokens/s)",
         ax_acc: "downstream accuracy",
-        ax_bpb: "held-out bits per byte",
+        ax_bpb: "bits per byte (held-out, per set)",
     }
     drawn: dict[Any, bool] = dict.fromkeys(titles, False)
 
@@ -176,6 +179,19 @@ def plot(workdirs: list[str], out: str) -> str:
         line(ax_grad, run, "train/grad_norm", scale, color, lw=0.8, label=label)
         line(ax_tput, run, "train/tokens_per_s", scale, color, label=label)
         line(ax_bpb, run, "eval/bits_per_byte", scale, color, marker="o", ms=4, label=label)
+        sets = sorted(m.group(1) for m in map(_BPB_KEY.match, run) if m)
+        for name, style in zip(sets, itertools.cycle(["--", ":", "-."])):
+            line(
+                ax_bpb,
+                run,
+                f"eval/{name}/bits_per_byte",
+                scale,
+                color,
+                ls=style,
+                marker=".",
+                ms=4,
+                label=f"{label} {name}",
+            )
         tasks = sorted(m.group(1) for m in map(_TASK_KEY.match, run) if m)
         for task, style in zip(tasks, itertools.cycle(["-", "--", ":", "-."])):
             line(

@@ -10,6 +10,9 @@ A manifest sits beside the ArrayRecord shards ``prepare`` writes and describes t
     SPLIT                 {shards: [{path, documents, tokens, bytes, sha256}], documents,
                           tokens, bytes}; shard paths are relative to the manifest's folder,
                           tokens include each document's EOS, bytes are UTF-8 text
+  validation.<name>       a named validation set (``data.validation``): SPLIT, plus
+                          removed_from_training {dataset: documents dropped from it because
+                          their text equals one of the set's}; absent in older manifests
   curation.<name>         the curation report (``curate.CurationReport.to_dict``)
   problems.<name>         input problems (``sources.Problems.to_list``)
   val_gzip_bits_per_byte  {<name>: float, all: float}: the gzip baseline of the held-out text
@@ -107,15 +110,16 @@ def verify(m: dict[str, Any], tok: Any = None, check_shards: bool = False) -> No
             f"put that tokenizer back, or delete {root} and prepare again."
         )
     if check_shards:
-        for name, ds in m["datasets"].items():
-            for split in SPLITS:
-                for shard in ds[split]["shards"]:
-                    if file_sha256(os.path.join(root, shard["path"])) != shard["sha256"]:
-                        raise DataError(
-                            f"Shard {shard['path']} of dataset {name!r} does not match its "
-                            f"manifest (written by another run or tokenizer); delete {root} and "
-                            "prepare again."
-                        )
+        entries = [(n, ds[split]) for n, ds in m["datasets"].items() for split in SPLITS]
+        entries += list(m.get("validation", {}).items())
+        for name, entry in entries:
+            for shard in entry["shards"]:
+                if file_sha256(os.path.join(root, shard["path"])) != shard["sha256"]:
+                    raise DataError(
+                        f"Shard {shard['path']} of dataset {name!r} does not match its "
+                        f"manifest (written by another run or tokenizer); delete {root} and "
+                        "prepare again."
+                    )
 
 
 def load(path: str, tok: Any = None, check_shards: bool = False) -> dict[str, Any]:
@@ -142,9 +146,23 @@ def tokenizer_path(m: dict[str, Any]) -> str:
     return os.path.join(m["root"], m["tokenizer"]["file"])
 
 
+def split_info(m: dict[str, Any], dataset: str, split: str) -> dict[str, Any]:
+    """The SPLIT entry of ``dataset``'s ``split`` (train | val), or of the validation set named
+    ``dataset`` when ``split`` is ``validation``."""
+    if split == "validation":
+        return m.get("validation", {})[dataset]
+    return m["datasets"][dataset][split]
+
+
+def validation_sets(m: dict[str, Any]) -> list[str]:
+    """The names of a manifest's validation sets, sorted."""
+    return sorted(m.get("validation", {}))
+
+
 def shard_paths(m: dict[str, Any], dataset: str, split: str) -> list[str]:
-    """Absolute paths of one dataset's non-empty shards for ``split`` (train | val)."""
-    shards = m["datasets"][dataset][split]["shards"]
+    """Absolute paths of one dataset's non-empty shards for ``split`` (train | val |
+    validation; see :func:`split_info`)."""
+    shards = split_info(m, dataset, split)["shards"]
     return [os.path.join(m["root"], s["path"]) for s in shards if s["documents"] > 0]
 
 
@@ -163,6 +181,7 @@ def make(
     tokenizer_info: dict[str, Any],
     datasets: dict[str, Any],
     curation: dict[str, Any],
+    validation: dict[str, Any] | None = None,
     problems: dict[str, list],
     val_gzip_bits_per_byte: dict[str, float | None],
     host: dict[str, int],
@@ -174,6 +193,7 @@ def make(
         "key": key,
         "tokenizer": {"file": tokenizer_file, **tokenizer_info},
         "datasets": datasets,
+        "validation": validation or {},
         "curation": curation,
         "problems": problems,
         "val_gzip_bits_per_byte": val_gzip_bits_per_byte,
@@ -251,5 +271,20 @@ def merge(paths: list[str], out_dir: str | None = None) -> dict[str, Any]:
         for split in SPLITS:
             ds[split] = split_entry(ds[split]["shards"])
     merged["val_gzip_bits_per_byte"] = {k: (gzipped[k] / raw[k] if raw[k] else None) for k in raw}
+    # Every host wrote the same validation shards (each reads the sets whole): keep host 0's.
+    merged["validation"] = {
+        name: dict(
+            entry,
+            shards=[
+                dict(s, path=os.path.relpath(os.path.join(dirs[0], s["path"]), out_dir))
+                for s in entry["shards"]
+            ],
+            removed_from_training={
+                ds: sum(h.get("validation", {})[name]["removed_from_training"][ds] for h in ms)
+                for ds in entry["removed_from_training"]
+            },
+        )
+        for name, entry in ms[0].get("validation", {}).items()
+    }
     merged["hosts"] = [os.path.relpath(d, out_dir) for d in dirs]
     return merged

@@ -200,8 +200,10 @@ def eval_batches(
     num_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    split: str = "val",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly `num_batches` host-local batches over one pass of a dataset's val split, in order.
+    """Exactly `num_batches` host-local batches over one pass of a dataset's val split (or of
+    the validation set named `dataset`, with split="validation"), in order.
 
     Every host packs the whole split and keeps rows `process_index::process_count`, so hosts
     share the rows evenly however the documents' lengths fall. Rows past the end are padding
@@ -209,7 +211,7 @@ def eval_batches(
     held-out token once.
     """
     bos = manifest["tokenizer"]["bos_id"]
-    docs = _documents(manifest, dataset, "val", 0, 1).map(_ToPair(bos))
+    docs = _documents(manifest, dataset, split, 0, 1).map(_ToPair(bos))
     packed = _packed_rows(docs.to_iter_dataset(), seq_len)
     rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):
@@ -243,18 +245,24 @@ def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
 
 
 def eval_num_batches(
-    manifest: dict, dataset: str, seq_len: int, global_batch: int, max_batches: int
+    manifest: dict,
+    dataset: str,
+    seq_len: int,
+    global_batch: int,
+    max_batches: int,
+    split: str = "val",
 ) -> int:
-    """Batches for a full pass over a val split (manifest tokens include each document's EOS).
+    """Batches for a full pass over a val split or validation set (manifest tokens include each
+    document's EOS).
 
     Packing fills every row but the last, so the split is ceil(tokens / seq_len) rows.
     """
-    rows = math.ceil(manifest["datasets"][dataset]["val"]["tokens"] / seq_len)
+    rows = math.ceil(manifest_lib.split_info(manifest, dataset, split)["tokens"] / seq_len)
     full = math.ceil(rows / global_batch)
     return full if max_batches <= 0 else min(full, max_batches)
 
 
-def val_bytes_per_target(manifest: dict, dataset: str) -> float:
+def val_bytes_per_target(manifest: dict, dataset: str, split: str = "val") -> float:
     """UTF-8 bytes of held-out text per predicted token: converts nats/token to bits/byte."""
-    val = manifest["datasets"][dataset]["val"]
+    val = manifest_lib.split_info(manifest, dataset, split)
     return val["bytes"] / max(val["tokens"], 1)

@@ -11,6 +11,12 @@
 4. tokenize the spilled documents into ArrayRecord shards (see ``records``);
 5. write ``manifest.json`` (the format is ``jaxlm.data.manifest``'s).
 
+Named validation sets (``data.validation.<name>``: paths, text_field) are read whole, without
+curation, and tokenized into ``validation/`` shards of their own. They are never trained on: a
+training document whose text equals one of theirs is dropped before curation (counted in the
+manifest's ``validation.<name>.removed_from_training``), so it reaches neither the training
+split, the held-out split nor the tokenizer sample.
+
 Caching: the output lives in ``<cache_root>/<key>/``, where the key hashes everything that
 changes the output (dataset paths and file sizes/mtimes, Python version for ``stdlib``, the
 curation, split, shard and tokenizer settings). A complete manifest means "done": the call
@@ -107,6 +113,16 @@ def _datasets(data_cfg: Any) -> dict[str, Any]:
     return {name: ds[name] for name in sorted(ds)}
 
 
+def _validation_sets(data_cfg: Any) -> dict[str, Any]:
+    sets = dict(data_cfg.validation.items()) if data_cfg.get("validation") else {}
+    return {name: sets[name] for name in sorted(sets)}
+
+
+def text_digest(text: str) -> bytes:
+    """The identity of a document's text: what keeps a validation document out of training."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
     if not 0.0 <= float(data_cfg.val_fraction) < 1.0:
         raise DataError(f"config.data.val_fraction={data_cfg.val_fraction} must be in [0, 1).")
@@ -127,7 +143,11 @@ def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
 
 
 def cache_key(
-    data_cfg: Any, tok_cfg: Any, srcs: dict[str, sources.Source], process_count: int = 1
+    data_cfg: Any,
+    tok_cfg: Any,
+    srcs: dict[str, sources.Source],
+    process_count: int = 1,
+    validation: dict[str, sources.Source] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """A short hash of everything that affects the prepared output, and what it hashed."""
     tok = {k: v for k, v in tok_cfg.to_dict().items() if k != "path"}
@@ -151,6 +171,11 @@ def cache_key(
         "tokenizer": tok,
         "process_count": int(process_count),
     }
+    if validation:  # only when set, so caches prepared before validation sets existed stay valid
+        material["validation"] = {
+            name: {"paths": src.paths, "text_field": src.text_field, "files": src.fingerprint()}
+            for name, src in validation.items()
+        }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16], material
 
@@ -205,7 +230,12 @@ def prepare(
         )
         for name, cfg in ds_cfgs.items()
     }
-    key, material = cache_key(data_cfg, tok_cfg, srcs, process_count)
+    # Every host reads every validation set whole (they are small) and writes the same shards.
+    vsrcs = {
+        name: sources.Source(cfg.paths, text_field=cfg.get("text_field", "text"))
+        for name, cfg in _validation_sets(data_cfg).items()
+    }
+    key, material = cache_key(data_cfg, tok_cfg, srcs, process_count, vsrcs)
     key_dir = os.path.join(sources.cache_root(data_cfg.cache_dir), key)
     final_manifest = os.path.join(key_dir, manifest_lib.FILE)
     if os.path.exists(final_manifest):
@@ -214,7 +244,9 @@ def prepare(
         log(f"using prepared data at {key_dir}")
         return final_manifest
 
-    job = _Job(ds_cfgs, srcs, data_cfg, tok_cfg, key, material, process_index, process_count, log)
+    job = _Job(
+        ds_cfgs, srcs, vsrcs, data_cfg, tok_cfg, key, material, process_index, process_count, log
+    )
     if not os.path.exists(os.path.join(job.out_dir, manifest_lib.FILE)):
         n_files = sum(len(s.files) for s in srcs.values())
         log(f"preparing {len(srcs)} dataset(s), {n_files:,} files -> {job.out_dir}")
@@ -243,6 +275,7 @@ class _Job:
 
     ds_cfgs: dict[str, Any]
     srcs: dict[str, sources.Source]
+    vsrcs: dict[str, sources.Source]  # the named validation sets
     data_cfg: Any
     tok_cfg: Any
     key: str
@@ -293,6 +326,22 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
     spills: dict[tuple[str, str], _Spill] = {}
     reports: dict[str, dict[str, Any]] = {}
 
+    # 0. the validation sets, whole: their texts are what training must never see.
+    reserved: dict[bytes, str] = {}  # text digest -> validation set
+    removed = {name: dict.fromkeys(srcs, 0) for name in job.vsrcs}
+    for name, vsrc in job.vsrcs.items():
+        spills[name, "validation"] = _Spill(os.path.join(tmp, "spill", f"{name}-validation.bin"))
+        for doc in vsrc:
+            spills[name, "validation"].write(doc["text"])
+            reserved.setdefault(text_digest(doc["text"]), name)
+        spills[name, "validation"].close()
+        if vsrc.documents == 0:
+            raise DataError(
+                f"validation set {name!r} ({vsrc.paths}) holds no documents; give it files "
+                "with text."
+            )
+        log(f"[validation] {name}: {vsrc.documents:,} documents from {len(vsrc.files):,} files")
+
     # 1. read + curate + split, one streaming pass per dataset.
     for step, (name, src) in enumerate(srcs.items(), 1):
         t = time.perf_counter()
@@ -305,6 +354,10 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         progress = records.Progress(f"curate {name}", tokens=False)
         rep = curator.report
         for doc in src:
+            held_by = reserved.get(text_digest(doc["text"])) if reserved else None
+            if held_by is not None:  # a validation document: never trained on
+                removed[held_by][name] += 1
+                continue
             seen = (rep.documents_in, rep.bytes_in)
             out = curator.process(doc)
             progress.update(rep.documents_in - seen[0], rep.bytes_in - seen[1])
@@ -394,6 +447,22 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
                     label=f"tokenize {name}/{split}",
                 )
                 datasets[name][split] = manifest_lib.split_entry(s.to_dict() for s in shards)
+        validation: dict[str, Any] = {}
+        for name in job.vsrcs:
+            shards, _ = encoder.write_shards(
+                spills[name, "validation"],
+                tmp,
+                f"validation/{name}-{host}-{{index:05d}}.array_record",
+                int(data_cfg.docs_per_shard),
+                label=f"tokenize validation {name}",
+            )
+            validation[name] = manifest_lib.split_entry(s.to_dict() for s in shards)
+            validation[name]["removed_from_training"] = removed[name]
+            if sum(removed[name].values()):
+                log(
+                    f"[validation] {name}: {sum(removed[name].values()):,} identical documents "
+                    f"removed from training ({removed[name]})"
+                )
 
     bpb = {name: m.bits_per_byte() for name, m in gz.items()}
     bpb["all"] = gz_all.bits_per_byte()
@@ -402,6 +471,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         tokenizer_file=tok_file,
         tokenizer_info=tok.info(),
         datasets=datasets,
+        validation=validation,
         curation=reports,
         problems={name: src.problems.to_list() for name, src in srcs.items()},
         val_gzip_bits_per_byte=bpb,

@@ -1,0 +1,190 @@
+"""tools/evaluate.py: perplexity of a Hugging Face model on text equals transformers' on the same
+windows (disjoint and sliding), a checkpoint import gives the same numbers, and bad input is one
+sentence."""
+
+import inspect
+import json
+import json.decoder
+import math
+import os
+import shutil
+
+import pytest
+
+from jaxlm.errors import JaxlmError
+from jaxlm.evaluate import text
+from tests.test_convert_hf import hf_logits, make_hf_model
+from tools import evaluate as evaluate_tool
+
+VOCAB = 307  # prime; byte-level BPE needs at least 256 + 3
+
+
+def write_tokenizer(path):
+    """A byte-level BPE tokenizer.json that adds <s> like Llama's, plus the files transformers'
+    AutoTokenizer reads; trained on Python source."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    source = inspect.getsource(json.decoder)
+    tok.train_from_iterator(
+        source.split("\n\n"),
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return tok
+
+
+@pytest.fixture(scope="session")  # shared with tests/test_lm_eval.py
+def hf_model(tmp_path_factory):
+    """(HF model dir, torch model, tokenizers.Tokenizer): a tiny random Llama with a tokenizer."""
+    pytest.importorskip("tokenizers")
+    path = tmp_path_factory.mktemp("hf")
+    tok = write_tokenizer(str(path))
+    assert tok.get_vocab_size() == VOCAB
+    model = make_hf_model(path, vocab=VOCAB, bos_token_id=1, eos_token_id=2)
+    return str(path), model, tok
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A text file (one document) and a JSONL file (three), from the standard library."""
+    root = tmp_path_factory.mktemp("data")
+    source = inspect.getsource(json.decoder)
+    (root / "decoder.txt").write_text(source[:1500])
+    with open(root / "docs.jsonl", "w") as f:
+        for part in (source[2000:2300], source[3000:3100], source[4000:4600]):
+            f.write(json.dumps({"body": part}) + "\n")
+    return root
+
+
+def transformers_nll(model, tok, texts, seq_len, stride):
+    """Summed nll and target count of the documented windows, computed with transformers; for
+    the default stride the windows are lm-eval's own rolling windows."""
+    import torch
+    from lm_eval.utils import get_rolling_token_windows
+
+    bos = tok.token_to_id("<s>")
+    nll, count = 0.0, 0
+    for doc in texts:
+        ids = tok.encode(doc, add_special_tokens=False).ids
+        if stride == seq_len:
+            windows = list(get_rolling_token_windows(ids, bos, seq_len, context_len=1))
+        else:  # token j of t = [BOS] + ids is scored in the first window ending at or after j
+            t, windows, previous = [bos, *ids], [], 0
+            for end in [*range(seq_len, len(ids), stride), len(ids)]:
+                windows.append((t[max(0, end - seq_len) : end], t[previous + 1 : end + 1]))
+                previous = end
+        for inputs, targets in windows:
+            logp = torch.log_softmax(torch.tensor(hf_logits(model, [inputs])[0]), -1).numpy()
+            n = len(targets)
+            nll -= sum(logp[len(inputs) - n + i, targets[i]] for i in range(n))
+            count += n
+    return nll, count
+
+
+@pytest.mark.parametrize("stride", [32, 12])
+def test_perplexity_equals_transformers_on_the_same_windows(hf_model, data, tmp_path, stride):
+    hf_dir, model, tok = hf_model
+    out = tmp_path / "result.json"
+    args = [f"--hf_dir={hf_dir}", f"--data={data / 'decoder.txt'},{data / 'docs.jsonl'}"]
+    args += ["--text_field=body", "--seq_len=32", f"--stride={stride}", f"--json={out}"]
+    assert evaluate_tool.main(args) == 0
+    result = json.loads(out.read_text())
+    docs = {
+        "decoder.txt": [(data / "decoder.txt").read_text()],
+        "docs.jsonl": [json.loads(line)["body"] for line in open(data / "docs.jsonl")],
+    }
+    for name, texts in docs.items():
+        got = result["data"][str(data / name)]
+        nll, count = transformers_nll(model, tok, texts, 32, stride)
+        assert got["tokens"] == count and got["documents"] == len(texts)
+        assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-3)
+        nbytes = sum(len(t.encode()) for t in texts)
+        assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-3)
+    assert result["data"]["all"]["tokens"] == sum(
+        r["tokens"] for k, r in result["data"].items() if k != "all"
+    )
+
+
+def test_an_imported_checkpoint_gives_the_same_numbers(hf_model, data, tmp_path):
+    from jaxlm.convert import hf
+
+    hf_dir = hf_model[0]
+    hf.import_hf(hf_dir, str(tmp_path / "imported"), progress=False)
+    results = []
+    for source in (f"--hf_dir={hf_dir}", f"--workdir={tmp_path / 'imported'}"):
+        out = tmp_path / "r.json"
+        assert (
+            evaluate_tool.main(
+                [source, f"--data={data / 'decoder.txt'}", "--seq_len=32", f"--json={out}"]
+            )
+            == 0
+        )
+        results.append(json.loads(out.read_text())["data"])
+    assert results[0] == results[1]
+
+
+def test_windows_score_every_token_once_with_full_context():
+    for n, seq_len, stride in [(1, 8, 8), (8, 8, 8), (9, 8, 8), (30, 8, 3), (30, 8, 1)]:
+        spans = list(text.windows(n, seq_len, stride))
+        scored = [j for first, end, k in spans for j in range(end - k + 1, end + 1)]
+        assert scored == list(range(1, n + 1))  # targets t[1..n], each once, in order
+        for first, end, k in spans:
+            assert end - first == min(seq_len, end)  # a full window whenever the text allows
+            assert k <= (seq_len if first == 0 else stride)
+
+
+def one_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith("."), err
+    return err[0]
+
+
+def test_bad_inputs_are_one_sentence(hf_model, data, tmp_path, capsys):
+    hf_dir = hf_model[0]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    cases = [
+        ([f"--hf_dir={hf_dir}", f"--data={tmp_path / 'missing.txt'}"], "matches no"),
+        ([f"--hf_dir={hf_dir}", f"--data={empty}"], "holds no text to evaluate"),
+    ]
+    no_tokenizer = tmp_path / "no_tok"
+    shutil.copytree(hf_dir, no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    cases.append(
+        ([f"--hf_dir={no_tokenizer}", f"--data={data / 'decoder.txt'}"], "has no tokenizer.json")
+    )
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    cases.append(([f"--hf_dir={gpt2}", f"--data={data / 'decoder.txt'}"], "only Llama"))
+    imported = tmp_path / "imported"
+    from jaxlm.convert import hf
+
+    hf.import_hf(hf_dir, str(imported), progress=False)
+    shutil.rmtree(imported / "tokenizer")
+    cases.append(([f"--workdir={imported}", f"--data={data / 'decoder.txt'}"], "no tokenizer"))
+    for args, message in cases:
+        assert evaluate_tool.main(args) == 1
+        assert message in one_line(capsys)
+    with pytest.raises(JaxlmError, match="--stride=9 must be between 1 and"):
+        list(text.windows(10, 8, 9))
