@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.datasets.stdlib.paths = "stdlib"  # comma-separated globs/dirs, or 'stdlib'
     c.data.datasets.stdlib.text_field = "text"  # JSONL key / Parquet column with the text
     c.data.datasets.stdlib.weight = 1.0  # mixture weight (normalised over datasets)
+    # Text files (.txt/.md/.rst/.py) -> documents: file (one each) | paragraphs (blank-line
+    # separated) | N (pieces of at most N characters, cut at paragraph/line ends).
+    c.data.datasets.stdlib.split = "file"
     c.data.val_fraction = 0.02  # share of documents held out, chosen by content hash
     c.data.num_proc = 0  # tokenization worker processes; 0 = os.cpu_count()
     c.data.docs_per_shard = 2000  # documents per ArrayRecord shard

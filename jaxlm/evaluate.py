@@ -463,6 +463,8 @@ def load_trained(
 
     meta = ckpt_lib.read_step_meta(ckpt_dir, step)
     config_dict = meta.get("config")
+    if config_dict is None and meta.get("model_config"):  # `convert_hf.py import`'s workdir
+        config_dict = _imported_config(meta["model_config"])
     if config_dict is None:
         config_path = os.path.join(workdir, "config.json")
         if not os.path.isfile(config_path):
@@ -493,9 +495,32 @@ def load_trained(
     return Trained(config=config, setup=setup, params=params, tokenizer=tokenizer, step=step)
 
 
+def _imported_config(model_config: dict) -> dict:
+    """The run config `load_trained` needs for imported weights, which come with a model config
+    only: that model, on one mesh, with an optimizer that is built but never stepped."""
+    optim = dict(lr=0.0, init_lr=0.0, min_lr_ratio=0.0, warmup_steps=0, schedule="constant")
+    optim.update(decay_fraction=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+    return {
+        "seed": 0,
+        "model": model_config,
+        "mesh": {"preset": "fsdp", "shape": (1, -1, 1)},
+        "optim": optim,
+        "train": {"steps": 1, "grad_accum": 1, "spike_ratio": 0.0, "spike_warmup": 0},
+    }
+
+
 def _find_tokenizer(workdir: str, config: Any) -> str:
-    # The workdir's copy first; then where the run's config says the tokenizer came from.
-    candidates = [os.path.join(workdir, name) for name in ("tokenizer.model", "tokenizer.json")]
+    # The workdir's copy first (an import workdir keeps it in tokenizer/); then where the
+    # run's config says the tokenizer came from.
+    candidates = [
+        os.path.join(workdir, *name)
+        for name in (
+            ("tokenizer.model",),
+            ("tokenizer.json",),
+            ("tokenizer", "tokenizer.json"),
+            ("tokenizer", "tokenizer.model"),
+        )
+    ]
     if config.get("tokenizer") and config.tokenizer.get("path"):
         candidates.append(config.tokenizer.path)
     if config.get("data") and config.data.get("manifest"):

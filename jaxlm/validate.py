@@ -28,7 +28,7 @@ from jaxlm.errors import ConfigError, JaxlmError
 
 # key -> lowest allowed value (1: positive, 0: non-negative).
 _AT_LEAST = {
-    "train.steps": 1,
+    "train.steps": 0,  # 0: evaluate the (init_from) model and stop
     "train.batch_size": 1,
     "train.seq_len": 1,
     "train.grad_accum": 1,
@@ -133,13 +133,16 @@ def check_batches(config: Any, mesh: jax.sharding.Mesh) -> None:
 
 
 def check_manifest(manifest: dict, manifest_path: str) -> None:
-    """Refuses prepared data with no held-out documents: the final evaluation needs some."""
-    held_out = sum(d["val"]["documents"] for d in manifest["datasets"].values())
-    if held_out == 0:
-        raise ConfigError(
-            f"the held-out split of {manifest_path} has no documents, so the run could not be "
-            "evaluated; prepare the data with a larger data.val_fraction or more documents."
-        )
+    """Refuses prepared data with a dataset that has no held-out documents: the run could not
+    say how it does on that dataset (a held-out loss of `inf`)."""
+    for name, entry in sorted(manifest["datasets"].items()):
+        if entry["val"]["documents"] == 0:
+            raise ConfigError(
+                f"dataset {name!r} in {manifest_path} has no held-out documents, so the run could "
+                f"not be evaluated on it; give it more documents (for one long text file, "
+                f"data.datasets.{name}.split='8000' cuts it into pieces) or a larger "
+                "data.val_fraction."
+            )
 
 
 def _get(config: Any, key: str) -> Any:

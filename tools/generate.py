@@ -43,12 +43,14 @@ def continue_prompt(
 ) -> str:
     """The model's continuation of `prompt` (text), stopping at EOS or after `max_tokens`."""
     from jaxlm import generate, sharding
+    from jaxlm.data.tokenizer import prompt_ids
 
     tok = trained.tokenizer
-    # Training rows start every document with BOS, so a prompt is the start of a document.
-    ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)
+    # BOS first exactly where the tokenizer's own library puts one, so the continuation equals
+    # transformers' for the same weights.
+    ids = prompt_ids(tok, prompt)
     if not ids:
-        raise JaxlmError("the tokenizer has no BOS token, so --prompt must not be empty.")
+        raise JaxlmError("this tokenizer adds no BOS token, so --prompt must not be empty.")
     limit = trained.setup.model_cfg.max_seq_len
     if len(ids) + max_tokens > limit:
         raise JaxlmError(
