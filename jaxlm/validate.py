@@ -243,6 +243,10 @@ def _check_data(config: Any) -> None:
                 sources.resolve_files(ds.paths)
             except JaxlmError as e:
                 raise ConfigError(f"data.datasets.{name}.paths={ds.paths!r}: {e}") from None
+            try:
+                sources.check_split(ds.get("split", "file"))
+            except sources.SourceError as e:
+                raise ConfigError(f"config.data.datasets.{name}.{e}") from None
         if not sum(ds.get("weight", 1.0) for ds in datasets.values()) > 0:
             raise ConfigError("data.datasets weights sum to 0; give at least one a weight > 0.")
         try:
