@@ -76,6 +76,9 @@ def get_config(source: str = "") -> ml_collections.ConfigDict:
         c.model[key] = value
     c.model.dtype = "bfloat16"  # compute dtype; params and Adam state stay fp32
     c.model.remat = "none"  # 248M at 2048 tokens fits without recomputation
+    # One scanned block: compile time and the compiler's memory stay flat in depth (a 30-layer
+    # model unrolled took ~4 GB above steady training RSS to compile; docs/perf.md).
+    c.model.scan_layers = True
 
     c.tokenizer.path = tokenizer_path  # the base model's own tokenizer; never train a new one
     c.tokenizer.vocab_size = vocab_size  # informational: the model's embedding rows
@@ -106,5 +109,9 @@ def get_config(source: str = "") -> ml_collections.ConfigDict:
     c.eval.max_batches = 16  # cap on periodic eval batches: ~1/40 of 200 steps' compute
     c.eval.next_line_examples = 50  # a small next-line task: its scoring dominated eval time
     c.checkpoint.every = 500  # steps between checkpoints
+    # Written before the next step: an async save's host copy and writer buffers coexisting
+    # with the next step's buffers were the run's RSS peak (docs/perf.md); a few seconds per
+    # save at this model size.
+    c.checkpoint.async_save = False
     c.sample.prompt = "The"  # continued at the end of training
     return c

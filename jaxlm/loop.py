@@ -7,6 +7,7 @@ and print a sample. The pure pieces it drives (steps, `Setup`, `evaluate`) live 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -344,6 +345,7 @@ class Trainer:
             return None
         finally:
             self.in_eval = False
+        _return_freed_memory()
         self.out.write(step, result, prefix="eval/")
         if "loss" in result and result["loss"] < self.best_eval[1]:
             self.best_eval = (step, result["loss"])
@@ -378,6 +380,7 @@ class Trainer:
     def _save(self, force: bool = False) -> None:
         data_state = ckpt_lib.gather_host_states(self.batches.get_state())
         self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+        _return_freed_memory()
 
     def _should_stop(self) -> bool:
         """Whether a stop signal arrived here or, on multi-host, on any process."""
@@ -458,6 +461,19 @@ def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> di
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
         tasks[os.path.splitext(os.path.basename(path))[0]] = evaluate_lib.load_task(path)
     return tasks
+
+
+def _return_freed_memory() -> None:
+    """Hands the host memory an evaluation or a checkpoint save freed back to the OS.
+
+    Both allocate and free gigabytes on the host (eval programs' buffers, the checkpoint's
+    host copy and its writer threads' buffers); glibc keeps freed memory in its arenas, so
+    without this the process's RSS stays at that high-water mark for the rest of the run.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _before_after(before: dict[str, float] | None, after: dict[str, float]) -> str:

@@ -169,7 +169,6 @@ def test_continued_pretraining_command_on_one_text_file(base, tmp_path, capsys):
         "eval.every": 0,
         "eval.batch_size": 8,
         "eval.next_line_examples": 0,
-        "checkpoint.async_save": False,
         "optim.init_lr": 3e-4,  # a random tiny model needs more than the recipe's 5e-5
         "optim.lr": 3e-3,
         "optim.warmup_steps": 5,

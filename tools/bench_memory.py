@@ -9,7 +9,8 @@ directory, writes one long .txt of standard-library source as the domain corpus,
 evaluation and a checkpoint every `--every` steps. The child's resident memory (VmRSS) is
 sampled every 50 ms and tagged with the phase its last output line announced. Reports:
 
-- steady RSS: the largest RSS while training steps run before the first periodic evaluation;
+- steady RSS: the largest RSS during the last training step before the first periodic
+  evaluation (run `--every` >= 4 so the compile's memory is gone by then);
 - peak RSS: the largest RSS of the whole run, compiling included, and its ratio to steady;
 - RSS after the first periodic evaluation + checkpoint, and at the end;
 - evaluation cost: seconds per periodic evaluation and per training step, and the share of
@@ -168,10 +169,11 @@ def main() -> int:
     def peak(ph: str) -> float:
         return max((r for _, p_, r in samples if p_ == ph), default=0.0)
 
-    # Steady training: the steps before the first periodic eval, after the first (compiling).
+    # Steady training: the last step before the first periodic eval (its line ends it).
     step_lines = [(t, line) for t, line in lines if re.match(r"step\s+\d+", line)]
     t_first = step_lines[0][0] if step_lines else 0.0
-    steady = [r for t, p_, r in samples if p_ == "train" and t > t_first]
+    window = [t for t, _ in step_lines[args.every - 2 : args.every]]
+    steady = [r for t, _, r in samples if len(window) == 2 and window[0] <= t <= window[1]]
     evals = [re.match(r"eval\s+(\d+) .*\| ([\d.]+)s$", line) for _, line in lines]
     eval_times = [float(m.group(2)) for m in evals if m and 0 < int(m.group(1)) < args.steps]
     step_s = None

@@ -7,7 +7,8 @@ Loads the newest (or `--step`) checkpoint's parameters from the workdir (config 
 checkpoint's metadata, tokenizer from `<workdir>/tokenizer.model` or `.json`) and prints the
 prompt followed by its continuation. A workdir made by `tools/convert_hf.py import` works too
 (model config and tokenizer/ from the import). The prompt starts with BOS only where the
-tokenizer's own library adds one, so greedy text equals transformers' for the same weights. Sampling flags left out take the run's `config.sample` values. `\\n` and `\\t`
+tokenizer's own library adds one, so greedy text equals transformers' for the same weights.
+Sampling flags left out take the run's `config.sample` values. `\\n` and `\\t`
 in --prompt are read as newline and tab, since shells make real newlines awkward to type.
 """
 
