@@ -186,7 +186,7 @@ def main() -> int:
         "peak_rss_gb": max(r for _, _, r in samples),
         "peak_before_first_step_gb": max((r for t, _, r in samples if t <= t_first), default=0),
         "peak_after_first_eval_gb": peak("after_eval"),
-        "end_rss_gb": samples[-1][2],
+        "end_rss_gb": next((r for _, _, r in reversed(samples) if r > 0), 0.0),
         "eval_s": eval_times,
         "step_s": step_s,
         "wall_s": time.perf_counter() - start,
