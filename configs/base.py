@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.datasets.stdlib.paths = "stdlib"  # comma-separated globs/dirs, or 'stdlib'
     c.data.datasets.stdlib.text_field = "text"  # JSONL key / Parquet column with the text
     c.data.datasets.stdlib.weight = 1.0  # mixture weight (normalised over datasets)
+    # Text files (.txt/.md/.rst/.py) -> documents: file (one each) | paragraphs (blank-line
+    # separated) | N (pieces of at most N characters, cut at paragraph/line ends).
+    c.data.datasets.stdlib.split = "file"
     # Named validation sets, evaluated at every eval beside the held-out split and never trained
     # on (training documents with the same text are dropped): data.validation.<name> =
     # ConfigDict(paths='comma-separated globs', text_field='text'). Read whole, not curated.

@@ -1,30 +1,39 @@
-"""Continued pretraining of a TinySolar-248m-4k-class Llama model on a domain corpus.
+"""Continued pretraining of a local Hugging Face Llama-family model on a domain corpus.
 
     # 1. Download a Llama-architecture base model with safetensors weights (any size works):
     huggingface-cli download upstage/TinySolar-248m-4k --local-dir ~/models/tinysolar
-    # 2. Train on your corpus (txt/jsonl/parquet files, globs or dirs, comma-separated):
+    huggingface-cli download HuggingFaceTB/SmolLM-135M --local-dir ~/models/smollm
+    # 2. Train on your corpus (txt/jsonl/parquet files, globs or dirs, comma-separated); a
+    #    single long .txt (a book, a dump) is cut into documents of ~8,000 characters:
     python -m jaxlm.main --config=configs/continue_pretraining.py:~/models/tinysolar \\
-        --config.data.datasets.domain.paths='~/corpus/*.jsonl' --workdir=runs/tinysolar-domain
-    # 3. Export the result for transformers:
-    python tools/convert_hf.py export --workdir=runs/tinysolar-domain --out_dir=~/models/out
+        --config.data.datasets.domain.paths='~/corpus/*.txt' --workdir=runs/tinysolar-domain
+    python -m jaxlm.main --config=configs/continue_pretraining.py:~/models/smollm \\
+        --config.data.datasets.domain.paths=~/corpus/book.txt --workdir=runs/smollm-book
+    #    (--config.train.steps=0 only evaluates the base model on the held-out text)
+    # 3. Sample, and export the result for transformers:
+    python tools/generate.py --workdir=runs/smollm-book --prompt='Chapter 1'
+    python tools/convert_hf.py export --workdir=runs/smollm-book --out_dir=~/models/smollm-book
 
-The text after ':' is the base model's directory. From it the recipe takes the model section
-(its config.json: sizes, heads, RoPE theta/scaling, norm eps, tied embeddings, vocab), sets
-`init_from = 'hf:<dir>'` (weights loaded, optimizer fresh) and tokenizes the corpus with the
-model's own tokenizer (tokenizer.json, else a sentencepiece tokenizer.model), so records are
-what the base model expects. A workdir made by `tools/convert_hf.py import` works too
-(`ckpt:` source). Without the argument the model fields are TinySolar-248m-4k's (12 layers,
-d 1024, 32 heads of 32, 8 kv heads, F 4096, vocab 32000, 4096 positions) and the paths are
-placeholders, so this file parses anywhere.
+The text after ':' is the base model's directory (or 'hf:<dir>' / 'ckpt:<jaxlm workdir>', e.g.
+one made by `tools/convert_hf.py import`). From it the recipe takes the model section (its
+config.json: sizes, heads, RoPE theta/scaling, norm eps, tied embeddings, vocab), sets
+`init_from` (weights loaded, optimizer fresh) and tokenizes the corpus with the model's own
+tokenizer (tokenizer.json, else a sentencepiece tokenizer.model), so records are what the base
+model expects. The tokenizer's sibling files (tokenizer_config.json with the chat template and
+BOS rule, special_tokens_map.json, generation_config.json) are kept in `<workdir>/tokenizer/`
+and exported unchanged. Without the argument the model fields are TinySolar-248m-4k's (12
+layers, d 1024, 32 heads of 32, 8 kv heads, F 4096, vocab 32000, 4096 positions) and the paths
+are placeholders, so this file parses anywhere.
 
-Schedule: a short linear warmup from a low 5e-6 to a peak of 5e-5 (about 10x below the base
-run's peak, so the model keeps what it knows), then cosine decay to zero. Loss, gradient norm,
-update/param norms and the learning rate are logged every `train.log_every` steps (stdout,
-metrics.jsonl, TensorBoard); held-out domain loss every `eval.every` steps.
+What it prints: the held-out domain loss before training (step 0) and every `eval.every` steps,
+and at the end `held-out loss before -> after` for every held-out set. Schedule: a short linear
+warmup from a low 5e-6 to a peak of 5e-5 (about 10x below the base run's peak, so the model
+keeps what it knows), then cosine decay to zero. Periodic evaluations are capped (16 batches,
+a 50-example next-line task) so they cost under 10% of the run (docs/perf.md).
 
-Hardware: one 80 GB GPU (bf16 compute, fp32 params; ~4 GB for weights + Adam state at 248M).
-Time and loss are not measured yet for this recipe; the end-to-end path is covered by
-tests/test_convert_hf.py::test_continued_pretraining_end_to_end on a tiny model.
+Hardware: one 80 GB GPU (bf16 compute, fp32 params; ~4 GB for weights + Adam state at 248M);
+SmolLM-135M also trains on a CPU at batch 2 x 512 (docs/perf.md). The end-to-end path is
+covered by tests/test_continue_pretraining.py on a tiny model.
 """
 
 import ml_collections
@@ -67,14 +76,20 @@ def get_config(source: str = "") -> ml_collections.ConfigDict:
         c.model[key] = value
     c.model.dtype = "bfloat16"  # compute dtype; params and Adam state stay fp32
     c.model.remat = "none"  # 248M at 2048 tokens fits without recomputation
+    # One scanned block: compile time and the compiler's memory stay flat in depth (a 30-layer
+    # model unrolled took ~4 GB above steady training RSS to compile; docs/perf.md).
+    c.model.scan_layers = True
 
     c.tokenizer.path = tokenizer_path  # the base model's own tokenizer; never train a new one
     c.tokenizer.vocab_size = vocab_size  # informational: the model's embedding rows
 
     c.data.datasets = ml_collections.ConfigDict()
     c.data.datasets.domain = ml_collections.ConfigDict()
-    c.data.datasets.domain.paths = "~/corpus/domain/*.jsonl"  # placeholder: your domain corpus
+    c.data.datasets.domain.paths = "~/corpus/domain/*.txt"  # placeholder: your domain corpus
     c.data.datasets.domain.text_field = "text"  # JSONL key / Parquet column with the text
+    # Text files -> documents: pieces of at most 8,000 characters cut at paragraph ends, so one
+    # book gets a held-out split and shuffles; 'file' | 'paragraphs' | a number.
+    c.data.datasets.domain.split = "8000"
     c.data.datasets.domain.weight = 1.0  # mixture weight (add general text against forgetting)
     c.data.val_fraction = 0.01  # held-out domain documents (by content hash)
 
@@ -90,8 +105,13 @@ def get_config(source: str = "") -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # sequences per step
     c.train.seq_len = 2048  # tokens per sequence (the base model allows up to max_seq_len)
     c.train.log_every = 10  # loss, grad norm, lr every 10 steps
-    c.eval.every = 200  # held-out domain loss every 200 steps
-    c.eval.max_batches = 50  # cap on eval batches
+    c.eval.every = 200  # held-out domain loss every 200 steps (and before the first step)
+    c.eval.max_batches = 16  # cap on periodic eval batches: ~1/40 of 200 steps' compute
+    c.eval.next_line_examples = 50  # a small next-line task: its scoring dominated eval time
     c.checkpoint.every = 500  # steps between checkpoints
+    # Written before the next step: an async save's host copy and writer buffers coexisting
+    # with the next step's buffers were the run's RSS peak (docs/perf.md); a few seconds per
+    # save at this model size.
+    c.checkpoint.async_save = False
     c.sample.prompt = "The"  # continued at the end of training
     return c

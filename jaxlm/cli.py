@@ -1,6 +1,7 @@
 """Shared start-up for absl command lines that take a `--config` file."""
 
 import ast
+import importlib.util
 import os
 import platform
 import sys
@@ -46,7 +47,34 @@ def run_cli(main_fn) -> None:
     try:
         app.run(main_fn)
     except (AttributeError, KeyError) as e:  # raised by --config.x overrides naming unknown keys
-        sys.exit(f"error: bad --config override: {_readable(e)}")
+        message = _readable(e)
+        hint = "" if "Did you mean" in message else _existing_keys(sys.argv)
+        sys.exit(f"error: bad --config override: {message}{hint}")
+
+
+def _existing_keys(argv: list[str]) -> str:
+    """'; datasets are: a, b' for the section of the first override that names a key the config
+    lacks (the unknown name alone does not say what to write instead), or '' if none is found."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    path, _, arg = config_arg.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_config_for_error", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - only a hint: the override's error is printed regardless
+        return ""
+    for override in argv:
+        if not override.startswith("--config."):
+            continue
+        node, section = config, "config"
+        for key in override.removeprefix("--config.").split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or key not in node:
+                if hasattr(node, "keys"):
+                    return f"; {section} are: {', '.join(sorted(node.keys()))}"
+                break
+            node, section = node[key], key if key == "datasets" else f"{key}'s keys"
+    return ""
 
 
 def _readable(e: Exception) -> str:

@@ -7,6 +7,7 @@ and print a sample. The pure pieces it drives (steps, `Setup`, `evaluate`) live 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -57,6 +58,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     tokenizer_path = manifest_lib.tokenizer_path(manifest)
     if jax.process_index() == 0:
         shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
+        if config.tokenizer.path:  # a base model's: its special tokens and chat template too
+            from jaxlm.data import hf_tokenizer
+
+            hf_tokenizer.keep_with_run(
+                config.tokenizer.path, manifest["tokenizer"]["sha256"], workdir
+            )
     tokenizer = tokenizer_lib.load(tokenizer_path)
     vocab_size = tokenizer.vocab_size
     if config.init_from:
@@ -145,6 +152,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.in_eval = False
         self.best_eval = (0, float("inf"))  # (step, held-out loss)
+        self.first_eval: dict[str, float] | None = None  # held-out metrics before training
         self.workdir = workdir
         self.previous_handlers = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -222,6 +230,9 @@ class Trainer:
         start_step, start = self.step, time.perf_counter()
 
         with sharding.use(self.setup.mesh, self.setup.rules):
+            if self.step == 0 < total and cfg.init_from:
+                # The "before" of a warm start, on the same batches as the final evaluation.
+                self.first_eval = self._eval(0, final=True)
             while self.step < total:
                 if self._should_stop():
                     return self._preempt(start_step, start)
@@ -266,12 +277,15 @@ class Trainer:
         cfg = self.config
         tokens = summary["final_step"] * cfg.train.batch_size * cfg.train.seq_len
         best_step, best_loss = self.best_eval
+        train_loss = summary["train_loss"]
+        train_loss = "-" if train_loss is None else f"{train_loss:.4f}"
         self.out.print(
             f"run summary: {tokens:,} tokens seen "
             f"(steps {summary['start_step']}-{summary['final_step']} "
             f"in {metrics_lib.format_duration(summary['wall_s'])}) | final train loss "
-            f"{summary['train_loss']:.4f} | best held-out loss {best_loss:.4f} "
+            f"{train_loss} | best held-out loss {best_loss:.4f} "
             f"at step {best_step}\n"
+            f"{_before_after(self.first_eval, summary['eval'])}"
             f"  checkpoints: {self.checkpointer.directory}\n"
             f"  metrics: {os.path.join(self.workdir, 'metrics.jsonl')} and "
             f"{os.path.join(self.workdir, 'tb')}\n"
@@ -332,6 +346,7 @@ class Trainer:
             return None
         finally:
             self.in_eval = False
+        _return_freed_memory()
         self.out.write(step, result, prefix="eval/")
         if "loss" in result and result["loss"] < self.best_eval[1]:
             self.best_eval = (step, result["loss"])
@@ -375,6 +390,7 @@ class Trainer:
     def _save(self, force: bool = False) -> None:
         data_state = ckpt_lib.gather_host_states(self.batches.get_state())
         self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+        _return_freed_memory()
 
     def _should_stop(self) -> bool:
         """Whether a stop signal arrived here or, on multi-host, on any process."""
@@ -457,6 +473,35 @@ def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> di
     return tasks
 
 
+def _return_freed_memory() -> None:
+    """Hands the host memory an evaluation or a checkpoint save freed back to the OS.
+
+    Both allocate and free gigabytes on the host (eval programs' buffers, the checkpoint's
+    host copy and its writer threads' buffers); glibc keeps freed memory in its arenas, so
+    without this the process's RSS stays at that high-water mark for the rest of the run.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _before_after(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    """'  held-out loss before -> after: a 3.2100 -> 2.9000 | ...' lines, one per held-out set
+    (and 'all'), or the final losses alone when there was no evaluation before training."""
+    names = sorted(k[: -len("/loss")] for k in after if k.endswith("/loss")) + ["all"]
+    key = lambda name: "loss" if name == "all" else f"{name}/loss"  # noqa: E731
+    if before is None:
+        losses = " | ".join(f"{n} {after[key(n)]:.4f}" for n in names if key(n) in after)
+        return f"  held-out loss: {losses}\n"
+    pairs = " | ".join(
+        f"{n} {before[key(n)]:.4f} -> {after[key(n)]:.4f}"
+        for n in names
+        if key(n) in after and key(n) in before
+    )
+    return f"  held-out loss before -> after: {pairs}\n"
+
+
 def _task_summary(result: dict[str, float]) -> str:
     accuracies = {k[: -len("/accuracy")]: v for k, v in result.items() if k.endswith("/accuracy")}
     return "".join(f" | {name} acc {acc:.1%}" for name, acc in sorted(accuracies.items()))
@@ -471,6 +516,8 @@ class _EvalInterrupted(Exception):
 
 
 def _print_sample(config, setup, params, tokenizer, out) -> None:
+    from jaxlm.data import tokenizer as tokenizer_lib
+
     s = config.sample
     if s.max_tokens <= 0 or not s.prompt:
         return
@@ -478,7 +525,7 @@ def _print_sample(config, setup, params, tokenizer, out) -> None:
         new_tokens = generate_lib.generate(
             setup.graphdef,
             params,
-            [[tokenizer.bos_id] + tokenizer.encode(s.prompt)],
+            [tokenizer_lib.prompt_ids(tokenizer, s.prompt)],
             max_new_tokens=s.max_tokens,
             eos_id=tokenizer.eos_id,
             temperature=s.temperature,

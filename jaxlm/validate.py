@@ -29,7 +29,7 @@ from jaxlm.errors import ConfigError, JaxlmError
 
 # key -> lowest allowed value (1: positive, 0: non-negative).
 _AT_LEAST = {
-    "train.steps": 1,
+    "train.steps": 0,  # 0: evaluate the (init_from) model and stop
     "train.batch_size": 1,
     "train.seq_len": 1,
     "train.grad_accum": 1,
@@ -138,14 +138,17 @@ def check_batches(config: Any, mesh: jax.sharding.Mesh) -> None:
 
 
 def check_manifest(manifest: dict, manifest_path: str, config: Any = None) -> None:
-    """Refuses prepared data with no held-out documents (the final evaluation needs some), or
-    without a validation set `config.data.validation` names."""
-    held_out = sum(d["val"]["documents"] for d in manifest["datasets"].values())
-    if held_out == 0:
-        raise ConfigError(
-            f"the held-out split of {manifest_path} has no documents, so the run could not be "
-            "evaluated; prepare the data with a larger data.val_fraction or more documents."
-        )
+    """Refuses prepared data with a dataset that has no held-out documents (the run could not
+    say how it does on that dataset: a held-out loss of `inf`), or without a validation set
+    `config.data.validation` names."""
+    for name, entry in sorted(manifest["datasets"].items()):
+        if entry["val"]["documents"] == 0:
+            raise ConfigError(
+                f"dataset {name!r} in {manifest_path} has no held-out documents, so the run could "
+                f"not be evaluated on it; give it more documents (for one long text file, "
+                f"data.datasets.{name}.split='8000' cuts it into pieces) or a larger "
+                "data.val_fraction."
+            )
     wanted = dict(config.data.get("validation") or {}) if config is not None else {}
     missing = sorted(set(wanted) - set(manifest.get("validation", {})))
     if missing:
@@ -254,6 +257,10 @@ def _check_data(config: Any) -> None:
                 sources.resolve_files(ds.paths)
             except JaxlmError as e:
                 raise ConfigError(f"data.datasets.{name}.paths={ds.paths!r}: {e}") from None
+            try:
+                sources.check_split(ds.get("split", "file"))
+            except sources.SourceError as e:
+                raise ConfigError(f"config.data.datasets.{name}.{e}") from None
         _check_validation_sets(d, datasets)
         if not sum(ds.get("weight", 1.0) for ds in datasets.values()) > 0:
             raise ConfigError("data.datasets weights sum to 0; give at least one a weight > 0.")

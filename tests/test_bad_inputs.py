@@ -170,7 +170,7 @@ CASES = [
     (["--config.optim.lr=-0.1"], "optim.lr=-0.1"),
     (["--config.optim.warmup_steps=-5"], "optim.warmup_steps=-5"),
     (["--config.optim.b2=1.5"], "optim.b2=1.5"),
-    (["--config.train.steps=0"], "train.steps=0"),
+    (["--config.train.steps=-1"], "train.steps=-1"),
     (["--config.train.spike_ratio=-1.0"], "train.spike_ratio=-1.0"),
     (["--config.sample.top_p=2.0"], "sample.top_p=2.0"),
     (["--config.tokenizer.path={corrupt}"], "tokenizer.path='{corrupt}' is not a readable"),
@@ -189,9 +189,14 @@ CASES = [
     (["--config.model.n_kv_heads=3"], "model.n_kv_heads=3"),
     (["--config.model.head_dim=9"], "model.head_dim=9"),
     (["--config.train.stepz=3"], "stepz"),
+    (["--config.data.datasets.domain.paths=x"], "domain; datasets are: stdlib"),
+    (["--config.data.datasets.stdlib.split=pages"], "config.data.datasets.stdlib.split='pages'"),
     (["--config.eval.task_files=/no/such/task.jsonl"], "/no/such/task.jsonl"),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
-    (["--config.data.manifest={no_heldout}"], "held-out split of {no_heldout} has no documents"),
+    (
+        ["--config.data.manifest={no_heldout}"],
+        "dataset 'a' in {no_heldout} has no held-out documents",
+    ),
 ]
 
 

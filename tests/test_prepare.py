@@ -350,3 +350,19 @@ def test_two_hosts_prepare_and_merge(corpus, prepared, tmp_path):
     )
     texts = _decoded(results[0])
     assert set(texts["val"]) | set(texts["train"]) >= set(sum(_curated(ref_cfg).values(), []))
+
+
+def test_one_long_text_file_is_split_and_always_gets_a_held_out_document(tmp_path):
+    """A single book, cut into pieces by the `split` rule: with a val_fraction too small to
+    catch any piece by hash, the piece nearest the cut is held out, and nothing is lost."""
+    text = open(os.path.join(os.path.dirname(os.__file__), "argparse.py"), encoding="utf-8").read()
+    (tmp_path / "book.txt").write_text(text)
+    d, t = _configs(str(tmp_path / "book.txt"), tmp_path / "cache", val_fraction=1e-9)
+    d.datasets.code.split = "6000"
+    d.curation.quality.preset = "none"
+    m = manifest.load(prepare.prepare(d, t, log=lambda s: None))
+    counts = {s: m["datasets"]["code"][s]["documents"] for s in ("train", "val")}
+    pieces = list(sources.split_text(text, 6000))
+    assert counts == {"train": len(pieces) - 1, "val": 1}
+    assert all(len(p) <= 6000 for p in pieces) and len(pieces) > len(text) // 6000
+    assert "".join(pieces).replace("\n", "") == text.replace("\n", "")  # only cuts, no loss

@@ -60,7 +60,7 @@ def test_text_markdown_and_python_files_one_document_each_bom_and_crlf_normalise
 
 def test_paragraph_split_option(tmp_path):
     _write(tmp_path / "a.txt", b"first para\nstill first\n\nsecond\n\n\n\nthird\n")
-    docs = list(sources.Source(str(tmp_path / "*.txt"), split_paragraphs=True))
+    docs = list(sources.Source(str(tmp_path / "*.txt"), split="paragraphs"))
     assert [d["text"] for d in docs] == ["first para\nstill first", "second", "third"]
     assert len(list(sources.Source(str(tmp_path / "*.txt")))) == 1  # default: one per file
 

@@ -178,7 +178,7 @@ def corpus_config(config: Any, paths: list[str], cache_dir: str) -> ml_collectio
                 paths=path,
                 text_field="text",
                 weight=1.0,
-                split_paragraphs=_SPLIT.value,
+                split="paragraphs" if _SPLIT.value else "file",
                 quality_preset=_PRESET.value,
             )
         )

@@ -4,8 +4,11 @@
         [--max_tokens=128 --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=600]
 
 Loads the newest (or `--step`) checkpoint's parameters from the workdir (config from the
-checkpoint's metadata, tokenizer from `<workdir>/tokenizer.model`) and prints the prompt followed
-by its continuation. Sampling flags left out take the run's `config.sample` values. `\\n` and `\\t`
+checkpoint's metadata, tokenizer from `<workdir>/tokenizer.model` or `.json`) and prints the
+prompt followed by its continuation. A workdir made by `tools/convert_hf.py import` works too
+(model config and tokenizer/ from the import). The prompt starts with BOS only where the
+tokenizer's own library adds one, so greedy text equals transformers' for the same weights.
+Sampling flags left out take the run's `config.sample` values. `\\n` and `\\t`
 in --prompt are read as newline and tab, since shells make real newlines awkward to type.
 """
 
@@ -43,12 +46,14 @@ def continue_prompt(
 ) -> str:
     """The model's continuation of `prompt` (text), stopping at EOS or after `max_tokens`."""
     from jaxlm import generate, sharding
+    from jaxlm.data.tokenizer import prompt_ids
 
     tok = trained.tokenizer
-    # Training rows start every document with BOS, so a prompt is the start of a document.
-    ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)
+    # BOS first exactly where the tokenizer's own library puts one, so the continuation equals
+    # transformers' for the same weights.
+    ids = prompt_ids(tok, prompt)
     if not ids:
-        raise JaxlmError("the tokenizer has no BOS token, so --prompt must not be empty.")
+        raise JaxlmError("this tokenizer adds no BOS token, so --prompt must not be empty.")
     limit = trained.setup.model_cfg.max_seq_len
     if len(ids) + max_tokens > limit:
         raise JaxlmError(

@@ -333,6 +333,9 @@ def export_hf(
             f"and this model has d_model={cfg.d_model}, n_heads={cfg.n_heads}."
         )
     np_dtype = np.dtype(jax.numpy.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    generation_path = os.path.join(out_dir, "generation_config.json")
+    if os.path.isfile(generation_path):  # an earlier export's: the tokenizer files may bring one
+        os.remove(generation_path)
     special = _export_tokenizer(ckpt_dir, meta, tokenizer, out_dir, cfg)
     tensors = layout(cfg)
     shards = _group(tensors, np_dtype.itemsize, max_shard_bytes)
@@ -373,10 +376,9 @@ def export_hf(
             {"metadata": {"total_size": total}, "weight_map": weight_map},
         )
     _write_json(os.path.join(out_dir, "config.json"), cfg.to_hf(dtype, special))
-    generation = {k: v for k, v in special.items() if v is not None}
-    _write_json(
-        os.path.join(out_dir, "generation_config.json"), {"_from_model_config": True, **generation}
-    )
+    if not os.path.isfile(generation_path):  # the source model's own is kept as it was
+        generation = {k: v for k, v in special.items() if v is not None}
+        _write_json(generation_path, {"_from_model_config": True, **generation})
     return out_dir
 
 

@@ -51,15 +51,35 @@ from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.files import file_sha256
 from jaxlm.data.sources import DataError
 
-PREP_VERSION = 2  # bump when a code change alters prepared output, to invalidate old caches
+PREP_VERSION = 3  # bump when a code change alters prepared output, to invalidate old caches
 SPLITS = manifest_lib.SPLITS
 WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
 
 
+def _split_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+
+
 def split_of(text: str, val_fraction: float) -> str:
     """'val' or 'train' for a document, from its content hash alone."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return "val" if h < val_fraction * 2.0**64 else "train"
+    return "val" if _split_hash(text) < val_fraction * 2.0**64 else "train"
+
+
+def _move_to_val(spills: dict, name: str, text: str) -> None:
+    """Moves one document from `name`'s train spill to its val spill (both still open)."""
+    train = spills[name, "train"]
+    train.close()
+    kept = _Spill(train.path + ".keep")
+    moved = False
+    for doc in train:
+        if not moved and doc == text:
+            moved = True
+            continue
+        kept.write(doc)
+    os.replace(kept.path, train.path)
+    kept.path = train.path
+    spills[name, "train"] = kept
+    spills[name, "val"].write(text)
 
 
 def _sample_priority(text: str) -> int:
@@ -134,6 +154,11 @@ def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
         # Load the user's file now: a corrupt one fails before curation, and its error names
         # that file rather than the copy in the temporary folder that is tokenized from later.
         tokenizer.load(os.path.expanduser(tok_cfg.path))
+    for name, cfg in _datasets(data_cfg).items():
+        try:
+            sources.check_split(cfg.get("split", "file"))
+        except DataError as e:
+            raise DataError(f"config.data.datasets.{name}.{e}") from None
     try:
         tokenizer.trainer_options(tok_cfg)  # a bad model_type fails now, not after curation
         for cfg in _datasets(data_cfg).values():  # so does a bad quality preset
@@ -159,7 +184,7 @@ def cache_key(
             name: {
                 "paths": src.paths,
                 "text_field": src.text_field,
-                "split_paragraphs": src.split_paragraphs,
+                "split": src.split,
                 "quality_preset": data_cfg.datasets[name].get("quality_preset", None),
                 "files": src.fingerprint(),
             }
@@ -224,7 +249,7 @@ def prepare(
         name: sources.Source(
             cfg.paths,
             text_field=cfg.get("text_field", "text"),
-            split_paragraphs=bool(cfg.get("split_paragraphs", False)),
+            split=cfg.get("split", "file"),
             process_index=process_index,
             process_count=process_count,
         )
@@ -351,6 +376,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         for split in SPLITS:
             spills[name, split] = _Spill(os.path.join(tmp, "spill", f"{name}-{split}.bin"))
         counts = dict.fromkeys(SPLITS, 0)
+        lowest: tuple[int, str] | None = None  # the train document nearest to the val cut
         progress = records.Progress(f"curate {name}", tokens=False)
         rep = curator.report
         for doc in src:
@@ -369,10 +395,21 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
             counts[split] += 1
             if split == "train":
                 sampler.add(text, _sample_priority(text))
+                if val_fraction > 0 and (lowest is None or _split_hash(text) < lowest[0]):
+                    lowest = (_split_hash(text), text)
             else:
                 data = text.encode("utf-8", "surrogatepass")
                 gz[name].add(data)
                 gz_all.add(data)
+        if counts["val"] == 0 and counts["train"] >= 2 and lowest is not None:
+            # A small corpus (one book cut into a few dozen pieces) can miss the val cut by
+            # chance; hold out the one document closest to it, so every such dataset is
+            # evaluated. (The tokenizer sample may have seen it: only when one is trained.)
+            _move_to_val(spills, name, lowest[1])
+            data = lowest[1].encode("utf-8", "surrogatepass")
+            gz[name].add(data)
+            gz_all.add(data)
+            counts["train"], counts["val"] = counts["train"] - 1, 1
         for split in SPLITS:
             spills[name, split].close()
         progress.done(final_line=False)

@@ -32,7 +32,7 @@ from jaxlm.errors import JaxlmError
 Document = dict[str, Any]
 
 STDLIB = "stdlib"
-TEXT_EXTS = (".txt", ".md", ".rst", ".py")  # one document per file
+TEXT_EXTS = (".txt", ".md", ".rst", ".py")  # documents by the dataset's `split` rule
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 PARQUET_EXTS = (".parquet",)
 COMPRESSION_EXTS = (".gz", ".zst", ".bz2", ".xz")
@@ -213,8 +213,9 @@ class Source:
     Args:
       paths: comma-separated globs or directories, or ``'stdlib'``.
       text_field: JSONL key / Parquet column holding the text.
-      split_paragraphs: emit one document per blank-line-separated paragraph of a text file
-        instead of one per file.
+      split: how a text file becomes documents (see `check_split`): 'file' (one document),
+        'paragraphs' (one per blank-line-separated paragraph), or a number N (pieces of at most
+        N characters, cut at paragraph, else line, boundaries; shorter files stay whole).
       process_index, process_count: this host's slice of the file list.
     """
 
@@ -223,7 +224,7 @@ class Source:
         paths: str,
         *,
         text_field: str = "text",
-        split_paragraphs: bool = False,
+        split: str = "file",
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
@@ -231,7 +232,7 @@ class Source:
             raise SourceError(f"process_index={process_index} is not in [0, {process_count}).")
         self.paths = paths
         self.text_field = text_field
-        self.split_paragraphs = split_paragraphs
+        self.split = check_split(split)
         self.all_files = resolve_files(paths)
         self.files = self.all_files[process_index::process_count]
         self.problems = Problems()
@@ -280,12 +281,15 @@ class Source:
             self.problems.add(f.name, "empty_file")
             return
         text = clean_text(raw, f.name, self.problems)
-        if not self.split_paragraphs:
+        if self.split == "file":
             yield from self._emit(text, f.name, f)
-            return
-        for i, para in enumerate(text.split("\n\n")):
-            if para.strip():
-                yield from self._emit(para.strip("\n"), f"{f.name}#{i}", f)
+        elif self.split == "paragraphs":
+            for i, para in enumerate(text.split("\n\n")):
+                if para.strip():
+                    yield from self._emit(para.strip("\n"), f"{f.name}#{i}", f)
+        else:
+            for i, piece in enumerate(split_text(text, int(self.split))):
+                yield from self._emit(piece, f"{f.name}#{i}", f)
 
     def _jsonl(self, f: SourceFile) -> Iterator[Document]:
         n_lines = 0
@@ -332,6 +336,38 @@ class Source:
                 else:
                     yield from self._emit(normalize_newlines(value), f"{f.name}#{row}", f)
                 row += 1
+
+
+def check_split(split: str) -> str:
+    """`split` if it is 'file', 'paragraphs' or a positive whole number, else SourceError."""
+    split = str(split).strip()
+    if split in ("file", "paragraphs") or (split.isdigit() and int(split) > 0):
+        return split
+    raise SourceError(
+        f"split={split!r} must be 'file', 'paragraphs' or a number of characters per document "
+        "(e.g. '8000')."
+    )
+
+
+def split_text(text: str, max_chars: int) -> Iterator[str]:
+    """Pieces of `text` of at most `max_chars`, cut after a blank line where one falls in the
+    window, else after a newline, else mid-line; so a single long book or dump becomes many
+    documents (a held-out split, shuffling) without cutting through paragraphs."""
+    start, n = 0, len(text)
+    while start < n:
+        end = start + max_chars
+        if end >= n:
+            cut = n
+        else:
+            cut = text.rfind("\n\n", start, end) + 2
+            if cut <= start + 1:
+                cut = text.rfind("\n", start, end) + 1
+            if cut <= start:
+                cut = end
+        piece = text[start:cut].strip("\n")
+        if piece.strip():
+            yield piece
+        start = cut
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:

@@ -64,6 +64,8 @@ class Tokenizer:
         self.eos_id: int = self._sp.eos_id()
         self.pad_id: int = self._sp.pad_id()
         self.unk_id: int = self._sp.unk_id()
+        # Whether a prompt starts with BOS, as LlamaTokenizer (add_bos_token) does.
+        self.add_bos: bool = self.bos_id >= 0
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
@@ -86,12 +88,23 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a piece, or None if the vocabulary lacks it."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self.unk_id and piece != self.id_to_piece(i) else int(i)
+
     def info(self) -> dict[str, Any]:
         """The manifest's ``tokenizer`` entry (without the file name)."""
         return tokenizer_info(self)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def prompt_ids(tok: Any, text: str) -> list[int]:
+    """The ids of a prompt as the tokenizer's own library gives them: BOS first only where it
+    adds one (`add_bos`), so jaxlm continues a prompt from the same tokens transformers sees."""
+    return ([tok.bos_id] if tok.add_bos else []) + tok.encode(text)
 
 
 def tokenizer_info(tok: Any) -> dict[str, Any]:
@@ -297,6 +310,7 @@ class HFTokenizer:
       sha256: hex digest of the file's bytes (as recorded in manifests and checkpoints).
       vocab_size: ids in use, added tokens included.
       bos_id, eos_id, pad_id, unk_id: special ids; -1 where the tokenizer has none.
+      add_bos: whether a prompt starts with BOS (the post-processor puts one first).
     """
 
     def __init__(self, data: bytes, path: str = "") -> None:
@@ -327,6 +341,9 @@ class HFTokenizer:
                 "jaxlm ends every document with one, so this tokenizer cannot prepare data."
             )
         bos = self._tok.token_to_id(bos_name) if bos_name else None
+        # transformers' fast tokenizer puts BOS before a prompt only where the post-processor
+        # says so (Llama 2/3 do; GPT-2 style tokenizers such as SmolLM's do not).
+        self.add_bos: bool = bos is not None
         self.bos_id: int = bos if bos is not None else self._first_id(BOS_NAMES)
         if self.bos_id < 0:
             self.bos_id = self.eos_id  # GPT-2 style: one token separates documents both ways
@@ -360,6 +377,10 @@ class HFTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(int(i)) or ""
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a token, or None if the vocabulary lacks it."""
+        return self._tok.token_to_id(piece)
 
     def info(self) -> dict[str, Any]:
         """The manifest's ``tokenizer`` entry (without the file name)."""
