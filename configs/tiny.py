@@ -31,6 +31,7 @@ def get_config():
     c.train.batch_size = 16
     c.train.seq_len = 256
     c.train.log_every = 10
+    c.optim.name = "muon"  # block matrices; embeddings and norms keep AdamW at optim.lr
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
     c.eval.every = 100

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens is not None and args.max_tokens < 1:
             raise JaxlmError(f"--max_tokens must be at least 1, not {args.max_tokens}.")
         trained = trained_lib.load_trained(args.workdir, step=args.step)
-        sample = trained.config.get("sample") or {}
+        sample = (trained.config or {}).get("sample") or {}  # an import has no run config
         pick = lambda flag, key, default: flag if flag is not None else sample.get(key, default)  # noqa: E731
         text = continue_prompt(
             trained,

@@ -430,7 +430,15 @@ def _export_tokenizer(
             os.path.expanduser(config_path),
         ]
     )
-    source = next((c for c in candidates if c and os.path.exists(c)), "")
+
+    # A workdir's tokenizer/ folder may hold only the model's side files (generation config,
+    # chat template) when its source had no tokenizer: that is no candidate.
+    def usable(c: str) -> bool:
+        if os.path.isdir(c):
+            return c == tokenizer or bool(find_tokenizer(c))
+        return os.path.isfile(c)
+
+    source = next((c for c in candidates if c and usable(c)), "")
     if not source:
         if tokenizer:
             raise ConvertError(f"--tokenizer={tokenizer} does not exist.")
