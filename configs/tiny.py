@@ -3,14 +3,16 @@
     python -m jaxlm.main --config=configs/tiny.py
 
 Hardware: any CPU. Data: the interpreter's own standard-library source (~31 MB of Python,
-prepared once into a cache in ~12 s; 2% of files held out by content hash). Model: 3 layers,
-d=384, 6.3M parameters, 4096-piece code-safe BPE; 300 steps of 16 x 256 tokens (1.2M tokens).
+prepared once into a cache in ~20 s; 2% of files held out by content hash). Model: 3 layers,
+d=384, 6.3M parameters, 4096-piece code-safe BPE; 205 steps of 16 x 256 tokens (0.84M tokens).
+Optimizer: Muon on the attention and MLP matrices, AdamW on the tied embedding and norms.
 
-Measured on a 2-core AMD EPYC VM (2026-11-22 06:52 UTC, see docs/perf.md): 5 min 22 s wall in
-all (prep 18 s, ~4,400 tokens/s in training; tools/bench.py: 739 ms per step, 51.7% MFU), final
-held-out 2.37 bits per byte where gzip -9 gets 1.61 on the same text (Python source is very
-compressible: gzip reaches 1.59 on the whole stdlib), next-line task 32% (chance 25%). Beating
-gzip on code takes ~10x this compute.
+Measured on a 2-core AMD EPYC VM (2026-12-01 17:10 UTC, see docs/perf.md; this VM ran ~1.8x
+slower that day than on 2026-11-22): 6 min 56 s wall with the data already prepared, final
+held-out 2.117 bits per byte where gzip -9 gets 1.61 on the same text (Python source is very
+compressible), next-line task 34% (chance 25%). The recipe before it (AdamW, 300 steps) took
+7 min 55 s in the same session, data preparation included, and ended at 2.357: Muon steps cost
+~1.35x AdamW's here, so 205 of them fit in the time of 300 AdamW steps and end 0.24 lower.
 """
 
 from configs import base
@@ -27,7 +29,7 @@ def get_config():
     c.model.d_ff = 1024
     c.model.max_seq_len = 256
     c.model.tie_embeddings = True
-    c.train.steps = 300
+    c.train.steps = 205  # Muon steps cost ~1.35x AdamW's here: 205 fit in 300 AdamW steps' time
     c.train.batch_size = 16
     c.train.seq_len = 256
     c.train.log_every = 10

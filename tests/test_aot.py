@@ -118,7 +118,7 @@ def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("target", ["v5p-8", "v4-8"])
+@pytest.mark.parametrize("target", ["v5p-8"])  # v4-8 too in docs/perf.md (25 s more here)
 def test_planner_memory_is_within_15_percent_of_the_tpu_compiler(target):
     # llama_1b's widths, batch, vocabulary and remat, two layers deep (the full recipe, and
     # llama_8b, are compared in docs/perf.md). At toy widths the TPU compiler's use depends on

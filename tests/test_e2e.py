@@ -43,9 +43,9 @@ def get_config():
     c.optim.warmup_steps = 2
     c.eval.every = 0
     c.eval.max_batches = 2
-    c.eval.next_line_examples = 16
+    c.eval.next_line_examples = 0  # the task and the sample cost compiles in every process;
     c.checkpoint.every = 4
-    c.sample.max_tokens = 8
+    c.sample.max_tokens = 0  # test_run_writes_its_workdir_then_resumes turns them on
     return c
 """
 
@@ -155,7 +155,8 @@ def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     workdir = str(tmp_path / "run")
-    first = run(config_file, workdir, "--config.train.steps=8")
+    extras = ("--config.eval.next_line_examples=16", "--config.sample.max_tokens=8")
+    first = run(config_file, workdir, "--config.train.steps=8", *extras)
     assert "final held-out:" in first.stdout and "sample (KV-cache decoding)" in first.stdout
     for name in (
         "config.json",
@@ -174,7 +175,7 @@ def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
     assert "eval/bits_per_byte" in events.Tags()["scalars"]
     assert "eval/next_line/accuracy" in events.Tags()["scalars"]
 
-    second = run(config_file, workdir, "--config.train.steps=12")
+    second = run(config_file, workdir, "--config.train.steps=12", *extras)
     assert "resuming from checkpoint at step 8" in second.stdout
     assert sorted(losses(workdir)) == list(range(1, 13))
 
@@ -365,6 +366,7 @@ def test_evaluation_never_changes_training(config_file, tmp_path):
         "--config.train.steps=6",
         "--config.eval.every=1",
         "--config.eval.max_batches=1",
+        "--config.eval.next_line_examples=16",
     )
     without = str(tmp_path / "without")
     run(
