@@ -14,19 +14,18 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon", "lion")
 GROUPS = ("matrix", "embedding", "vector")
 
-# Block matrices by name, and which of their trailing axes are the input (reduction) side:
-# Muon orthogonalizes each as a (fan-in, fan-out) matrix; a leading `layers` axis (scanned
-# blocks) is a batch axis, so every layer is orthogonalized on its own.
-_MATRIX_FAN_IN = {
-    "wq": 1,  # (D, H, E): D in, H*E out
-    "wk": 1,
-    "wv": 1,
-    "wo": 2,  # (H, E, D): H*E in, D out
-    "w_gate": 1,  # (D, F)
-    "w_up": 1,
-    "w_down": 1,  # (F, D)
+# Block matrices by name: (rank, how many leading axes are the input side). Muon orthogonalizes
+# each as a (fan-in, fan-out) matrix; a leading `layers` axis (scanned blocks) is a batch axis,
+# so every layer is orthogonalized on its own.
+_MATRICES = {
+    "wq": (3, 1),  # (D, H, E): D in, H*E out
+    "wk": (3, 1),
+    "wv": (3, 1),
+    "wo": (3, 2),  # (H, E, D): H*E in, D out
+    "w_gate": (2, 1),  # (D, F)
+    "w_up": (2, 1),
+    "w_down": (2, 1),  # (F, D)
 }
-_MATRIX_NDIM = {"wq": 3, "wk": 3, "wv": 3, "wo": 3, "w_gate": 2, "w_up": 2, "w_down": 2}
 _EMBEDDINGS = ("embed", "lm_head")
 
 
@@ -76,7 +75,7 @@ def param_groups(params: Any) -> Any:
 
     def group(path, _):
         name = _leaf_name(path)
-        if name in _MATRIX_FAN_IN:
+        if name in _MATRICES:
             return "matrix"
         return "embedding" if name in _EMBEDDINGS else "vector"
 
@@ -88,10 +87,10 @@ def _muon_dims(params: Any) -> Any:
 
     def dims(path, p):
         name = _leaf_name(path)
-        if name not in _MATRIX_FAN_IN:
+        if name not in _MATRICES:
             return None
-        first = p.ndim - _MATRIX_NDIM[name]  # 1 with a leading layers axis, else 0
-        fan_in = _MATRIX_FAN_IN[name]
+        rank, fan_in = _MATRICES[name]
+        first = p.ndim - rank  # 1 with a leading layers axis, else 0
         return MuonDimensionNumbers(
             reduction_axis=tuple(range(first, first + fan_in)),
             output_axis=tuple(range(first + fan_in, p.ndim)),
