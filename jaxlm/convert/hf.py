@@ -431,14 +431,7 @@ def _export_tokenizer(
         ]
     )
 
-    # A workdir's tokenizer/ folder may hold only the model's side files (generation config,
-    # chat template) when its source had no tokenizer: that is no candidate.
-    def usable(c: str) -> bool:
-        if os.path.isdir(c):
-            return c == tokenizer or bool(find_tokenizer(c))
-        return os.path.isfile(c)
-
-    source = next((c for c in candidates if c and usable(c)), "")
+    source = next((c for c in candidates if c and os.path.exists(c)), "")
     if not source:
         if tokenizer:
             raise ConvertError(f"--tokenizer={tokenizer} does not exist.")

@@ -45,9 +45,13 @@ def find_tokenizer(directory: str) -> str:
 
 
 def copy_files(src_dir: str, dst_dir: str) -> str:
-    """Copies a model directory's tokenizer files; returns the sha256 of the one jaxlm reads."""
+    """Copies a model directory's tokenizer files; returns the sha256 of the one jaxlm reads.
+
+    Nothing is copied from a directory without a tokenizer: its side files alone (generation
+    config, chat template) would make `dst_dir` look like a tokenizer to whoever reads it next.
+    """
     present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
-    if not present:
+    if not present or not find_tokenizer(src_dir):
         return ""
     os.makedirs(dst_dir, exist_ok=True)
     for name in present:
