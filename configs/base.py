@@ -88,6 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.muon.ns_steps = 5  # Newton-Schulz iterations
     c.optim.muon.consistent_rms = 0.0  # >0: scale updates to this RMS (then muon.lr ~ optim.lr)
 
+    # Training stages, in order (see jaxlm/stages.py): each a dict with a budget (steps=<n> or
+    # tokens=<n>) and any of weights, seq_len, batch_size, lr (a schedule segment), rope_theta,
+    # rope_scaling. () = one stage made of train.* and optim.*; with stages, train.steps = 0.
+    c.stages = ()
+
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps
     c.train.batch_size = 32  # global batch, in sequences

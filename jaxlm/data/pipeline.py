@@ -24,18 +24,27 @@ from jaxlm.data import manifest as manifest_lib
 from jaxlm.errors import ConfigError
 
 
+def to_pair(record: bytes, bos_id: int) -> dict[str, np.ndarray]:
+    """One document's record -> its next-token pair: inputs [BOS]+ids, targets ids+[EOS].
+
+    The one place a document's ids become training tokens (the record already ends in EOS):
+    every training stream, staged or not, and every held-out pass goes through here.
+    """
+    ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
+    return {
+        "inputs": np.concatenate([[bos_id], ids[:-1]]).astype(np.int32),
+        "targets": ids,
+    }
+
+
 class _ToPair(grain.transforms.Map):
-    """Record bytes -> inputs [BOS]+ids, targets ids+[EOS] (the record already ends in EOS)."""
+    """`to_pair` as a grain transform."""
 
     def __init__(self, bos_id: int):
         self.bos_id = bos_id
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
-        ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
-        return {
-            "inputs": np.concatenate([[self.bos_id], ids[:-1]]).astype(np.int32),
-            "targets": ids,
-        }
+        return to_pair(record, self.bos_id)
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,7 +58,9 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _documents(manifest: dict, dataset: str, split: str, shard_index: int, shard_count: int):
+def documents(manifest: dict, dataset: str, split: str, shard_index: int, shard_count: int):
+    """A dataset split's records (bytes) as a random-access grain MapDataset: this stream's
+    slice, every `shard_count`-th document from `shard_index`."""
     source = grain.sources.ArrayRecordDataSource(manifest_lib.shard_paths(manifest, dataset, split))
     # Every shard_count-th document: disjoint slices, no coordination between readers needed.
     return grain.MapDataset.source(source)[shard_index::shard_count]
@@ -96,7 +107,7 @@ def train_dataset(
     bos = manifest["tokenizer"]["bos_id"]
     streams = []
     for i, name in enumerate(names):
-        docs = _documents(manifest, name, "train", shard_index, shard_count)
+        docs = documents(manifest, name, "train", shard_index, shard_count)
         if len(docs) == 0:
             raise ConfigError(
                 f"dataset {name!r} has no training documents for stream {shard_index} of "
@@ -211,7 +222,7 @@ def eval_batches(
     held-out token once.
     """
     bos = manifest["tokenizer"]["bos_id"]
-    docs = _documents(manifest, dataset, split, 0, 1).map(_ToPair(bos))
+    docs = documents(manifest, dataset, split, 0, 1).map(_ToPair(bos))
     packed = _packed_rows(docs.to_iter_dataset(), seq_len)
     rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):
