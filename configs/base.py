@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "base"  # run name; the default --workdir is runs/<name>
     c.seed = 0  # seeds parameter init and data order
     c.init_from = ""  # 'hf:<HF model dir>' | 'ckpt:<workdir or step dir>' | '' = random init
+    # With init_from='ckpt:...': continue that checkpoint's whole state (optimizer, step, data
+    # position) under this config's stages, e.g. a cool-down branched from a stable phase.
+    c.branch = False
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 512  # D, residual stream width

@@ -193,6 +193,8 @@ class Trainer:
             raise KeyboardInterrupt
 
     def _restore_or_init(self) -> tuple[int, train.TrainState]:
+        if not self.checkpointer.steps() and self.config.branch:
+            return self._branch()
         if not self.checkpointer.steps():
             state = self.setup.init_state()
             if self.config.init_from:
@@ -219,20 +221,50 @@ class Trainer:
                 f"{self.meta['tokenizer_sha256'][:12]}; use the original data and tokenizer config."
             )
         if data_state is not None:
-            # Streams are global: flatten the saved per-process lists, then take this host's part,
-            # so a checkpoint written by N processes resumes on any process count.
-            streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
-            per_host = len(self.batches.iterators)
-            if len(streams) != per_host * jax.process_count():
-                raise ConfigError(
-                    f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
-                    f"reads {per_host * jax.process_count()}; "
-                    f"set --config.data.streams={len(streams)}."
-                )
-            first = jax.process_index() * per_host
-            self.batches.set_state(streams[first : first + per_host])
+            self._set_data_state(step, data_state)
         self.out.trim(step)
         self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
+        return step, state
+
+    def _set_data_state(self, step: int, data_state: dict) -> None:
+        # Streams are global: flatten the saved per-process lists, then take this host's part,
+        # so a checkpoint written by N processes resumes on any process count.
+        streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
+        per_host = len(self.batches.iterators)
+        if len(streams) != per_host * jax.process_count():
+            raise ConfigError(
+                f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
+                f"reads {per_host * jax.process_count()}; "
+                f"set --config.data.streams={len(streams)}."
+            )
+        first = jax.process_index() * per_host
+        self.batches.set_state(streams[first : first + per_host])
+
+    def _branch(self) -> tuple[int, train.TrainState]:
+        """config.branch: the whole state of init_from's checkpoint (parameters, optimizer state,
+        step, data position), continued under this run's plan: a cool-down branched from a
+        stable-phase checkpoint trains exactly as if the decay had been planned from the start."""
+        from jaxlm.convert import init_from
+
+        ckpt_dir, step = ckpt_lib.resolve(init_from.parse(self.config.init_from)[1])
+        source = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+        try:
+            step, state, data_state, meta = source.restore(self.setup.abstract_state, step)
+        finally:
+            source.close()
+        if meta.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
+            raise ConfigError(
+                f"config.init_from={self.config.init_from!r} was trained with another tokenizer; "
+                "branch with the data it was trained on."
+            )
+        if step > self.plan.total_steps:
+            raise ConfigError(
+                f"config.init_from's checkpoint is at step {step}, past this run's last step "
+                f"({self.plan.total_steps}); branch from an earlier checkpoint or add stages."
+            )
+        if data_state is not None:
+            self._set_data_state(step, data_state)
+        self.out.print(f"branching from step {step} of {ckpt_dir} (state, optimizer, data)")
         return step, state
 
     def train(self) -> dict[str, Any]:

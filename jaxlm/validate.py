@@ -212,6 +212,11 @@ def _build_objects(config: Any) -> None:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optim cannot build an optimizer: {e}") from None
+    if config.get("branch") and not config.init_from.startswith("ckpt:"):
+        raise ConfigError(
+            "config.branch=True continues another run's checkpoint: set "
+            "config.init_from='ckpt:<workdir or step dir>'."
+        )
     if config.init_from:
         from jaxlm.convert import init_from
 

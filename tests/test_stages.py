@@ -16,6 +16,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import loop, sharding, stages, train
 from jaxlm.data import staged
@@ -45,6 +46,19 @@ def _two_datasets(root, n: int = 1200, max_len: int = 12, val: int = 40) -> dict
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module only: a resumed run re-traces the same
+    programs, and compiling each once keeps these runs to seconds on CPU."""
+    previous = jax.config.jax_compilation_cache_dir
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     return _two_datasets(tmp_path_factory.mktemp("data"))
@@ -64,7 +78,7 @@ def _config(**train_overrides):
     c.eval.every = 0
     c.eval.max_batches = 1
     c.eval.next_line_examples = 0
-    c.checkpoint.every = 1
+    c.checkpoint.every = 100  # only the final save and the stops' (the preemption path)
     c.checkpoint.keep = 100
     c.checkpoint.async_save = False
     c.logging.tensorboard = False
@@ -270,7 +284,7 @@ def test_a_cool_down_branched_from_a_stable_checkpoint_equals_the_planned_one(
     branch_cfg = _config()
     branch_cfg.stages = (stable, decay)
     branch_cfg.init_from = f"ckpt:{tmp_path / 'long' / 'checkpoints' / '3'}"
-    branch_cfg.train.branch = True
+    branch_cfg.branch = True
     branched, summary = _run(branch_cfg, m, tmp_path / "branched", monkeypatch)
     assert summary["start_step"] == 3
     planned_losses = _logged(tmp_path / "planned", "train/loss")
