@@ -9,9 +9,7 @@ Runs use synthetic data (documents of random ids in two datasets, written with
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -201,20 +199,43 @@ def test_bad_stage_plans_are_one_sentence_errors():
 # --------------------------------------------------------------------------- whole runs
 
 
-def _run(config, manifest, workdir, monkeypatch, stop_at=None):
+def _run(config, manifest, workdir, stop_at=None):
     """Trains (or resumes) in `workdir`; returns the trainer (closed) and its summary."""
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     setup = train.Setup(config, VOCAB, mesh)
-    # A stop at `stop_at` takes the preemption path (save, then return), without a signal.
-    monkeypatch.setattr(loop.Trainer, "_should_stop", lambda self: self.step == stop_at)
-    trainer = loop.Trainer(config, setup, str(workdir), manifest, tokenizer=None)
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
-        trainer.out.close()
+    with pytest.MonkeyPatch.context() as mp:
+        # A stop at `stop_at` takes the preemption path (save, then return), without a signal.
+        mp.setattr(loop.Trainer, "_should_stop", lambda self: self.step == stop_at)
+        trainer = loop.Trainer(config, setup, str(workdir), manifest, tokenizer=None)
+        try:
+            summary = trainer.train()
+        finally:
+            trainer.close()
+            trainer.out.close()
     return trainer, summary
+
+
+def _staged_config(optimizer):
+    c = _config()
+    c.optim.name = optimizer
+    c.stages = STAGES
+    return c
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """Uninterrupted runs of STAGES, by optimizer (run once each, shared by the tests)."""
+    runs = {}
+
+    def get(optimizer):
+        if optimizer not in runs:
+            workdir = tmp_path_factory.mktemp(f"straight_{optimizer}")
+            trainer, summary = _run(_staged_config(optimizer), data, workdir)
+            runs[optimizer] = (trainer, summary, workdir)
+        return runs[optimizer]
+
+    return get
 
 
 def _logged(workdir, key):
@@ -235,61 +256,51 @@ def _assert_same_params(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_mid_stage_and_at_the_boundary_is_bitwise_and_compiles_once_per_shape(
-    optimizer, data, tmp_path, monkeypatch
+    optimizer, data, straight, tmp_path
 ):
-    m = data
-    c = _config()
-    c.optim.name = optimizer
-    c.stages = STAGES
+    c = _staged_config(optimizer)
     plan = stages.build(c)
-    straight, summary = _run(c, m, tmp_path / "straight", monkeypatch)
+    straight, summary, workdir = straight(optimizer)
     assert summary["final_step"] == 8
     # One gradient program per (micro-batch, length): (2, 16) and (2, 32); one update program.
     assert straight.staged_step.compilations() == 3
-    losses = _logged(tmp_path / "straight", "train/loss")
+    losses = _logged(workdir, "train/loss")
     assert len(set(losses.values())) == 8
     # The logged learning rate is the plan's at every step (warmup, hold, WSD cool-down).
-    lr = _logged(tmp_path / "straight", "train/lr")
+    lr = _logged(workdir, "train/lr")
     np.testing.assert_allclose(
         [lr[n + 1] for n in range(8)], [float(plan.schedule(n)) for n in range(8)], rtol=1e-7
     )
     assert lr[8] == pytest.approx(0.1 * c.optim.lr)
-    assert _logged(tmp_path / "straight", "train/stage") == {s: int(s > 4) for s in range(1, 9)}
-    assert _logged(tmp_path / "straight", "train/seq_len")[5] == 32
+    assert _logged(workdir, "train/stage") == {s: int(s > 4) for s in range(1, 9)}
+    assert _logged(workdir, "train/seq_len")[5] == 32
 
     # Stopped mid stage 0, exactly at the boundary and mid stage 1, each time resumed.
     resumed = tmp_path / "resumed"
     for stop in (3, 4, 6):
-        _, s = _run(c, m, resumed, monkeypatch, stop_at=stop)
+        _, s = _run(c, data, resumed, stop_at=stop)
         assert s["preempted"] and s["final_step"] == stop
-    last, _ = _run(c, m, resumed, monkeypatch)
+    last, _ = _run(c, data, resumed)
     assert _logged(resumed, "train/loss") == losses  # bitwise: floats from the same bits
     _assert_same_params(straight.state["params"], last.state["params"])
 
 
 @pytest.mark.slow
 def test_a_cool_down_branched_from_a_stable_checkpoint_equals_the_planned_one(
-    data, tmp_path, monkeypatch
+    data, straight, tmp_path
 ):
-    m = data
-    stable = dict(name="stable", steps=3, lr=dict(warmup=2), seq_len=16, batch_size=2)
-    decay = dict(name="decay", steps=3, lr=dict(decay="linear", end=0.0), seq_len=32)
-    planned_cfg = _config()
-    planned_cfg.stages = (stable, decay)
-    planned, _ = _run(planned_cfg, m, tmp_path / "planned", monkeypatch)
-    # A long stable run, not planned to decay; its checkpoint at step 3 is the branch point.
-    long_cfg = _config()
-    long_cfg.stages = ({**stable, "steps": 5},)
-    _run(long_cfg, m, tmp_path / "long", monkeypatch, stop_at=3)
-    branch_cfg = _config()
-    branch_cfg.stages = (stable, decay)
-    branch_cfg.init_from = f"ckpt:{tmp_path / 'long' / 'checkpoints' / '3'}"
-    branch_cfg.branch = True
-    branched, summary = _run(branch_cfg, m, tmp_path / "branched", monkeypatch)
-    assert summary["start_step"] == 3
-    planned_losses = _logged(tmp_path / "planned", "train/loss")
+    planned, _, planned_dir = straight("adamw")  # STAGES: warmup, hold, then a WSD cool-down
+    # A run that only holds the learning rate, never planned to decay: its checkpoint at step 4
+    # (the planned run's boundary) is the branch point.
+    stable = _config()
+    stable.stages = ({**STAGES[0], "steps": 7},)
+    _run(stable, data, tmp_path / "stable", stop_at=4)
+    branch = _staged_config("adamw")
+    branch.init_from = f"ckpt:{tmp_path / 'stable' / 'checkpoints' / '4'}"
+    branch.branch = True
+    branched, summary = _run(branch, data, tmp_path / "branched")
+    assert summary["start_step"] == 4
+    planned_losses = _logged(planned_dir, "train/loss")
     branched_losses = _logged(tmp_path / "branched", "train/loss")
-    assert {s: planned_losses[s] for s in (4, 5, 6)} == branched_losses
+    assert branched_losses == {s: planned_losses[s] for s in (5, 6, 7, 8)}
     _assert_same_params(planned.state["params"], branched.state["params"])
-    assert math.isclose(_logged(tmp_path / "branched", "train/lr")[6], 0.0, abs_tol=1e-12)
-    shutil.rmtree(tmp_path / "long")

@@ -58,9 +58,7 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def documents(manifest: dict, dataset: str, split: str, shard_index: int, shard_count: int):
-    """A dataset split's records (bytes) as a random-access grain MapDataset: this stream's
-    slice, every `shard_count`-th document from `shard_index`."""
+def _documents(manifest: dict, dataset: str, split: str, shard_index: int, shard_count: int):
     source = grain.sources.ArrayRecordDataSource(manifest_lib.shard_paths(manifest, dataset, split))
     # Every shard_count-th document: disjoint slices, no coordination between readers needed.
     return grain.MapDataset.source(source)[shard_index::shard_count]
@@ -107,7 +105,7 @@ def train_dataset(
     bos = manifest["tokenizer"]["bos_id"]
     streams = []
     for i, name in enumerate(names):
-        docs = documents(manifest, name, "train", shard_index, shard_count)
+        docs = _documents(manifest, name, "train", shard_index, shard_count)
         if len(docs) == 0:
             raise ConfigError(
                 f"dataset {name!r} has no training documents for stream {shard_index} of "
@@ -222,7 +220,7 @@ def eval_batches(
     held-out token once.
     """
     bos = manifest["tokenizer"]["bos_id"]
-    docs = documents(manifest, dataset, split, 0, 1).map(_ToPair(bos))
+    docs = _documents(manifest, dataset, split, 0, 1).map(_ToPair(bos))
     packed = _packed_rows(docs.to_iter_dataset(), seq_len)
     rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):

@@ -4,8 +4,8 @@ exactly anywhere, across stage boundaries included.
 Unlike the single-stage grain pipeline (`pipeline.train_dataset`), whose mixture is fixed when it
 is built, a stream here is made of three small pieces whose whole state is a JSON dict:
 
-- one document stream per dataset (grain's ArrayRecordDataSource, shuffled anew each epoch,
-  read by index): its state is how many documents it has handed out;
+- one document stream per dataset (grain's ArrayRecordDataSource read by index, this stream's
+  slice in a new seeded order each epoch): its state is how many documents it has handed out;
 - a mixing sampler: the dataset of the k-th document drawn in stage s is a pure function of
   (seed, stream, s, k, the stage's weights), so a resumed stream draws exactly what the
   original would have;
@@ -19,13 +19,39 @@ loss_mask float32 (B, L); rows are always full, so loss_mask is all ones.
 
 from __future__ import annotations
 
+import grain
 import numpy as np
 
+from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.stages import Plan, Stage
 
 _BLOCK = 4096  # mixing draws generated per (seed, stream, stage, block) at once
+
+
+class _Documents:
+    """One dataset's documents for one stream: every `streams`-th record from `stream`, in a
+    seeded order that changes every epoch; the k-th document is a pure function of k.
+
+    Reads grain's ArrayRecordDataSource directly: ~10x cheaper per document than indexing a
+    shuffled, repeated grain MapDataset, which matters for streams of short documents.
+    """
+
+    def __init__(self, manifest: dict, name: str, seed: tuple, stream: int, streams: int):
+        paths = manifest_lib.shard_paths(manifest, name, "train")
+        self.source = grain.sources.ArrayRecordDataSource(paths)
+        self.first, self.stride = stream, streams
+        self.n = len(range(stream, len(self.source), streams))
+        self.seed = seed
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
+
+    def __getitem__(self, k: int) -> bytes:
+        epoch, i = divmod(k, self.n)
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([*self.seed, epoch])
+            self._order = (epoch, rng.permutation(self.n))
+        return self.source[self.first + int(self._order[1][i]) * self.stride]
 
 
 class StageStream:
@@ -40,14 +66,13 @@ class StageStream:
         for i, name in enumerate(names):
             if name not in used:
                 continue
-            docs = pipeline.documents(manifest, name, "train", stream, streams)
-            if len(docs) == 0:
+            docs = _Documents(manifest, name, (seed, i, stream), stream, streams)
+            if docs.n == 0:
                 raise ConfigError(
                     f"dataset {name!r} has no training documents for stream {stream} of "
                     f"data.streams={streams}; add documents or lower data.streams."
                 )
-            # The same per-dataset order as the single-stage pipeline's.
-            self.docs[name] = docs.shuffle(seed=seed + i + 7919 * stream).repeat()
+            self.docs[name] = docs
         self.state = {
             "step": 0,
             "stage": 0,
