@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import loop, sharding, stages, train
@@ -87,11 +88,24 @@ def _config(**train_overrides):
 
 
 STAGES = (
-    dict(name="short", steps=4, weights=dict(a=0.8, b=0.2), seq_len=16, batch_size=2,
-         lr=dict(warmup=2)),
-    dict(name="long", steps=4, weights=dict(a=0.2, b=0.8), seq_len=32, batch_size=4,
-         lr=dict(decay="wsd", decay_fraction=0.5, end=0.1)),
-)  # fmt: skip
+    dict(
+        name="short",
+        steps=4,
+        weights=dict(a=0.8, b=0.2),
+        seq_len=16,
+        batch_size=2,
+        lr=dict(warmup=2),
+    ),
+    dict(
+        name="long",
+        steps=4,
+        weights=dict(a=0.2, b=0.8),
+        seq_len=32,
+        batch_size=4,
+        lr=dict(decay="wsd", decay_fraction=0.5, end=0.1),
+        rope_theta=40_000.0,
+    ),
+)  # fmt: skip  (a batch ramp, a length curriculum, a change of mix and a RoPE extension)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -262,7 +276,8 @@ def test_resume_mid_stage_and_at_the_boundary_is_bitwise_and_compiles_once_per_s
     plan = stages.build(c)
     straight, summary, workdir = straight(optimizer)
     assert summary["final_step"] == 8
-    # One gradient program per (micro-batch, length): (2, 16) and (2, 32); one update program.
+    # One gradient program per (micro-batch, length[, RoPE]): (2, 16) and (2, 32, theta 4e4),
+    # run 1 and 2 times per step across the batch ramp; one update program.
     assert straight.staged_step.compilations() == 3
     losses = _logged(workdir, "train/loss")
     assert len(set(losses.values())) == 8
@@ -274,6 +289,15 @@ def test_resume_mid_stage_and_at_the_boundary_is_bitwise_and_compiles_once_per_s
     assert lr[8] == pytest.approx(0.1 * c.optim.lr)
     assert _logged(workdir, "train/stage") == {s: int(s > 4) for s in range(1, 9)}
     assert _logged(workdir, "train/seq_len")[5] == 32
+    # The held-out loss is reported at the long length, by the model with the extended RoPE.
+    setup, params = straight.setup, straight.state["params"]
+    extended = setup.graphdef_for(plan.stages[1])
+    assert nnx.merge(extended, params).cfg.rope_theta == 40_000.0
+    with sharding.use(setup.mesh, setup.rules):
+        at_new = train.evaluate(setup, setup.jit_eval_step(extended), params, data)["loss"]
+        at_old = train.evaluate(setup, setup.jit_eval_step(), params, data)["loss"]
+    final = _logged(workdir, "eval/loss")[8]
+    assert final == at_new != at_old and setup.plan.max_seq_len == 32
 
     # Stopped mid stage 0, exactly at the boundary and mid stage 1, each time resumed.
     resumed = tmp_path / "resumed"

@@ -1,0 +1,63 @@
+"""Two-stage pretraining of the tiny model on CPU: a main phase, then a mid-training cool-down.
+
+    python -m jaxlm.main --config=configs/tiny_stages.py
+    python tools/plot_metrics.py runs/tiny_stages    # stage boundary, lr / batch / length panels
+
+Data: two disjoint slices of the interpreter's standard library: `library` (the top-level
+modules and the packages a-r) and `tests` (the test suite's top-level test_*.py files).
+Stage 1 ("main", 90 steps): library only, 32 rows of 128 tokens, warmup then a constant rate.
+Stage 2 ("cool-down", 40 steps): half library, half tests, 16 rows of 256 tokens (the same
+4,096 tokens per step), a WSD cool-down to 0.1 x the rate over its last half. Held-out
+evaluation runs at 256 tokens on both datasets every 10 steps, so the tests' held-out loss can be
+compared before and after the change of mix. Model and optimizer: configs/tiny.py (6.3M
+parameters, Muon). Expect ~5-6 minutes on 2 CPU cores once the data is prepared (docs/perf.md
+has the measured run: time, held-out losses and their slopes before and after the transition).
+"""
+
+import sysconfig
+
+from configs import tiny
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def get_config():
+    c = tiny.get_config()
+    c.name = "tiny_stages"
+    c.data.datasets = {
+        "library": dict(
+            paths=f"{STDLIB}/*.py,{STDLIB}/[a-r]*/**/*.py", text_field="text", weight=1.0,
+            split="file",
+        ),
+        "tests": dict(paths=f"{STDLIB}/test/test_*.py", text_field="text", weight=0.0,
+                      split="file"),
+    }  # fmt: skip
+    c.train.steps = 0  # the stages set the run's length
+    c.train.batch_size = 16  # the micro-batch: each step runs 32/16 or 16/16 of them
+    c.train.seq_len = 128
+    c.stages = (
+        dict(
+            name="main",
+            steps=90,
+            weights=dict(library=1.0, tests=0.0),
+            seq_len=128,
+            batch_size=32,
+            lr=dict(warmup=20),  # to optim.lr, then constant (the stable phase)
+        ),
+        dict(
+            name="cool-down",
+            steps=40,
+            weights=dict(library=0.5, tests=0.5),
+            seq_len=256,
+            batch_size=16,
+            lr=dict(decay="wsd", decay_fraction=0.5, end=0.1),
+        ),
+    )
+    c.optim.warmup_steps = 0  # the first stage's lr segment warms up
+    c.train.log_every = 5
+    c.eval.every = 10
+    c.eval.max_batches = 4  # periodic evals on a sample; the final one reads all held-out text
+    c.eval.batch_size = 16
+    c.eval.next_line_examples = 0
+    c.checkpoint.every = 50
+    return c
