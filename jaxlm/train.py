@@ -326,7 +326,7 @@ class StagedStep:
             setup.in_mesh(update),
             in_shardings=(setup.state_shardings, *self.acc_shardings),
             out_shardings=(setup.state_shardings, None),
-            donate_argnums=(0, 3),
+            donate_argnums=0,
         )
         self.micro_grads: dict[tuple, Callable] = {}  # (rope_theta, rope_scaling) -> jitted
 
