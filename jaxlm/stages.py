@@ -185,7 +185,7 @@ def build(config: Any) -> Plan:
                 f"({sorted(default_weights)})."
             )
         if "rope_theta" in spec:
-            theta = float(_positive(spec["rope_theta"], f"{key}.rope_theta"))
+            theta = float(_positive(spec["rope_theta"], f"{key}.rope_theta", float))
         if "rope_scaling" in spec:
             scaling = _scaling(spec["rope_scaling"], f"{key}.rope_scaling")
         stages.append(
@@ -223,9 +223,12 @@ def check_weights(plan: Plan, dataset_names: list[str], where: str) -> None:
             )
 
 
-def _positive(value: Any, key: str) -> int:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key}={value!r} must be positive.")
+def _positive(value: Any, key: str, kind: type = int) -> Any:
+    """`value` if it is a positive number of `kind` (int: a whole number), else a ConfigError."""
+    kinds = (int,) if kind is int else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+        whole = " whole" if kind is int else ""
+        raise ConfigError(f"{key}={value!r} must be a positive{whole} number.")
     return value
 
 

@@ -258,7 +258,9 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(jaxlm_main, monkeypatch
     )
 
 
-@pytest.mark.parametrize("name", ["tiny", "gpt2_124m", "llama_1b", "llama_8b", "tinysolar_248m"])
+@pytest.mark.parametrize(
+    "name", ["tiny", "tiny_stages", "gpt2_124m", "llama_1b", "llama_8b", "tinysolar_248m"]
+)
 def test_every_recipe_passes_validation(name, tmp_path):
     # The other side of the table: the checks refuse nothing a shipped recipe asks for.
     # (continue_pretraining needs a base model directory; tests/test_convert_hf.py runs it.)

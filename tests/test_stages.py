@@ -190,7 +190,8 @@ def test_stream_resumes_exactly_mid_stage_and_across_the_boundary_losing_no_docu
 
 def test_bad_stage_plans_are_one_sentence_errors():
     cases = [
-        (dict(steps=0), "stages[0].steps=0 must be positive."),
+        (dict(steps=0), "stages[0].steps=0 must be a positive whole number."),
+        (dict(steps=2.5), "stages[0].steps=2.5 must be a positive whole number."),
         (dict(steps=2, tokens=9), "stages[0] needs exactly one budget"),
         (dict(steps=2, seq_len=64), "stages[0].seq_len=64 exceeds model.max_seq_len=32."),
         (dict(steps=2, batch_size=3), "must be a multiple of the micro-batch"),
