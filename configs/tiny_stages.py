@@ -11,8 +11,13 @@ Stage 2 ("cool-down", 40 steps): half library, half tests, 16 rows of 256 tokens
 4,096 tokens per step), a WSD cool-down to 0.05 x optim.lr over its last half. Held-out
 evaluation runs at 256 tokens on both datasets every 10 steps, so the tests' held-out loss can be
 compared before and after the change of mix. Model and optimizer: configs/tiny.py (6.3M
-parameters, Muon). Expect ~5-6 minutes on 2 CPU cores once the data is prepared (docs/perf.md
-has the measured run: time, held-out losses and their slopes before and after the transition).
+parameters, Muon).
+
+Measured (docs/perf.md, 2026-12-01, a 2-core VM under load 7-10 from other jobs): 27 min wall
+at 45% CPU, 632 s of CPU time, data preparation included; an idle 2-core machine should take
+about 6 minutes (an estimate from the CPU time). The tests' held-out loss falls at -0.023 per
+10 steps in the 40 steps before the transition and -0.086 in the 30 after it; final held-out
+2.372 bits/byte over all held-out text.
 """
 
 import sysconfig
