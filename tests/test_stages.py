@@ -47,14 +47,18 @@ def _two_datasets(root, n: int = 1200, max_len: int = 12, val: int = 40) -> dict
 
 @pytest.fixture(scope="module", autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only: a resumed run re-traces the same
-    programs, and compiling each once keeps these runs to seconds on CPU."""
-    previous = jax.config.jax_compilation_cache_dir
+    """A persistent compilation cache, unless the suite already has one: a resumed run
+    re-traces the same programs, and compiling each once keeps these runs to seconds on CPU."""
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
-    jax.config.update("jax_compilation_cache_dir", previous)
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     compilation_cache.reset_cache()
 
 
