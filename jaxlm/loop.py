@@ -24,7 +24,7 @@ from jaxlm import faults, peers, sharding, stages, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
-from jaxlm.data import pipeline, staged
+from jaxlm.data import staged
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices
 from jaxlm.evaluate import tasks as tasks_lib
@@ -115,7 +115,9 @@ class Trainer:
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
         )
         self.plan = setup.plan
-        self.batches = self._batches(config, manifest)
+        self.batches = staged.training_batches(
+            config, manifest, self.plan, jax.process_index(), jax.process_count()
+        )
         self.meta = {
             "config": json.loads(config.to_json_best_effort()),
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],
@@ -152,31 +154,6 @@ class Trainer:
         self.previous_handlers = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
-
-    def _batches(self, config: Any, manifest: dict) -> Any:
-        """This host's training batches: the single-stage grain pipeline, or a staged stream."""
-        streams = config.data.streams or jax.process_count()
-        if self.plan.staged:
-            stages.check_weights(self.plan, sorted(manifest["datasets"]), "the prepared data")
-            return staged.StagedBatches(
-                manifest,
-                self.plan,
-                seed=config.seed,
-                streams=streams,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-        return pipeline.HostBatches(
-            manifest,
-            seq_len=config.train.seq_len,
-            global_batch=config.train.batch_size,
-            seed=config.seed,
-            streams=streams,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            weights={n: d.weight for n, d in config.data.datasets.items()},
-            worker_count=config.data.grain_workers,
-        )
 
     def _on_signal(self, signum, frame) -> None:
         """The first signal asks the loop to save and stop at the next step boundary.

@@ -8,6 +8,9 @@ attention inside a document.
 
 Batch contract (host-local numpy): inputs, targets, segment_ids, positions int32 (B, L) and
 loss_mask float32 (B, L).
+
+A run with `config.stages` trains on `staged.py`'s stream instead (per-stage mixture, length and
+batch); both turn documents into pairs with `to_pair`, and evaluation always runs here.
 """
 
 from __future__ import annotations

@@ -19,9 +19,12 @@ loss_mask float32 (B, L); rows are always full, so loss_mask is all ones.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grain
 import numpy as np
 
+from jaxlm import stages
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
@@ -190,3 +193,32 @@ class StagedBatches:
                 "read": {n: int(state["read"].get(n, 0)) for n in it.docs},
                 "leftover": {k: list(v) for k, v in state["leftover"].items()},
             }
+
+
+def training_batches(
+    config: Any, manifest: dict, plan: Plan, process_index: int, process_count: int
+) -> pipeline.HostBatches | StagedBatches:
+    """This host's training batches for a run: the single-stage grain pipeline it has always
+    used without `config.stages`, else a staged stream over `plan`."""
+    streams = config.data.streams or process_count
+    if plan.staged:
+        stages.check_weights(plan, sorted(manifest["datasets"]), "the prepared data")
+        return StagedBatches(
+            manifest,
+            plan,
+            seed=config.seed,
+            streams=streams,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    return pipeline.HostBatches(
+        manifest,
+        seq_len=config.train.seq_len,
+        global_batch=config.train.batch_size,
+        seed=config.seed,
+        streams=streams,
+        process_index=process_index,
+        process_count=process_count,
+        weights={n: d.weight for n, d in config.data.datasets.items()},
+        worker_count=config.data.grain_workers,
+    )
