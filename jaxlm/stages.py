@@ -144,6 +144,11 @@ def build(config: Any) -> Plan:
             lr=None,
         )
         return Plan((only,), False, micro, optim.make_schedule(o, t.steps))
+    if config.data.get("grain_workers"):
+        raise ConfigError(
+            f"data.grain_workers={config.data.grain_workers}: a run with config.stages reads its "
+            "documents in-process; set data.grain_workers=0."
+        )
     if t.steps:
         raise ConfigError(
             f"train.steps={t.steps} and config.stages both set the run length; set "

@@ -213,6 +213,10 @@ def test_bad_stage_plans_are_one_sentence_errors():
     c.stages = (dict(steps=2),)
     with pytest.raises(ConfigError, match="train.steps=10 and config.stages"):
         stages.build(c)
+    c = _config()
+    c.stages, c.data.grain_workers = (dict(steps=2),), 2
+    with pytest.raises(ConfigError, match="data.grain_workers=2: a run with config.stages"):
+        stages.build(c)
 
 
 # --------------------------------------------------------------------------- whole runs
