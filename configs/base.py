@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "base"  # run name; the default --workdir is runs/<name>
     c.seed = 0  # seeds parameter init and data order
     c.init_from = ""  # 'hf:<HF model dir>' | 'ckpt:<workdir or step dir>' | '' = random init
+    # With init_from='ckpt:...': continue that checkpoint's whole state (optimizer, step, data
+    # position) under this config's stages, e.g. a cool-down branched from a stable phase.
+    c.branch = False
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 512  # D, residual stream width
@@ -87,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.muon.beta = 0.95  # momentum
     c.optim.muon.ns_steps = 5  # Newton-Schulz iterations
     c.optim.muon.consistent_rms = 0.0  # >0: scale updates to this RMS (then muon.lr ~ optim.lr)
+
+    # Training stages, in order (see jaxlm/stages.py): each a dict with a budget (steps=<n> or
+    # tokens=<n>) and any of weights, seq_len, batch_size, lr (a schedule segment), rope_theta,
+    # rope_scaling. () = one stage made of train.* and optim.*; with stages, train.steps = 0.
+    c.stages = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import faults, peers, sharding, train, validate
+from jaxlm import faults, peers, sharding, stages, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
-from jaxlm.data import pipeline
+from jaxlm.data import staged
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices
 from jaxlm.evaluate import tasks as tasks_lib
@@ -114,16 +114,9 @@ class Trainer:
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
         )
-        self.batches = pipeline.HostBatches(
-            manifest,
-            seq_len=config.train.seq_len,
-            global_batch=config.train.batch_size,
-            seed=config.seed,
-            streams=config.data.streams or jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            weights={n: d.weight for n, d in config.data.datasets.items()},
-            worker_count=config.data.grain_workers,
+        self.plan = setup.plan
+        self.batches = staged.training_batches(
+            config, manifest, self.plan, jax.process_index(), jax.process_count()
         )
         self.meta = {
             "config": json.loads(config.to_json_best_effort()),
@@ -147,8 +140,12 @@ class Trainer:
                 vocab_size=setup.model_cfg.vocab_size,
                 drawn=self.step,
             )
-        self.train_step = setup.jit_train_step()
-        self.eval_step = setup.jit_eval_step()
+        if self.plan.staged:
+            self.staged_step = setup.jit_staged_step()
+        else:
+            self.train_step = setup.jit_train_step()
+        self.eval_steps: dict[tuple, Any] = {}  # (rope_theta, rope_scaling) -> jitted eval step
+        self.stage: stages.Stage | None = None  # the stage of the last step drawn
         self.stop_signal: str | None = None
         self.in_eval = False
         self.best_eval = (0, float("inf"))  # (step, held-out loss)
@@ -173,6 +170,8 @@ class Trainer:
             raise KeyboardInterrupt
 
     def _restore_or_init(self) -> tuple[int, train.TrainState]:
+        if not self.checkpointer.steps() and self.config.branch:
+            return self._branch()
         if not self.checkpointer.steps():
             state = self.setup.init_state()
             if self.config.init_from:
@@ -199,30 +198,57 @@ class Trainer:
                 f"{self.meta['tokenizer_sha256'][:12]}; use the original data and tokenizer config."
             )
         if data_state is not None:
-            # Streams are global: flatten the saved per-process lists, then take this host's part,
-            # so a checkpoint written by N processes resumes on any process count.
-            streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
-            per_host = len(self.batches.iterators)
-            if len(streams) != per_host * jax.process_count():
-                raise ConfigError(
-                    f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
-                    f"reads {per_host * jax.process_count()}; "
-                    f"set --config.data.streams={len(streams)}."
-                )
-            first = jax.process_index() * per_host
-            self.batches.set_state(streams[first : first + per_host])
+            self._set_data_state(step, data_state)
         self.out.trim(step)
         self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
         return step, state
 
+    def _set_data_state(self, step: int, data_state: dict) -> None:
+        # Streams are global: flatten the saved per-process lists, then take this host's part,
+        # so a checkpoint written by N processes resumes on any process count.
+        streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
+        per_host = len(self.batches.iterators)
+        if len(streams) != per_host * jax.process_count():
+            raise ConfigError(
+                f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
+                f"reads {per_host * jax.process_count()}; "
+                f"set --config.data.streams={len(streams)}."
+            )
+        first = jax.process_index() * per_host
+        self.batches.set_state(streams[first : first + per_host])
+
+    def _branch(self) -> tuple[int, train.TrainState]:
+        """config.branch: the whole state of init_from's checkpoint (parameters, optimizer state,
+        step, data position), continued under this run's plan: a cool-down branched from a
+        stable-phase checkpoint trains exactly as if the decay had been planned from the start."""
+        from jaxlm.convert import init_from
+
+        ckpt_dir, step = ckpt_lib.resolve(init_from.parse(self.config.init_from)[1])
+        source = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+        try:
+            step, state, data_state, meta = source.restore(self.setup.abstract_state, step)
+        finally:
+            source.close()
+        if meta.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
+            raise ConfigError(
+                f"config.init_from={self.config.init_from!r} was trained with another tokenizer; "
+                "branch with the data it was trained on."
+            )
+        if step > self.plan.total_steps:
+            raise ConfigError(
+                f"config.init_from's checkpoint is at step {step}, past this run's last step "
+                f"({self.plan.total_steps}); branch from an earlier checkpoint or add stages."
+            )
+        if data_state is not None:
+            self._set_data_state(step, data_state)
+        self.out.print(f"branching from step {step} of {ckpt_dir} (state, optimizer, data)")
+        return step, state
+
     def train(self) -> dict[str, Any]:
         cfg = self.config
-        total = cfg.train.steps
-        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        self.flops_per_step = (
-            self.setup.model_cfg.flops_per_token(cfg.train.seq_len) * tokens_per_step
-        )
-        self.clock = metrics_lib.Throughput(self.step, total, tokens_per_step)
+        total = self.plan.total_steps
+        self.clock = metrics_lib.Throughput(self.step, total, 0)
+        self._enter_stage(self.plan.stage_at(self.step))
         self.pending, self.data_wait, self.last = [], 0.0, {}
         bad_steps: list[int] = []
         rollbacks: list[list[int]] = []
@@ -236,10 +262,16 @@ class Trainer:
             while self.step < total:
                 if self._should_stop():
                     return self._preempt(start_step, start)
+                stage = self.plan.stage_at(self.step)
+                if stage is not self.stage:
+                    self._enter_stage(stage)
                 host_batch = self._next_batch()
-                self.state, step_metrics = self.train_step(
-                    self.state, sharding.host_to_global(host_batch, self.setup.mesh)
-                )
+                if self.plan.staged:
+                    self.state, step_metrics = self.staged_step(self.state, host_batch, stage)
+                else:
+                    self.state, step_metrics = self.train_step(
+                        self.state, sharding.host_to_global(host_batch, self.setup.mesh)
+                    )
                 self.step += 1
                 self.pending.append(step_metrics)
                 if previous_skip is not None:
@@ -273,9 +305,17 @@ class Trainer:
         self._print_summary(summary)
         return summary
 
+    def _enter_stage(self, stage: stages.Stage) -> None:
+        """Throughput and FLOPs of the stage's shapes; a staged run logs the transition."""
+        tokens_per_step = stage.batch_size * stage.seq_len
+        self.flops_per_step = self.setup.model_cfg.flops_per_token(stage.seq_len) * tokens_per_step
+        self.clock.tokens_per_step = tokens_per_step
+        if self.plan.staged:
+            self.out.print(f"step {self.step}: {stage.describe()}")
+        self.stage = stage
+
     def _print_summary(self, summary: dict[str, Any]) -> None:
-        cfg = self.config
-        tokens = summary["final_step"] * cfg.train.batch_size * cfg.train.seq_len
+        tokens = self.plan.tokens_before(summary["final_step"])
         best_step, best_loss = self.best_eval
         train_loss = summary["train_loss"]
         train_loss = "-" if train_loss is None else f"{train_loss:.4f}"
@@ -323,11 +363,17 @@ class Trainer:
         if mem is not None:
             last["memory_gb"] = mem
         self.pending, self.data_wait, self.last = [], 0.0, last
+        if self.plan.staged:  # the stage of the last step logged, and its shapes
+            last.update(
+                stage=self.stage.index,
+                batch_size=self.stage.batch_size,
+                seq_len=self.stage.seq_len,
+            )
         self.out.write(done, {k: v for k, v in last.items() if k != "eta_s"}, prefix="train/")
         mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
         skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
         self.out.print(
-            f"step {done:>6}/{self.config.train.steps} | loss {last['loss']:.4f} | "
+            f"step {done:>6}/{self.plan.total_steps} | loss {last['loss']:.4f} | "
             f"lr {last['lr']:.2e} | "
             f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
             f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
@@ -369,8 +415,12 @@ class Trainer:
 
     def _compute_eval(self, final: bool) -> dict[str, float]:
         cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
+        stage = self.plan.stage_at(max(self.step - 1, 0))  # the model as last trained
+        rope = (stage.rope_theta, stage.rope_scaling)
+        if rope not in self.eval_steps:
+            self.eval_steps[rope] = self.setup.jit_eval_step(self.setup.graphdef_for(stage))
         result = train.evaluate(
-            self.setup, self.eval_step, self.state["params"], self.manifest, cap
+            self.setup, self.eval_steps[rope], self.state["params"], self.manifest, cap
         )
         if self.tasks:
             cfg = self.config

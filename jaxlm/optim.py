@@ -128,15 +128,16 @@ def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
 
 
 def make_optimizer(
-    optim_cfg: Any, total_steps: int
+    optim_cfg: Any, total_steps: int, schedule: optax.Schedule | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Global-norm clipping, then one optimizer per parameter group (`param_groups`), each with
     its own learning-rate scale and weight decay; returns the transformation and the schedule
-    of the base learning rate (`optim.lr`'s curve)."""
+    of the base learning rate (`optim.lr`'s curve: `schedule` when given, as a staged run's
+    plan gives it, else `make_schedule` over `total_steps`)."""
     optim_cfg = _with_defaults(optim_cfg)
     if optim_cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, not {optim_cfg.name!r}.")
-    schedule = make_schedule(optim_cfg, total_steps)
+    schedule = schedule or make_schedule(optim_cfg, total_steps)
     parts = []
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))

@@ -5,6 +5,7 @@ The job that drives them (data, loop, checkpoints, preemption, rollback) is `jax
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from flax import nnx
 
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding
+from jaxlm import stages as stages_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 
@@ -82,8 +84,26 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        loss_sum, count, grads = accumulate_gradients(graphdef, state["params"], batch, grad_accum)
+        return update(state, loss_sum, count, grads)
+
+    update = make_update(tx, schedule, spike_ratio, spike_warmup, ema_decay)
+    return train_step
+
+
+def make_update(
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    spike_ratio: float = 0.0,
+    spike_warmup: int = 50,
+    ema_decay: float = 0.99,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """Builds `update(state, loss_sum, count, grads) -> (state, metrics)`: the optimizer update
+    from summed loss and gradients over `count` targets, with the skip rule of
+    `make_train_step`."""
+
+    def update(state: TrainState, loss_sum, count, grads) -> tuple[TrainState, dict]:
         params = state["params"]
-        loss_sum, count, grads = accumulate_gradients(graphdef, params, batch, grad_accum)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -125,7 +145,24 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return train_step
+    return update
+
+
+def make_micro_grad(graphdef: Any) -> Callable[..., tuple]:
+    """Builds `micro_grad(params, acc, micro_batch) -> acc`: adds one micro-batch's summed loss,
+    target count and summed gradients to `acc` = (loss_sum, count, grads).
+
+    A staged run accumulates a step's micro-batches with this on the host, so its programs
+    depend on the micro-batch's shape only: a batch-size ramp re-runs it more times per step
+    instead of compiling a new step.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+
+    def micro_grad(params, acc, micro_batch):
+        (loss_sum, count), grads = grad_fn(params, micro_batch)
+        return acc[0] + loss_sum, acc[1] + count, jax.tree.map(jnp.add, acc[2], grads)
+
+    return micro_grad
 
 
 def make_eval_step(graphdef: Any) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
@@ -149,7 +186,10 @@ class Setup:
         self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, platform)
         self.mesh = mesh
         self.rules = sharding.rules_for(config.mesh.preset)
-        self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
+        self.plan = stages_lib.build(config)
+        self.tx, self.schedule = optim.make_optimizer(
+            config.optim, self.plan.total_steps, self.plan.schedule
+        )
         abstract_model = model_lib.abstract(self.model_cfg)
         self.graphdef, abstract_params_state = nnx.split(abstract_model)
         axes = model_lib.logical_axes(abstract_params_state)
@@ -177,6 +217,19 @@ class Setup:
             self.state_shardings,
         )
         self.n_params = model_lib.count_params(abstract_params)
+        self._graphdefs: dict[tuple, Any] = {}  # (rope_theta, rope_scaling) -> graphdef
+
+    def graphdef_for(self, stage: stages_lib.Stage) -> Any:
+        """The model of `stage`: the run's, or the same parameters under the stage's RoPE."""
+        rope = (stage.rope_theta, stage.rope_scaling)
+        if rope == (self.model_cfg.rope_theta, self.model_cfg.rope_scaling):
+            return self.graphdef
+        if rope not in self._graphdefs:
+            cfg = dataclasses.replace(
+                self.model_cfg, rope_theta=stage.rope_theta, rope_scaling=stage.rope_scaling
+            )
+            self._graphdefs[rope] = nnx.split(model_lib.abstract(cfg))[0]
+        return self._graphdefs[rope]
 
     def _init_fn(self) -> TrainState:
         seed = self.config.seed
@@ -219,11 +272,16 @@ class Setup:
             donate_argnums=0,
         )
 
-    def jit_eval_step(self) -> Callable:
-        """The jitted `eval_step(params, batch) -> (summed nll, target count)`."""
+    def jit_staged_step(self) -> StagedStep:
+        """A staged run's step: `step(state, host_batch, stage) -> (state, metrics)`."""
+        return StagedStep(self)
+
+    def jit_eval_step(self, graphdef: Any = None) -> Callable:
+        """The jitted `eval_step(params, batch) -> (summed nll, target count)` (of `graphdef`,
+        default the run's model)."""
         batch_sh = sharding.batch_sharding(self.mesh)
         return jax.jit(
-            self.in_mesh(make_eval_step(self.graphdef)),
+            self.in_mesh(make_eval_step(graphdef or self.graphdef)),
             in_shardings=(self.param_shardings, batch_sh),
         )
 
@@ -242,6 +300,58 @@ class Setup:
     def lower_train_step(self) -> jax.stages.Lowered:
         """The train step lowered on abstract state and batch: compile it, or read its HLO."""
         return self.jit_train_step().lower(self.abstract_state, self.abstract_batch())
+
+
+class StagedStep:
+    """One optimizer step of a staged run, for any stage: the step's rows are cut into
+    micro-batches of the plan's fixed size, whose gradients one jitted program per
+    (micro-batch shape, RoPE) adds up, then one jitted update applies them. A batch ramp only
+    changes how often the first runs; each sequence length compiles it once."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        t = setup.config.train
+        mesh, params = setup.mesh, setup.abstract_state["params"]
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.acc_shardings = (replicated, replicated, setup.param_shardings)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        zeros = lambda: (  # noqa: E731
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params),
+        )
+        self.zeros = jax.jit(zeros, out_shardings=self.acc_shardings)
+        update = make_update(setup.tx, setup.schedule, t.spike_ratio, t.spike_warmup)
+        self.update = jax.jit(
+            setup.in_mesh(update),
+            in_shardings=(setup.state_shardings, *self.acc_shardings),
+            out_shardings=(setup.state_shardings, None),
+            donate_argnums=0,
+        )
+        self.micro_grads: dict[tuple, Callable] = {}  # (rope_theta, rope_scaling) -> jitted
+
+    def __call__(
+        self, state: TrainState, host_batch: dict, stage: stages_lib.Stage
+    ) -> tuple[TrainState, dict]:
+        rope = (stage.rope_theta, stage.rope_scaling)
+        if rope not in self.micro_grads:
+            self.micro_grads[rope] = jax.jit(
+                self.setup.in_mesh(make_micro_grad(self.setup.graphdef_for(stage))),
+                in_shardings=(self.setup.param_shardings, self.acc_shardings, self.batch_sharding),
+                out_shardings=self.acc_shardings,
+                donate_argnums=1,
+            )
+        micro_grad = self.micro_grads[rope]
+        acc = self.zeros()
+        rows = host_batch["inputs"].shape[0] // stage.grad_accum  # this host's micro rows
+        for j in range(stage.grad_accum):
+            micro = {k: v[j * rows : (j + 1) * rows] for k, v in host_batch.items()}
+            acc = micro_grad(state["params"], acc, sharding.host_to_global(micro, self.setup.mesh))
+        return self.update(state, *acc)
+
+    def compilations(self) -> int:
+        """Programs compiled so far for gradients and updates (the zero-init aside)."""
+        return sum(f._cache_size() for f in self.micro_grads.values()) + self.update._cache_size()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -289,14 +399,13 @@ def _eval_split(
     """Summed nll and target count over one held-out split or validation set."""
     cfg = setup.config
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    n = pipeline.eval_num_batches(
-        manifest, name, cfg.train.seq_len, batch_size, max_batches, split=split
-    )
+    seq_len = setup.plan.max_seq_len  # train.seq_len, or a staged run's longest length
+    n = pipeline.eval_num_batches(manifest, name, seq_len, batch_size, max_batches, split=split)
     nll, count = 0.0, 0.0
     for host_batch in pipeline.eval_batches(
         manifest,
         name,
-        seq_len=cfg.train.seq_len,
+        seq_len=seq_len,
         batch_size=batch_size // jax.process_count(),
         num_batches=n,
         process_index=jax.process_index(),

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import attention, optim, sharding
+from jaxlm import attention, optim, sharding, stages
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError, JaxlmError
 
@@ -149,6 +149,8 @@ def check_manifest(manifest: dict, manifest_path: str, config: Any = None) -> No
                 f"data.datasets.{name}.split='8000' cuts it into pieces) or a larger "
                 "data.val_fraction."
             )
+    if config is not None and config.get("stages"):
+        stages.check_weights(stages.build(config), sorted(manifest["datasets"]), manifest_path)
     wanted = dict(config.data.get("validation") or {}) if config is not None else {}
     missing = sorted(set(wanted) - set(manifest.get("validation", {})))
     if missing:
@@ -203,12 +205,18 @@ def _build_objects(config: Any) -> None:
         raise ConfigError(
             f"optim.schedule must be one of {optim.SCHEDULES}, not {config.optim.schedule!r}."
         )
+    plan = stages.build(config)  # the whole stage plan, before any data work
     try:
-        optim.make_optimizer(config.optim, config.train.steps)
+        optim.make_optimizer(config.optim, plan.total_steps, plan.schedule)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.optim cannot build an optimizer: {e}") from None
+    if config.get("branch") and not config.init_from.startswith("ckpt:"):
+        raise ConfigError(
+            "config.branch=True continues another run's checkpoint: set "
+            "config.init_from='ckpt:<workdir or step dir>'."
+        )
     if config.init_from:
         from jaxlm.convert import init_from
 

@@ -192,6 +192,25 @@ CASES = [
     (["--config.data.datasets.domain.paths=x"], "domain; datasets are: stdlib"),
     (["--config.data.datasets.stdlib.split=pages"], "config.data.datasets.stdlib.split='pages'"),
     (["--config.eval.task_files=/no/such/task.jsonl"], "/no/such/task.jsonl"),
+    # (a stage's dict braces are doubled: every override is str.format-ed with `files`)
+    (["--config.stages=({{'steps': 2}},)"], "train.steps=4 and config.stages both set"),
+    (
+        ["--config.train.steps=0", "--config.stages=({{'steps': 2}}, {{'seq_len': 128}})"],
+        "stages[1].seq_len=128 exceeds model.max_seq_len=64",  # checked before its budget
+    ),
+    (
+        ["--config.train.steps=0", "--config.stages=({{'steps': 2, 'weights': {{'web': 1.0}}}},)"],
+        "stages[0].weights names 'web'",
+    ),
+    (
+        ["--config.train.steps=0", "--config.stages=({{'tokens': 64, 'batch_size': 12}},)"],
+        "stages[0].batch_size=12 must be a multiple of the micro-batch",
+    ),
+    (
+        ["--config.train.steps=0", "--config.stages=({{'steps': 4, 'lr': {{'decay': 'step'}}}},)"],
+        "stages[0].lr.decay='step' must be one of",
+    ),
+    (["--config.branch=True"], "config.branch=True continues another run's checkpoint"),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
     (
         ["--config.data.manifest={no_heldout}"],
@@ -239,7 +258,9 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(jaxlm_main, monkeypatch
     )
 
 
-@pytest.mark.parametrize("name", ["tiny", "gpt2_124m", "llama_1b", "llama_8b", "tinysolar_248m"])
+@pytest.mark.parametrize(
+    "name", ["tiny", "tiny_stages", "gpt2_124m", "llama_1b", "llama_8b", "tinysolar_248m"]
+)
 def test_every_recipe_passes_validation(name, tmp_path):
     # The other side of the table: the checks refuse nothing a shipped recipe asks for.
     # (continue_pretraining needs a base model directory; tests/test_convert_hf.py runs it.)

@@ -100,3 +100,24 @@ def test_a_workdir_without_metrics_is_one_error_line(tmp_path, capsys):
     assert plot_metrics.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path}/metrics.jsonl does not exist; pass the --workdir of a run.\n"
+
+
+def test_a_staged_run_gets_its_boundaries_and_planned_schedules(tmp_path):
+    from tests.helpers import tiny_config
+
+    config = tiny_config()
+    config.train.steps = 0
+    config.stages = (
+        dict(name="short", steps=200, seq_len=16, batch_size=16),
+        dict(name="long", steps=300, seq_len=64, batch_size=8),
+    )
+    wd = make_workdir(tmp_path / "staged", seed=0)
+    (wd / "config.json").write_text(config.to_json_best_effort())
+    plan = plot_metrics.stage_plan(str(wd))
+    assert [s.start for s in plan.stages] == [0, 200]
+    # x is tokens seen, exact across the change of shape: 200 x 16 x 16, then 8 x 64 per step.
+    to_x = plot_metrics._tokens_at(str(wd), plan)
+    assert to_x([200, 500]).tolist() == [51_200, 51_200 + 300 * 512]
+    assert plot_metrics.main([str(wd)]) == 0
+    pixels = image.imread(str(wd / "metrics.png"))
+    assert pixels.shape == (1275, 1600, 4) and pixels[850:, :, :3].var() > 0.001  # third row

@@ -7,7 +7,9 @@ downstream accuracy (`eval/<task>/accuracy`, chance level dashed) and bits per b
 (solid), each dataset's held-out split and each named validation set (`eval/<name>/bits_per_byte`,
 dashed and dotted);
 the x axis is tokens seen (step x train.batch_size x train.seq_len from each run's config.json,
-or steps when a config is missing). Needs matplotlib: pip install 'jaxlm[plot]'.
+or steps when a config is missing). A run with `config.stages` also gets its stage boundaries
+marked (dotted lines) on every panel and a row of its planned schedules: batch size, sequence
+length and mixture weights per step. Needs matplotlib: pip install 'jaxlm[plot]'.
 Default output: <first workdir>/metrics.png.
 """
 
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,6 +74,39 @@ def tokens_per_step(workdir: str) -> int | None:
         return None
 
 
+def stage_plan(workdir: str) -> Any:
+    """The `jaxlm.stages.Plan` of a run with `config.stages` (from its config.json), else None."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not config.get("stages"):
+        return None
+    import ml_collections
+
+    from jaxlm import stages  # imports jax: only for staged runs
+
+    try:
+        return stages.build(ml_collections.ConfigDict(config))
+    except (JaxlmError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _tokens_at(workdir: str, plan: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """steps -> tokens seen: exact across a staged run's changes of batch and length."""
+    if plan is not None:
+        return lambda steps: np.array([plan.tokens_before(int(s)) for s in steps], np.float64)
+    scale = tokens_per_step(workdir)
+    return None if scale is None else (lambda steps: np.asarray(steps) * scale)
+
+
+def _planned(plan: Any, value: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, value(stage)) at every step of a plan, for a step plot."""
+    steps = np.arange(plan.total_steps + 1)
+    return steps, np.array([value(plan.stage_at(max(int(s) - 1, 0))) for s in steps], np.float64)
+
+
 def find_spikes(
     values: np.ndarray, window: int = 10, rel: float = 0.05, n_sigma: float = 6.0
 ) -> np.ndarray:
@@ -111,13 +147,16 @@ def plot(workdirs: list[str], out: str) -> str:
         raise JaxlmError("plotting needs matplotlib: pip install 'jaxlm[plot]'.") from None
 
     runs = [read_metrics(w) for w in workdirs]
-    scales = [tokens_per_step(w) for w in workdirs]
-    use_tokens = all(s is not None for s in scales)  # one x axis for every run, or steps for all
+    plans = [stage_plan(w) for w in workdirs]
+    token_maps = [_tokens_at(w, p) for w, p in zip(workdirs, plans, strict=True)]
+    use_tokens = all(t is not None for t in token_maps)  # one x axis for all runs, or steps
     x_label = "tokens seen" if use_tokens else "step"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), dpi=100, sharex=True)
-    ax_loss, ax_lr, ax_grad, ax_tput, ax_acc, ax_bpb = axes.ravel()
+    staged = any(p is not None for p in plans)  # a third row: the planned schedules
+    rows = 3 if staged else 2
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 4.25 * rows), dpi=100, sharex=True)
+    ax_loss, ax_lr, ax_grad, ax_tput, ax_acc, ax_bpb = axes.ravel()[:6]
     titles = {
         ax_loss: "loss (x spike, | skipped step)",
         ax_lr: "learning rate",
@@ -126,24 +165,35 @@ def plot(workdirs: list[str], out: str) -> str:
         ax_acc: "downstream accuracy",
         ax_bpb: "bits per byte (held-out, per set)",
     }
+    if staged:
+        ax_batch, ax_len, ax_mix = axes[2]
+        titles.update(
+            {
+                ax_batch: "batch size (sequences per step)",
+                ax_len: "sequence length (tokens)",
+                ax_mix: "mixture weights",
+            }
+        )
     drawn: dict[Any, bool] = dict.fromkeys(titles, False)
 
-    def line(ax, series: Series, key: str, scale: int | None, color: str, **kw) -> bool:
+    def line(ax, series: Series, key: str, to_x: Callable | None, color: str, **kw) -> bool:
         if key not in series:
             return False
         steps, values = series[key]
-        ax.plot(steps * (scale if use_tokens else 1), values, color=color, **kw)
+        ax.plot(to_x(steps) if use_tokens else steps, values, color=color, **kw)
         drawn[ax] = True
         return True
 
     chance_drawn: set[tuple[str, float]] = set()
-    for run, scale, label, color in zip(runs, scales, _labels(workdirs), itertools.cycle(colors)):
+    for run, scale, plan, label, color in zip(
+        runs, token_maps, plans, _labels(workdirs), itertools.cycle(colors)
+    ):
         if line(ax_loss, run, "train/loss", scale, color, lw=1.2, label=f"{label} train"):
             steps, values = run["train/loss"]
             spikes = find_spikes(values)
             if len(spikes):
                 ax_loss.scatter(
-                    steps[spikes] * (scale if use_tokens else 1),
+                    scale(steps[spikes]) if use_tokens else steps[spikes],
                     values[spikes],
                     marker="x",
                     s=60,
@@ -166,7 +216,8 @@ def plot(workdirs: list[str], out: str) -> str:
             "train/skipped" in run
         ):  # steps the trainer skipped (non-finite loss): ticks at the bottom
             steps, skipped = run["train/skipped"]
-            hit = steps[skipped > 0] * (scale if use_tokens else 1)
+            hit = steps[skipped > 0]
+            hit = scale(hit) if use_tokens else hit
             ax_loss.plot(
                 hit,
                 np.zeros_like(hit),
@@ -211,6 +262,9 @@ def plot(workdirs: list[str], out: str) -> str:
                     chance_drawn.add((task, chance))
                     ax_acc.axhline(chance, color="gray", ls=":", lw=1, label=f"chance {task}")
 
+        if plan is not None:
+            _draw_stages(plan, label, color, scale if use_tokens else None, titles, drawn)
+
     for ax, title in titles.items():
         ax.set_title(title)
         if ax in axes[-1]:  # the x axis is shared; label the bottom row only
@@ -235,6 +289,40 @@ def plot(workdirs: list[str], out: str) -> str:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _draw_stages(
+    plan: Any, label: str, color: str, to_x: Callable | None, titles: dict, drawn: dict
+) -> None:
+    """A staged run's boundaries on every panel, and its planned batch, length and mixture in
+    the third row (the last three panels of `titles`)."""
+    x = to_x or (lambda steps: np.asarray(steps))
+    panels = list(titles)
+    for stage in plan.stages[1:]:
+        for ax in panels:
+            ax.axvline(x([stage.start])[0], color=color, ls=":", lw=1)
+    top = panels[0]
+    for stage in plan.stages:
+        top.text(
+            x([stage.start])[0],
+            1.0,
+            f" {stage.name}",
+            transform=top.get_xaxis_transform(),
+            va="top",
+            fontsize=7,
+            color=color,
+        )
+    ax_batch, ax_len, ax_mix = panels[-3:]
+    steps, batch = _planned(plan, lambda s: s.batch_size)
+    ax_batch.step(x(steps), batch, where="post", color=color, label=label)
+    steps, length = _planned(plan, lambda s: s.seq_len)
+    ax_len.step(x(steps), length, where="post", color=color, label=label)
+    names = sorted({n for s in plan.stages for n in s.weights})
+    for name, style in zip(names, itertools.cycle(["-", "--", ":", "-."])):
+        steps, weight = _planned(plan, lambda s, n=name: s.weights.get(n, 0.0))
+        ax_mix.step(x(steps), weight, where="post", color=color, ls=style, label=f"{label} {name}")
+    for ax in (ax_batch, ax_len, ax_mix):
+        drawn[ax] = True
 
 
 def main(argv: list[str] | None = None) -> int:

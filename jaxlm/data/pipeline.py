@@ -8,6 +8,9 @@ attention inside a document.
 
 Batch contract (host-local numpy): inputs, targets, segment_ids, positions int32 (B, L) and
 loss_mask float32 (B, L).
+
+A run with `config.stages` trains on `staged.py`'s stream instead (per-stage mixture, length and
+batch); both turn documents into pairs with `to_pair`, and evaluation always runs here.
 """
 
 from __future__ import annotations
@@ -24,18 +27,27 @@ from jaxlm.data import manifest as manifest_lib
 from jaxlm.errors import ConfigError
 
 
+def to_pair(record: bytes, bos_id: int) -> dict[str, np.ndarray]:
+    """One document's record -> its next-token pair: inputs [BOS]+ids, targets ids+[EOS].
+
+    The one place a document's ids become training tokens (the record already ends in EOS):
+    every training stream, staged or not, and every held-out pass goes through here.
+    """
+    ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
+    return {
+        "inputs": np.concatenate([[bos_id], ids[:-1]]).astype(np.int32),
+        "targets": ids,
+    }
+
+
 class _ToPair(grain.transforms.Map):
-    """Record bytes -> inputs [BOS]+ids, targets ids+[EOS] (the record already ends in EOS)."""
+    """`to_pair` as a grain transform."""
 
     def __init__(self, bos_id: int):
         self.bos_id = bos_id
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
-        ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
-        return {
-            "inputs": np.concatenate([[self.bos_id], ids[:-1]]).astype(np.int32),
-            "targets": ids,
-        }
+        return to_pair(record, self.bos_id)
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
