@@ -159,10 +159,14 @@ def _init_worker(tokenizer_path: str) -> None:
     _WORKER_TOKENIZER = tokenizer.load(tokenizer_path)
 
 
-def _encode_batch(texts: list[str], tok: Any = None) -> list[tuple[bytes, int]]:
-    tok = tok or _WORKER_TOKENIZER
+def encode_batch(texts: list[str], tok: Any) -> list[tuple[bytes, int]]:
+    """Each text's record (:func:`encode_record`) and its token count, EOS included."""
     encoded = tok.encode_batch(texts)  # single-threaded: the processes are the parallelism
     return [(encode_record(ids, tok.eos_id), len(ids) + 1) for ids in encoded]
+
+
+def _encode_batch(texts: list[str], tok: Any = None) -> list[tuple[bytes, int]]:
+    return encode_batch(texts, tok or _WORKER_TOKENIZER)
 
 
 def _batches(texts: Iterable[str]) -> Iterator[tuple[list[str], list[int]]]:
