@@ -1,0 +1,181 @@
+"""Beam path = local path; dedup is global; hostile inputs are skipped and counted, not fatal.
+
+One corpus serves every test: real standard-library files, planted exact and near duplicates
+whose originals and copies lie in different files (as they would on different hosts), and a
+folder of hostile files. It is prepared once locally, once by two local processes and once by
+Beam's DirectRunner with two workers.
+"""
+
+import json
+import os
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from jaxlm.data import curate, manifest, prepare, sources
+from tests.test_prepare import Log, _configs, _copy_stdlib_subset, _decoded, _same_data
+
+pytestmark = pytest.mark.slow  # three preparations of a 55 MB corpus, one on Beam (~20 s)
+
+N_NEAR, N_EXACT = 60, 12
+BIG_MB = 50
+
+
+def _vocabulary() -> list[str]:
+    """Distinct lower-case words of the standard library's source: real, on every machine."""
+    words: set[str] = set()
+    for f in sources.stdlib_files()[::40]:
+        with open(f.path, encoding="utf-8", errors="replace") as fh:
+            words.update(w for w in fh.read().lower().split() if w.isalpha() and len(w) > 3)
+    return sorted(words)
+
+
+def _near_copy(text: str, rng: random.Random, vocab: list[str]) -> str:
+    """The text with two words replaced: true Jaccard ~0.9 on word 5-gram shingles."""
+    words = text.split()
+    for i in rng.sample(range(len(words)), 2):
+        words[i] = rng.choice(vocab)
+    return " ".join(words)
+
+
+def _write_jsonl(path, texts) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beam_corpus")
+    rng = random.Random(15)
+    vocab = _vocabulary()
+    code = _copy_stdlib_subset(root / "code", 23, 5, 30)
+    # Distinct documents in one "host's" file; their copies in another's.
+    originals = [" ".join(rng.choice(vocab) for _ in range(200)) + "." for _ in range(N_NEAR)]
+    near = [_near_copy(t, rng, vocab) for t in originals]
+    exact = [f"  {t.upper()}\n" for t in originals[:N_EXACT]]  # same words, other case/spacing
+    _write_jsonl(str(root / "host0" / "part-0.jsonl"), originals)
+    _write_jsonl(str(root / "host1" / "part-1.jsonl"), near + exact)
+
+    bad = root / "hostile"
+    bad.mkdir()
+    (bad / "program.txt").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8)
+    (bad / "picture.txt").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + bytes(rng.randrange(256) for _ in range(999))
+    )
+    (bad / "empty.txt").write_bytes(b"")
+    latin1 = "Caf\xe9 cr\xe8me: a good document with latin-1 bytes in it, kept with a marker."
+    (bad / "latin1.txt").write_bytes(latin1.encode("latin-1"))
+    (bad / "one_line.txt").write_bytes(b"0123456789abcdef " * (BIG_MB * 2**20 // 17))
+    good_json = "A good JSON line in a file that also has broken lines, kept as a document."
+    (bad / "mixed.jsonl").write_text(
+        json.dumps({"text": good_json}) + '\n{"text": "unterminated\n' + '{"title": "no text"}\n'
+    )
+    pq, pa = pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
+    pq.write_table(pa.table({"body": ["the text is under another column"]}), bad / "t.parquet")
+    os.symlink("loop.txt", bad / "loop.txt")
+    os.symlink("..", bad / "cycle")  # hostile/cycle -> the corpus root: a directory cycle
+    return {
+        "root": root,
+        "code": code,
+        "originals": originals,
+        "near": near,
+        "good": {latin1.replace("\xe9", "\ufffd").replace("\xe8", "\ufffd"), good_json},
+    }
+
+
+def _cfgs(corpus, cache):
+    return _configs(f"{corpus['root']}/**", cache, docs_per_shard=8)
+
+
+@pytest.fixture(scope="module")
+def local(corpus, tmp_path_factory):
+    d, t = _cfgs(corpus, tmp_path_factory.mktemp("cache"))
+    return prepare.prepare(d, t, log=Log())
+
+
+@pytest.fixture(scope="module")
+def beam(corpus, tmp_path_factory):
+    pytest.importorskip("apache_beam")
+    from jaxlm.data import beam
+
+    d, t = _cfgs(corpus, tmp_path_factory.mktemp("cache"))
+    args = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    return beam.prepare_beam(d, t, ["--runner=DirectRunner", *args], log=Log())
+
+
+def _texts(path) -> set[str]:
+    return {t for split in _decoded(path).values() for t in split}
+
+
+def test_beam_with_two_workers_writes_the_local_paths_records(local, beam):
+    m_local, m_beam = manifest.load(local), manifest.load(beam, check_shards=True)
+    assert m_beam["host"]["engine"] == "beam"
+    # tokenizer hash, shard files (sha256), documents, tokens, curation counts, problems
+    assert _same_data(m_beam) == _same_data(m_local)
+    assert _decoded(beam) == _decoded(local)
+
+
+def test_two_processes_write_the_same_records_as_one(corpus, local, tmp_path):
+    results, errors = {}, []
+
+    def host(i):
+        try:
+            d, t = _cfgs(corpus, tmp_path / "cache")
+            results[i] = prepare.prepare(d, t, process_index=i, process_count=2, log=Log())
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors, errors
+    assert _same_data(manifest.load(results[0])) == _same_data(manifest.load(local))
+
+
+def test_duplicates_in_different_files_are_removed_globally(corpus, local):
+    m = manifest.load(local)
+    texts = _texts(local)
+    removed_near = [t for t in corpus["near"] if t not in texts]
+    assert len(corpus["near"]) >= 50
+    assert len(removed_near) / len(corpus["near"]) >= 0.95  # near-dup recall
+    assert all(t in texts for t in corpus["originals"])  # keep-first: the earlier file's copy
+    rep = m["curation"]["code"]
+    assert rep["removed"]["exact_dedup"]["documents"] == N_EXACT
+    # nothing distinct was removed as a near duplicate: only planted copies were
+    assert rep["removed"]["near_dedup"]["documents"] == len(removed_near)
+
+
+def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
+    m = manifest.load(local)
+    kinds: dict[str, int] = {}
+    for p in m["problems"]["code"]:
+        kinds[p["kind"]] = kinds.get(p["kind"], 0) + p["count"]
+    assert kinds == {
+        "binary": 2,
+        "empty_file": 1,
+        "non_utf8": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "missing_column": 1,
+        "symlink_loop": 1,
+        "symlink_cycle": 1,
+    }
+    by_kind = {p["kind"]: p["file"] for p in m["problems"]["code"]}
+    assert by_kind["binary"].endswith(("program.txt", "picture.txt"))
+    assert by_kind["symlink_cycle"].endswith("cycle")
+    rep = m["curation"]["code"]
+    # the 50 MB line is one document, removed by a quality rule (3 M words > max_words)
+    assert rep["removed"]["quality.max_words"]["bytes"] >= BIG_MB * 10**6
+    # every good document is kept, each once: the directory cycle did not read files twice
+    texts = _texts(local)
+    clean = curate.Curator(_cfgs(corpus, "")[0].curation)  # the code files alone, curated
+    want_code = {d["text"] for d in clean(sources.Source(str(corpus["root"] / "code")))}
+    assert corpus["good"] | set(corpus["originals"]) | want_code <= texts
+    assert rep["documents_in"] == len(corpus["code"]) + 2 * N_NEAR + N_EXACT + 3
+    assert not any(t.startswith(("\x7fELF", "\x89PNG")) for t in texts)
+    assert np.isfinite(m["val_gzip_bits_per_byte"]["all"])
