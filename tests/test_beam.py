@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxlm.data import curate, manifest, prepare, sources
-from tests.test_prepare import Log, _configs, _copy_stdlib_subset, _decoded, _same_data
+from tests.test_prepare import Log, _configs, _copy_stdlib_subset, _decoded
 
 pytestmark = pytest.mark.slow  # three preparations of a 55 MB corpus, one on Beam (~20 s)
 
@@ -114,7 +114,7 @@ def test_beam_with_two_workers_writes_the_local_paths_records(local, beam):
     m_local, m_beam = manifest.load(local), manifest.load(beam, check_shards=True)
     assert m_beam["host"]["engine"] == "beam"
     # tokenizer hash, shard files (sha256), documents, tokens, curation counts, problems
-    assert _same_data(m_beam) == _same_data(m_local)
+    assert manifest.content(m_beam) == manifest.content(m_local)
     assert _decoded(beam) == _decoded(local)
 
 
@@ -134,7 +134,7 @@ def test_two_processes_write_the_same_records_as_one(corpus, local, tmp_path):
     for th in threads:
         th.join(timeout=300)
     assert not errors, errors
-    assert _same_data(manifest.load(results[0])) == _same_data(manifest.load(local))
+    assert manifest.content(manifest.load(results[0])) == manifest.content(manifest.load(local))
 
 
 def test_duplicates_in_different_files_are_removed_globally(corpus, local):

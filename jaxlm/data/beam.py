@@ -536,9 +536,6 @@ def prepare_beam(
     Raises:
       DataError: bad config or input, or Beam is not installed (one sentence, before any work).
     """
-    beam = _require_beam()
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
     if log is None:
         log = lambda s: print(s, flush=True)  # noqa: E731
     prepare.check_config(data_cfg, tok_cfg)
@@ -577,6 +574,9 @@ def prepare_beam(
         tok_file = "tokenizer.json" if tokenizer.is_tokenizer_json(given) else tok_file
         with open(given, "rb") as f:
             model = f.read()
+
+    beam = _require_beam()  # after the checks: importing Beam takes seconds and logs lines
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     options = PipelineOptions(pipeline_args)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"

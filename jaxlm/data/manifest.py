@@ -201,6 +201,34 @@ def make(
     }
 
 
+def content(m: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest says about the data, leaving out who wrote it and where: the tokenizer,
+    every shard's file name, counts and sha256, the curation reports and problems. Equal for
+    any process count and for the Beam path (``tests/test_beam.py``)."""
+
+    def shards(entry: dict[str, Any]) -> list[tuple]:
+        return [
+            (os.path.basename(s["path"]), s["documents"], s["tokens"], s["bytes"], s["sha256"])
+            for s in entry["shards"]
+        ]
+
+    return {
+        "key": m["key"],
+        "tokenizer": m["tokenizer"],
+        "datasets": {
+            n: {"weight": ds["weight"], **{sp: shards(ds[sp]) for sp in SPLITS}}
+            for n, ds in m["datasets"].items()
+        },
+        "validation": {
+            n: (shards(v), v.get("removed_from_training"))
+            for n, v in m.get("validation", {}).items()
+        },
+        "curation": m["curation"],
+        "problems": m["problems"],
+        "val_gzip_bits_per_byte": m["val_gzip_bits_per_byte"],
+    }
+
+
 def write(path: str, m: dict[str, Any]) -> None:
     """Writes a manifest atomically (a reader never sees half a file); ``root`` is not stored."""
     write_json(path_of(path), {k: v for k, v in m.items() if k != "root"})
