@@ -114,17 +114,7 @@ class Trainer:
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
         )
-        self.batches = pipeline.HostBatches(
-            manifest,
-            seq_len=config.train.seq_len,
-            global_batch=config.train.batch_size,
-            seed=config.seed,
-            streams=config.data.streams or jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            weights={n: d.weight for n, d in config.data.datasets.items()},
-            worker_count=config.data.grain_workers,
-        )
+        self.batches = self._host_batches(config.data.streams or jax.process_count())
         self.meta = {
             "config": json.loads(config.to_json_best_effort()),
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],
@@ -203,6 +193,11 @@ class Trainer:
             # so a checkpoint written by N processes resumes on any process count.
             streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
             per_host = len(self.batches.iterators)
+            if len(streams) != per_host * jax.process_count() and not self.config.data.streams:
+                # data.streams=0 is "one per process" for a new run, and "as many as the run
+                # was started with" for a resumed one: no flag is needed on another host count.
+                self.batches = self._host_batches(len(streams))
+                per_host = len(self.batches.iterators)
             if len(streams) != per_host * jax.process_count():
                 raise ConfigError(
                     f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
@@ -214,6 +209,21 @@ class Trainer:
         self.out.trim(step)
         self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
         return step, state
+
+    def _host_batches(self, streams: int) -> pipeline.HostBatches:
+        """This host's training batches, read from ``streams`` document streams."""
+        config = self.config
+        return pipeline.HostBatches(
+            self.manifest,
+            seq_len=config.train.seq_len,
+            global_batch=config.train.batch_size,
+            seed=config.seed,
+            streams=streams,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            weights={n: d.weight for n, d in config.data.datasets.items()},
+            worker_count=config.data.grain_workers,
+        )
 
     def train(self) -> dict[str, Any]:
         cfg = self.config

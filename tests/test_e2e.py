@@ -354,8 +354,15 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(confi
     assert sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
 
-    resumed = run(config_file, multi, *common[1:], "--config.train.steps=8", devices=8)
+    # One process continues the two processes' run with no extra flag: data.streams=0 takes
+    # the checkpoint's two streams (it would mean one stream per process for a new run).
+    resume = [c for c in common[1:] if not c.startswith("--config.data.streams")]
+    resumed = run(config_file, multi, *resume, "--config.train.steps=8", devices=8)
     assert "resuming from checkpoint at step 6" in resumed.stdout
+    run(config_file, single, *common[1:], "--config.train.steps=8", devices=8)
+    c, d = losses(single), losses(multi)
+    assert sorted(d) == list(range(1, 9))
+    np.testing.assert_allclose([d[7], d[8]], [c[7], c[8]], rtol=1e-5)
 
 
 def test_evaluation_never_changes_training(config_file, tmp_path):
