@@ -223,6 +223,7 @@ class Trainer:
             process_count=jax.process_count(),
             weights={n: d.weight for n, d in config.data.datasets.items()},
             worker_count=config.data.grain_workers,
+            read_options=(config.data.read_threads, config.data.read_buffer),
         )
 
     def train(self) -> dict[str, Any]:
