@@ -37,7 +37,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.data import curate, prepare, records, sources, tokenizer
+from jaxlm.data import cache, curate, prepare, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.sources import DataError
 
@@ -553,6 +553,7 @@ def prepare_beam(
     key, material = prepare.cache_key(data_cfg, tok_cfg, srcs, vsrcs)
     out = output or os.path.join(sources.cache_root(data_cfg.cache_dir), key)
     if not _is_remote(out) and os.path.exists(os.path.join(out, manifest_lib.FILE)):
+        cache.touch(os.path.join(out, manifest_lib.FILE))
         log(f"using prepared data at {out}")
         return os.path.join(out, manifest_lib.FILE)
 

@@ -51,7 +51,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jaxlm.data import curate, records, sources, tokenizer
+from jaxlm.data import cache, curate, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.files import file_sha256
 from jaxlm.data.sources import DataError
@@ -279,6 +279,7 @@ def prepare(
     if os.path.exists(final_manifest):
         weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in ds_cfgs.items()}
         manifest_lib.set_weights(final_manifest, weights)
+        cache.touch(final_manifest)  # its last use, for tools/prepare_data.py --list/--prune
         log(f"using prepared data at {key_dir}")
         return final_manifest
 
