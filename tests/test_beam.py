@@ -102,7 +102,7 @@ def beam(corpus, tmp_path_factory):
     from jaxlm.data import beam
 
     d, t = _cfgs(corpus, tmp_path_factory.mktemp("cache"))
-    args = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    args = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
     return beam.prepare_beam(d, t, ["--runner=DirectRunner", *args], log=Log())
 
 

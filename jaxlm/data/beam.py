@@ -354,6 +354,15 @@ def _write_manifest(
         else:  # reserved: a training document equal to one of a validation set's
             removed[key[2]][ds] = docs
     validation = {v: dict(entry((v, VALIDATION)), removed_from_training=removed[v]) for v in vnames}
+    for ds in names:  # a runner that lost or duplicated an element must fail, not write
+        written = sum(datasets[ds][sp]["documents"] for sp in SPLITS)
+        if written != reports[ds].documents_out:
+            raise DataError(
+                f"dataset {ds!r}: curation kept {reports[ds].documents_out:,} documents but "
+                f"{written:,} reached the shards; the runner lost or repeated elements, so no "
+                "manifest was written; run again (the DirectRunner's multi_processing mode is "
+                "the tested one)."
+            )
     found: dict[str, list] = {ds: list(plan["problems"][ds]) for ds in names}
     for ds, p in problems:
         found[ds].append(p)
