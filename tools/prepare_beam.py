@@ -36,7 +36,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _OUTPUT = flags.DEFINE_string(
     "output", "", "Output folder (local, gs://, s3://); default: the local prepare cache."
 )
-DEFAULT_BEAM_ARGS = ["--runner=DirectRunner", "--direct_num_workers=0"]  # 0: one per CPU
+DEFAULT_BEAM_ARGS = [  # 0 workers: one per CPU; processes: the tested mode (docs/perf.md)
+    "--runner=DirectRunner",
+    "--direct_num_workers=0",
+    "--direct_running_mode=multi_processing",
+]
 
 
 def main(argv: list[str]) -> None:
