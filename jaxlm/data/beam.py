@@ -416,7 +416,7 @@ def build(
     beam = _require_beam()
     val_fraction, dps = plan["val_fraction"], plan["docs_per_shard"]
     fields = {ds: (src.text_field, src.split) for ds, src in srcs.items()}
-    files = [(ds, i, f) for ds, src in srcs.items() for i, f in enumerate(src.all_files)]
+    files = [(ds, i, f) for ds, src in srcs.items() for i, f in enumerate(src.files)]
     read = (
         p
         | "files" >> beam.Create(files)
@@ -613,7 +613,7 @@ def prepare_beam(
         "runner": runner,
         "config": prepare.config_summary(material),
     }
-    n_files = sum(len(s.all_files) for s in srcs.values())
+    n_files = sum(len(s.files) for s in srcs.values())
     log(f"preparing {len(srcs)} dataset(s), {n_files:,} files with Beam ({runner}) -> {out}")
     try:
         with beam.Pipeline(options=options) as p:

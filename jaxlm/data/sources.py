@@ -281,10 +281,10 @@ def normalize_newlines(text: str) -> str:
 
 
 class Source:
-    """A stream of Documents from one dataset's ``paths``, sliced for this host.
+    """A stream of Documents from one dataset's ``paths``, file by file in sorted order.
 
-    Files are resolved (and bad patterns rejected) in the constructor. File ``i`` of the sorted
-    list belongs to host ``i % process_count``, so hosts see disjoint, balanced slices.
+    Files are resolved (and bad patterns rejected) in the constructor. Every host reads every
+    file: the order of documents in the corpus (what keep-first dedup keeps) is this order.
 
     Args:
       paths: comma-separated globs or directories, or ``'stdlib'``.
@@ -292,7 +292,6 @@ class Source:
       split: how a text file becomes documents (see `check_split`): 'file' (one document),
         'paragraphs' (one per blank-line-separated paragraph), or a number N (pieces of at most
         N characters, cut at paragraph, else line, boundaries; shorter files stay whole).
-      process_index, process_count: this host's slice of the file list.
     """
 
     def __init__(
@@ -301,17 +300,12 @@ class Source:
         *,
         text_field: str = "text",
         split: str = "file",
-        process_index: int = 0,
-        process_count: int = 1,
     ) -> None:
-        if not 0 <= process_index < process_count:
-            raise SourceError(f"process_index={process_index} is not in [0, {process_count}).")
         self.paths = paths
         self.text_field = text_field
         self.split = check_split(split)
-        self.problems = Problems()  # problems resolving the paths are counted on every host
-        self.all_files = resolve_files(paths, self.problems)
-        self.files = self.all_files[process_index::process_count]
+        self.problems = Problems()  # resolving the paths counts problems too (symlink loops)
+        self.files = resolve_files(paths, self.problems)
         self.documents = 0
         if any(_kind(f.path) == "parquet" for f in self.files):
             _require_pyarrow()
@@ -321,8 +315,8 @@ class Source:
         return STDLIB in [p.strip() for p in self.paths.split(",")]
 
     def fingerprint(self) -> list[Any]:
-        """What the cache key needs: every file's name, size and mtime (all hosts), and Python."""
-        fp: list[Any] = [[f.path, f.size, f.mtime_ns] for f in self.all_files]
+        """What the cache key needs: every file's name, size and mtime, and Python."""
+        fp: list[Any] = [[f.path, f.size, f.mtime_ns] for f in self.files]
         if self.is_stdlib:
             fp.append(sys.version)
         return fp
