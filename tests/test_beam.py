@@ -6,6 +6,7 @@ folder of hostile files. It is prepared once locally, once by two local processe
 Beam's DirectRunner with two workers.
 """
 
+import gzip
 import json
 import os
 import random
@@ -75,6 +76,8 @@ def corpus(tmp_path_factory):
     )
     pq, pa = pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
     pq.write_table(pa.table({"body": ["the text is under another column"]}), bad / "t.parquet")
+    whole = gzip.compress(b"A compressed document that ends in the middle. " * 400)
+    (bad / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])  # fails to read mid-way
     os.symlink("loop.txt", bad / "loop.txt")
     os.symlink("..", bad / "cycle")  # hostile/cycle -> the corpus root: a directory cycle
     return {
@@ -164,10 +167,12 @@ def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
         "missing_column": 1,
         "symlink_loop": 1,
         "symlink_cycle": 1,
+        "unreadable": 1,
     }
     by_kind = {p["kind"]: p["file"] for p in m["problems"]["code"]}
     assert by_kind["binary"].endswith(("program.txt", "picture.txt"))
     assert by_kind["symlink_cycle"].endswith("cycle")
+    assert by_kind["unreadable"].endswith("cut.txt.gz")
     rep = m["curation"]["code"]
     # the 50 MB line is one document, removed by a quality rule (3 M words > max_words)
     assert rep["removed"]["quality.max_words"]["bytes"] >= BIG_MB * 10**6

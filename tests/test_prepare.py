@@ -161,13 +161,17 @@ def test_val_gzip_bits_per_byte_is_gzip_of_the_held_out_text(prepared):
 
 def test_second_call_hits_the_cache(prepared):
     path, data_cfg, tok_cfg, _, _ = prepared
-    mtime = os.path.getmtime(path)
+    with open(path, "rb") as f:
+        before = f.read()
+    os.utime(path, (1, 1))
     log = Log()
     t = time.perf_counter()
     assert prepare.prepare(data_cfg, tok_cfg, log=log) == path
     assert time.perf_counter() - t < 2.0
     assert log == [f"using prepared data at {os.path.dirname(path)}"]
-    assert os.path.getmtime(path) == mtime
+    with open(path, "rb") as f:
+        assert f.read() == before  # untouched content ...
+    assert os.path.getmtime(path) > 1  # ... but the use is recorded (tools/prepare_data --list)
     data_cfg.num_proc = 7  # does not change the output, so not the key
     assert prepare.prepare(data_cfg, tok_cfg, log=Log()) == path
     data_cfg.num_proc = 1
