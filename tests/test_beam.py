@@ -10,6 +10,8 @@ import gzip
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -184,3 +186,25 @@ def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
     assert rep["documents_in"] == len(corpus["code"]) + 2 * N_NEAR + N_EXACT + 3
     assert not any(t.startswith(("\x7fELF", "\x89PNG")) for t in texts)
     assert np.isfinite(m["val_gzip_bits_per_byte"]["all"])
+
+
+def test_prepare_beam_cli_bad_path_is_one_error_line(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(repo, "tools", "prepare_beam.py"),
+            "--config=configs/tiny.py",
+            f"--config.data.datasets.stdlib.paths={tmp_path}/missing/*.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: The data path pattern '{tmp_path}/missing/*.jsonl' matches no "
+        ".txt/.md/.rst/.py/.jsonl/.parquet files (optionally .gz/.zst/.bz2/.xz); check the path "
+        "or the glob."
+    ]
