@@ -10,10 +10,12 @@ import gzip
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -55,6 +57,9 @@ def corpus(tmp_path_factory):
     rng = random.Random(15)
     vocab = _vocabulary()
     code = _copy_stdlib_subset(root / "code", 23, 5, 30)
+    held = tmp_path_factory.mktemp("held")  # a named validation set: two of the code files
+    for name in code[:2]:
+        shutil.copyfile(root / "code" / name, held / name)
     # Distinct documents in one "host's" file; their copies in another's.
     originals = [" ".join(rng.choice(vocab) for _ in range(200)) + "." for _ in range(N_NEAR)]
     near = [_near_copy(t, rng, vocab) for t in originals]
@@ -85,6 +90,7 @@ def corpus(tmp_path_factory):
     return {
         "root": root,
         "code": code,
+        "held": held,
         "originals": originals,
         "near": near,
         "good": {latin1.replace("\xe9", "\ufffd").replace("\xe8", "\ufffd"), good_json},
@@ -92,7 +98,9 @@ def corpus(tmp_path_factory):
 
 
 def _cfgs(corpus, cache):
-    return _configs(f"{corpus['root']}/**", cache, docs_per_shard=8)
+    d, t = _configs(f"{corpus['root']}/**", cache, docs_per_shard=8)
+    d.validation = ml_collections.ConfigDict({"held": {"paths": str(corpus["held"])}})
+    return d, t
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +126,8 @@ def _texts(path) -> set[str]:
 def test_beam_with_two_workers_writes_the_local_paths_records(local, beam):
     m_local, m_beam = manifest.load(local), manifest.load(beam, check_shards=True)
     assert m_beam["host"]["engine"] == "beam"
+    held = m_beam["validation"]["held"]
+    assert held["documents"] == 2 and held["removed_from_training"] == {"code": 2}
     # tokenizer hash, shard files (sha256), documents, tokens, curation counts, problems
     assert manifest.content(m_beam) == manifest.content(m_local)
     assert _decoded(beam) == _decoded(local)
@@ -181,9 +191,11 @@ def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
     # every good document is kept, each once: the directory cycle did not read files twice
     texts = _texts(local)
     clean = curate.Curator(_cfgs(corpus, "")[0].curation)  # the code files alone, curated
-    want_code = {d["text"] for d in clean(sources.Source(str(corpus["root"] / "code")))}
+    code = [d for d in sources.Source(str(corpus["root"] / "code"))]
+    code = [d for d in code if os.path.basename(d["source"]) not in corpus["code"][:2]]
+    want_code = {d["text"] for d in clean(code)}  # all but the two held-out files
     assert corpus["good"] | set(corpus["originals"]) | want_code <= texts
-    assert rep["documents_in"] == len(corpus["code"]) + 2 * N_NEAR + N_EXACT + 3
+    assert rep["documents_in"] == len(corpus["code"]) - 2 + 2 * N_NEAR + N_EXACT + 3
     assert not any(t.startswith(("\x7fELF", "\x89PNG")) for t in texts)
     assert np.isfinite(m["val_gzip_bits_per_byte"]["all"])
 
