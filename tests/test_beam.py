@@ -76,7 +76,8 @@ def corpus(tmp_path_factory):
     (bad / "empty.txt").write_bytes(b"")
     latin1 = "Caf\xe9 cr\xe8me: a good document with latin-1 bytes in it, kept with a marker."
     (bad / "latin1.txt").write_bytes(latin1.encode("latin-1"))
-    (bad / "one_line.txt").write_bytes(b"0123456789abcdef " * (BIG_MB * 2**20 // 17))
+    # 50 MB on one line: a minified blob of 1,000-character tokens (quick to curate)
+    (bad / "one_line.txt").write_bytes((b"x" * 999 + b" ") * (BIG_MB * 2**20 // 1000))
     good_json = "A good JSON line in a file that also has broken lines, kept as a document."
     (bad / "mixed.jsonl").write_text(
         json.dumps({"text": good_json}) + '\n{"text": "unterminated\n' + '{"title": "no text"}\n'
@@ -186,8 +187,8 @@ def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
     assert by_kind["symlink_cycle"].endswith("cycle")
     assert by_kind["unreadable"].endswith("cut.txt.gz")
     rep = m["curation"]["code"]
-    # the 50 MB line is one document, removed by a quality rule (3 M words > max_words)
-    assert rep["removed"]["quality.max_words"]["bytes"] >= BIG_MB * 10**6
+    # the 50 MB line is one document, removed by a quality rule
+    assert rep["removed"]["quality.max_mean_word_length"]["bytes"] >= BIG_MB * 10**6
     # every good document is kept, each once: the directory cycle did not read files twice
     texts = _texts(local)
     clean = curate.Curator(_cfgs(corpus, "")[0].curation)  # the code files alone, curated
