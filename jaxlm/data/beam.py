@@ -5,17 +5,14 @@ local path uses (``sources.read_file``, ``curate.Rules``, ``prepare.split_of``,
 ``tokenizer.HashSampler``, ``records.ShardWriter``); only the bookkeeping that a stream does by
 remembering (keep-first dedup, shard numbering) is done here by grouping:
 
-1. read: one task per input file (``sources.read_file``), documents keyed by their place in
-   the corpus ``(file number, document number)`` — the order the local path streams them in;
-2. exact dedup: group by ``curate.exact_key``; the earliest document of each group survives;
-3. quality (``Rules.screen``) and MinHash; near dedup groups by LSH band key, compares the
-   signatures within each bucket, and ``curate.near_duplicates`` replays keep-first over the
-   similar pairs of a dataset (one worker holds only those pairs);
-4. PII scrub (``Rules.scrub``), content-hash split, the held-out fallback, the tokenizer sample
-   (a combine over ``HashSampler``) and tokenizer training on one worker;
-5. numbering: survivors per file are counted, the counts prefix-summed in file order, and each
+1. read and curate (``beam_curate.curated``): one task per input file, exact dedup by
+   grouping on ``curate.exact_key``, quality and MinHash-LSH near dedup by grouping on band
+   keys, PII scrub; the documents keep their place in the corpus ``(file, doc)``;
+2. content-hash split, the held-out fallback, the tokenizer sample (a combine over
+   ``HashSampler``) and tokenizer training on one worker;
+3. numbering: survivors per file are counted, the counts prefix-summed in file order, and each
    document's rank ``r`` puts it in shard ``r // docs_per_shard`` — the local path's layout;
-6. one task per shard tokenizes and writes it (``group_size:1``); a last step writes the
+4. one task per shard tokenizes and writes it (``group_size:1``); a last step writes the
    tokenizer and the manifest (``manifest.make``) with the curation report and problems.
 
 Any runner works (``--runner=DataflowRunner|FlinkRunner|SparkRunner`` with that runner's own
@@ -37,7 +34,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.data import cache, curate, prepare, records, sources, tokenizer
+from jaxlm.data import beam_curate, cache, curate, prepare, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.sources import DataError
 
@@ -51,125 +48,6 @@ def _require_beam() -> Any:
     except ImportError:
         raise DataError("The Beam path needs Apache Beam: pip install 'jaxlm[beam]'.") from None
     return beam
-
-
-def _nbytes(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
-def _event(*key: str, docs: int = 1, nbytes: int = 0) -> Any:
-    """A count for the curation report, on the side output ``events``: summed per key."""
-    import apache_beam as beam
-
-    return beam.pvalue.TaggedOutput("events", (key, (docs, nbytes)))
-
-
-# --------------------------------------------------------------------------- per-element steps
-# Module-level functions and small classes, so every runner can pickle them.
-
-
-class _Read:
-    """Reads one file: documents ``(ds, (file, doc), text)``, problems and counts on the side."""
-
-    def __init__(self, fields: dict[str, tuple[str, str]], reserved: dict[bytes, str]) -> None:
-        self.fields, self.reserved = fields, reserved  # ds -> (text_field, split)
-
-    def __call__(self, item: tuple[str, int, sources.SourceFile]) -> Iterator[Any]:
-        import apache_beam as beam
-
-        ds, file_no, f = item
-        problems = sources.Problems()
-        text_field, split = self.fields[ds]
-        for doc_no, doc in enumerate(sources.read_file(f, problems, text_field, split)):
-            text = doc["text"]
-            held_by = self.reserved.get(prepare.text_digest(text)) if self.reserved else None
-            if held_by is not None:  # a validation document: never trained on
-                yield _event("reserved", ds, held_by)
-                continue
-            yield _event("in", ds, nbytes=_nbytes(text))
-            yield ds, (file_no, doc_no), text
-        for p in problems.to_list():
-            yield beam.pvalue.TaggedOutput("problems", (ds, p))
-
-
-def _exact_key(doc: tuple[str, tuple[int, int], str]) -> tuple[tuple[str, bytes], Any]:
-    ds, order, text = doc
-    return (ds, curate.exact_key(text.lower().split())), (order, text)
-
-
-def _keep_first(item: tuple[tuple[str, bytes], Iterable[Any]]) -> Iterator[Any]:
-
-    (ds, _), docs = item
-    docs = sorted(docs)
-    for _, text in docs[1:]:
-        yield _event("removed", ds, "exact_dedup", nbytes=_nbytes(text))
-    yield ds, docs[0][0], docs[0][1]
-
-
-class _Screen:
-    """Quality rules and the MinHash signature, with each dataset's rules built once."""
-
-    def __init__(self, curation: dict[str, Any], presets: dict[str, str | None]) -> None:
-        self.curation, self.presets = curation, presets
-        self._rules: dict[str, curate.Rules] = {}
-
-    def rules(self, ds: str) -> curate.Rules:
-        if ds not in self._rules:
-            cfg = ml_collections.ConfigDict(self.curation)
-            self._rules[ds] = curate.Rules(cfg, self.presets[ds])
-        return self._rules[ds]
-
-    def __call__(self, doc: tuple[str, tuple[int, int], str]) -> Iterator[Any]:
-
-        ds, order, text = doc
-        rule, sig = self.rules(ds).screen(text, text.lower().split())
-        if rule is not None:
-            yield _event("removed", ds, rule, nbytes=_nbytes(text))
-            return
-        yield ds, order, text, sig
-
-
-def _bands(doc: tuple[str, Any, str, Any], screen: _Screen) -> Iterator[Any]:
-    ds, order, _, sig = doc
-    if sig is None:
-        return
-    for band, key in enumerate(screen.rules(ds).minhash.band_keys(sig)):
-        yield (ds, band, key), (order, sig.tobytes())
-
-
-def _similar_pairs(item: tuple[tuple[str, int, bytes], Iterable[Any]], screen: _Screen) -> Iterator:
-    import numpy as np
-
-    (ds, _, _), members = item
-    members = sorted(members)
-    if len(members) < 2:
-        return
-    minhash = screen.rules(ds).minhash
-    sigs = [np.frombuffer(s, np.uint32) for _, s in members]
-    for a in range(len(members)):
-        for b in range(a + 1, len(members)):
-            if minhash.similar(sigs[a], sigs[b]):
-                yield ds, (members[a][0], members[b][0])
-
-
-def _dropped(item: tuple[str, Iterable[Any]]) -> Iterator[tuple[tuple[str, Any], bool]]:
-    ds, edges = item
-    for order in curate.near_duplicates(edges):
-        yield (ds, order), True
-
-
-def _scrub(item: tuple[tuple[str, Any], dict[str, list]], screen: _Screen) -> Iterator[Any]:
-
-    (ds, order), joined = item
-    for text in joined["doc"]:  # one, unless the key was not a document's
-        if joined["dropped"]:
-            yield _event("removed", ds, "near_dedup", nbytes=_nbytes(text))
-            continue
-        text, counts = screen.rules(ds).scrub(text)
-        for kind, n in counts.items():
-            yield _event("pii", ds, kind, docs=n)
-        yield _event("out", ds, nbytes=_nbytes(text))
-        yield ds, order, text
 
 
 def _sample_combine(cap: int) -> Any:
@@ -297,7 +175,7 @@ def _write_shard(
     root = tempfile.mkdtemp(prefix="jaxlm-shard-") if remote else out_root
     writer = records.ShardWriter(root, prepare.shard_pattern(split, ds), dps, stride=(index, 1))
     for text, (rec, ntok) in zip(texts, records.encode_batch(texts, tok), strict=True):
-        writer.write(rec, ntok, _nbytes(text))
+        writer.write(rec, ntok, beam_curate.nbytes(text))
     (info,) = writer.close()
     if remote:
         _publish(root, info.path, out_root)
@@ -415,45 +293,7 @@ def build(
     """Adds the preparation to the Beam pipeline ``p`` (see the module docstring)."""
     beam = _require_beam()
     val_fraction, dps = plan["val_fraction"], plan["docs_per_shard"]
-    fields = {ds: (src.text_field, src.split) for ds, src in srcs.items()}
-    files = [(ds, i, f) for ds, src in srcs.items() for i, f in enumerate(src.files)]
-    read = (
-        p
-        | "files" >> beam.Create(files)
-        | "spread files" >> beam.Reshuffle()
-        | "read"
-        >> beam.FlatMap(_Read(fields, reserved)).with_outputs("events", "problems", main="docs")
-    )
-    events = [read.events]
-    docs = read.docs
-    if plan["curation"]["exact_dedup"]:
-        exact = (
-            docs
-            | "exact key" >> beam.Map(_exact_key)
-            | "group exact" >> beam.GroupByKey()
-            | "keep first" >> beam.FlatMap(_keep_first).with_outputs("events", main="docs")
-        )
-        events.append(exact.events)
-        docs = exact.docs
-    screen = _Screen(plan["curation"], plan["presets"])
-    screened = docs | "quality" >> beam.FlatMap(screen).with_outputs("events", main="docs")
-    events.append(screened.events)
-    edges = (
-        screened.docs
-        | "bands" >> beam.FlatMap(_bands, screen)
-        | "group bands" >> beam.GroupByKey()
-        | "similar pairs" >> beam.FlatMap(_similar_pairs, screen)
-        | "group pairs" >> beam.GroupByKey()
-        | "near duplicates" >> beam.FlatMap(_dropped)
-    )
-    keyed = screened.docs | "by place" >> beam.Map(lambda d: ((d[0], d[1]), d[2]))
-    curated = (
-        {"doc": keyed, "dropped": edges}
-        | "join dropped" >> beam.CoGroupByKey()
-        | "scrub" >> beam.FlatMap(_scrub, screen).with_outputs("events", main="docs")
-    )
-    events.append(curated.events)
-    docs = curated.docs
+    docs, events, problems = beam_curate.curated(p, plan, srcs, reserved)
 
     if model is None:
         sample = (
@@ -516,7 +356,7 @@ def build(
             model=tok_model,
             shards=beam.pvalue.AsList(shards),
             events=beam.pvalue.AsList(counts),
-            problems=beam.pvalue.AsList(read.problems),
+            problems=beam.pvalue.AsList(problems),
             val_docs=beam.pvalue.AsList(val_docs),
         )
     )
