@@ -223,6 +223,33 @@ def test_prepare_beam_cli_bad_path_is_one_error_line(tmp_path):
     ]
 
 
+def test_a_dataset_curation_empties_is_refused_like_the_local_path_does(tmp_path):
+    pytest.importorskip("apache_beam")
+    from jaxlm.data import beam
+
+    _write_jsonl(str(tmp_path / "short.jsonl"), ["too short", "also too short", "short again"])
+    errors = []
+    for engine in ("local", "beam"):
+        d, t = _configs(str(tmp_path / "short.jsonl"), tmp_path / engine)
+        d.curation.quality.min_words = 100
+        with pytest.raises(sources.DataError) as e:
+            if engine == "local":
+                prepare.prepare(d, t, log=Log())
+            else:
+                args = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+                beam.prepare_beam(d, t, ["--runner=DirectRunner", *args], log=Log())
+        errors.append(str(e.value))
+    assert (
+        errors[1]
+        == errors[0]
+        == (
+            "Dataset 'code' has no documents left after reading and curation (3 read); check its "
+            "paths and the curation thresholds."
+        )
+    )
+    assert not list((tmp_path / "beam").rglob(manifest.FILE))  # nothing half-written
+
+
 def test_threaded_direct_runner_has_no_timed_flush():
     """Beam's threaded workers flush output every second from a timer thread, unsynchronised
     with the writer, which lost a document in 2 of 5 runs on the standard library; the Beam

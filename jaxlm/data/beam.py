@@ -8,8 +8,10 @@ remembering (keep-first dedup, shard numbering) is done here by grouping:
 1. read and curate (``beam_curate.curated``): one task per input file, exact dedup by
    grouping on ``curate.exact_key``, quality and MinHash-LSH near dedup by grouping on band
    keys, PII scrub; the documents keep their place in the corpus ``(file, doc)``;
-2. content-hash split, the held-out fallback, the tokenizer sample (a combine over
-   ``HashSampler``) and tokenizer training on one worker;
+2. the curation report, summed from every step's counts (a dataset curation left empty is
+   refused here, in ``prepare``'s words, before a tokenizer is trained or anything written
+   but shards), content-hash split, the held-out fallback, the tokenizer sample (a combine
+   over ``HashSampler``) and tokenizer training on one worker;
 3. numbering: survivors per file are counted, the counts prefix-summed in file order, and each
    document's rank ``r`` puts it in shard ``r // docs_per_shard`` — the local path's layout;
 4. one task per shard tokenizes and writes it (``group_size:1``); a last step writes the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -74,7 +77,8 @@ def _sample_combine(cap: int) -> Any:
     return SampleFn()
 
 
-def _train_tokenizer(sample: list[str], tok_cfg: dict[str, Any]) -> bytes:
+def _train_tokenizer(sample: list[str], tok_cfg: dict[str, Any], curation: Any) -> bytes:
+    del curation  # a side input only so that an empty dataset is refused before this runs
     if not sample:
         raise DataError("No training documents to train the tokenizer on; add data.")
     with tempfile.TemporaryDirectory() as d:
@@ -196,26 +200,12 @@ def _val_gzip(val_docs: list[tuple[str, Any, str]]) -> dict[str, float | None]:
     return out
 
 
-def _write_manifest(
-    _: Any,
-    *,
-    plan: dict[str, Any],
-    model: bytes,
-    shards: list[tuple[tuple[str, str], dict[str, Any]]],
-    events: list[tuple[tuple, tuple[int, int]]],
-    problems: list[tuple[str, dict[str, Any]]],
-    val_docs: list[tuple[str, Any, str]],
-) -> str:
-    """The last step: tokenizer file and ``manifest.json``, the same fields ``prepare`` writes."""
-    names, vnames = plan["datasets"], plan["validation"]
-    by_split: dict[tuple[str, str], list] = collections.defaultdict(list)
-    for key, info in shards:
-        by_split[key].append(info)
-    entry = lambda k: manifest_lib.split_entry(sorted(by_split[k], key=lambda s: s["path"]))  # noqa: E731
-    datasets = {
-        ds: {"weight": plan["weights"][ds], **{sp: entry((ds, sp)) for sp in SPLITS}}
-        for ds in names
-    }
+def _curation(
+    _: Any, *, names: list[str], vnames: list[str], events: list[tuple[tuple, tuple[int, int]]]
+) -> tuple[dict[str, curate.CurationReport], dict[str, dict[str, int]]]:
+    """Each dataset's curation report, and how many documents each validation set held out of
+    each dataset, from the summed events; refuses a dataset curation left empty, as ``prepare``
+    does, before a tokenizer is trained or a manifest written."""
     reports = {ds: curate.CurationReport() for ds in names}
     removed = {v: dict.fromkeys(names, 0) for v in vnames}
     for key, (docs, nbytes) in sorted(events):
@@ -231,6 +221,32 @@ def _write_manifest(
             rep.pii[key[2]] = docs
         else:  # reserved: a training document equal to one of a validation set's
             removed[key[2]][ds] = docs
+    for ds in names:
+        prepare.check_not_empty(ds, reports[ds])
+    return reports, removed
+
+
+def _write_manifest(
+    _: Any,
+    *,
+    plan: dict[str, Any],
+    model: bytes,
+    shards: list[tuple[tuple[str, str], dict[str, Any]]],
+    curation: tuple[dict[str, curate.CurationReport], dict[str, dict[str, int]]],
+    problems: list[tuple[str, dict[str, Any]]],
+    val_docs: list[tuple[str, Any, str]],
+) -> str:
+    """The last step: tokenizer file and ``manifest.json``, the same fields ``prepare`` writes."""
+    names, vnames = plan["datasets"], plan["validation"]
+    by_split: dict[tuple[str, str], list] = collections.defaultdict(list)
+    for key, info in shards:
+        by_split[key].append(info)
+    entry = lambda k: manifest_lib.split_entry(sorted(by_split[k], key=lambda s: s["path"]))  # noqa: E731
+    datasets = {
+        ds: {"weight": plan["weights"][ds], **{sp: entry((ds, sp)) for sp in SPLITS}}
+        for ds in names
+    }
+    reports, removed = curation
     validation = {v: dict(entry((v, VALIDATION)), removed_from_training=removed[v]) for v in vnames}
     for ds in names:  # a runner that lost or duplicated an element must fail, not write
         written = sum(datasets[ds][sp]["documents"] for sp in SPLITS)
@@ -293,6 +309,18 @@ def build(
     beam = _require_beam()
     val_fraction, dps = plan["val_fraction"], plan["docs_per_shard"]
     docs, events, problems = beam_curate.curated(p, plan, srcs, reserved)
+    counts = events | "all events" >> beam.Flatten() | "count" >> beam.CombinePerKey(_sum_pairs)
+    curation = beam.pvalue.AsSingleton(
+        p
+        | "once: report" >> beam.Create([None])
+        | "curation report"
+        >> beam.Map(
+            _curation,
+            names=plan["datasets"],
+            vnames=plan["validation"],
+            events=beam.pvalue.AsList(counts),
+        )
+    )
 
     if model is None:
         sample = (
@@ -301,7 +329,9 @@ def build(
             | "texts" >> beam.Map(lambda d: d[2])
             | "sample" >> beam.CombineGlobally(_sample_combine(plan["sample_bytes"]))
         )
-        tok_model = sample | "train tokenizer" >> beam.Map(_train_tokenizer, plan["tokenizer"])
+        tok_model = sample | "train tokenizer" >> beam.Map(
+            _train_tokenizer, plan["tokenizer"], curation
+        )
     else:
         tok_model = p | "given tokenizer" >> beam.Create([model])
     tok_model = beam.pvalue.AsSingleton(tok_model)
@@ -344,21 +374,31 @@ def build(
         | "val docs" >> beam.Filter(lambda d: d[1] == "val")
         | "val texts" >> beam.Map(lambda d: (d[0], d[2], d[3]))
     )
-    counts = events | "all events" >> beam.Flatten() | "count" >> beam.CombinePerKey(_sum_pairs)
     _ = (
         p
-        | "once" >> beam.Create([None])
+        | "once: manifest" >> beam.Create([None])
         | "manifest"
         >> beam.Map(
             _write_manifest,
             plan=dict(plan, output=plan["work_dir"]),
             model=tok_model,
             shards=beam.pvalue.AsList(shards),
-            events=beam.pvalue.AsList(counts),
+            curation=curation,
             problems=beam.pvalue.AsList(problems),
             val_docs=beam.pvalue.AsList(val_docs),
         )
     )
+
+
+_DATA_ERROR = re.compile(r"DataError: (.+?)(?: \[while running '[^']*'\])?$", re.MULTILINE)
+
+
+def _data_error(e: BaseException) -> DataError | None:
+    """A DataError one of our steps raised, as one sentence again: runners report it inside
+    another exception, with the worker's traceback as text and the step's name appended."""
+    text = f"DataError: {e}" if isinstance(e, DataError) else str(e)
+    found = _DATA_ERROR.findall(text)
+    return DataError(found[-1]) if found else None
 
 
 # The DirectRunner's multi_threading workers (apache-beam 2.77) send their output buffer from a
@@ -484,8 +524,14 @@ def prepare_beam(
     n_files = sum(len(s.files) for s in srcs.values())
     log(f"preparing {len(srcs)} dataset(s), {n_files:,} files with Beam ({runner}) -> {out}")
     try:
-        with beam.Pipeline(runner=_safe_direct_runner(options), options=options) as p:
-            build(p, plan, srcs, model, validation_texts, reserved)
+        try:
+            with beam.Pipeline(runner=_safe_direct_runner(options), options=options) as p:
+                build(p, plan, srcs, model, validation_texts, reserved)
+        except Exception as e:
+            found = _data_error(e)
+            if found is None:
+                raise
+            raise found from None
         if work != out:
             if os.path.exists(os.path.join(out, manifest_lib.FILE)):
                 log(f"another process finished {out} first; using it")

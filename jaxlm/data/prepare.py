@@ -139,6 +139,16 @@ class GzipMeter:
         return 8.0 * self.compressed / self.raw if self.raw else None
 
 
+def check_not_empty(name: str, report: curate.CurationReport) -> None:
+    """Refuses a dataset that curation left without documents (the same sentence on every
+    engine)."""
+    if report.documents_out == 0:
+        raise DataError(
+            f"Dataset {name!r} has no documents left after reading and curation "
+            f"({report.documents_in} read); check its paths and the curation thresholds."
+        )
+
+
 def dataset_configs(data_cfg: Any) -> dict[str, Any]:
     """``data.datasets`` by name, sorted; DataError when there is none."""
     ds = dict(data_cfg.datasets.items()) if data_cfg.get("datasets") else {}
@@ -441,11 +451,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
                 f"  input problems: {src.problems.count():,} ({', '.join(kinds)}) in "
                 f"{len({p['file'] for p in src.problems.to_list()}):,} files; see the manifest"
             )
-        if rep.documents_out == 0:
-            raise DataError(
-                f"Dataset {name!r} has no documents left after reading and curation "
-                f"({rep.documents_in} read); check its paths and the curation thresholds."
-            )
+        check_not_empty(name, rep)
 
     # 2. tokenizer: load, wait for host 0's, or train on the sample.
     t = time.perf_counter()
