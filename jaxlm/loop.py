@@ -115,9 +115,7 @@ class Trainer:
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
         )
         self.plan = setup.plan
-        self.batches = staged.training_batches(
-            config, manifest, self.plan, jax.process_index(), jax.process_count()
-        )
+        self.batches = self._host_batches(config.data.streams or jax.process_count())
         self.meta = {
             "config": json.loads(config.to_json_best_effort()),
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],
@@ -208,6 +206,11 @@ class Trainer:
         # so a checkpoint written by N processes resumes on any process count.
         streams = [s for i in range(len(data_state)) for s in data_state[f"process_{i}"]]
         per_host = len(self.batches.iterators)
+        if len(streams) != per_host * jax.process_count() and not self.config.data.streams:
+            # data.streams=0 is "one per process" for a new run, and "as many as the run was
+            # started with" for a resumed one: no flag is needed on another host count.
+            self.batches = self._host_batches(len(streams))
+            per_host = len(self.batches.iterators)
         if len(streams) != per_host * jax.process_count():
             raise ConfigError(
                 f"the checkpoint at step {step} holds {len(streams)} data streams but this run "
@@ -243,6 +246,12 @@ class Trainer:
             self._set_data_state(step, data_state)
         self.out.print(f"branching from step {step} of {ckpt_dir} (state, optimizer, data)")
         return step, state
+
+    def _host_batches(self, streams: int):
+        """This host's training batches, read from `streams` document streams."""
+        return staged.training_batches(
+            self.config, self.manifest, self.plan, jax.process_index(), jax.process_count(), streams
+        )
 
     def train(self) -> dict[str, Any]:
         cfg = self.config

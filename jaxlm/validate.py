@@ -71,6 +71,8 @@ _AT_LEAST = {
     "data.docs_per_shard": 1,
     "data.streams": 0,
     "data.grain_workers": 0,
+    "data.read_threads": 0,
+    "data.read_buffer": 1,
     "tokenizer.vocab_size": 1,
     "sample.max_tokens": 0,
     "sample.temperature": 0,

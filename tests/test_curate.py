@@ -1,7 +1,9 @@
 """Curation: dedup recall/precision on real stdlib code, quality presets, PII scrubbing, report."""
 
 import ast
+import os
 import random
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -263,3 +265,28 @@ def test_default_config_lists_every_threshold():
     assert set(curate.THRESHOLDS) <= set(cfg.quality.keys())
     assert all(cfg.quality[k] is None for k in curate.THRESHOLDS)  # None = use the preset
     assert set(curate.PRESETS) == {"code", "web", "none"}
+
+
+def test_near_duplicates_replays_keep_first_like_the_stream():
+    # a~b, b~c, a!~c: the stream keeps a, drops b (like a), keeps c (its only match b was dropped)
+    assert curate.near_duplicates([((0, 2), (0, 1)), ((0, 1), (0, 0))]) == {(0, 1)}
+    assert curate.near_duplicates([(5, 9), (9, 5), (3, 5), (3, 9)]) == {5, 9}
+    # against the streaming index itself, on real text with planted near copies
+    nd = curate.NearDedup(0.8, 5, 128, 32)
+    texts = [f.read_text() for f in sorted(Path(os.path.dirname(os.__file__)).glob("c*.py"))]
+    texts = [t for t in texts if len(t.split()) > 50][:20]
+    texts += [t.replace("def ", "def  x", 1) + "\n# copy\n" for t in texts[:8]]
+    sigs = [nd.signature(curate._word_hashes(t.lower().split())) for t in texts]
+    stream = {i for i, s in enumerate(sigs) if nd.is_duplicate_signature(s)}
+    buckets: dict = {}
+    for i, s in enumerate(sigs):
+        for b, key in enumerate(nd.band_keys(s)):
+            buckets.setdefault((b, key), []).append(i)
+    pairs = [
+        (i, j)
+        for members in buckets.values()
+        for i in members
+        for j in members
+        if i < j and nd.similar(sigs[i], sigs[j])
+    ]
+    assert len(stream) >= 8 and curate.near_duplicates(pairs) == stream

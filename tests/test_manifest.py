@@ -126,7 +126,8 @@ def test_merge_refuses_hosts_with_different_tokenizers(tmp_path):
     manifest.write(str(tmp_path), merged)
     m = manifest.load(str(tmp_path))  # the tokenizer was copied beside the merged manifest
     assert m["datasets"]["d"]["train"]["documents"] == 3 + 4
-    assert m["curation"]["d"]["documents_in"] == 3 + 4
+    # every host curated the whole corpus: the report is host 0's, not a sum
+    assert m["curation"]["d"]["documents_in"] == 3
     assert m["hosts"] == ["host-0", "host-1"]
     assert all(os.path.exists(p) for p in manifest.shard_paths(m, "d", "train"))
 

@@ -159,20 +159,6 @@ def test_glob_matching_nothing_is_one_clear_error_before_any_reading(tmp_path):
         sources.Source(" , ")
 
 
-def test_files_split_round_robin_across_hosts(tmp_path):
-    for i in range(7):
-        _write(tmp_path / f"{i}.txt", f"doc {i}\n".encode())
-    everything = [d["text"] for d in sources.Source(str(tmp_path))]
-    per_host = [
-        [d["text"] for d in sources.Source(str(tmp_path), process_index=i, process_count=3)]
-        for i in range(3)
-    ]
-    assert per_host[0] == ["doc 0\n", "doc 3\n", "doc 6\n"]  # file i goes to host i % 3
-    assert sorted(sum(per_host, [])) == sorted(everything)
-    with pytest.raises(sources.SourceError):
-        sources.Source(str(tmp_path), process_index=3, process_count=3)
-
-
 def test_fingerprint_changes_when_a_file_changes(tmp_path):
     path = _write(tmp_path / "a.txt", b"one\n")
     before = sources.Source(str(tmp_path)).fingerprint()

@@ -134,3 +134,9 @@ def test_hash_sampler_is_bounded_and_order_independent():
     assert a.bytes <= 20_000 and sum(len(t) for t in a.texts()) == a.bytes
     assert 20_000 - 500 < a.bytes  # nearly full: the longest fitting prefix by priority
     assert len(set(a.texts())) == len(a.texts()) < len(docs)
+    # Beam combines samples of parts: merged, they equal one sampler over everything
+    for parts in (2, 3, 7):
+        merged = sample(docs[0::parts])
+        for k in range(1, parts):
+            merged.merge(sample(docs[k::parts]))
+        assert merged.texts() == a.texts() and merged.bytes == a.bytes

@@ -8,6 +8,11 @@ Multi-host: run on every host with --process_index/--process_count (or, with
 --use_jax_process, from ``jax.process_index()/jax.process_count()`` after
 ``jax.distributed.initialize()``); the cache directory must be on a shared filesystem.
 A second run with the same inputs prints "using prepared data at ..." and returns at once.
+
+The cache (``data.cache_dir``, else $JAXLM_CACHE, else ~/.cache/jaxlm):
+
+    python tools/prepare_data.py --list                    # size and last use of each
+    python tools/prepare_data.py --prune --prune_days=30   # remove unused ones and leftovers
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ _PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "Number of hosts prepa
 _USE_JAX = flags.DEFINE_bool(
     "use_jax_process", False, "Take process index/count from jax (after distributed init)."
 )
+_LIST = flags.DEFINE_bool("list", False, "List the cached preparations (size, last use); exit.")
+_PRUNE = flags.DEFINE_bool(
+    "prune", False, "Remove killed preparations and those unused for --prune_days; exit."
+)
+_PRUNE_DAYS = flags.DEFINE_float("prune_days", 30.0, "With --prune: days unused before removal.")
 
 
 def main(argv: list[str]) -> None:
@@ -35,6 +45,16 @@ def main(argv: list[str]) -> None:
     from jaxlm.errors import JaxlmError
 
     config = _CONFIG.value
+    if _LIST.value or _PRUNE.value:
+        from jaxlm.data import cache, sources
+
+        root = sources.cache_root(config.data.cache_dir if config is not None else "")
+        if _PRUNE.value:
+            gone = cache.prune(root, _PRUNE_DAYS.value)
+            print(f"removed from {root}:\n{cache.table(gone)}")
+        else:
+            print(f"{root}:\n{cache.table(cache.entries(root))}")
+        return
     if config is None:
         sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
     index, count = _PROCESS_INDEX.value, _PROCESS_COUNT.value

@@ -317,23 +317,60 @@ class NearDedup:
             np.minimum(sig, x.min(axis=0), out=sig)
         return (sig >> np.uint64(32)).astype(np.uint32)
 
+    def band_keys(self, sig: np.ndarray) -> list[bytes]:
+        """The LSH bucket key of each band: documents sharing any key are compared."""
+        return [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+
+    def similar(self, a: np.ndarray, b: np.ndarray) -> bool:
+        """Whether two signatures' estimated Jaccard similarity reaches the threshold."""
+        return bool(np.mean(a == b) >= self.threshold)
+
     def is_duplicate(self, h: np.ndarray) -> bool:
         """True if similar to a kept document; otherwise index this one as kept."""
-        sig = self.signature(h)
-        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        return self.is_duplicate_signature(self.signature(h))
+
+    def is_duplicate_signature(self, sig: np.ndarray) -> bool:
+        """:meth:`is_duplicate` for a signature computed already."""
+        keys = self.band_keys(sig)
         seen: set[int] = set()
         for band, key in zip(self.buckets, keys, strict=True):
             for j in band.get(key, ()):
                 if j in seen:
                     continue
                 seen.add(j)
-                if np.mean(self.signatures[j] == sig) >= self.threshold:
+                if self.similar(self.signatures[j], sig):
                     return True
         idx = len(self.signatures)
         self.signatures.append(sig)
         for band, key in zip(self.buckets, keys, strict=True):
             band.setdefault(key, []).append(idx)
         return False
+
+
+def near_duplicates(edges: Iterable[tuple[Any, Any]]) -> set[Any]:
+    """The documents near-dedup removes, given every similar pair among the candidates.
+
+    The streaming :class:`NearDedup` drops a document when it is similar to an earlier *kept*
+    one. Replaying that rule over the whole similarity graph, in document order, gives the same
+    survivors wherever the pairs were found (one process, or LSH buckets grouped by Beam): a
+    chain a~b~c with a !~ c keeps a and c, exactly as the stream does.
+
+    Args:
+      edges: pairs ``(i, j)`` of orderable document ids (the stream order) whose signatures are
+        similar and share an LSH bucket; any order, duplicates allowed.
+
+    Returns:
+      The ids to remove.
+    """
+    earlier: dict[Any, set[Any]] = collections.defaultdict(set)
+    for i, j in edges:
+        if i != j:
+            earlier[max(i, j)].add(min(i, j))
+    dropped: set[Any] = set()
+    for j in sorted(earlier):  # every earlier id's fate is settled before j's
+        if any(i not in dropped for i in earlier[j]):
+            dropped.add(j)
+    return dropped
 
 
 def jaccard(a: str, b: str, ngram: int = 5) -> float:
@@ -415,7 +452,7 @@ class PiiScrubber:
         self.rules = [r[1:] for r in rules if r[0]]
         self.counts: dict[str, int] = collections.Counter()
 
-    def _emails(self, text: str) -> str:
+    def _emails(self, text: str, counts: collections.Counter) -> str:
         out, last = [], 0
         for m in _EMAIL_AT.finditer(text):
             at = start = m.start()
@@ -427,15 +464,17 @@ class PiiScrubber:
                 continue
             out += [text[last:start], "<EMAIL>"]
             last = m.end()
-            self.counts["email"] += 1
+            counts["email"] += 1
         if not out:
             return text
         out.append(text[last:])
         return "".join(out)
 
-    def __call__(self, text: str) -> str:
+    def scrub(self, text: str) -> tuple[str, dict[str, int]]:
+        """The scrubbed text and its replacements per kind; keeps no state (Beam calls this)."""
+        counts: collections.Counter = collections.Counter()
         if self.email and "@" in text:
-            text = self._emails(text)
+            text = self._emails(text, counts)
         for kind, pattern, placeholder, valid, hint in self.rules:
             if not hint(text):
                 continue
@@ -443,10 +482,16 @@ class PiiScrubber:
             def repl(m: re.Match[str], kind=kind, placeholder=placeholder, valid=valid) -> str:
                 if not valid(m.group(0)):
                     return m.group(0)
-                self.counts[kind] += 1
+                counts[kind] += 1
                 return placeholder
 
             text = pattern.sub(repl, text)
+        return text, dict(counts)
+
+    def __call__(self, text: str) -> str:
+        """The scrubbed text; replacements are added to ``self.counts``."""
+        text, counts = self.scrub(text)
+        self.counts.update(counts)
         return text
 
 
@@ -454,8 +499,55 @@ class PiiScrubber:
 # The curator
 
 
+def exact_key(words: list[str]) -> bytes:
+    """The exact-dedup identity of a document: a hash of its lower-cased words."""
+    return hashlib.blake2b(" ".join(words).encode("utf-8", "replace"), digest_size=16).digest()
+
+
+class Rules:
+    """The per-document curation rules, holding no state between documents.
+
+    Both ways of preparing data apply these same functions: the streaming :class:`Curator`
+    (which adds the dedup indexes) and the Beam pipeline (which finds duplicates by grouping).
+
+    Args:
+      cfg: a ConfigDict shaped like :func:`default_config`.
+      preset: overrides ``cfg.quality.preset`` (e.g. per dataset).
+    """
+
+    def __init__(self, cfg: Any, preset: str | None = None) -> None:
+        self.exact = bool(cfg.exact_dedup)
+        self.thresholds = thresholds(cfg.quality, preset)
+        self.check_quality = any(v is not None for v in self.thresholds.values())
+        nd = cfg.near_dedup
+        self.minhash = (
+            NearDedup(nd.threshold, nd.ngram, nd.num_perm, nd.bands, nd.seed)
+            if nd.enabled
+            else None
+        )
+        p = cfg.pii
+        self.pii = PiiScrubber(p.email, p.ip, p.phone) if p.enabled else None
+
+    def screen(self, text: str, words: list[str]) -> tuple[str | None, np.ndarray | None]:
+        """The quality rule the document fails (or None), and its MinHash signature (None when
+        it failed or near dedup is off)."""
+        if not (self.check_quality or self.minhash is not None):
+            return None, None
+        h = _word_hashes(words)
+        if self.check_quality:
+            rule = quality_failure(_Stats(text, words, h), self.thresholds)
+            if rule is not None:
+                return rule, None
+        return None, (self.minhash.signature(h) if self.minhash is not None else None)
+
+    def scrub(self, text: str) -> tuple[str, dict[str, int]]:
+        """PII-scrubbed text and replacements per kind (the text unchanged if PII is off)."""
+        return self.pii.scrub(text) if self.pii is not None else (text, {})
+
+
 class Curator:
-    """Applies the configured rules to a stream of Documents and keeps the report.
+    """Applies :class:`Rules` to a stream of Documents, with the dedup indexes, and keeps the
+    report. Keep-first: the result is fixed by the input order.
 
     Args:
       cfg: a ConfigDict shaped like :func:`default_config`.
@@ -464,17 +556,10 @@ class Curator:
 
     def __init__(self, cfg: Any, preset: str | None = None) -> None:
         self.cfg = cfg
-        self.thresholds = thresholds(cfg.quality, preset)
-        self.check_quality = any(v is not None for v in self.thresholds.values())
-        nd = cfg.near_dedup
-        self.near = (
-            NearDedup(nd.threshold, nd.ngram, nd.num_perm, nd.bands, nd.seed)
-            if nd.enabled
-            else None
-        )
-        self.seen: set[bytes] | None = set() if cfg.exact_dedup else None
-        p = cfg.pii
-        self.scrub = PiiScrubber(p.email, p.ip, p.phone) if p.enabled else None
+        self.rules = Rules(cfg, preset)
+        self.thresholds = self.rules.thresholds
+        self.near = self.rules.minhash
+        self.seen: set[bytes] | None = set() if self.rules.exact else None
         self.report = CurationReport()
 
     def process(self, doc: Document) -> Document | None:
@@ -485,26 +570,23 @@ class Curator:
         self.report.bytes_in += nbytes
         words = text.lower().split()
         if self.seen is not None:
-            key = hashlib.blake2b(" ".join(words).encode("utf-8", "replace"), digest_size=16)
-            digest = key.digest()
+            digest = exact_key(words)
             if digest in self.seen:
                 self.report.remove("exact_dedup", nbytes)
                 return None
             self.seen.add(digest)
-        if self.check_quality or self.near is not None:
-            h = _word_hashes(words)
-            if self.check_quality:
-                rule = quality_failure(_Stats(text, words, h), self.thresholds)
-                if rule is not None:
-                    self.report.remove(rule, nbytes)
-                    return None
-            if self.near is not None and self.near.is_duplicate(h):
-                self.report.remove("near_dedup", nbytes)
-                return None
-        if self.scrub is not None:
-            text = self.scrub(text)
+        rule, sig = self.rules.screen(text, words)
+        if rule is not None:
+            self.report.remove(rule, nbytes)
+            return None
+        if sig is not None and self.near.is_duplicate_signature(sig):
+            self.report.remove("near_dedup", nbytes)
+            return None
+        if self.rules.pii is not None:
+            text, counts = self.rules.scrub(text)
             doc = {**doc, "text": text}
-            self.report.pii = dict(self.scrub.counts)
+            for kind, n in counts.items():
+                self.report.pii[kind] = self.report.pii.get(kind, 0) + n
             nbytes = len(text.encode("utf-8", "surrogatepass"))
         self.report.documents_out += 1
         self.report.bytes_out += nbytes

@@ -34,7 +34,6 @@ import shutil
 from collections.abc import Iterable
 from typing import Any
 
-from jaxlm.data import curate
 from jaxlm.data.files import file_sha256, write_json
 from jaxlm.data.sources import DataError
 
@@ -202,6 +201,34 @@ def make(
     }
 
 
+def content(m: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest says about the data, leaving out who wrote it and where: the tokenizer,
+    every shard's file name, counts and sha256, the curation reports and problems. Equal for
+    any process count and for the Beam path (``tests/test_beam.py``)."""
+
+    def shards(entry: dict[str, Any]) -> list[tuple]:
+        return [
+            (os.path.basename(s["path"]), s["documents"], s["tokens"], s["bytes"], s["sha256"])
+            for s in entry["shards"]
+        ]
+
+    return {
+        "key": m["key"],
+        "tokenizer": m["tokenizer"],
+        "datasets": {
+            n: {"weight": ds["weight"], **{sp: shards(ds[sp]) for sp in SPLITS}}
+            for n, ds in m["datasets"].items()
+        },
+        "validation": {
+            n: (shards(v), v.get("removed_from_training"))
+            for n, v in m.get("validation", {}).items()
+        },
+        "curation": m["curation"],
+        "problems": m["problems"],
+        "val_gzip_bits_per_byte": m["val_gzip_bits_per_byte"],
+    }
+
+
 def write(path: str, m: dict[str, Any]) -> None:
     """Writes a manifest atomically (a reader never sees half a file); ``root`` is not stored."""
     write_json(path_of(path), {k: v for k, v in m.items() if k != "root"})
@@ -224,8 +251,12 @@ def set_weights(path: str, weights: dict[str, float]) -> None:
 def merge(paths: list[str], out_dir: str | None = None) -> dict[str, Any]:
     """Combines per-host manifests into one whose shard paths are relative to ``out_dir``.
 
+    Every host curated the whole corpus (``prepare``), so the curation report, problems and
+    gzip baseline are host 0's; each host wrote some of the shards, which are put back in order
+    (shard names end in their number within the split).
+
     Args:
-      paths: the hosts' ``manifest.json`` files (each verified as it is loaded).
+      paths: the hosts' ``manifest.json`` files, host 0's first (each verified as it is loaded).
       out_dir: where the merged manifest will live (default: the hosts' common parent). The
         tokenizer file is copied there if it is not there yet.
 
@@ -241,48 +272,32 @@ def merge(paths: list[str], out_dir: str | None = None) -> dict[str, Any]:
     shas = {m["tokenizer"]["sha256"] for m in ms}
     if len(shas) != 1:
         raise DataError(f"Host manifests {paths} use {len(shas)} different tokenizers.")
-    merged: dict[str, Any] = {k: ms[0][k] for k in ("version", "key", "tokenizer")}
+    keep = ("version", "key", "tokenizer", "curation", "problems", "val_gzip_bits_per_byte")
+    merged: dict[str, Any] = {k: ms[0][k] for k in keep}
     tok_file = ms[0]["tokenizer"]["file"]
     if not os.path.exists(os.path.join(out_dir, tok_file)):
         shutil.copyfile(os.path.join(dirs[0], tok_file), os.path.join(out_dir, tok_file))
-    merged["datasets"], merged["curation"], merged["problems"] = {}, {}, {}
-    raw: dict[str, float] = {}
-    gzipped: dict[str, float] = {}
-    for m, d in zip(ms, dirs, strict=True):
-        for name, ds in m["datasets"].items():
-            out = merged["datasets"].setdefault(name, {"weight": ds["weight"]})
-            for split in SPLITS:
-                shards = [
-                    dict(s, path=os.path.relpath(os.path.join(d, s["path"]), out_dir))
-                    for s in ds[split]["shards"]
-                ]
-                out.setdefault(split, {"shards": []})["shards"] += shards
-            rep = curate.CurationReport.from_dict(m["curation"][name])
-            if name in merged["curation"]:
-                rep = curate.CurationReport.from_dict(merged["curation"][name]).merge(rep)
-            merged["curation"][name] = rep.to_dict()
-            merged["problems"].setdefault(name, []).extend(m["problems"].get(name, []))
-            # gzip size = bpb * bytes / 8 per host; the merged value is their byte-weighted mean.
-            bpb, nbytes = m["val_gzip_bits_per_byte"].get(name), ds["val"]["bytes"]
-            for k in (name, "all"):
-                raw[k] = raw.get(k, 0) + nbytes
-                gzipped[k] = gzipped.get(k, 0) + (bpb or 0.0) * nbytes
-    for ds in merged["datasets"].values():
-        for split in SPLITS:
-            ds[split] = split_entry(ds[split]["shards"])
-    merged["val_gzip_bits_per_byte"] = {k: (gzipped[k] / raw[k] if raw[k] else None) for k in raw}
-    # Every host wrote the same validation shards (each reads the sets whole): keep host 0's.
+
+    def shards(entries: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+        out = [
+            dict(s, path=os.path.relpath(os.path.join(d, s["path"]), out_dir))
+            for entry, d in entries
+            for s in entry["shards"]
+        ]
+        return split_entry(sorted(out, key=lambda s: os.path.basename(s["path"])))
+
+    hosts = list(zip(ms, dirs, strict=True))
+    merged["datasets"] = {
+        name: {
+            "weight": ds["weight"],
+            **{s: shards([(m["datasets"][name][s], d) for m, d in hosts]) for s in SPLITS},
+        }
+        for name, ds in ms[0]["datasets"].items()
+    }
     merged["validation"] = {
         name: dict(
-            entry,
-            shards=[
-                dict(s, path=os.path.relpath(os.path.join(dirs[0], s["path"]), out_dir))
-                for s in entry["shards"]
-            ],
-            removed_from_training={
-                ds: sum(h.get("validation", {})[name]["removed_from_training"][ds] for h in ms)
-                for ds in entry["removed_from_training"]
-            },
+            shards([(m["validation"][name], d) for m, d in hosts]),
+            removed_from_training=entry["removed_from_training"],
         )
         for name, entry in ms[0].get("validation", {}).items()
     }

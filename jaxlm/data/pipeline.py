@@ -85,6 +85,7 @@ def train_dataset(
     shard_count: int = 1,
     weights: dict[str, float] | None = None,
     worker_count: int = 0,
+    read_options: tuple[int, int] = (0, 500),
 ) -> grain.IterDataset:
     """Endless stream of packed batches over a weighted mixture of datasets.
 
@@ -96,6 +97,7 @@ def train_dataset(
       shard_index, shard_count: which slice of the documents this stream reads.
       weights: mixture weights by dataset name (default: the manifest's); normalised here.
       worker_count: grain worker processes for decoding and packing (0 = in-process).
+      read_options: grain's read-ahead (threads, buffered documents); the data is the same.
     """
     names = sorted(manifest["datasets"])
     weights = weights or {n: manifest["datasets"][n].get("weight", 1.0) for n in names}
@@ -122,7 +124,9 @@ def train_dataset(
         if len(streams) > 1
         else streams[0]
     )
-    ds = _packed_rows(mixed.to_iter_dataset(), seq_len).batch(batch_size, drop_remainder=True)
+    threads, buffer = read_options
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+    ds = _packed_rows(mixed.to_iter_dataset(read), seq_len).batch(batch_size, drop_remainder=True)
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
@@ -149,6 +153,7 @@ class HostBatches:
         process_count: int,
         weights: dict[str, float] | None = None,
         worker_count: int = 0,
+        read_options: tuple[int, int] = (0, 500),
     ):
         if streams % process_count or global_batch % streams:
             raise ConfigError(
@@ -167,6 +172,7 @@ class HostBatches:
                     shard_count=streams,
                     weights=weights,
                     worker_count=worker_count,
+                    read_options=read_options,
                 )
             )
             for s in range(process_index * per_host, (process_index + 1) * per_host)

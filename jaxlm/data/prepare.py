@@ -23,12 +23,17 @@ curation, split, shard and tokenizer settings). A complete manifest means "done"
 prints one line and returns. Work happens in a temporary directory renamed into place at the
 end, so a killed run never leaves a cache that looks complete.
 
-Multi-host: host ``i`` of ``n`` prepares files ``i, i+n, ...`` into ``<key>/host-i-of-n/``
-(shard names carry the host too). Host 0 trains the tokenizer on its own slice and publishes
-``<key>/tokenizer.model``; the other hosts wait for it, so every host tokenizes with the same
-model (this needs a shared filesystem, as does the merge). Host 0 then merges the per-host
-manifests into ``<key>/manifest.json``, which every host waits for and returns. Deduplication is
-per host: a duplicate that lands on two hosts is kept twice.
+The output depends on the corpus and the config only, never on how many processes prepared
+it (nor on whether ``jaxlm.data.beam`` did): dedup is keep-first in file order over the whole
+corpus, the split and the tokenizer sample are content hashes, and shard ``k`` of a split holds
+its documents ``k*D .. (k+1)*D-1`` (``D = docs_per_shard``).
+
+Multi-host: every host reads and curates every file (curation is the cheap stage; a corpus too
+large for one machine to read goes through the Beam path instead), so each sees the same
+documents. Host 0 trains the tokenizer and publishes ``<key>/tokenizer.model``; the other hosts
+wait for it. Host ``i`` of ``n`` tokenizes shards ``i, i+n, ...`` into ``<key>/host-i-of-n/``
+(tokenization is the expensive stage), and host 0 merges the per-host manifests into
+``<key>/manifest.json``, which every host waits for and returns. This needs a shared filesystem.
 """
 
 from __future__ import annotations
@@ -46,23 +51,24 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jaxlm.data import curate, records, sources, tokenizer
+from jaxlm.data import cache, curate, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.files import file_sha256
 from jaxlm.data.sources import DataError
 
-PREP_VERSION = 3  # bump when a code change alters prepared output, to invalidate old caches
+PREP_VERSION = 4  # bump when a code change alters prepared output, to invalidate old caches
 SPLITS = manifest_lib.SPLITS
 WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
 
 
-def _split_hash(text: str) -> int:
+def split_hash(text: str) -> int:
+    """The 64-bit content hash that decides a document's split."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
 
 
 def split_of(text: str, val_fraction: float) -> str:
     """'val' or 'train' for a document, from its content hash alone."""
-    return "val" if _split_hash(text) < val_fraction * 2.0**64 else "train"
+    return "val" if split_hash(text) < val_fraction * 2.0**64 else "train"
 
 
 def _move_to_val(spills: dict, name: str, text: str) -> None:
@@ -82,7 +88,8 @@ def _move_to_val(spills: dict, name: str, text: str) -> None:
     spills[name, "val"].write(text)
 
 
-def _sample_priority(text: str) -> int:
+def sample_priority(text: str) -> int:
+    """A document's rank in the tokenizer sample (lowest first), from its content alone."""
     # A second, independent hash: the tokenizer sample must not correlate with the val split.
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass")).digest()[:8])
 
@@ -109,7 +116,13 @@ class _Spill:
                 yield f.read(n).decode("utf-8", "surrogatepass")
 
 
-class _GzipMeter:
+def needs_held_out_fallback(n_train: int, n_val: int) -> bool:
+    """Whether a dataset's split left val empty, so its train document with the lowest
+    :func:`split_hash` moves to val (a few dozen pieces of one book can miss the cut)."""
+    return n_val == 0 and n_train >= 2
+
+
+class GzipMeter:
     """Compressed size of a text stream under ``gzip -9``, without holding the text."""
 
     def __init__(self) -> None:
@@ -126,14 +139,26 @@ class _GzipMeter:
         return 8.0 * self.compressed / self.raw if self.raw else None
 
 
-def _datasets(data_cfg: Any) -> dict[str, Any]:
+def check_not_empty(name: str, report: curate.CurationReport) -> None:
+    """Refuses a dataset that curation left without documents (the same sentence on every
+    engine)."""
+    if report.documents_out == 0:
+        raise DataError(
+            f"Dataset {name!r} has no documents left after reading and curation "
+            f"({report.documents_in} read); check its paths and the curation thresholds."
+        )
+
+
+def dataset_configs(data_cfg: Any) -> dict[str, Any]:
+    """``data.datasets`` by name, sorted; DataError when there is none."""
     ds = dict(data_cfg.datasets.items()) if data_cfg.get("datasets") else {}
     if not ds:
         raise DataError("config.data.datasets is empty; name at least one dataset to prepare.")
     return {name: ds[name] for name in sorted(ds)}
 
 
-def _validation_sets(data_cfg: Any) -> dict[str, Any]:
+def validation_configs(data_cfg: Any) -> dict[str, Any]:
+    """``data.validation`` (the named validation sets) by name, sorted."""
     sets = dict(data_cfg.validation.items()) if data_cfg.get("validation") else {}
     return {name: sets[name] for name in sorted(sets)}
 
@@ -143,7 +168,8 @@ def text_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
-def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
+def check_config(data_cfg: Any, tok_cfg: Any) -> None:
+    """Refuses a bad data or tokenizer config with one sentence, before any work."""
     if not 0.0 <= float(data_cfg.val_fraction) < 1.0:
         raise DataError(f"config.data.val_fraction={data_cfg.val_fraction} must be in [0, 1).")
     if int(data_cfg.docs_per_shard) < 1:
@@ -154,14 +180,14 @@ def _check_config(data_cfg: Any, tok_cfg: Any) -> None:
         # Load the user's file now: a corrupt one fails before curation, and its error names
         # that file rather than the copy in the temporary folder that is tokenized from later.
         tokenizer.load(os.path.expanduser(tok_cfg.path))
-    for name, cfg in _datasets(data_cfg).items():
+    for name, cfg in dataset_configs(data_cfg).items():
         try:
             sources.check_split(cfg.get("split", "file"))
         except DataError as e:
             raise DataError(f"config.data.datasets.{name}.{e}") from None
     try:
         tokenizer.trainer_options(tok_cfg)  # a bad model_type fails now, not after curation
-        for cfg in _datasets(data_cfg).values():  # so does a bad quality preset
+        for cfg in dataset_configs(data_cfg).values():  # so does a bad quality preset
             curate.thresholds(data_cfg.curation.quality, cfg.get("quality_preset", None))
     except ValueError as e:
         raise DataError(str(e)) from None
@@ -171,10 +197,10 @@ def cache_key(
     data_cfg: Any,
     tok_cfg: Any,
     srcs: dict[str, sources.Source],
-    process_count: int = 1,
     validation: dict[str, sources.Source] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """A short hash of everything that affects the prepared output, and what it hashed."""
+    """A short hash of everything that affects the prepared output, and what it hashed. The
+    process count is not in it: any number of processes (or Beam) prepares the same output."""
     tok = {k: v for k, v in tok_cfg.to_dict().items() if k != "path"}
     if tok_cfg.path:
         tok = {"file_sha256": file_sha256(os.path.expanduser(tok_cfg.path))}
@@ -194,7 +220,6 @@ def cache_key(
         "docs_per_shard": int(data_cfg.docs_per_shard),
         "curation": data_cfg.curation.to_dict(),
         "tokenizer": tok,
-        "process_count": int(process_count),
     }
     if validation:  # only when set, so caches prepared before validation sets existed stay valid
         material["validation"] = {
@@ -231,7 +256,7 @@ def prepare(
         curation).
       tok_cfg: ``config.tokenizer`` (path, model_type, vocab_size, sample_bytes, byte_fallback,
         code_safe).
-      process_index, process_count: this host's share of the input files.
+      process_index, process_count: this host's share of the shards to tokenize.
       log: where progress lines go (default: print to stdout).
 
     Returns:
@@ -243,29 +268,28 @@ def prepare(
     if log is None:
         log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    _check_config(data_cfg, tok_cfg)
-    ds_cfgs = _datasets(data_cfg)
+    check_config(data_cfg, tok_cfg)
+    ds_cfgs = dataset_configs(data_cfg)
+    # Every host curates every file, so dedup, the split and the tokenizer sample are global
+    # and the output does not depend on the process count; the hosts divide the tokenization.
     srcs = {
         name: sources.Source(
-            cfg.paths,
-            text_field=cfg.get("text_field", "text"),
-            split=cfg.get("split", "file"),
-            process_index=process_index,
-            process_count=process_count,
+            cfg.paths, text_field=cfg.get("text_field", "text"), split=cfg.get("split", "file")
         )
         for name, cfg in ds_cfgs.items()
     }
     # Every host reads every validation set whole (they are small) and writes the same shards.
     vsrcs = {
         name: sources.Source(cfg.paths, text_field=cfg.get("text_field", "text"))
-        for name, cfg in _validation_sets(data_cfg).items()
+        for name, cfg in validation_configs(data_cfg).items()
     }
-    key, material = cache_key(data_cfg, tok_cfg, srcs, process_count, vsrcs)
+    key, material = cache_key(data_cfg, tok_cfg, srcs, vsrcs)
     key_dir = os.path.join(sources.cache_root(data_cfg.cache_dir), key)
     final_manifest = os.path.join(key_dir, manifest_lib.FILE)
     if os.path.exists(final_manifest):
         weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in ds_cfgs.items()}
         manifest_lib.set_weights(final_manifest, weights)
+        cache.touch(final_manifest)  # its last use, for tools/prepare_data.py --list/--prune
         log(f"using prepared data at {key_dir}")
         return final_manifest
 
@@ -346,8 +370,8 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
     process_index, process_count = job.process_index, job.process_count
     val_fraction = float(data_cfg.val_fraction)
     sampler = tokenizer.HashSampler(int(tok_cfg.sample_bytes))
-    gz_all = _GzipMeter()
-    gz: dict[str, _GzipMeter] = {}
+    gz_all = GzipMeter()
+    gz: dict[str, GzipMeter] = {}
     spills: dict[tuple[str, str], _Spill] = {}
     reports: dict[str, dict[str, Any]] = {}
 
@@ -372,7 +396,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         t = time.perf_counter()
         preset = ds_cfgs[name].get("quality_preset", None)
         curator = curate.Curator(data_cfg.curation, preset)
-        gz[name] = _GzipMeter()
+        gz[name] = GzipMeter()
         for split in SPLITS:
             spills[name, split] = _Spill(os.path.join(tmp, "spill", f"{name}-{split}.bin"))
         counts = dict.fromkeys(SPLITS, 0)
@@ -394,14 +418,14 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
             spills[name, split].write(text)
             counts[split] += 1
             if split == "train":
-                sampler.add(text, _sample_priority(text))
-                if val_fraction > 0 and (lowest is None or _split_hash(text) < lowest[0]):
-                    lowest = (_split_hash(text), text)
+                sampler.add(text, sample_priority(text))
+                if val_fraction > 0 and (lowest is None or split_hash(text) < lowest[0]):
+                    lowest = (split_hash(text), text)
             else:
                 data = text.encode("utf-8", "surrogatepass")
                 gz[name].add(data)
                 gz_all.add(data)
-        if counts["val"] == 0 and counts["train"] >= 2 and lowest is not None:
+        if needs_held_out_fallback(counts["train"], counts["val"]) and lowest is not None:
             # A small corpus (one book cut into a few dozen pieces) can miss the val cut by
             # chance; hold out the one document closest to it, so every such dataset is
             # evaluated. (The tokenizer sample may have seen it: only when one is trained.)
@@ -427,11 +451,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
                 f"  input problems: {src.problems.count():,} ({', '.join(kinds)}) in "
                 f"{len({p['file'] for p in src.problems.to_list()}):,} files; see the manifest"
             )
-        if process_count == 1 and rep.documents_out == 0:
-            raise DataError(
-                f"Dataset {name!r} has no documents left after reading and curation "
-                f"({rep.documents_in} read); check its paths and the curation thresholds."
-            )
+        check_not_empty(name, rep)
 
     # 2. tokenizer: load, wait for host 0's, or train on the sample.
     t = time.perf_counter()
@@ -470,28 +490,32 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
     )
 
     # 3. tokenize the spilled documents into shards, one worker pool for all of them.
-    host = f"{process_index:03d}of{process_count:03d}"
+    # Shard k of a split holds its documents k*D .. (k+1)*D-1 (D = docs_per_shard), whoever
+    # writes it: host i writes shards i, i+n, ... of every split.
+    dps = int(data_cfg.docs_per_shard)
     datasets: dict[str, Any] = {}
     with records.Encoder(tok_path, int(data_cfg.num_proc)) as encoder:
         for name in srcs:
             datasets[name] = {"weight": float(ds_cfgs[name].get("weight", 1.0))}
             for split in SPLITS:
                 shards, _ = encoder.write_shards(
-                    spills[name, split],
+                    _my_shards(spills[name, split], dps, process_index, process_count),
                     tmp,
-                    f"{split}/{name}-{host}-{{index:05d}}.array_record",
-                    int(data_cfg.docs_per_shard),
+                    shard_pattern(split, name),
+                    dps,
                     label=f"tokenize {name}/{split}",
+                    stride=(process_index, process_count),
                 )
                 datasets[name][split] = manifest_lib.split_entry(s.to_dict() for s in shards)
         validation: dict[str, Any] = {}
         for name in job.vsrcs:
             shards, _ = encoder.write_shards(
-                spills[name, "validation"],
+                _my_shards(spills[name, "validation"], dps, process_index, process_count),
                 tmp,
-                f"validation/{name}-{host}-{{index:05d}}.array_record",
-                int(data_cfg.docs_per_shard),
+                shard_pattern("validation", name),
+                dps,
                 label=f"tokenize validation {name}",
+                stride=(process_index, process_count),
             )
             validation[name] = manifest_lib.split_entry(s.to_dict() for s in shards)
             validation[name]["removed_from_training"] = removed[name]
@@ -513,11 +537,23 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         problems={name: src.problems.to_list() for name, src in srcs.items()},
         val_gzip_bits_per_byte=bpb,
         host={"process_index": process_index, "process_count": process_count},
-        config=_summary(job.material),
+        config=config_summary(job.material),
     )
 
 
-def _summary(material: dict[str, Any]) -> dict[str, Any]:
+def shard_pattern(split: str, name: str) -> str:
+    """Shard file names of one split of one dataset (``split`` may be 'validation')."""
+    return f"{split}/{name}-{{index:05d}}.array_record"
+
+
+def _my_shards(texts: Iterator[str], dps: int, index: int, count: int) -> Iterator[str]:
+    """The documents of shards ``index, index+count, ...`` (``dps`` documents per shard)."""
+    for r, text in enumerate(texts):
+        if (r // dps) % count == index:
+            yield text
+
+
+def config_summary(material: dict[str, Any]) -> dict[str, Any]:
     """The key material for the manifest, with file lists reduced to counts (they can be huge)."""
     out = json.loads(json.dumps(material, default=str))
     for ds in out["datasets"].values():

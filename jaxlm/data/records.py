@@ -106,20 +106,26 @@ class ShardWriter:
       root: output directory; shard paths in :class:`ShardInfo` are relative to it.
       pattern: shard file name with one ``{index}`` field, e.g. ``'train/stdlib-{index:05d}.ar'``.
       docs_per_shard: documents per shard before a new one is started.
+      stride: ``(i, n)``: this writer's shards are numbers ``i, i+n, ...`` of the whole split
+        (the records given are those shards' documents), so ``n`` writers together write the
+        same files one writer does.
     """
 
-    def __init__(self, root: str, pattern: str, docs_per_shard: int) -> None:
+    def __init__(
+        self, root: str, pattern: str, docs_per_shard: int, stride: tuple[int, int] = (0, 1)
+    ) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self._writer_cls = ArrayRecordWriter
         self.root, self.pattern, self.docs_per_shard = root, pattern, max(1, int(docs_per_shard))
+        self.stride = stride
         self.shards: list[ShardInfo] = []
         self._writer: Any = None
 
     def write(self, record: bytes, tokens: int, nbytes: int) -> None:
         if self._writer is None or self.shards[-1].documents >= self.docs_per_shard:
             self._close_current()
-            rel = self.pattern.format(index=len(self.shards))
+            rel = self.pattern.format(index=self.stride[0] + self.stride[1] * len(self.shards))
             os.makedirs(os.path.dirname(os.path.join(self.root, rel)), exist_ok=True)
             self._writer = self._writer_cls(os.path.join(self.root, rel), ARRAY_RECORD_OPTIONS)
             self.shards.append(ShardInfo(rel))
@@ -153,10 +159,14 @@ def _init_worker(tokenizer_path: str) -> None:
     _WORKER_TOKENIZER = tokenizer.load(tokenizer_path)
 
 
-def _encode_batch(texts: list[str], tok: Any = None) -> list[tuple[bytes, int]]:
-    tok = tok or _WORKER_TOKENIZER
+def encode_batch(texts: list[str], tok: Any) -> list[tuple[bytes, int]]:
+    """Each text's record (:func:`encode_record`) and its token count, EOS included."""
     encoded = tok.encode_batch(texts)  # single-threaded: the processes are the parallelism
     return [(encode_record(ids, tok.eos_id), len(ids) + 1) for ids in encoded]
+
+
+def _encode_batch(texts: list[str], tok: Any = None) -> list[tuple[bytes, int]]:
+    return encode_batch(texts, tok or _WORKER_TOKENIZER)
 
 
 def _batches(texts: Iterable[str]) -> Iterator[tuple[list[str], list[int]]]:
@@ -236,18 +246,19 @@ class Encoder:
         pattern: str,
         docs_per_shard: int,
         label: str = "tokenize",
+        stride: tuple[int, int] = (0, 1),
     ) -> tuple[list[ShardInfo], float]:
         """Tokenizes ``texts`` in order into ArrayRecord shards under ``root``.
 
         Args:
           texts: documents, consumed lazily (at most two tasks per worker are in flight).
-          root, pattern, docs_per_shard: see :class:`ShardWriter`.
+          root, pattern, docs_per_shard, stride: see :class:`ShardWriter`.
           label: progress-line label.
 
         Returns:
           The shards written (none if ``texts`` is empty) and the throughput in MB/s of text.
         """
-        writer = ShardWriter(root, pattern, docs_per_shard)
+        writer = ShardWriter(root, pattern, docs_per_shard, stride)
         progress = Progress(label)
         for recs, sizes in self._encoded(texts):
             for (rec, ntok), nbytes in zip(recs, sizes, strict=True):

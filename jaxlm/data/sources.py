@@ -15,6 +15,8 @@ from __future__ import annotations
 import bz2
 import collections
 import dataclasses
+import errno
+import fnmatch
 import glob
 import gzip
 import io
@@ -124,13 +126,68 @@ def _kind(path: str) -> str | None:
     return None
 
 
-def resolve_files(paths: str) -> list[SourceFile]:
+def _match_parts(pattern: list[str], parts: list[str]) -> bool:
+    """Glob matching of path components, where a ``**`` component matches zero or more."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and (
+        fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])
+    )
+
+
+def _walk(root: str, problems: Problems) -> Iterator[str]:
+    """Every file under ``root``, following directory symlinks but entering each real directory
+    once: a symlink cycle is cut (and counted) instead of being walked ~40 levels deep, which
+    ``glob('**')`` does, once per cycle, multiplying."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            problems.add(dirpath, "symlink_cycle")
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        yield from (os.path.join(dirpath, fn) for fn in sorted(filenames))
+
+
+def _expand(pattern: str, problems: Problems) -> list[str]:
+    """The files a pattern names: a glob (``**`` walked by :func:`_walk`), or a directory."""
+    if "**" in pattern:
+        parts = pattern.split(os.sep)
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = os.sep.join(parts[:fixed]) or "."
+        if parts[0] == "" and fixed == 1:
+            root = os.sep
+        return [
+            path
+            for path in _walk(root, problems)
+            if _match_parts(parts[fixed:], os.path.relpath(path, root).split(os.sep))
+        ]
+    files = []
+    for m in sorted(glob.glob(pattern)):
+        if os.path.isdir(m):
+            for dirpath, dirnames, filenames in os.walk(m):  # links to dirs are not followed
+                dirnames.sort()
+                files += [os.path.join(dirpath, fn) for fn in sorted(filenames)]
+        else:
+            files.append(m)
+    return files
+
+
+def resolve_files(paths: str, problems: Problems | None = None) -> list[SourceFile]:
     """Expand a comma-separated list of globs/dirs (or ``'stdlib'``) into sorted input files.
+
+    A file that cannot be opened (a symlink loop, a dangling link) and a directory reached
+    again through a symlink cycle are skipped and counted in ``problems``, by kind.
 
     Raises:
       SourceError: a pattern matches no readable corpus file. Checked for every pattern before
         anything is read, so a typo fails in milliseconds, not after hours of work.
     """
+    problems = problems if problems is not None else Problems()
     patterns = [p.strip() for p in paths.split(",") if p.strip()]
     if not patterns:
         raise SourceError("The data source 'paths' is empty; give a glob, a directory or 'stdlib'.")
@@ -141,27 +198,24 @@ def resolve_files(paths: str) -> list[SourceFile]:
             for f in files:
                 found[f.path] = f
             continue
-        expanded = os.path.expanduser(pattern)
-        matches = sorted(glob.glob(expanded, recursive=True))
         files = []
-        for m in matches:
-            if os.path.isdir(m):
-                for dirpath, dirnames, filenames in os.walk(m):
-                    dirnames.sort()
-                    files += [os.path.join(dirpath, fn) for fn in sorted(filenames)]
-            else:
-                files.append(m)
-        files = [f for f in files if _kind(f) is not None]
+        for path in _expand(os.path.expanduser(pattern), problems):
+            if _kind(path) is None:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                kind = "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
+                problems.add(path, kind, e.strerror or "")
+                continue
+            files.append(SourceFile(os.path.abspath(path), path, st.st_size, st.st_mtime_ns))
         if not files:
             raise SourceError(
                 f"The data path pattern {pattern!r} matches no .txt/.md/.rst/.py/.jsonl/.parquet "
                 "files (optionally .gz/.zst/.bz2/.xz); check the path or the glob."
             )
         for f in files:
-            st = os.stat(f)
-            found[os.path.abspath(f)] = SourceFile(
-                os.path.abspath(f), f, st.st_size, st.st_mtime_ns
-            )
+            found[f.path] = f
     return sorted(found.values(), key=lambda f: f.path)
 
 
@@ -185,6 +239,28 @@ def _open_binary(path: str) -> BinaryIO:
     return open(path, "rb")  # noqa: SIM115
 
 
+# Magic numbers of common binary formats; a NUL byte catches most of the rest (UTF-16 text too,
+# which is not a corpus format jaxlm reads).
+_BINARY_MAGIC = (
+    b"\x7fELF",  # executables and shared libraries
+    b"\x89PNG",
+    b"GIF8",
+    b"\xff\xd8\xff",  # JPEG
+    b"%PDF",
+    b"PK\x03\x04",  # zip, jar, docx, whl
+    b"\x1f\x8b",  # gzip under a text name
+    b"(\xb5/\xfd",  # zstd
+    b"7z\xbc\xaf",
+    b"MZ",  # Windows executables
+)
+_SNIFF_BYTES = 8192
+
+
+def looks_binary(head: bytes) -> bool:
+    """Whether a file's first bytes say it is not text (a known magic number, or a NUL byte)."""
+    return head.startswith(_BINARY_MAGIC) or b"\x00" in head[:_SNIFF_BYTES]
+
+
 def clean_text(raw: bytes, name: str, problems: Problems, where: str = "") -> str:
     """Decode UTF-8 (replacing and counting bad bytes), strip a BOM, and normalise CRLF/CR to LF."""
     try:
@@ -205,10 +281,10 @@ def normalize_newlines(text: str) -> str:
 
 
 class Source:
-    """A stream of Documents from one dataset's ``paths``, sliced for this host.
+    """A stream of Documents from one dataset's ``paths``, file by file in sorted order.
 
-    Files are resolved (and bad patterns rejected) in the constructor. File ``i`` of the sorted
-    list belongs to host ``i % process_count``, so hosts see disjoint, balanced slices.
+    Files are resolved (and bad patterns rejected) in the constructor. Every host reads every
+    file: the order of documents in the corpus (what keep-first dedup keeps) is this order.
 
     Args:
       paths: comma-separated globs or directories, or ``'stdlib'``.
@@ -216,7 +292,6 @@ class Source:
       split: how a text file becomes documents (see `check_split`): 'file' (one document),
         'paragraphs' (one per blank-line-separated paragraph), or a number N (pieces of at most
         N characters, cut at paragraph, else line, boundaries; shorter files stay whole).
-      process_index, process_count: this host's slice of the file list.
     """
 
     def __init__(
@@ -225,17 +300,12 @@ class Source:
         *,
         text_field: str = "text",
         split: str = "file",
-        process_index: int = 0,
-        process_count: int = 1,
     ) -> None:
-        if not 0 <= process_index < process_count:
-            raise SourceError(f"process_index={process_index} is not in [0, {process_count}).")
         self.paths = paths
         self.text_field = text_field
         self.split = check_split(split)
-        self.all_files = resolve_files(paths)
-        self.files = self.all_files[process_index::process_count]
-        self.problems = Problems()
+        self.problems = Problems()  # resolving the paths counts problems too (symlink loops)
+        self.files = resolve_files(paths, self.problems)
         self.documents = 0
         if any(_kind(f.path) == "parquet" for f in self.files):
             _require_pyarrow()
@@ -245,97 +315,120 @@ class Source:
         return STDLIB in [p.strip() for p in self.paths.split(",")]
 
     def fingerprint(self) -> list[Any]:
-        """What the cache key needs: every file's name, size and mtime (all hosts), and Python."""
-        fp: list[Any] = [[f.path, f.size, f.mtime_ns] for f in self.all_files]
+        """What the cache key needs: every file's name, size and mtime, and Python."""
+        fp: list[Any] = [[f.path, f.size, f.mtime_ns] for f in self.files]
         if self.is_stdlib:
             fp.append(sys.version)
         return fp
 
     def __iter__(self) -> Iterator[Document]:
         for f in self.files:
-            kind = _kind(f.path)
-            try:
-                if kind == "parquet":
-                    yield from self._parquet(f)
-                elif kind == "jsonl":
-                    yield from self._jsonl(f)
-                else:
-                    yield from self._text(f)
-            except SourceError:
-                raise
-            except _read_errors() as e:
-                # A truncated .gz or a corrupt file costs that file (counted), never the run.
-                self.problems.add(f.name, "unreadable", f"{type(e).__name__}: {e}")
+            for doc in read_file(f, self.problems, self.text_field, self.split):
+                self.documents += 1
+                yield doc
 
-    def _emit(self, text: str, source: str, f: SourceFile) -> Iterator[Document]:
-        if not text.strip():
-            self.problems.add(f.name, "empty_document", source)
+
+def read_file(
+    f: SourceFile, problems: Problems, text_field: str = "text", split: str = "file"
+) -> Iterator[Document]:
+    """The Documents of one input file, in file order; every problem is counted in ``problems``
+    (a damaged or binary file costs that file, never the run).
+
+    Args:
+      f: the file (from :func:`resolve_files`).
+      problems: where problems are counted, under ``f.name``.
+      text_field: JSONL key / Parquet column holding the text.
+      split: how a text file becomes documents (see :func:`check_split`).
+    """
+    kind = _kind(f.path)
+    try:
+        if kind == "parquet":
+            yield from _parquet(f, problems, text_field)
             return
-        self.documents += 1
-        yield {"text": text, "source": source}
-
-    def _text(self, f: SourceFile) -> Iterator[Document]:
         with _open_binary(f.path) as fh:
-            raw = fh.read()
-        if not raw.strip():
-            self.problems.add(f.name, "empty_file")
-            return
-        text = clean_text(raw, f.name, self.problems)
-        if self.split == "file":
-            yield from self._emit(text, f.name, f)
-        elif self.split == "paragraphs":
-            for i, para in enumerate(text.split("\n\n")):
-                if para.strip():
-                    yield from self._emit(para.strip("\n"), f"{f.name}#{i}", f)
+            head = fh.read(_SNIFF_BYTES)
+        if looks_binary(head):
+            problems.add(f.name, "binary", repr(head[:8]))
+        elif kind == "jsonl":
+            yield from _jsonl(f, problems, text_field)
         else:
-            for i, piece in enumerate(split_text(text, int(self.split))):
-                yield from self._emit(piece, f"{f.name}#{i}", f)
+            yield from _text(f, problems, split)
+    except SourceError:
+        raise
+    except _read_errors() as e:
+        # A truncated .gz or a corrupt file costs that file (counted), never the run.
+        problems.add(f.name, "unreadable", f"{type(e).__name__}: {e}")
 
-    def _jsonl(self, f: SourceFile) -> Iterator[Document]:
-        n_lines = 0
-        with _open_binary(f.path) as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                n_lines += 1
-                where = f"line {lineno}: "
-                line = clean_text(raw, f.name, self.problems, where)
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    self.problems.add(f.name, "malformed_json", f"{where}{e.msg}")
-                    continue
-                text = obj.get(self.text_field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    self.problems.add(
-                        f.name, "missing_field", f"{where}no string {self.text_field!r}"
-                    )
-                    continue
-                yield from self._emit(normalize_newlines(text), f"{f.name}:{lineno}", f)
-        if n_lines == 0:
-            self.problems.add(f.name, "empty_file")
 
-    def _parquet(self, f: SourceFile) -> Iterator[Document]:
-        import pyarrow.parquet as pq
+def _emit(text: str, source: str, f: SourceFile, problems: Problems) -> Iterator[Document]:
+    if not text.strip():
+        problems.add(f.name, "empty_document", source)
+        return
+    yield {"text": text, "source": source}
 
-        pf = pq.ParquetFile(f.path)
-        if self.text_field not in pf.schema_arrow.names:
-            cols = ", ".join(pf.schema_arrow.names)
-            self.problems.add(f.name, "missing_column", f"no {self.text_field!r}; has {cols}")
-            return
-        if pf.metadata.num_rows == 0:
-            self.problems.add(f.name, "empty_file")
-            return
-        row = 0
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[self.text_field]):
-            for value in batch.column(0).to_pylist():
-                if isinstance(value, bytes):
-                    value = clean_text(value, f.name, self.problems, f"row {row}: ")
-                if not isinstance(value, str):
-                    self.problems.add(f.name, "missing_field", f"row {row}: {type(value).__name__}")
-                else:
-                    yield from self._emit(normalize_newlines(value), f"{f.name}#{row}", f)
-                row += 1
+
+def _text(f: SourceFile, problems: Problems, split: str) -> Iterator[Document]:
+    with _open_binary(f.path) as fh:
+        raw = fh.read()
+    if not raw.strip():
+        problems.add(f.name, "empty_file")
+        return
+    text = clean_text(raw, f.name, problems)
+    if split == "file":
+        yield from _emit(text, f.name, f, problems)
+    elif split == "paragraphs":
+        for i, para in enumerate(text.split("\n\n")):
+            if para.strip():
+                yield from _emit(para.strip("\n"), f"{f.name}#{i}", f, problems)
+    else:
+        for i, piece in enumerate(split_text(text, int(split))):
+            yield from _emit(piece, f"{f.name}#{i}", f, problems)
+
+
+def _jsonl(f: SourceFile, problems: Problems, text_field: str) -> Iterator[Document]:
+    n_lines = 0
+    with _open_binary(f.path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            n_lines += 1
+            where = f"line {lineno}: "
+            line = clean_text(raw, f.name, problems, where)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.add(f.name, "malformed_json", f"{where}{e.msg}")
+                continue
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                problems.add(f.name, "missing_field", f"{where}no string {text_field!r}")
+                continue
+            yield from _emit(normalize_newlines(text), f"{f.name}:{lineno}", f, problems)
+    if n_lines == 0:
+        problems.add(f.name, "empty_file")
+
+
+def _parquet(f: SourceFile, problems: Problems, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f.path)
+    if text_field not in pf.schema_arrow.names:
+        cols = ", ".join(pf.schema_arrow.names)
+        problems.add(f.name, "missing_column", f"no {text_field!r}; has {cols}")
+        return
+    if pf.metadata.num_rows == 0:
+        problems.add(f.name, "empty_file")
+        return
+    row = 0
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, bytes):
+                value = clean_text(value, f.name, problems, f"row {row}: ")
+            if not isinstance(value, str):
+                problems.add(f.name, "missing_field", f"row {row}: {type(value).__name__}")
+            else:
+                yield from _emit(normalize_newlines(value), f"{f.name}#{row}", f, problems)
+            row += 1
 
 
 def check_split(split: str) -> str:

@@ -196,11 +196,11 @@ class StagedBatches:
 
 
 def training_batches(
-    config: Any, manifest: dict, plan: Plan, process_index: int, process_count: int
+    config: Any, manifest: dict, plan: Plan, process_index: int, process_count: int, streams: int
 ) -> pipeline.HostBatches | StagedBatches:
-    """This host's training batches for a run: the single-stage grain pipeline it has always
-    used without `config.stages`, else a staged stream over `plan`."""
-    streams = config.data.streams or process_count
+    """This host's training batches for a run, read from `streams` document streams: the
+    single-stage grain pipeline it has always used without `config.stages`, else a staged
+    stream over `plan`."""
     if plan.staged:
         stages.check_weights(plan, sorted(manifest["datasets"]), "the prepared data")
         return StagedBatches(
@@ -221,4 +221,5 @@ def training_batches(
         process_count=process_count,
         weights={n: d.weight for n, d in config.data.datasets.items()},
         worker_count=config.data.grain_workers,
+        read_options=(config.data.read_threads, config.data.read_buffer),
     )

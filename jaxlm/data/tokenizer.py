@@ -261,6 +261,16 @@ class HashSampler:
             self.bytes -= n
             self.frontier = -neg
 
+    def merge(self, other: HashSampler) -> None:
+        """Adds another part's sample: the sample of the union, as if one sampler saw it all
+        (a document in the union's sample is in its own part's sample, which keeps more)."""
+        for neg, _, text in other._heap:
+            self.add(text, -neg)
+        self.frontier = min(self.frontier, other.frontier)
+        while self._heap and -self._heap[0][0] >= self.frontier:
+            _, n, _ = heapq.heappop(self._heap)
+            self.bytes -= n
+
     def texts(self) -> list[str]:
         """The sample, in priority order (so training sees the same sequence every time)."""
         return [t for _, _, t in sorted(self._heap, key=lambda x: -x[0])]

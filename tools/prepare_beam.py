@@ -1,0 +1,61 @@
+"""Prepare a corpus on Apache Beam: the same shards and manifest as tools/prepare_data.py.
+
+    pip install 'jaxlm[beam]'
+    python tools/prepare_beam.py --config=configs/tiny.py      # DirectRunner, one worker per CPU
+    python tools/prepare_beam.py --config=configs/tiny.py -- \\
+        --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_threading
+
+Everything after ``--`` is a Beam pipeline option, so any runner works; the output then goes to
+an object store Beam can write (see README, "Preparing data on Apache Beam"):
+
+    python tools/prepare_beam.py --config=configs/tiny.py \\
+        --config.data.datasets.stdlib.paths='/gcs/corpus/*.jsonl.zst' \\
+        --output=gs://BUCKET/jaxlm/prepared -- \\
+        --runner=DataflowRunner --project=PROJECT --region=REGION \\
+        --temp_location=gs://BUCKET/tmp --requirements_file=requirements-beam.txt
+
+Without ``--output`` the data goes where ``prepare`` caches it, so a training run with the same
+config finds it ("using prepared data at ...").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+# Config files do `from configs import base`; make the repository root importable from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ml_collections import config_flags  # noqa: E402
+
+from jaxlm import cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_OUTPUT = flags.DEFINE_string(
+    "output", "", "Output folder (local, gs://, s3://); default: the local prepare cache."
+)
+DEFAULT_BEAM_ARGS = [  # 0 workers: one per CPU; processes: the tested mode (docs/perf.md)
+    "--runner=DirectRunner",
+    "--direct_num_workers=0",
+    "--direct_running_mode=multi_processing",
+]
+
+
+def main(argv: list[str]) -> None:
+    from jaxlm.data import beam
+    from jaxlm.errors import JaxlmError
+
+    config = _CONFIG.value
+    try:
+        path = beam.prepare_beam(
+            config.data, config.tokenizer, argv[1:] or DEFAULT_BEAM_ARGS, output=_OUTPUT.value
+        )
+    except JaxlmError as e:  # DataError and friends: one sentence for people, no traceback
+        sys.exit(f"error: {e}")
+    print(path)
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)
