@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import attention, optim, sharding
+from jaxlm import attention, objectives, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError, JaxlmError
 
@@ -106,6 +106,7 @@ def check_config(config: Any) -> None:
         if not 0 <= _get(config, key) <= 1:
             raise ConfigError(f"{key}={_get(config, key)!r} must be in [0, 1].")
     _check_train(config)
+    objectives.check(config)
     _build_objects(config)
 
 
