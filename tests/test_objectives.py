@@ -77,10 +77,17 @@ def test_causal_run_losses_are_bitwise_those_recorded_before_objectives(tmp_path
     config = tiny_config()
     assert config.objective == "causal"
     objective = objectives.Objective.build(config)
-    setup = train.Setup(config, vocab_size=1000, mesh=sharding.make_mesh((1, -1, 1), jax.devices()[:1]))
+    mesh = sharding.make_mesh((1, -1, 1), jax.devices()[:1])
+    setup = train.Setup(config, vocab_size=1000, mesh=mesh)
     state, step = setup.init_state(), setup.jit_train_step()
     batches = pipeline.HostBatches(
-        m, seq_len=16, global_batch=8, seed=0, streams=2, process_index=0, process_count=1,
+        m,
+        seq_len=16,
+        global_batch=8,
+        seed=0,
+        streams=2,
+        process_index=0,
+        process_count=1,
         doc_transform=objective.doc_transform(),
     )
     losses = []
@@ -362,31 +369,23 @@ def _resume_config(name: str) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def fsdp_setups():
-    """One Setup per program on the 8-device fsdp mesh, its steps and initial state compiled
-    once for every run (masked and prefix batches have the same structure: one program)."""
-    setups = {}
-
-    def get(name: str) -> train.Setup:
-        kind = name in objectives.BIDIRECTIONAL
-        if kind not in setups:
-            setup = train.Setup(_resume_config(name), 1000, sharding.make_mesh((1, -1, 1)))
-            step, eval_step, init = setup.jit_train_step(), setup.jit_eval_step(), setup.init_state()
-            setup.jit_train_step, setup.jit_eval_step = (lambda: step), (lambda: eval_step)
-            setup.init_state = lambda: jax.tree.map(jnp.copy, init)  # the step donates it
-            setups[kind] = setup
-        return setups[kind]
-
-    return get
+def fsdp_setup():
+    """The 8-device fsdp Setup, its steps and initial state compiled once for every run
+    (masked and prefix batches have the same structure: one program)."""
+    setup = train.Setup(_resume_config("masked"), 1000, sharding.make_mesh((1, -1, 1)))
+    step, eval_step, init = setup.jit_train_step(), setup.jit_eval_step(), setup.init_state()
+    setup.jit_train_step, setup.jit_eval_step = (lambda: step), (lambda: eval_step)
+    setup.init_state = lambda: jax.tree.map(jnp.copy, init)  # the step donates its state
+    return setup
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["masked", "prefix"])
-def test_each_objective_resumes_bitwise_on_the_8_device_fsdp_mesh(name, tmp_path, fsdp_setups):
+def test_each_objective_resumes_bitwise_on_the_8_device_fsdp_mesh(name, tmp_path, fsdp_setup):
     rng = np.random.RandomState(0)
     docs = {"train": _docs(rng, 80, 5, 30), "val": _docs(rng, 10, 5, 30)}
     manifest = _manifest(tmp_path, {"stdlib": docs})
-    config, setup = _resume_config(name), fsdp_setups(name)
+    config, setup = _resume_config(name), fsdp_setup
     assert dict(setup.mesh.shape)["fsdp"] == 8
 
     whole, whole_params = _train(config, setup, tmp_path / "whole", manifest, name)
@@ -404,8 +403,14 @@ def test_fim_stream_resumes_exactly_and_rearranges_its_share_of_documents(tmp_pa
     manifest = _manifest(tmp_path, {"stdlib": {"train": _docs(rng, 80, 5, 30)}})
     fim = _objective("fim", fim_rate=0.5).doc_transform()
     make = lambda: pipeline.HostBatches(  # noqa: E731
-        manifest, seq_len=16, global_batch=8, seed=0, streams=2, process_index=0,
-        process_count=1, doc_transform=fim,
+        manifest,
+        seq_len=16,
+        global_batch=8,
+        seed=0,
+        streams=2,
+        process_index=0,
+        process_count=1,
+        doc_transform=fim,
     )
     whole = make()
     batches = [next(whole) for _ in range(12)]
