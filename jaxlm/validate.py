@@ -274,12 +274,13 @@ def _check_data(config: Any) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"tokenizer.path={tok.path!r} does not exist.")
         try:
-            tokenizer_lib.load(path)
+            loaded = tokenizer_lib.load(path)
         except Exception:  # noqa: BLE001 - sentencepiece raises bare RuntimeErrors
             raise ConfigError(
                 f"tokenizer.path={tok.path!r} is not a readable tokenizer: neither a sentencepiece "
                 ".model nor a Hugging Face tokenizer.json loads from it."
             ) from None
+        objectives.check_tokenizer(config, loaded)  # [MASK] or FIM sentinels, if needed
 
 
 def _check_validation_sets(d: Any, datasets: dict[str, Any]) -> None:

@@ -17,6 +17,8 @@ import traceback
 import pytest
 
 from jaxlm import cli
+from jaxlm.data import tokenizer
+from tests.helpers import tiny_config
 
 CONFIG = """
 from tests.helpers import tiny_config
@@ -60,6 +62,10 @@ def files(tmp_path_factory):
             }
         )
     )
+    plain = root / "plain.model"  # a real sentencepiece model without [MASK] or FIM pieces
+    tok_cfg = tiny_config().tokenizer
+    tok_cfg.vocab_size, tok_cfg.byte_fallback = 40, False
+    tokenizer.train_tokenizer(["def f(x):\n    return x + 1\n" * 200], tok_cfg, str(plain))
     blocker = root / "a_file"
     blocker.write_text("not a directory")
     bad_task = root / "task.jsonl"
@@ -71,6 +77,7 @@ def files(tmp_path_factory):
         "no_heldout": str(no_heldout),
         "blocker": str(blocker),
         "bad_task": str(bad_task),
+        "plain": str(plain),
     }
 
 
@@ -192,6 +199,14 @@ CASES = [
     (["--config.data.datasets.domain.paths=x"], "domain; datasets are: stdlib"),
     (["--config.data.datasets.stdlib.split=pages"], "config.data.datasets.stdlib.split='pages'"),
     (["--config.eval.task_files=/no/such/task.jsonl"], "/no/such/task.jsonl"),
+    (["--config.objective=bert"], "objective must be one of causal, masked, prefix, fim"),
+    (["--config.objectives.mask_rate=1.5"], "objectives.mask_rate=1.5"),
+    (["--config.objectives.fim_rate=2.0"], "objectives.fim_rate=2.0"),
+    (["--config.objectives.mask_token_rate=0.95"], "objectives.mask_token_rate + objectives"),
+    (
+        ["--config.objective=masked", "--config.tokenizer.path={plain}"],
+        "objective=masked needs the pieces ['[MASK]'], which tokenizer.path='{plain}' lacks",
+    ),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
     (
         ["--config.data.manifest={no_heldout}"],
