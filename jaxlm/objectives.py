@@ -95,9 +95,9 @@ def check_tokenizer(config: Any, tokenizer: Any) -> None:
     ]
     if missing:
         raise ConfigError(
-            f"objective={config.objective} needs the pieces {missing}, which "
-            f"tokenizer.path={config.tokenizer.path!r} lacks; let jaxlm train the tokenizer "
-            "(tokenizer.path='')."
+            f"objective={config.objective} needs the pieces {missing}, which the tokenizer "
+            f"{tokenizer.path} lacks; prepare the data with tokenizer.path='' so that jaxlm "
+            "trains one that has them."
         )
 
 

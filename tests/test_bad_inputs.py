@@ -205,7 +205,7 @@ CASES = [
     (["--config.objectives.mask_token_rate=0.95"], "objectives.mask_token_rate + objectives"),
     (
         ["--config.objective=masked", "--config.tokenizer.path={plain}"],
-        "objective=masked needs the pieces ['[MASK]'], which tokenizer.path='{plain}' lacks",
+        "objective=masked needs the pieces ['[MASK]'], which the tokenizer {plain} lacks",
     ),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
     (

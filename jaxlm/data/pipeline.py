@@ -250,10 +250,10 @@ def eval_batches(
         yield _pad_rows(batch, batch_size)
 
 
-def first_documents(manifest: dict, n: int) -> Iterator[np.ndarray]:
-    """The token ids (ending in EOS) of up to `n` training documents of each dataset, in order."""
+def first_documents(manifest: dict, n: int, split: str = "train") -> Iterator[np.ndarray]:
+    """The token ids (ending in EOS) of up to `n` documents of each dataset's `split`, in order."""
     for name in sorted(manifest["datasets"]):
-        docs = _documents(manifest, name, "train", 0, 1)
+        docs = _documents(manifest, name, split, 0, 1)
         for i in range(min(n, len(docs))):
             yield np.frombuffer(docs[i], dtype="<i4")
 
