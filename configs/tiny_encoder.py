@@ -19,8 +19,18 @@ def get_config():
     c = tiny.get_config()
     c.name = "tiny_encoder"
     c.objective = "masked"
-    c.objectives.mask_rate = 0.15
+    # 30% rather than BERT's 15%: twice the predictions per step, which a small encoder on a
+    # short budget needs more than the extra context (Wettig et al. 2023 find 40% no worse).
+    c.objectives.mask_rate = 0.3
     c.objectives.whole_word = False
+    c.model.d_model = 256  # narrower than tiny.py: ~2x the steps in the same time
+    c.model.n_heads = 4
+    c.model.n_kv_heads = 2
+    c.model.d_ff = 768
+    c.model.max_seq_len = 128
+    c.train.seq_len = 128  # same 4,096 tokens per step as tiny.py
+    c.train.batch_size = 32
+    c.train.steps = 300
     c.eval.next_line_examples = 0  # a next-line task scores left-to-right text: not an encoder's
     c.sample.max_tokens = 0  # nor is sampling; tools/generate.py --fill_mask shows predictions
     return c
