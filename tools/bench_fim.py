@@ -4,15 +4,16 @@ tokens, scored on filling the middle of held-out standard-library functions.
     python tools/bench_fim.py [--steps=300] [--functions=400] [--workdir=/tmp/bench_fim]
 
 Both runs use one prepared corpus (the standard library, tokenized with the FIM sentinels), the
-same seed, model, batches of documents and step count; the FIM run rearranges half of its
-documents (PSM or SPM, `config.objectives.fim_rate=0.5`). Held-out functions come from the
-held-out split's files (never trained on): each top-level function or method of 3-40 lines
+same seed, model, batches of documents and step count; the FIM run rearranges `--fim_rate` of
+its documents (half PSM, half SPM). A run already complete in `--workdir` is only evaluated
+(jaxlm resumes it at its last step), so runs can be shared between calls. Held-out functions
+come from the held-out split's files (never trained on): each function or method of 3-40 lines
 gets a middle of 1-3 whole lines of its body (chosen by a fixed seed), the rest is prefix and
 suffix. Middle-span loss is the mean nll of the middle's tokens (EOS not counted), exact match
-the share of middles whose every token is the argmax (what greedy decoding would write). The
-FIM model is scored on `<fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle`; the
-causal model on the same PSM text and on `prefix middle` (left to right, the best it can do
-without the suffix).
+the share of middles whose every token is the argmax (what greedy decoding would write). Both
+models are scored on three layouts: PSM `<fim_prefix> prefix <fim_suffix> suffix <fim_middle>
+middle`, SPM `<fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle`, and `prefix middle`
+(left to right: what a causal model is used with, without the suffix).
 """
 
 import ast
@@ -38,6 +39,10 @@ _STEPS = flags.DEFINE_integer("steps", 300, "Training steps of each run.")
 _FUNCTIONS = flags.DEFINE_integer("functions", 400, "Held-out functions to score (at most).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_fim", "Where the two runs are written.")
 _OUT = flags.DEFINE_string("out", "", "Also write the result as JSON here.")
+_FIM_RATE = flags.DEFINE_float("fim_rate", 0.5, "Share of the FIM run's documents rearranged.")
+_SCORE_ONLY = flags.DEFINE_bool(
+    "score_only", False, "Score the runs already in --workdir (same --steps) instead of training."
+)
 
 SEQ_LEN, BATCH = 256, 16
 
@@ -47,7 +52,7 @@ def bench_config(objective: str, steps: int):
     c = tiny.get_config()
     c.name = f"bench_fim_{objective}"
     c.objective = objective
-    c.objectives.fim_rate = 0.5
+    c.objectives.fim_rate = _FIM_RATE.value
     c.model.update(dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384))
     c.model.attention = "xla"
     c.train.update(dict(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, log_every=50))
@@ -99,6 +104,8 @@ def rows(tok, examples, layout: str) -> list[tuple[list[int], list[int]]]:
         p, m, s = tok.encode(pre), tok.encode(mid), tok.encode(suf)
         if layout == "psm":
             head = [tok.bos_id, pre_id, *p, suf_id, *s, mid_id]
+        elif layout == "spm":  # the prefix flows straight into the middle
+            head = [tok.bos_id, pre_id, suf_id, *s, mid_id, *p]
         else:  # left to right: prefix, then the middle
             head = [tok.bos_id, *p]
         tokens = head + m
@@ -146,33 +153,36 @@ def main(argv):
         config.data.manifest = manifest_path  # one corpus and tokenizer for both
         workdir = os.path.join(_WORKDIR.value, objective)
         t = time.perf_counter()
-        summary = loop.run(config, workdir)
+        summary = {} if _SCORE_ONLY.value else loop.run(config, workdir)
         trained = trained_lib.load_trained(workdir)
+        tok = trained.tokenizer
         if objective == "causal":
-            examples = heldout_functions(manifest, trained.tokenizer, _FUNCTIONS.value)
+            examples = heldout_functions(manifest, tok, _FUNCTIONS.value)
         setup = train.Setup(config, trained.setup.model_cfg.vocab_size, trained.setup.mesh)
         results[objective] = {
             "train_s": time.perf_counter() - t,
-            "final_train_loss": summary["train_loss"],
-            "psm": score(setup, trained.params, rows(trained.tokenizer, examples, "psm")),
+            "final_train_loss": summary.get("train_loss"),
+            **{
+                layout: score(setup, trained.params, rows(tok, examples, layout))
+                for layout in ("psm", "spm", "left_to_right")
+            },
         }
-        if objective == "causal":
-            left_to_right = rows(trained.tokenizer, examples, "l2r")
-            results[objective]["left_to_right"] = score(setup, trained.params, left_to_right)
     results["steps"], results["tokens"] = _STEPS.value, _STEPS.value * BATCH * SEQ_LEN
     results["wall_s"] = time.perf_counter() - t0
     print(json.dumps(results, indent=2))
-    f, c = results["fim"]["psm"], results["causal"]
+    first = results["fim"]["psm"]
     print(
-        f"middle-span loss on {f['functions']} held-out functions ({f['middle_tokens']:.0f} "
-        f"tokens), {results['tokens']:,} training tokens each:\n"
-        f"  FIM-trained, PSM:            {f['middle_loss']:.3f} "
-        f"(token acc {f['middle_token_accuracy']:.1%}, exact {f['middle_exact_match']:.1%})\n"
-        f"  causal, prefix only (L2R):   {c['left_to_right']['middle_loss']:.3f} "
-        f"(token acc {c['left_to_right']['middle_token_accuracy']:.1%}, "
-        f"exact {c['left_to_right']['middle_exact_match']:.1%})\n"
-        f"  causal, PSM (unseen format): {c['psm']['middle_loss']:.3f}"
+        f"middle-span loss on {first['functions']} held-out functions "
+        f"({first['middle_tokens']:.0f} tokens), {results['tokens']:,} training tokens each:"
     )
+    print("| model | PSM | SPM | prefix only (left to right) |\n| --- | ---: | ---: | ---: |")
+    for objective in ("fim", "causal"):
+        cells = [
+            f"{r['middle_loss']:.3f} ({r['middle_token_accuracy']:.1%}, "
+            f"exact {r['middle_exact_match']:.1%})"
+            for r in (results[objective][k] for k in ("psm", "spm", "left_to_right"))
+        ]
+        print(f"| {objective} | " + " | ".join(cells) + " |")
     if _OUT.value:
         with open(_OUT.value, "w") as fh:
             json.dump(results, fh, indent=2)
