@@ -516,6 +516,8 @@ def _objective_summary(result: dict[str, float]) -> str:
         if result.get("unigram_accuracy"):
             ratio = result["masked_accuracy"] / result["unigram_accuracy"]
             parts.append(f"unigram baseline {result['unigram_accuracy']:.1%} ({ratio:.2f}x)")
+    if "loss_after_prefix" in result:
+        parts.append(f"loss after the prefix {result['loss_after_prefix']:.4f}")
     if "middle_exact_match" in result:
         parts.append(
             f"middle-span token accuracy {result['middle_token_accuracy']:.1%} | "

@@ -294,6 +294,8 @@ class Objective:
                 "middle_token_accuracy": sums["correct"] / count,
                 "middle_exact_match": sums["exact"] / max(sums["spans"], 1.0),
             }
+        if self.name == "prefix":
+            return {"loss_after_prefix": sums["nll"] / count}  # what `loss` is here, by name
         return {}
 
 

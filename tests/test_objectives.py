@@ -429,3 +429,13 @@ def test_fim_stream_resumes_exactly_and_rearranges_its_share_of_documents(tmp_pa
     starts = np.flatnonzero(inputs.reshape(-1)[:-1] == BOS)
     share = np.mean(inputs.reshape(-1)[starts + 1] == FIM_PRE)
     assert 0.3 < share < 0.7
+
+
+def test_held_out_metrics_of_each_objective_come_from_the_summed_eval_outputs():
+    sums = {"nll": 30.0, "count": 12.0, "correct": 3.0, "spans": 4.0, "exact": 1.0}
+    masked = _objective("masked").metrics(dict(sums, baseline_hits=1.0))
+    assert masked == {"masked_accuracy": 0.25, "unigram_accuracy": 1 / 12}
+    assert _objective("prefix").metrics(sums) == {"loss_after_prefix": 2.5}
+    fim = _objective("fim").metrics(sums)
+    assert fim == {"middle_token_accuracy": 0.25, "middle_exact_match": 0.25}
+    assert _objective("causal").metrics(sums) == {}
