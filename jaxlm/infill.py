@@ -69,9 +69,13 @@ def fill_mask(trained: Any, text: str, top: int = 5) -> tuple[str, list[list[tup
         )
     ones = np.ones_like(ids)
     positions = np.arange(ids.shape[1], dtype=np.int32)[None]
+
+    @jax.jit  # traced, the model's sharding constraints let one row run on any mesh
+    def forward(params, ids):
+        return nnx.merge(setup.graphdef, params)(ids, positions, ones, prefix=ones)  # (1, L, V)
+
     with sharding.use(setup.mesh, setup.rules):
-        model = nnx.merge(setup.graphdef, trained.params)
-        logits = model(ids, positions, ones, prefix=ones)  # (1, L, V)
+        logits = forward(trained.params, ids)
     probs = np.asarray(jax.nn.softmax(logits[0, where], axis=-1))  # (M, V)
     filled = ids[0].copy()
     choices = []
