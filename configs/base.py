@@ -6,6 +6,7 @@ Not a run on its own: use a recipe such as configs/tiny.py.
 import ml_collections
 from ml_collections import config_dict
 
+from jaxlm import objectives
 from jaxlm.data import curate
 
 
@@ -13,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"  # run name; the default --workdir is runs/<name>
     c.seed = 0  # seeds parameter init and data order
+    c.objective = "causal"  # causal | masked | prefix | fim (see jaxlm/objectives.py)
+    c.objectives = objectives.default_config()  # options of the non-causal objectives
     c.init_from = ""  # 'hf:<HF model dir>' | 'ckpt:<workdir or step dir>' | '' = random init
     # With init_from='ckpt:...': continue that checkpoint's whole state (optimizer, step, data
     # position) under this config's stages, e.g. a cool-down branched from a stable phase.

@@ -4,6 +4,8 @@ splash attention for TPU.
 All three compute causal attention within documents: a query sees the keys at or before its
 position that carry its segment id. XLA and cuDNN read that from a boolean mask (B, 1, L, S);
 splash reads the segment ids (B, L) themselves and skips whole blocks that are masked out.
+Bidirectional and prefix-LM masks (`model.attention_mask(prefix=...)`) are read from the mask
+alone, so they run on XLA or cuDNN; a splash model takes the XLA path for them.
 """
 
 from __future__ import annotations
@@ -35,16 +37,18 @@ def attend(
     k: jax.Array,  # (B, S, K, E)
     v: jax.Array,  # (B, S, K, E)
     mask: jax.Array,  # (B, 1, L, S) bool
-    segment_ids: jax.Array,  # (B, L)
+    segment_ids: jax.Array | None,  # (B, L); None: the mask is not causal
     implementation: str,
 ) -> jax.Array:  # (B, L, H, E)
-    """Softmax(q k^T / sqrt(E)) v under the causal same-document mask, by `implementation`.
+    """Softmax(q k^T / sqrt(E)) v under `mask`, by `implementation`.
 
     Splash runs where its kernel can tile the sequence (keys aligned with queries, L a multiple
-    of 128); anything else (KV-cache decoding, short scoring batches) goes through XLA.
+    of 128) and the mask is causal within documents; anything else (KV-cache decoding, short
+    scoring batches, bidirectional or prefix attention, marked by `segment_ids=None`) goes
+    through XLA. cuDNN reads the mask, so it runs any of them.
     """
     if implementation == "splash":
-        if splash_tiles(q.shape[1], k.shape[1]):
+        if segment_ids is not None and splash_tiles(q.shape[1], k.shape[1]):
             return _splash(q, k, v, segment_ids)
         implementation = "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import faults, peers, sharding, stages, train, validate
+from jaxlm import faults, objectives, peers, sharding, stages, train, validate
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
@@ -49,7 +49,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     else:
         manifest_path = prepare_lib.prepare(
             config.data,
-            config.tokenizer,
+            objectives.tokenizer_config(config),  # with the objective's special pieces
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
@@ -65,6 +65,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 config.tokenizer.path, manifest["tokenizer"]["sha256"], workdir
             )
     tokenizer = tokenizer_lib.load(tokenizer_path)
+    objectives.check_tokenizer(config, tokenizer)
     vocab_size = tokenizer.vocab_size
     if config.init_from:
         from jaxlm.convert import init_from
@@ -109,6 +110,7 @@ class Trainer:
     ):
         self.config, self.setup, self.manifest = config, setup, manifest
         self.tokenizer = tokenizer
+        self.objective = objectives.Objective.build(config, tokenizer, manifest)
         self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
         self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
         self.checkpointer = ckpt_lib.Checkpointer(
@@ -250,7 +252,13 @@ class Trainer:
     def _host_batches(self, streams: int):
         """This host's training batches, read from `streams` document streams."""
         return staged.training_batches(
-            self.config, self.manifest, self.plan, jax.process_index(), jax.process_count(), streams
+            self.config,
+            self.manifest,
+            self.plan,
+            jax.process_index(),
+            jax.process_count(),
+            streams,
+            doc_transform=self.objective.doc_transform(),
         )
 
     def train(self) -> dict[str, Any]:
@@ -308,7 +316,7 @@ class Trainer:
             gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
             self.out.print(
                 f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte "
-                f"(loss {final_eval['loss']:.4f}){gz}"
+                f"(loss {final_eval['loss']:.4f}){gz}{_objective_summary(final_eval)}"
             )
         summary = self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
         self._print_summary(summary)
@@ -344,6 +352,9 @@ class Trainer:
     def _next_batch(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         batch = next(self.stream)
+        # The step's choices (masks, prefix splits) follow the step number and global row.
+        rows = batch["inputs"].shape[0]
+        batch = self.objective.apply(batch, self.step, jax.process_index() * rows)
         self.data_wait += time.perf_counter() - t0
         return batch
 
@@ -409,7 +420,7 @@ class Trainer:
             self.out.print(
                 f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
                 f"{result['bits_per_byte']:.3f} bits/byte{self._validation_summary(result)}"
-                f"{_task_summary(result)} | "
+                f"{_objective_summary(result)}{_task_summary(result)} | "
                 f"{time.perf_counter() - t0:.1f}s"
             )
         return result
@@ -429,7 +440,12 @@ class Trainer:
         if rope not in self.eval_steps:
             self.eval_steps[rope] = self.setup.jit_eval_step(self.setup.graphdef_for(stage))
         result = train.evaluate(
-            self.setup, self.eval_steps[rope], self.state["params"], self.manifest, cap
+            self.setup,
+            self.eval_steps[rope],
+            self.state["params"],
+            self.manifest,
+            cap,
+            self.objective,
         )
         if self.tasks:
             cfg = self.config
@@ -561,6 +577,24 @@ def _before_after(before: dict[str, float] | None, after: dict[str, float]) -> s
     return f"  held-out loss before -> after: {pairs}\n"
 
 
+def _objective_summary(result: dict[str, float]) -> str:
+    """The non-causal objective's held-out metrics (objectives.Objective.metrics), if any."""
+    parts = []
+    if "masked_accuracy" in result:
+        parts.append(f"masked-token accuracy {result['masked_accuracy']:.1%}")
+        if result.get("unigram_accuracy"):
+            ratio = result["masked_accuracy"] / result["unigram_accuracy"]
+            parts.append(f"unigram baseline {result['unigram_accuracy']:.1%} ({ratio:.2f}x)")
+    if "loss_after_prefix" in result:
+        parts.append(f"loss after the prefix {result['loss_after_prefix']:.4f}")
+    if "middle_exact_match" in result:
+        parts.append(
+            f"middle-span token accuracy {result['middle_token_accuracy']:.1%} | "
+            f"middle exact match {result['middle_exact_match']:.1%}"
+        )
+    return "".join(f" | {p}" for p in parts)
+
+
 def _task_summary(result: dict[str, float]) -> str:
     accuracies = {k[: -len("/accuracy")]: v for k, v in result.items() if k.endswith("/accuracy")}
     return "".join(f" | {name} acc {acc:.1%}" for name, acc in sorted(accuracies.items()))
@@ -578,7 +612,7 @@ def _print_sample(config, setup, params, tokenizer, out) -> None:
     from jaxlm.data import tokenizer as tokenizer_lib
 
     s = config.sample
-    if s.max_tokens <= 0 or not s.prompt:
+    if s.max_tokens <= 0 or not s.prompt or config.objective == "masked":  # an encoder: no text
         return
     with sharding.use(setup.mesh, setup.rules):
         new_tokens = generate_lib.generate(

@@ -266,7 +266,10 @@ class RMSNorm(nnx.Module):
 
 
 def attention_mask(
-    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_offset: jax.Array | int = 0,
+    prefix: jax.Array | None = None,
 ) -> jax.Array:
     """Causal, same-segment mask (B, 1, L, S).
 
@@ -274,13 +277,18 @@ def attention_mask(
     attends to it; letting padding see itself keeps every softmax row non-empty (no NaN).
 
     `q_offset` is the index of the first query within the key sequence (non-zero when decoding
-    with a KV cache).
+    with a KV cache). `prefix` (B, L), for queries that are the keys (no cache): tokens marked
+    non-zero also see the later marked tokens of their document (bidirectional prefix).
     """
     L, S = q_segment_ids.shape[1], kv_segment_ids.shape[1]
     q_idx = jnp.arange(L)[:, None] + q_offset
     causal = q_idx >= jnp.arange(S)[None, :]  # (L, S)
     same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # (B, L, S)
-    return (causal[None] & same_segment)[:, None]
+    if prefix is None:
+        return (causal[None] & same_segment)[:, None]
+    marked = prefix > 0
+    both_ways = marked[:, :, None] & marked[:, None, :]  # (B, L, S)
+    return ((causal[None] | both_ways) & same_segment)[:, None]
 
 
 class Attention(nnx.Module):
@@ -300,7 +308,7 @@ class Attention(nnx.Module):
         x: jax.Array,  # (B, L, D)
         positions: jax.Array,  # (B, L)
         mask: jax.Array,  # (B, 1, L, S)
-        segment_ids: jax.Array,  # (B, L)
+        segment_ids: jax.Array | None,  # (B, L); None when the mask is not causal
         rope: tuple[jax.Array, jax.Array],  # rope.cos_sin(positions): (B, L, E/2) each
         cache: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
@@ -387,8 +395,13 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,  # (B, L); default 0..L-1
         segment_ids: jax.Array | None = None,  # (B, L); default one document per row
         cache: dict[str, Any] | None = None,
+        prefix: jax.Array | None = None,  # (B, L); marked tokens see each other both ways
     ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
-        """Returns logits (B, L, V) fp32, or (logits, new_cache) when a KV cache is passed."""
+        """Returns logits (B, L, V) fp32, or (logits, new_cache) when a KV cache is passed.
+
+        `prefix` (no cache) marks, per token, the bidirectional part of its document: all of it
+        for an encoder, the prefix of a prefix-LM; None is causal attention throughout.
+        """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L = tokens.shape
@@ -396,7 +409,12 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
-        if cache is None:
+        if prefix is not None:
+            mask = attention_mask(segment_ids, segment_ids, prefix=prefix)
+            # Splash reads segment ids and assumes causal attention: without them attention
+            # takes a path that reads the mask (attention.attend).
+            segment_ids = None
+        elif cache is None:
             mask = attention_mask(segment_ids, segment_ids)
         else:
             # Keys are every cache slot; the cache's segment row marks which hold real tokens.

@@ -16,13 +16,15 @@ import optax
 from flax import nnx
 
 from jaxlm import model as model_lib
-from jaxlm import optim, sharding
+from jaxlm import objectives, optim, sharding
 from jaxlm import stages as stages_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step', 'guard'}
-Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (B, L) int32; loss_mask f32
+# inputs, targets, segment_ids, positions (B, L) int32; loss_mask f32; non-causal objectives
+# add prefix (B, L) int32 (objectives.py).
+Batch = dict[str, jax.Array]
 
 
 # --------------------------------------------------------------------------- the pure steps
@@ -30,11 +32,39 @@ Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (B, L) i
 
 def loss_sums(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy (fp32) and the number of target tokens in `batch`."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # (B, L, V) fp32
+    logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
     mask = batch["loss_mask"]
     return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    if "prefix" not in batch:  # causal: the call (and so the program) of before objectives
+        return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch["prefix"])
+
+
+def eval_sums(graphdef: Any, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    """Summed nll, target count, argmax hits, and whole spans: `spans` documents with targets
+    in the row, `exact` of them with every target the argmax (for FIM's middle span that is
+    greedy decoding reproducing it exactly; a document split across rows counts per row)."""
+    logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+    mask = batch["loss_mask"]
+    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) * mask  # (B, L)
+    B, L = mask.shape
+    span = (jnp.arange(B)[:, None] * (L + 1) + batch["segment_ids"]).reshape(-1)  # (B L,)
+    targets_per_span = jax.ops.segment_sum(mask.reshape(-1), span, B * (L + 1))
+    hits_per_span = jax.ops.segment_sum(hits.reshape(-1), span, B * (L + 1))
+    has_targets = targets_per_span > 0
+    return {
+        "nll": jnp.sum(nll * mask),
+        "count": jnp.sum(mask),
+        "correct": jnp.sum(hits),
+        "spans": jnp.sum(has_targets),
+        "exact": jnp.sum(has_targets & (hits_per_span == targets_per_span)),
+    }
 
 
 def accumulate_gradients(graphdef: Any, params: Any, batch: Batch, grad_accum: int) -> tuple:
@@ -165,8 +195,11 @@ def make_micro_grad(graphdef: Any) -> Callable[..., tuple]:
     return micro_grad
 
 
-def make_eval_step(graphdef: Any) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """Builds `eval_step(params, batch) -> (summed nll, target count)`."""
+def make_eval_step(graphdef: Any, detail: bool = False) -> Callable[[Any, Batch], Any]:
+    """Builds `eval_step(params, batch) -> (summed nll, target count)`, or with `detail` the
+    dict of `eval_sums` (the non-causal objectives' metrics)."""
+    if detail:
+        return lambda params, batch: eval_sums(graphdef, params, batch)
     return lambda params, batch: loss_sums(graphdef, params, batch)
 
 
@@ -277,11 +310,12 @@ class Setup:
         return StagedStep(self)
 
     def jit_eval_step(self, graphdef: Any = None) -> Callable:
-        """The jitted `eval_step(params, batch) -> (summed nll, target count)` (of `graphdef`,
-        default the run's model)."""
+        """The jitted `eval_step(params, batch) -> (summed nll, target count)` of `graphdef`
+        (default the run's model); a dict of sums for a non-causal objective (`make_eval_step`)."""
         batch_sh = sharding.batch_sharding(self.mesh)
+        detail = self.config.objective != "causal"
         return jax.jit(
-            self.in_mesh(make_eval_step(graphdef or self.graphdef)),
+            self.in_mesh(make_eval_step(graphdef or self.graphdef, detail)),
             in_shardings=(self.param_shardings, batch_sh),
         )
 
@@ -295,6 +329,8 @@ class Setup:
             for k in ("inputs", "targets", "segment_ids", "positions")
         }
         batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows_sharding)
+        if self.config.objective in objectives.BIDIRECTIONAL:
+            batch["prefix"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows_sharding)
         return batch
 
     def lower_train_step(self) -> jax.stages.Lowered:
@@ -358,20 +394,30 @@ class StagedStep:
 
 
 def evaluate(
-    setup: Setup, eval_step: Callable, params: Any, manifest: dict, max_batches: int = 0
+    setup: Setup,
+    eval_step: Callable,
+    params: Any,
+    manifest: dict,
+    max_batches: int = 0,
+    objective: objectives.Objective | None = None,
 ) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte for each dataset and for all together, and
     for each named validation set (`<name>/loss`, ...; not part of the held-out totals).
 
     `max_batches` > 0 caps the batches per dataset (a cheaper estimate); 0 is the whole split.
+    A non-causal `objective` scores what it predicts (masked tokens, the text after the prefix,
+    the FIM middle span) and adds its own metrics (`objectives.Objective.metrics`); bits per
+    byte then count the bytes of the scored tokens only at the split's average bytes per token.
     """
     out, total_nll, total_bytes, total_count = {}, 0.0, 0.0, 0.0
+    totals: dict[str, float] = {}
     sets = [(n, "val") for n in sorted(manifest["datasets"])]
     sets += [(n, "validation") for n in manifest_lib.validation_sets(manifest)]
     for name, split in sets:
         if manifest_lib.split_info(manifest, name, split)["documents"] == 0:
             continue
-        nll, count = _eval_split(setup, eval_step, params, manifest, name, split, max_batches)
+        sums = _eval_split(setup, eval_step, params, manifest, name, split, max_batches, objective)
+        nll, count = sums["nll"], sums["count"]
         loss = nll / max(count, 1)
         nbytes = count * pipeline.val_bytes_per_target(manifest, name, split)
         out[f"{name}/loss"] = loss
@@ -380,10 +426,13 @@ def evaluate(
         if split == "val":
             total_nll, total_bytes = total_nll + nll, total_bytes + nbytes
             total_count += count
+            totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
     if total_count:
         out["loss"] = total_nll / total_count
         out["perplexity"] = math.exp(min(out["loss"], 50))
         out["bits_per_byte"] = total_nll / math.log(2) / total_bytes
+        if objective is not None:
+            out.update(objective.metrics(totals))
     return out
 
 
@@ -395,23 +444,37 @@ def _eval_split(
     name: str,
     split: str,
     max_batches: int,
-) -> tuple[float, float]:
-    """Summed nll and target count over one held-out split or validation set."""
+    objective: objectives.Objective | None = None,
+) -> dict[str, float]:
+    """Summed nll and target count (and the objective's sums) over one held-out split or
+    validation set."""
     cfg = setup.config
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
     seq_len = setup.plan.max_seq_len  # train.seq_len, or a staged run's longest length
     n = pipeline.eval_num_batches(manifest, name, seq_len, batch_size, max_batches, split=split)
-    nll, count = 0.0, 0.0
-    for host_batch in pipeline.eval_batches(
-        manifest,
-        name,
-        seq_len=seq_len,
-        batch_size=batch_size // jax.process_count(),
-        num_batches=n,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        split=split,
+    local_rows = batch_size // jax.process_count()
+    sums: dict[str, float] = {"nll": 0.0, "count": 0.0}
+    for i, host_batch in enumerate(
+        pipeline.eval_batches(
+            manifest,
+            name,
+            seq_len=seq_len,
+            batch_size=local_rows,
+            num_batches=n,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            split=split,
+            doc_transform=objective and objective.doc_transform(evaluation=True),
+        )
     ):
-        s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
-        nll, count = nll + float(s), count + float(c)
-    return nll, count
+        if objective is not None and objective.name != "causal":
+            host_batch = objective.apply(
+                host_batch, i, jax.process_index() * local_rows, evaluation=True
+            )
+            found = dict(eval_step(params, sharding.host_to_global(host_batch, setup.mesh)))
+            found.update(objective.host_sums(host_batch))
+        else:
+            s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
+            found = {"nll": s, "count": c}
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in found.items()}
+    return sums

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import attention, optim, sharding, stages
+from jaxlm import attention, objectives, optim, sharding, stages
 from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError, JaxlmError
 
@@ -108,6 +108,7 @@ def check_config(config: Any) -> None:
         if not 0 <= _get(config, key) <= 1:
             raise ConfigError(f"{key}={_get(config, key)!r} must be in [0, 1].")
     _check_train(config)
+    objectives.check(config)
     _build_objects(config)
 
 
@@ -208,6 +209,9 @@ def _build_objects(config: Any) -> None:
             f"optim.schedule must be one of {optim.SCHEDULES}, not {config.optim.schedule!r}."
         )
     plan = stages.build(config)  # the whole stage plan, before any data work
+    if plan.staged and config.objective == "fim":
+        # The staged stream has no per-document hook yet: FIM would silently not happen.
+        raise ConfigError("objective='fim' does not run with config.stages yet; use one stage.")
     try:
         optim.make_optimizer(config.optim, plan.total_steps, plan.schedule)
     except ConfigError:
@@ -283,12 +287,13 @@ def _check_data(config: Any) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"tokenizer.path={tok.path!r} does not exist.")
         try:
-            tokenizer_lib.load(path)
+            loaded = tokenizer_lib.load(path)
         except Exception:  # noqa: BLE001 - sentencepiece raises bare RuntimeErrors
             raise ConfigError(
                 f"tokenizer.path={tok.path!r} is not a readable tokenizer: neither a sentencepiece "
                 ".model nor a Hugging Face tokenizer.json loads from it."
             ) from None
+        objectives.check_tokenizer(config, loaded)  # [MASK] or FIM sentinels, if needed
 
 
 def _check_validation_sets(d: Any, datasets: dict[str, Any]) -> None:

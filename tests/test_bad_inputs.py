@@ -17,6 +17,8 @@ import traceback
 import pytest
 
 from jaxlm import cli
+from jaxlm.data import tokenizer
+from tests.helpers import tiny_config
 
 CONFIG = """
 from tests.helpers import tiny_config
@@ -60,6 +62,10 @@ def files(tmp_path_factory):
             }
         )
     )
+    plain = root / "plain.model"  # a real sentencepiece model without [MASK] or FIM pieces
+    tok_cfg = tiny_config().tokenizer
+    tok_cfg.vocab_size, tok_cfg.byte_fallback = 40, False
+    tokenizer.train_tokenizer(["def f(x):\n    return x + 1\n" * 200], tok_cfg, str(plain))
     blocker = root / "a_file"
     blocker.write_text("not a directory")
     bad_task = root / "task.jsonl"
@@ -71,6 +77,7 @@ def files(tmp_path_factory):
         "no_heldout": str(no_heldout),
         "blocker": str(blocker),
         "bad_task": str(bad_task),
+        "plain": str(plain),
     }
 
 
@@ -211,6 +218,18 @@ CASES = [
         "stages[0].lr.decay='step' must be one of",
     ),
     (["--config.branch=True"], "config.branch=True continues another run's checkpoint"),
+    (["--config.objective=bert"], "objective must be one of causal, masked, prefix, fim"),
+    (["--config.objectives.mask_rate=1.5"], "objectives.mask_rate=1.5"),
+    (["--config.objectives.fim_rate=2.0"], "objectives.fim_rate=2.0"),
+    (["--config.objectives.mask_token_rate=0.95"], "objectives.mask_token_rate + objectives"),
+    (
+        ["--config.objective=masked", "--config.tokenizer.path={plain}"],
+        "objective=masked needs the pieces ['[MASK]'], which the tokenizer {plain} lacks",
+    ),
+    (
+        ["--config.train.steps=0", "--config.objective=fim", "--config.stages=({{'steps': 2}},)"],
+        "objective='fim' does not run with config.stages yet",
+    ),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
     (
         ["--config.data.manifest={no_heldout}"],

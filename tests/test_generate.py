@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import checkpoint, generate, model, sharding, train
+from jaxlm import checkpoint, generate, infill, model, objectives, sharding, train
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import trained as trained_lib
 from tests.helpers import tiny_config
@@ -118,12 +118,14 @@ def test_eos_stops_one_row_while_the_other_continues(net):
 # --------------------------------------------------------------------------- the tool
 
 
-def char_tokenizer(path, text="abcdefgh ijklmnop the quick brown fox"):
-    """A sentencepiece char model (pad 0, unk 1, bos 2, eos 3) over a few letters."""
+def char_tokenizer(path, text="abcdefgh ijklmnop the quick brown fox", pieces=()):
+    """A sentencepiece char model (pad 0, unk 1, bos 2, eos 3) over a few letters, plus
+    `pieces` as whole symbols."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
+        user_defined_symbols=list(pieces),
         sentence_iterator=iter([text] * 40),
         model_writer=buf,
         model_type="char",
@@ -146,8 +148,12 @@ def char_tokenizer(path, text="abcdefgh ijklmnop the quick brown fox"):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A run directory as train.run leaves it: config.json, tokenizer.model, a checkpoint."""
+    return _workdir(tmp_path_factory)
+
+
+def _workdir(tmp_path_factory, pieces=()):
     wd = tmp_path_factory.mktemp("run")
-    tok = char_tokenizer(str(wd / "tokenizer.model"))
+    tok = char_tokenizer(str(wd / "tokenizer.model"), pieces=pieces)
     config = tiny_config()
     config.sample.max_tokens = 7
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -208,3 +214,37 @@ def test_generate_tool_errors_are_one_line(workdir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: no checkpoint at step 4 in ")
     assert generate_tool.main([f"--workdir={wd}", "--max_tokens=70"]) == 1
     assert "exceeds the model's max_seq_len=64" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def infill_workdir(tmp_path_factory):
+    """A run whose tokenizer has the [MASK] piece and the FIM sentinels."""
+    return _workdir(tmp_path_factory, pieces=(objectives.MASK_PIECE, *objectives.FIM_PIECES))
+
+
+def test_fill_middle_continues_the_psm_prompt_the_pipeline_trains_on(infill_workdir, capsys):
+    wd, setup, params, tok = infill_workdir
+    args = [f"--workdir={wd}", "--fill_middle", "--prompt=the q", "--suffix=k brown"]
+    assert generate_tool.main(args) == 0
+    out = capsys.readouterr().out
+    pre, mid, suf = (tok.piece_to_id(p) for p in objectives.FIM_PIECES)
+    ids = [tok.bos_id, pre, *tok.encode("the q"), suf, *tok.encode("k brown"), mid]
+    assert infill.middle_prompt(tok, "the q", "k brown") == ids
+    new = generate.generate(setup.graphdef, params, [ids], max_new_tokens=7, eos_id=tok.eos_id)
+    middle = tok.decode(new[0])
+    assert out == f"the q{middle}k brown\nmiddle: {middle!r}\n"
+
+
+def test_fill_mask_reads_the_text_after_the_mask(infill_workdir):
+    trained = trained_lib.load_trained(str(infill_workdir[0]))
+    filled, top = infill.fill_mask(trained, "ab[MASK]defgh")
+    _, other = infill.fill_mask(trained, "ab[MASK]dhgfe")  # only the text after the mask differs
+    assert len(top) == 1 and len(top[0]) == 5
+    assert filled == "ab" + top[0][0][0] + "defgh"
+    assert top[0] != other[0]  # bidirectional: the prediction sees what follows it
+
+
+def test_fill_flags_on_a_run_without_the_pieces_are_one_error_line(workdir, capsys):
+    assert generate_tool.main([f"--workdir={workdir[0]}", "--fill_mask", "--prompt=a"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fill_mask needs the piece '[MASK]'") and err.count("\n") == 1

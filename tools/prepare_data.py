@@ -41,6 +41,7 @@ _PRUNE_DAYS = flags.DEFINE_float("prune_days", 30.0, "With --prune: days unused 
 
 def main(argv: list[str]) -> None:
     del argv
+    from jaxlm import objectives
     from jaxlm.data import prepare
     from jaxlm.errors import JaxlmError
 
@@ -64,7 +65,10 @@ def main(argv: list[str]) -> None:
         index, count = jax.process_index(), jax.process_count()
     try:
         path = prepare.prepare(
-            config.data, config.tokenizer, process_index=index, process_count=count
+            config.data,
+            objectives.tokenizer_config(config),
+            process_index=index,
+            process_count=count,
         )
     except JaxlmError as e:  # DataError and friends: one sentence for people, no traceback
         sys.exit(f"error: {e}")

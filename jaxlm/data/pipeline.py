@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import numpy as np
@@ -48,6 +48,22 @@ class _ToPair(grain.transforms.Map):
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
         return to_pair(record, self.bos_id)
+
+
+_EVAL_KEY = 1 << 30  # held-out documents' rewrite key: never a training stream's shuffle seed
+
+
+class _Rewrite(grain.transforms.MapWithIndex):
+    """Record bytes -> record bytes of `transform(ids, (key, index))`: a per-document hook
+    (`objectives.FIM`) that sees each document once, before packing, with a position that is
+    the same on every resume."""
+
+    def __init__(self, transform: Callable[[np.ndarray, tuple], np.ndarray], key: int):
+        self.transform, self.key = transform, key
+
+    def map_with_index(self, index: int, record: bytes) -> bytes:
+        ids = np.frombuffer(record, dtype="<i4")  # (n,) ending in EOS
+        return self.transform(ids, (self.key, index)).astype("<i4").tobytes()
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,6 +102,7 @@ def train_dataset(
     weights: dict[str, float] | None = None,
     worker_count: int = 0,
     read_options: tuple[int, int] = (0, 500),
+    doc_transform: Callable | None = None,
 ) -> grain.IterDataset:
     """Endless stream of packed batches over a weighted mixture of datasets.
 
@@ -98,6 +115,7 @@ def train_dataset(
       weights: mixture weights by dataset name (default: the manifest's); normalised here.
       worker_count: grain worker processes for decoding and packing (0 = in-process).
       read_options: grain's read-ahead (threads, buffered documents); the data is the same.
+      doc_transform: `(ids, key) -> ids`, applied to each document before packing, or None.
     """
     names = sorted(manifest["datasets"])
     weights = weights or {n: manifest["datasets"][n].get("weight", 1.0) for n in names}
@@ -118,7 +136,10 @@ def train_dataset(
             )
         # Each stream gets its own order, or streams would read neighbouring documents in step.
         shuffle_seed = seed + i + 7919 * shard_index
-        streams.append(docs.shuffle(seed=shuffle_seed).repeat().map(_ToPair(bos)))
+        docs = docs.shuffle(seed=shuffle_seed).repeat()
+        if doc_transform is not None:
+            docs = docs.map_with_index(_Rewrite(doc_transform, shuffle_seed))
+        streams.append(docs.map(_ToPair(bos)))
     mixed = (
         grain.MapDataset.mix(streams, [weights[n] for n in names])
         if len(streams) > 1
@@ -154,6 +175,7 @@ class HostBatches:
         weights: dict[str, float] | None = None,
         worker_count: int = 0,
         read_options: tuple[int, int] = (0, 500),
+        doc_transform: Callable | None = None,
     ):
         if streams % process_count or global_batch % streams:
             raise ConfigError(
@@ -173,6 +195,7 @@ class HostBatches:
                     weights=weights,
                     worker_count=worker_count,
                     read_options=read_options,
+                    doc_transform=doc_transform,
                 )
             )
             for s in range(process_index * per_host, (process_index + 1) * per_host)
@@ -219,6 +242,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "val",
+    doc_transform: Callable | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Exactly `num_batches` host-local batches over one pass of a dataset's val split (or of
     the validation set named `dataset`, with split="validation"), in order.
@@ -229,7 +253,10 @@ def eval_batches(
     held-out token once.
     """
     bos = manifest["tokenizer"]["bos_id"]
-    docs = _documents(manifest, dataset, split, 0, 1).map(_ToPair(bos))
+    docs = _documents(manifest, dataset, split, 0, 1)
+    if doc_transform is not None:  # e.g. FIM: held-out documents rearranged the same every time
+        docs = docs.map_with_index(_Rewrite(doc_transform, _EVAL_KEY))
+    docs = docs.map(_ToPair(bos))
     packed = _packed_rows(docs.to_iter_dataset(), seq_len)
     rows = (row for r, row in enumerate(packed) if r % process_count == process_index)
     for _ in range(num_batches):
@@ -239,6 +266,14 @@ def eval_batches(
         else:
             batch = {k: np.zeros((0, seq_len), v.dtype) for k, v in _empty_row(seq_len).items()}
         yield _pad_rows(batch, batch_size)
+
+
+def first_documents(manifest: dict, n: int, split: str = "train") -> Iterator[np.ndarray]:
+    """The token ids (ending in EOS) of up to `n` documents of each dataset's `split`, in order."""
+    for name in sorted(manifest["datasets"]):
+        docs = _documents(manifest, name, split, 0, 1)
+        for i in range(min(n, len(docs))):
+            yield np.frombuffer(docs[i], dtype="<i4")
 
 
 def _empty_row(seq_len: int) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ loss_mask float32 (B, L); rows are always full, so loss_mask is all ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -196,11 +197,18 @@ class StagedBatches:
 
 
 def training_batches(
-    config: Any, manifest: dict, plan: Plan, process_index: int, process_count: int, streams: int
+    config: Any,
+    manifest: dict,
+    plan: Plan,
+    process_index: int,
+    process_count: int,
+    streams: int,
+    doc_transform: Callable | None = None,
 ) -> pipeline.HostBatches | StagedBatches:
     """This host's training batches for a run, read from `streams` document streams: the
     single-stage grain pipeline it has always used without `config.stages`, else a staged
-    stream over `plan`."""
+    stream over `plan`. `doc_transform` is the objective's per-document rewrite (FIM), which
+    only the single-stage pipeline has (validate refuses FIM with stages)."""
     if plan.staged:
         stages.check_weights(plan, sorted(manifest["datasets"]), "the prepared data")
         return StagedBatches(
@@ -222,4 +230,5 @@ def training_batches(
         weights={n: d.weight for n, d in config.data.datasets.items()},
         worker_count=config.data.grain_workers,
         read_options=(config.data.read_threads, config.data.read_buffer),
+        doc_transform=doc_transform,
     )

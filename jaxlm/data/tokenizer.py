@@ -197,6 +197,11 @@ def trainer_options(tok_cfg: Any) -> dict[str, Any]:
             allow_whitespace_only_pieces=True,
             user_defined_symbols=CODE_PIECES,
         )
+    # An objective's pieces ([MASK], FIM sentinels: objectives.tokenizer_config) are whole
+    # symbols that text never splits; the key exists only when there are some.
+    special = list(tok_cfg.get("special_pieces", ()))
+    if special:
+        opts["user_defined_symbols"] = list(opts.get("user_defined_symbols", [])) + special
     return opts
 
 
