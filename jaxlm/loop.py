@@ -316,7 +316,7 @@ class Trainer:
             gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
             self.out.print(
                 f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte "
-                f"(loss {final_eval['loss']:.4f}){gz}{_objective_summary(final_eval)}"
+                f"(loss {final_eval['loss']:.4f}){gz}{metrics_lib.objective_summary(final_eval)}"
             )
         summary = self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
         self._print_summary(summary)
@@ -342,7 +342,7 @@ class Trainer:
             f"in {metrics_lib.format_duration(summary['wall_s'])}) | final train loss "
             f"{train_loss} | best held-out loss {best_loss:.4f} "
             f"at step {best_step}\n"
-            f"{_before_after(self.first_eval, summary['eval'])}"
+            f"{metrics_lib.before_after(self.first_eval, summary['eval'])}"
             f"  checkpoints: {self.checkpointer.directory}\n"
             f"  metrics: {os.path.join(self.workdir, 'metrics.jsonl')} and "
             f"{os.path.join(self.workdir, 'tb')}\n"
@@ -420,7 +420,7 @@ class Trainer:
             self.out.print(
                 f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
                 f"{result['bits_per_byte']:.3f} bits/byte{self._validation_summary(result)}"
-                f"{_objective_summary(result)}{_task_summary(result)} | "
+                f"{metrics_lib.objective_summary(result)}{metrics_lib.task_summary(result)} | "
                 f"{time.perf_counter() - t0:.1f}s"
             )
         return result
@@ -559,45 +559,6 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _before_after(before: dict[str, float] | None, after: dict[str, float]) -> str:
-    """'  held-out loss before -> after: a 3.2100 -> 2.9000 | ...' lines, one per held-out set
-    (and 'all'), or the final losses alone when there was no evaluation before training."""
-    names = sorted(k[: -len("/loss")] for k in after if k.endswith("/loss")) + ["all"]
-    key = lambda name: "loss" if name == "all" else f"{name}/loss"  # noqa: E731
-    if before is None:
-        losses = " | ".join(f"{n} {after[key(n)]:.4f}" for n in names if key(n) in after)
-        return f"  held-out loss: {losses}\n"
-    pairs = " | ".join(
-        f"{n} {before[key(n)]:.4f} -> {after[key(n)]:.4f}"
-        for n in names
-        if key(n) in after and key(n) in before
-    )
-    return f"  held-out loss before -> after: {pairs}\n"
-
-
-def _objective_summary(result: dict[str, float]) -> str:
-    """The non-causal objective's held-out metrics (objectives.Objective.metrics), if any."""
-    parts = []
-    if "masked_accuracy" in result:
-        parts.append(f"masked-token accuracy {result['masked_accuracy']:.1%}")
-        if result.get("unigram_accuracy"):
-            ratio = result["masked_accuracy"] / result["unigram_accuracy"]
-            parts.append(f"unigram baseline {result['unigram_accuracy']:.1%} ({ratio:.2f}x)")
-    if "loss_after_prefix" in result:
-        parts.append(f"loss after the prefix {result['loss_after_prefix']:.4f}")
-    if "middle_exact_match" in result:
-        parts.append(
-            f"middle-span token accuracy {result['middle_token_accuracy']:.1%} | "
-            f"middle exact match {result['middle_exact_match']:.1%}"
-        )
-    return "".join(f" | {p}" for p in parts)
-
-
-def _task_summary(result: dict[str, float]) -> str:
-    accuracies = {k[: -len("/accuracy")]: v for k, v in result.items() if k.endswith("/accuracy")}
-    return "".join(f" | {name} acc {acc:.1%}" for name, acc in sorted(accuracies.items()))
 
 
 class TrainingError(JaxlmError):

@@ -1,5 +1,5 @@
-"""Run metrics: the devices' peak FLOP/s (for MFU), and writers for stdout, metrics.jsonl,
-TensorBoard and W&B.
+"""Run metrics: the devices' peak FLOP/s (for MFU), writers for stdout, metrics.jsonl,
+TensorBoard and W&B, and the summary text of held-out results.
 
 TensorBoard events are written with tensorboardX so the default install carries no TensorFlow
 (`clu.metric_writers` would import it).
@@ -134,3 +134,43 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def before_after(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    """'  held-out loss before -> after: a 3.2100 -> 2.9000 | ...' lines, one per held-out set
+    (and 'all'), or the final losses alone when there was no evaluation before training."""
+    names = sorted(k[: -len("/loss")] for k in after if k.endswith("/loss")) + ["all"]
+    key = lambda name: "loss" if name == "all" else f"{name}/loss"  # noqa: E731
+    if before is None:
+        losses = " | ".join(f"{n} {after[key(n)]:.4f}" for n in names if key(n) in after)
+        return f"  held-out loss: {losses}\n"
+    pairs = " | ".join(
+        f"{n} {before[key(n)]:.4f} -> {after[key(n)]:.4f}"
+        for n in names
+        if key(n) in after and key(n) in before
+    )
+    return f"  held-out loss before -> after: {pairs}\n"
+
+
+def objective_summary(result: dict[str, float]) -> str:
+    """The non-causal objective's held-out metrics (objectives.Objective.metrics), if any."""
+    parts = []
+    if "masked_accuracy" in result:
+        parts.append(f"masked-token accuracy {result['masked_accuracy']:.1%}")
+        if result.get("unigram_accuracy"):
+            ratio = result["masked_accuracy"] / result["unigram_accuracy"]
+            parts.append(f"unigram baseline {result['unigram_accuracy']:.1%} ({ratio:.2f}x)")
+    if "loss_after_prefix" in result:
+        parts.append(f"loss after the prefix {result['loss_after_prefix']:.4f}")
+    if "middle_exact_match" in result:
+        parts.append(
+            f"middle-span token accuracy {result['middle_token_accuracy']:.1%} | "
+            f"middle exact match {result['middle_exact_match']:.1%}"
+        )
+    return "".join(f" | {p}" for p in parts)
+
+
+def task_summary(result: dict[str, float]) -> str:
+    """' | <task> acc 41.0%' for each evaluation task in `result`."""
+    accuracies = {k[: -len("/accuracy")]: v for k, v in result.items() if k.endswith("/accuracy")}
+    return "".join(f" | {name} acc {acc:.1%}" for name, acc in sorted(accuracies.items()))
