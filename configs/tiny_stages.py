@@ -13,9 +13,8 @@ evaluation runs at 256 tokens on both datasets every 10 steps, so the tests' hel
 compared before and after the change of mix. Model and optimizer: configs/tiny.py (6.3M
 parameters, Muon).
 
-Measured (docs/perf.md, 2026-12-01, a 2-core VM under load 7-10 from other jobs): 27 min wall
-at 45% CPU, 632 s of CPU time, data preparation included; an idle 2-core machine should take
-about 6 minutes (an estimate from the CPU time). The tests' held-out loss falls at -0.023 per
+Measured (docs/perf.md, 2026-12-01, 2-core CPU, nothing else running): 5 min 23 s wall, data
+preparation (13.5 s) included; training 4 min 57 s. The tests' held-out loss falls at -0.023 per
 10 steps in the 40 steps before the transition and -0.086 in the 30 after it; final held-out
 2.372 bits/byte over all held-out text.
 """

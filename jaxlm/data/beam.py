@@ -457,16 +457,7 @@ def prepare_beam(
         log = lambda s: print(s, flush=True)  # noqa: E731
     prepare.check_config(data_cfg, tok_cfg)
     ds_cfgs = prepare.dataset_configs(data_cfg)
-    srcs = {
-        name: sources.Source(
-            cfg.paths, text_field=cfg.get("text_field", "text"), split=cfg.get("split", "file")
-        )
-        for name, cfg in ds_cfgs.items()
-    }
-    vsrcs = {
-        name: sources.Source(cfg.paths, text_field=cfg.get("text_field", "text"))
-        for name, cfg in prepare.validation_configs(data_cfg).items()
-    }
+    srcs, vsrcs = prepare.sources_of(data_cfg)
     key, material = prepare.cache_key(data_cfg, tok_cfg, srcs, vsrcs)
     out = output or os.path.join(sources.cache_root(data_cfg.cache_dir), key)
     if not _is_remote(out) and os.path.exists(os.path.join(out, manifest_lib.FILE)):

@@ -163,6 +163,21 @@ def validation_configs(data_cfg: Any) -> dict[str, Any]:
     return {name: sets[name] for name in sorted(sets)}
 
 
+def sources_of(data_cfg: Any) -> tuple[dict, dict]:
+    """The training datasets' and the validation sets' `sources.Source`s, by name."""
+    srcs = {
+        name: sources.Source(
+            cfg.paths, text_field=cfg.get("text_field", "text"), split=cfg.get("split", "file")
+        )
+        for name, cfg in dataset_configs(data_cfg).items()
+    }
+    vsrcs = {
+        name: sources.Source(cfg.paths, text_field=cfg.get("text_field", "text"))
+        for name, cfg in validation_configs(data_cfg).items()
+    }
+    return srcs, vsrcs
+
+
 def text_digest(text: str) -> bytes:
     """The identity of a document's text: what keeps a validation document out of training."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
@@ -272,17 +287,8 @@ def prepare(
     ds_cfgs = dataset_configs(data_cfg)
     # Every host curates every file, so dedup, the split and the tokenizer sample are global
     # and the output does not depend on the process count; the hosts divide the tokenization.
-    srcs = {
-        name: sources.Source(
-            cfg.paths, text_field=cfg.get("text_field", "text"), split=cfg.get("split", "file")
-        )
-        for name, cfg in ds_cfgs.items()
-    }
     # Every host reads every validation set whole (they are small) and writes the same shards.
-    vsrcs = {
-        name: sources.Source(cfg.paths, text_field=cfg.get("text_field", "text"))
-        for name, cfg in validation_configs(data_cfg).items()
-    }
+    srcs, vsrcs = sources_of(data_cfg)
     key, material = cache_key(data_cfg, tok_cfg, srcs, vsrcs)
     key_dir = os.path.join(sources.cache_root(data_cfg.cache_dir), key)
     final_manifest = os.path.join(key_dir, manifest_lib.FILE)
