@@ -3,17 +3,17 @@
     python -m jaxlm.main --config=configs/tiny_encoder.py
 
 Hardware: any CPU. Data: the standard library's source, as in configs/tiny.py, with a tokenizer
-that has a [MASK] piece (so it is prepared once into its own cache, ~2 min). Model: 3 layers,
+that has a [MASK] piece (so it is prepared once into its own cache). Model: 3 layers,
 d=256, 3.4M parameters, bidirectional attention within each packed document; 300 steps of
 32 x 128 tokens (1.23M tokens). Objective: 30% of tokens chosen, 80% of them replaced by [MASK],
 10% by a random piece, 10% kept; the loss is on the chosen tokens only. The end of the run
 prints the held-out masked-token accuracy beside a unigram-frequency baseline (always
 predicting the most frequent training token).
 
-Measured on the 2-core CPU VM (2026-12-01 18:25-18:52 UTC, load average 8-12 from other jobs,
-see docs/perf.md): 26 min 21 s of training with the data already prepared; held-out
-masked-token accuracy 31.6% against the unigram baseline's 7.3% (4.3x; 18.7% at step 100,
-28.3% at step 200), masked-token loss 4.24 nats.
+Measured on the 2-core CPU VM (2026-12-01, nothing else running, see docs/perf.md): 5 min 3 s
+wall, data preparation (14.7 s) included; held-out masked-token accuracy 31.6% against the
+unigram baseline's 7.3% (4.3x; 18.7% at step 100, 28.3% at step 200), masked-token loss 4.24
+nats.
 """
 
 from configs import tiny
