@@ -20,6 +20,7 @@ config finds it ("using prepared data at ...").
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -40,6 +41,7 @@ DEFAULT_BEAM_ARGS = [  # 0 workers: one per CPU; processes: the tested mode (doc
     "--runner=DirectRunner",
     "--direct_num_workers=0",
     "--direct_running_mode=multi_processing",
+    "--default_sdk_harness_log_level=CRITICAL",  # workers' own log lines; failures still raise
 ]
 
 
@@ -48,6 +50,10 @@ def main(argv: list[str]) -> None:
     from jaxlm.errors import JaxlmError
 
     config = _CONFIG.value
+    # absl shows INFO logs, and Beam relays every worker's log lines (with the traceback of a
+    # step that raised) through its own loggers: keep its warnings, and let a failed step reach
+    # the user as the one sentence below (or as the exception, for anything not a JaxlmError).
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     try:
         path = beam.prepare_beam(
             config.data, config.tokenizer, argv[1:] or DEFAULT_BEAM_ARGS, output=_OUTPUT.value
