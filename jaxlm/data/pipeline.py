@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -153,14 +154,43 @@ def train_dataset(
     return ds
 
 
-class HostBatches:
+class HostStreams:
     """This host's rows of the global batch: its share of `streams` independent streams.
 
     The global batch is the row-wise concatenation of `streams` streams, each reading a disjoint
     slice of the documents. A host reads streams `[p * k, (p + 1) * k)` for k = streams / hosts,
     so the data a run sees depends on `streams` alone, not on how many processes read it: two
     hosts with two streams produce exactly the batches of one host with two streams.
+    Subclasses say how one stream is made (`make_stream`) and how its saved state is restored.
     """
+
+    def __init__(self, streams: int, process_index: int, process_count: int, make_stream: Callable):
+        per_host = streams // process_count
+        first = process_index * per_host
+        self.iterators = [make_stream(s) for s in range(first, first + per_host)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def set_state(self, states: list[dict]) -> None:
+        if len(states) != len(self.iterators):
+            raise ConfigError(
+                f"the data state has {len(states)} streams but this host reads "
+                f"{len(self.iterators)}; set data.streams to what the state was saved with."
+            )
+        for it, state in zip(self.iterators, states, strict=True):
+            self._restore_stream(it, state)
+
+    def _restore_stream(self, stream: Any, state: dict) -> None:
+        raise NotImplementedError
+
+
+class HostBatches(HostStreams):
+    """`HostStreams` of single-stage grain pipelines (`train_dataset`)."""
 
     def __init__(
         self,
@@ -182,9 +212,9 @@ class HostBatches:
                 f"data.streams={streams} must be a multiple of the process count ({process_count}) "
                 f"and divide train.batch_size={global_batch}."
             )
-        per_host = streams // process_count
-        self.iterators = [
-            iter(
+
+        def make_stream(s: int):
+            return iter(
                 train_dataset(
                     manifest,
                     seq_len=seq_len,
@@ -198,28 +228,15 @@ class HostBatches:
                     doc_transform=doc_transform,
                 )
             )
-            for s in range(process_index * per_host, (process_index + 1) * per_host)
-        ]
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        super().__init__(streams, process_index, process_count, make_stream)
 
     def get_state(self) -> list[dict]:
         """JSON-safe states of this host's streams."""
         return [json.loads(json.dumps(it.get_state())) for it in self.iterators]
 
-    def set_state(self, states: list[dict]) -> None:
-        if len(states) != len(self.iterators):
-            raise ConfigError(
-                f"the data state has {len(states)} streams but this host reads "
-                f"{len(self.iterators)}; set data.streams to what the state was saved with."
-            )
-        for it, state in zip(self.iterators, states, strict=True):
-            it.set_state(_from_json(state))
+    def _restore_stream(self, stream: Any, state: dict) -> None:
+        stream.set_state(_from_json(state))
 
 
 def _from_json(state):

@@ -135,9 +135,9 @@ class StageStream:
         return names[min(i, len(names) - 1)]
 
 
-class StagedBatches:
-    """This host's rows of a staged run's global batch: like `pipeline.HostBatches`, the
-    row-wise concatenation of its share of `streams` independent streams."""
+class StagedBatches(pipeline.HostStreams):
+    """This host's rows of a staged run's global batch: `pipeline.HostStreams` of
+    `StageStream`s."""
 
     def __init__(
         self,
@@ -156,19 +156,12 @@ class StagedBatches:
                     f"({process_count}) and divide stages[{stage.index}].batch_size="
                     f"{stage.batch_size}."
                 )
-        per_host = streams // process_count
-        first = process_index * per_host
-        self.iterators = [
-            StageStream(manifest, plan, seed=seed, stream=s, streams=streams)
-            for s in range(first, first + per_host)
-        ]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        super().__init__(
+            streams,
+            process_index,
+            process_count,
+            lambda s: StageStream(manifest, plan, seed=seed, stream=s, streams=streams),
+        )
 
     def get_state(self) -> list[dict]:
         """JSON-safe states of this host's streams (copies: the streams keep moving)."""
@@ -177,23 +170,17 @@ class StagedBatches:
             for it in self.iterators
         ]
 
-    def set_state(self, states: list[dict]) -> None:
-        if len(states) != len(self.iterators):
+    def _restore_stream(self, stream: StageStream, state: dict) -> None:
+        if "leftover" not in state:
             raise ConfigError(
-                f"the data state has {len(states)} streams but this host reads "
-                f"{len(self.iterators)}; set data.streams to what the state was saved with."
+                "the checkpoint's data state is a single-stage run's; a run with "
+                "config.stages cannot continue it (start it with config.init_from=ckpt:)."
             )
-        for it, state in zip(self.iterators, states, strict=True):
-            if "leftover" not in state:
-                raise ConfigError(
-                    "the checkpoint's data state is a single-stage run's; a run with "
-                    "config.stages cannot continue it (start it with config.init_from=ckpt:)."
-                )
-            it.state = {
-                **state,
-                "read": {n: int(state["read"].get(n, 0)) for n in it.docs},
-                "leftover": {k: list(v) for k, v in state["leftover"].items()},
-            }
+        stream.state = {
+            **state,
+            "read": {n: int(state["read"].get(n, 0)) for n in stream.docs},
+            "leftover": {k: list(v) for k, v in state["leftover"].items()},
+        }
 
 
 def training_batches(
