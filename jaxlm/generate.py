@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import model as model_lib
+from jaxlm import sharding
 
 
 def sample_logits(
@@ -110,3 +111,19 @@ def generate(
     for row in np.asarray(out).tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
+
+
+def continue_text(trained: Any, ids: Sequence[int], max_new_tokens: int, **sampling) -> str:
+    """The text a trained model (`jaxlm.evaluate.trained`: setup, params, tokenizer) writes after
+    the token ids `ids`, up to EOS or `max_new_tokens`; `sampling` as for `generate`."""
+    setup, tok = trained.setup, trained.tokenizer
+    with sharding.use(setup.mesh, setup.rules):
+        new = generate(
+            setup.graphdef,
+            trained.params,
+            [ids],
+            max_new_tokens=max_new_tokens,
+            eos_id=tok.eos_id,
+            **sampling,
+        )[0]
+    return tok.decode(new)

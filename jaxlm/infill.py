@@ -41,16 +41,7 @@ def fill_middle(trained: Any, prefix: str, suffix: str, max_tokens: int, **sampl
             f"prefix and suffix ({len(ids)} tokens with the sentinels) plus --max_tokens="
             f"{max_tokens} exceed the model's max_seq_len={limit}; shorten them."
         )
-    with sharding.use(setup.mesh, setup.rules):
-        new = generate.generate(
-            setup.graphdef,
-            trained.params,
-            [ids],
-            max_new_tokens=max_tokens,
-            eos_id=tok.eos_id,
-            **sampling,
-        )[0]
-    return tok.decode(new)
+    return generate.continue_text(trained, ids, max_tokens, **sampling)
 
 
 def fill_mask(trained: Any, text: str, top: int = 5) -> tuple[str, list[list[tuple[str, float]]]]:

@@ -61,7 +61,7 @@ def continue_prompt(
     seed: int,
 ) -> str:
     """The model's continuation of `prompt` (text), stopping at EOS or after `max_tokens`."""
-    from jaxlm import generate, sharding
+    from jaxlm import generate
     from jaxlm.data.tokenizer import prompt_ids
 
     tok = trained.tokenizer
@@ -76,20 +76,9 @@ def continue_prompt(
             f"the prompt ({len(ids)} tokens with BOS) plus --max_tokens={max_tokens} exceeds the "
             f"model's max_seq_len={limit}; shorten the prompt or lower --max_tokens."
         )
-    setup = trained.setup
-    with sharding.use(setup.mesh, setup.rules):
-        new = generate.generate(
-            setup.graphdef,
-            trained.params,
-            [ids],
-            max_new_tokens=max_tokens,
-            eos_id=tok.eos_id,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )[0]
-    return tok.decode(new)
+    return generate.continue_text(
+        trained, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
