@@ -40,9 +40,9 @@ def loss_sums(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.
 
 def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    if "prefix" not in batch:  # causal: the call (and so the program) of before objectives
-        return model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch["prefix"])
+    # A causal batch has no `prefix`: None builds exactly the program of before objectives.
+    prefix = batch.get("prefix")
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], prefix=prefix)
 
 
 def eval_sums(graphdef: Any, params: Any, batch: Batch) -> dict[str, jax.Array]:
