@@ -524,12 +524,7 @@ def prepare_beam(
                 raise
             raise found from None
         if work != out:
-            if os.path.exists(os.path.join(out, manifest_lib.FILE)):
-                log(f"another process finished {out} first; using it")
-            else:
-                if os.path.exists(out):
-                    shutil.rmtree(out)  # an incomplete leftover; it never had a manifest
-                os.rename(work, out)
+            prepare.publish(work, out, log)
     finally:
         if work != out and os.path.exists(work):
             shutil.rmtree(work, ignore_errors=True)

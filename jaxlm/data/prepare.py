@@ -358,15 +358,21 @@ def _prepare_host(job: _Job) -> None:
         manifest = _build(job, tmp)
         shutil.rmtree(os.path.join(tmp, "spill"))
         manifest_lib.write(tmp, manifest)
-        if os.path.exists(out_dir):
-            if os.path.exists(os.path.join(out_dir, manifest_lib.FILE)):
-                job.log(f"another process finished {out_dir} first; using it")
-                return
-            shutil.rmtree(out_dir)  # an incomplete leftover; it never had a manifest
-        os.rename(tmp, out_dir)
+        publish(tmp, out_dir, job.log)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: str, out_dir: str, log: Callable[[str], None]) -> None:
+    """Moves a finished preparation from `tmp` to `out_dir` in one rename, unless another process
+    published a complete one there first (then `tmp` is left for the caller to remove)."""
+    if os.path.exists(out_dir):
+        if os.path.exists(os.path.join(out_dir, manifest_lib.FILE)):
+            log(f"another process finished {out_dir} first; using it")
+            return
+        shutil.rmtree(out_dir)  # an incomplete leftover; it never had a manifest
+    os.rename(tmp, out_dir)
 
 
 def _build(job: _Job, tmp: str) -> dict[str, Any]:
