@@ -1,10 +1,12 @@
 """Shared start-up for absl command lines that take a `--config` file."""
 
 import ast
+import contextlib
 import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Iterator
 
 from absl import app, flags
 
@@ -41,11 +43,28 @@ def restart_with_huge_pages() -> None:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+@contextlib.contextmanager
+def ctrl_c_is_one_line(message: str = "stopped by Ctrl-C.") -> Iterator[None]:
+    """Ctrl-C inside prints `message` alone (no traceback) and exits 130, as shells expect.
+
+    JAXLM_TRACEBACK=1 keeps the traceback, for debugging a hang.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 def run_cli(main_fn) -> None:
-    """`app.run(main_fn)` with --config required and a bad override as one `error:` line."""
+    """`app.run(main_fn)` with --config required, a bad override as one `error:` line and
+    Ctrl-C as one line."""
     flags.mark_flag_as_required("config")
     try:
-        app.run(main_fn)
+        with ctrl_c_is_one_line():
+            app.run(main_fn)
     except (AttributeError, KeyError) as e:  # raised by --config.x overrides naming unknown keys
         message = _readable(e)
         hint = "" if "Did you mean" in message else _existing_keys(sys.argv)

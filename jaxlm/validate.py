@@ -14,6 +14,7 @@ multi-host run it runs before the processes wait for each other.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -74,6 +75,7 @@ _AT_LEAST = {
     "data.read_threads": 0,
     "data.read_buffer": 1,
     "tokenizer.vocab_size": 1,
+    "tokenizer.sample_bytes": 1,
     "sample.max_tokens": 0,
     "sample.temperature": 0,
     "sample.top_k": 0,
@@ -96,6 +98,7 @@ def check(config: Any, workdir: str) -> None:
 def check_config(config: Any) -> None:
     """The checks of `check` that need no files: values, and every object built from them
     (what compiling a step without data, as `jaxlm.aot` does, relies on)."""
+    _check_finite(config, "")
     for key, low in _AT_LEAST.items():
         value = _get(config, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
@@ -163,6 +166,19 @@ def check_manifest(manifest: dict, manifest_path: str, config: Any = None) -> No
         )
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Refuses a NaN or infinite float anywhere in the config: `optim.lr=nan` would otherwise
+    train NaNs for minutes and end by blaming the data."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number.")
+    if hasattr(value, "items"):
+        for name, child in value.items():
+            _check_finite(child, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for i, child in enumerate(value):
+            _check_finite(child, f"{key}[{i}]")
+
+
 def _get(config: Any, key: str) -> Any:
     for name in key.split("."):
         config = config[name]
@@ -197,7 +213,7 @@ def _build_objects(config: Any) -> None:
         with model_cfg.unlocked():
             model_cfg.attention = "xla"
     try:
-        model_lib.ModelConfig.from_config(model_cfg, config.tokenizer.vocab_size)
+        run_model = model_lib.ModelConfig.from_config(model_cfg, config.tokenizer.vocab_size)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
@@ -227,7 +243,7 @@ def _build_objects(config: Any) -> None:
         from jaxlm.convert import init_from
 
         try:
-            init_from.model_config(config.init_from)  # parses, checks existence, reads metadata
+            src = init_from.model_config(config.init_from)  # parses, reads config/metadata
         except ConfigError:
             raise
         except (JaxlmError, OSError, ValueError, KeyError) as e:
@@ -235,6 +251,11 @@ def _build_objects(config: Any) -> None:
             raise ConfigError(
                 f"config.init_from={config.init_from!r} cannot be read ({reason})."
             ) from None
+        # The run takes its source's vocabulary (loop.run); every other shape must match now,
+        # not after data preparation and the model build.
+        init_from.check_shapes(
+            config.init_from, src, dataclasses.replace(run_model, vocab_size=src.vocab_size)
+        )
 
 
 def _check_mesh_shape(shape: Any) -> None:

@@ -7,6 +7,7 @@ JAX start-up. `jaxlm.data.prepare.prepare` is replaced by a function that record
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -14,9 +15,11 @@ import json
 import sys
 import traceback
 
+import numpy as np
 import pytest
 
-from jaxlm import cli
+from jaxlm import checkpoint, cli
+from jaxlm import model as model_lib
 from jaxlm.data import tokenizer
 from tests.helpers import tiny_config
 
@@ -70,6 +73,14 @@ def files(tmp_path_factory):
     blocker.write_text("not a directory")
     bad_task = root / "task.jsonl"
     bad_task.write_text("{not json\n")
+    # A run checkpoint of a wider model (d_model 48, the tiny config's is 40): metadata is
+    # all init_from reads before the run's own model is built.
+    other = root / "wider_run" / "checkpoints"
+    wider = model_lib.ModelConfig.from_config(tiny_config(d_model=48).model, 61)
+    ckpt = checkpoint.Checkpointer(str(other), keep=1, async_save=False)
+    state = {"step": np.zeros((), np.int32)}
+    ckpt.save(1, state, None, {"model_config": dataclasses.asdict(wider)})
+    ckpt.close()
     return {
         "root": root,
         "config": str(config),
@@ -77,6 +88,7 @@ def files(tmp_path_factory):
         "no_heldout": str(no_heldout),
         "blocker": str(blocker),
         "bad_task": str(bad_task),
+        "wider_run": str(other.parent),
         "plain": str(plain),
     }
 
@@ -231,6 +243,18 @@ CASES = [
         "objective='fim' does not run with config.stages yet",
     ),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
+    (["--config.eval.task_files={root}"], "task file '{root}' is a directory"),
+    # non-finite floats, anywhere in the config
+    (["--config.optim.lr=nan"], "optim.lr=nan must be a finite number"),
+    (["--config.optim.muon.lr=inf"], "optim.muon.lr=inf must be a finite number"),
+    (["--config.train.spike_ratio=-inf"], "train.spike_ratio=-inf must be a finite number"),
+    # tokenizer settings sentencepiece would refuse only after curation
+    (["--config.tokenizer.vocab_size=10"], "tokenizer.vocab_size=10 is too small: 262 pieces"),
+    (["--config.tokenizer.sample_bytes=0"], "tokenizer.sample_bytes=0 must be positive"),
+    (
+        ["--config.init_from=ckpt:{wider_run}"],
+        "has d_model=48 but the run's model.d_model is 40",
+    ),
     (
         ["--config.data.manifest={no_heldout}"],
         "dataset 'a' in {no_heldout} has no held-out documents",

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from jaxlm import cli
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -68,4 +70,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli.ctrl_c_is_one_line():
+        sys.exit(main())

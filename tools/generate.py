@@ -29,6 +29,7 @@ import argparse
 import os
 import sys
 
+from jaxlm import cli
 from jaxlm.errors import JaxlmError
 
 
@@ -131,4 +132,5 @@ def _print_fill_mask(trained, prompt: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli.ctrl_c_is_one_line():
+        sys.exit(main())

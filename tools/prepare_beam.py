@@ -41,8 +41,18 @@ DEFAULT_BEAM_ARGS = [  # 0 workers: one per CPU; processes: the tested mode (doc
     "--runner=DirectRunner",
     "--direct_num_workers=0",
     "--direct_running_mode=multi_processing",
-    "--default_sdk_harness_log_level=CRITICAL",  # workers' own log lines; failures still raise
 ]
+# Workers' own log lines (about 20 per worker at INFO); failures still raise. A user's own
+# --default_sdk_harness_log_level wins.
+_QUIET_WORKERS = "--default_sdk_harness_log_level=CRITICAL"
+
+
+def beam_args(user_args: list[str]) -> list[str]:
+    """The pipeline options to run with: the user's (or the defaults), with quiet workers."""
+    args = list(user_args or DEFAULT_BEAM_ARGS)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append(_QUIET_WORKERS)
+    return args
 
 
 def main(argv: list[str]) -> None:
@@ -56,7 +66,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     try:
         path = beam.prepare_beam(
-            config.data, config.tokenizer, argv[1:] or DEFAULT_BEAM_ARGS, output=_OUTPUT.value
+            config.data, config.tokenizer, beam_args(argv[1:]), output=_OUTPUT.value
         )
     except JaxlmError as e:  # DataError and friends: one sentence for people, no traceback
         sys.exit(f"error: {e}")

@@ -76,4 +76,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    with cli.ctrl_c_is_one_line():
+        app.run(main)

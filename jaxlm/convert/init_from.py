@@ -64,6 +64,22 @@ def model_config(init_from: str) -> model_lib.ModelConfig:
     )
 
 
+def check_shapes(init_from: str, src: model_lib.ModelConfig, mine: model_lib.ModelConfig) -> None:
+    """Refuses a run whose model shapes differ from its source's (one sentence, the field).
+
+    Raises:
+      ConfigError: the first of `SHAPE_FIELDS` that differs.
+    """
+    for field in SHAPE_FIELDS:
+        theirs, ours = getattr(src, field), getattr(mine, field)
+        if theirs != ours:
+            name = "tokenizer's vocab_size" if field == "vocab_size" else f"model.{field}"
+            raise ConfigError(
+                f"config.init_from={init_from!r} has {field}={theirs} but the run's "
+                f"{name} is {ours}; make the run's model match its source."
+            )
+
+
 def tokenizer_file(init_from: str) -> str:
     """The tokenizer file that came with `init_from`'s weights ('' if none)."""
     kind, path = parse(init_from)
@@ -102,14 +118,7 @@ def load_params(
     """
     kind, path = parse(init_from)
     src, mine = model_config(init_from), setup.model_cfg
-    for field in SHAPE_FIELDS:
-        theirs, ours = getattr(src, field), getattr(mine, field)
-        if theirs != ours:
-            name = "tokenizer's vocab_size" if field == "vocab_size" else f"model.{field}"
-            raise ConfigError(
-                f"config.init_from={init_from!r} has {field}={theirs} but the run's "
-                f"{name} is {ours}; make the run's model match its source."
-            )
+    check_shapes(init_from, src, mine)
     for field in NUMERIC_FIELDS:
         if getattr(src, field) != getattr(mine, field):
             log(

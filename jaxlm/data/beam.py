@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -46,10 +47,17 @@ VALIDATION = "validation"
 
 
 def _require_beam() -> Any:
+    root = logging.getLogger()
+    level = root.level
+    # Importing Beam warns on the root logger that Google Cloud clients are missing, which
+    # matters only for gs:// (where the import then fails with its own message).
+    root.setLevel(logging.ERROR)
     try:
         import apache_beam as beam
     except ImportError:
         raise DataError("The Beam path needs Apache Beam: pip install 'jaxlm[beam]'.") from None
+    finally:
+        root.setLevel(level)
     return beam
 
 
@@ -110,7 +118,9 @@ def _moved(item: tuple[str, tuple]) -> tuple[str, Any]:
     return ds, (lowest[1] if prepare.needs_held_out_fallback(n_train, n_val) else None)
 
 
-def _assign_split(doc: tuple[str, Any, str], val_fraction: float, moved: dict) -> tuple:
+def _assign_split(
+    doc: tuple[str, Any, str], val_fraction: float, moved: dict
+) -> tuple[str, str, Any, str]:
     ds, order, text = doc
     split = "val" if moved.get(ds) == order else prepare.split_of(text, val_fraction)
     return ds, split, order, text

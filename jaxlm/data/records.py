@@ -13,10 +13,13 @@ Spawn, not fork: the caller may already have imported JAX, whose threads do not 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -190,6 +193,24 @@ def resolve_num_proc(num_proc: int) -> int:
     return int(num_proc) if num_proc and num_proc > 0 else (os.cpu_count() or 1)
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started inside ignore SIGINT: Ctrl-C reaches the whole process group, and
+    each worker would print its own KeyboardInterrupt traceback; the parent stops them.
+
+    An ignored signal stays ignored across exec, and Python installs its KeyboardInterrupt
+    handler only over the default one, so spawned workers never see it, even at start-up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers (and receives SIGINT)
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Encoder:
     """A pool of tokenizer workers, reused for every shard set written inside its ``with``.
 
@@ -211,9 +232,10 @@ class Encoder:
             self._tok = tokenizer.load(self.tokenizer_path)
         else:
             ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(
-                self.num_proc, initializer=_init_worker, initargs=(self.tokenizer_path,)
-            )
+            with _workers_ignore_ctrl_c():
+                self._pool = ctx.Pool(
+                    self.num_proc, initializer=_init_worker, initargs=(self.tokenizer_path,)
+                )
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -22,6 +22,7 @@ import heapq
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -202,6 +203,15 @@ def trainer_options(tok_cfg: Any) -> dict[str, Any]:
     special = list(tok_cfg.get("special_pieces", ()))
     if special:
         opts["user_defined_symbols"] = list(opts.get("user_defined_symbols", [])) + special
+    n_bytes = 256 if opts["byte_fallback"] else 0
+    n_user = len(opts.get("user_defined_symbols", []))
+    if opts["vocab_size"] <= 4 + n_bytes + n_user:
+        # Caught here, before any data work, rather than by sentencepiece after curation.
+        raise ValueError(
+            f"tokenizer.vocab_size={opts['vocab_size']} is too small: {4 + n_bytes + n_user} "
+            f"pieces are reserved (4 special ids, {n_bytes} byte-fallback bytes, {n_user} "
+            "user-defined) before one piece per character of the corpus; use a few hundred more."
+        )
     return opts
 
 
@@ -223,6 +233,12 @@ def train_tokenizer(texts: Iterable[str], tok_cfg: Any, out_path: str) -> Tokeni
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=buf, **opts)
     except RuntimeError as e:
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if needed:
+            raise ValueError(
+                f"tokenizer.vocab_size={tok_cfg.vocab_size} is too small for this corpus: its "
+                f"characters and the reserved pieces need at least {needed.group(1)}; raise it."
+            ) from None
         raise ValueError(
             f"Training the tokenizer failed ({e}); the sample may be too small for "
             f"vocab_size={tok_cfg.vocab_size}."

@@ -31,6 +31,10 @@ def load_task(path: str) -> list[Example]:
 
     Raises JaxlmError naming the file and line of the first malformed example.
     """
+    if os.path.isdir(path):
+        raise JaxlmError(
+            f"task file {path!r} is a directory; name the .jsonl task files in it, comma-separated."
+        )
     if not os.path.isfile(path):
         raise JaxlmError(f"task file {path!r} does not exist; build it or pass another path.")
     examples = []
