@@ -159,20 +159,19 @@ def check_not_empty(
     problems = problems or []
     missing = [p for p in problems if p["kind"] in ("missing_field", "missing_column")]
     if report.documents_in == 0 and missing:
-        has = next((e.split("has: ", 1)[1] for e in missing[0]["examples"] if "has: " in e), "")
+        has = [e.split("; has ", 1)[1] for e in missing[0]["examples"] if "; has " in e]
         raise DataError(
             f"Dataset {name!r} has no documents: the records of {missing[0]['file']} have no "
-            f"string field {text_field!r} (the first has: {has or 'no fields'}); set "
-            f"config.data.datasets.{name}.text_field to the field that holds the text."
+            f"string field {text_field!r} (the first has {has[0] if has else 'other fields'}); "
+            f"set config.data.datasets.{name}.text_field to the field that holds the text."
         )
     kinds = collections.Counter()
     for p in problems:
         kinds[p["kind"]] += p["count"]
-    seen = f"; input problems: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}"
+    found = "".join(f"; {n:,} {kind}" for kind, n in sorted(kinds.items()))
     raise DataError(
         f"Dataset {name!r} has no documents left after reading and curation "
-        f"({report.documents_in} read{seen if kinds else ''}); check its paths, its files and "
-        "the curation thresholds."
+        f"({report.documents_in:,} read{found}); check its paths, files and curation thresholds."
     )
 
 

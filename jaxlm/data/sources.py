@@ -507,9 +507,10 @@ def _jsonl(f: SourceFile, out: _Out, text_field: str) -> Iterator[Document]:
                 continue
             text = obj.get(text_field) if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                has = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+                fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else ""
+                has = fields or f"no fields (a JSON {type(obj).__name__})"
                 out.problems.add(
-                    f.name, "missing_field", f"{where}no string {text_field!r}; has: {has}"
+                    f.name, "missing_field", f"{where}no string {text_field!r}; has {has}"
                 )
                 continue
             yield from out.emit(normalize_newlines(text), f"{f.name}:{lineno}")
@@ -524,7 +525,7 @@ def _parquet(f: SourceFile, out: _Out, text_field: str) -> Iterator[Document]:
         pf = pq.ParquetFile(fh)
         if text_field not in pf.schema_arrow.names:
             cols = ", ".join(pf.schema_arrow.names)
-            out.problems.add(f.name, "missing_column", f"no {text_field!r}; has: {cols}")
+            out.problems.add(f.name, "missing_column", f"no {text_field!r}; has {cols}")
             return
         if pf.metadata.num_rows == 0:
             out.problems.add(f.name, "empty_file")
