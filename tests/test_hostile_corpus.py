@@ -268,5 +268,5 @@ def test_records_without_the_text_field_name_it_and_the_fields_they_have(tmp_pat
 def test_an_empty_dataset_says_what_the_reading_found(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"\x7fELF" + bytes(100))
     data_cfg, tok_cfg = _configs(str(tmp_path / "*.txt"), tmp_path / "cache")
-    with pytest.raises(prepare.DataError, match=r"\(0 read; 1 binary\); check its paths"):
+    with pytest.raises(prepare.DataError, match=r"\(0 read; 1 binary\); check its paths and"):
         prepare.prepare(data_cfg, tok_cfg, log=lambda _: None)

@@ -171,7 +171,7 @@ def check_not_empty(
     found = "".join(f"; {n:,} {kind}" for kind, n in sorted(kinds.items()))
     raise DataError(
         f"Dataset {name!r} has no documents left after reading and curation "
-        f"({report.documents_in:,} read{found}); check its paths, files and curation thresholds."
+        f"({report.documents_in:,} read{found}); check its paths and the curation thresholds."
     )
 
 
