@@ -21,7 +21,8 @@ Caching: the output lives in ``<cache_root>/<key>/``, where the key hashes every
 changes the output (dataset paths and file sizes/mtimes, Python version for ``stdlib``, the
 curation, split, shard and tokenizer settings). A complete manifest means "done": the call
 prints one line and returns. Work happens in a temporary directory renamed into place at the
-end, so a killed run never leaves a cache that looks complete.
+end, so a killed run never leaves a cache that looks complete; the folder of a run killed too
+hard to clean up (SIGKILL, SIGTERM) is removed by the next run on the same host.
 
 The output depends on the corpus and the config only, never on how many processes prepared
 it (nor on whether ``jaxlm.data.beam`` did): dedup is keep-first in file order over the whole
