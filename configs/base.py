@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.02  # share of documents held out, chosen by content hash
     c.data.num_proc = 0  # tokenization worker processes; 0 = os.cpu_count()
     c.data.docs_per_shard = 2000  # documents per ArrayRecord shard
+    c.data.max_document_bytes = 8 * 2**20  # bytes (8 MiB); a longer JSONL line/file: too_large
     c.data.streams = 0  # independent document streams per global batch; 0 = one per process
     c.data.grain_workers = 0  # grain worker processes feeding training; 0 = in-process
     # grain's read-ahead of documents (ReadOptions). 0 threads reads in the loop itself: on

@@ -78,7 +78,7 @@ def corpus(tmp_path_factory):
     (bad / "empty.txt").write_bytes(b"")
     latin1 = "Caf\xe9 cr\xe8me: a good document with latin-1 bytes in it, kept with a marker."
     (bad / "latin1.txt").write_bytes(latin1.encode("latin-1"))
-    # 50 MB on one line: a minified blob of 1,000-character tokens (quick to curate)
+    # 50 MB on one line: over data.max_document_bytes (8 MiB), refused while reading
     (bad / "one_line.txt").write_bytes((b"x" * 999 + b" ") * (BIG_MB * 2**20 // 1000))
     good_json = "A good JSON line in a file that also has broken lines, kept as a document."
     (bad / "mixed.jsonl").write_text(
@@ -181,14 +181,14 @@ def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
         "symlink_loop": 1,
         "symlink_cycle": 1,
         "unreadable": 1,
+        "too_large": 1,
     }
     by_kind = {p["kind"]: p["file"] for p in m["problems"]["code"]}
     assert by_kind["binary"].endswith(("program.txt", "picture.txt"))
     assert by_kind["symlink_cycle"].endswith("cycle")
     assert by_kind["unreadable"].endswith("cut.txt.gz")
+    assert by_kind["too_large"].endswith("one_line.txt")
     rep = m["curation"]["code"]
-    # the 50 MB line is one document, removed by a quality rule
-    assert rep["removed"]["quality.max_mean_word_length"]["bytes"] >= BIG_MB * 10**6
     # every good document is kept, each once: the directory cycle did not read files twice
     texts = _texts(local)
     clean = curate.Curator(_cfgs(corpus, "")[0].curation)  # the code files alone, curated
@@ -196,7 +196,7 @@ def test_hostile_files_are_skipped_and_counted_by_kind(corpus, local):
     code = [d for d in code if os.path.basename(d["source"]) not in corpus["code"][:2]]
     want_code = {d["text"] for d in clean(code)}  # all but the two held-out files
     assert corpus["good"] | set(corpus["originals"]) | want_code <= texts
-    assert rep["documents_in"] == len(corpus["code"]) - 2 + 2 * N_NEAR + N_EXACT + 3
+    assert rep["documents_in"] == len(corpus["code"]) - 2 + 2 * N_NEAR + N_EXACT + 2
     assert not any(t.startswith(("\x7fELF", "\x89PNG")) for t in texts)
     assert np.isfinite(m["val_gzip_bits_per_byte"]["all"])
 

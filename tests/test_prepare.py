@@ -184,21 +184,24 @@ def test_second_call_hits_the_cache(prepared):
 
 def test_cache_key_covers_what_changes_the_output(corpus, prepared, tmp_path):
     path, data_cfg, tok_cfg, _, _ = prepared
-    srcs = {"code": sources.Source(data_cfg.datasets.code.paths)}
-    key, _ = prepare.cache_key(data_cfg, tok_cfg, srcs)
+    key, _ = prepare.cache_key(data_cfg, tok_cfg, prepare.sources_of(data_cfg)[0])
     assert key == os.path.basename(os.path.dirname(path))
     for change in (
         lambda d, t: setattr(d, "val_fraction", 0.2),
         lambda d, t: setattr(d, "docs_per_shard", 8),
+        lambda d, t: setattr(d, "max_document_bytes", 4096),
         lambda d, t: setattr(d.curation.near_dedup, "threshold", 0.9),
         lambda d, t: setattr(d.curation.quality, "preset", "web"),
         lambda d, t: setattr(t, "vocab_size", 512),
     ):
         d, t = _configs(data_cfg.datasets.code.paths, data_cfg.cache_dir)
         change(d, t)
-        assert prepare.cache_key(d, t, srcs)[0] != key
+        assert prepare.cache_key(d, t, prepare.sources_of(d)[0])[0] != key
     # how many processes prepare it is not in the key: they all prepare the same data
-    assert "process_count" not in prepare.cache_key(data_cfg, tok_cfg, srcs)[1]
+    assert (
+        "process_count"
+        not in prepare.cache_key(data_cfg, tok_cfg, prepare.sources_of(data_cfg)[0])[1]
+    )
 
 
 def test_val_split_stable_under_rerun_and_added_files(corpus, prepared, tmp_path):

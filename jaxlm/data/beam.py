@@ -211,7 +211,14 @@ def _val_gzip(val_docs: list[tuple[str, Any, str]]) -> dict[str, float | None]:
 
 
 def _curation(
-    _: Any, *, names: list[str], vnames: list[str], events: list[tuple[tuple, tuple[int, int]]]
+    _: Any,
+    *,
+    names: list[str],
+    vnames: list[str],
+    events: list[tuple[tuple, tuple[int, int]]],
+    text_fields: dict[str, str],
+    listed: dict[str, list[dict[str, Any]]],
+    problems: list[tuple[str, dict[str, Any]]],
 ) -> tuple[dict[str, curate.CurationReport], dict[str, dict[str, int]]]:
     """Each dataset's curation report, and how many documents each validation set held out of
     each dataset, from the summed events; refuses a dataset curation left empty, as ``prepare``
@@ -232,7 +239,8 @@ def _curation(
         else:  # reserved: a training document equal to one of a validation set's
             removed[key[2]][ds] = docs
     for ds in names:
-        prepare.check_not_empty(ds, reports[ds])
+        found = listed[ds] + [p for d, p in problems if d == ds]  # resolving's, then reading's
+        prepare.check_not_empty(ds, reports[ds], found, text_fields[ds])
     return reports, removed
 
 
@@ -329,6 +337,9 @@ def build(
             names=plan["datasets"],
             vnames=plan["validation"],
             events=beam.pvalue.AsList(counts),
+            text_fields={ds: src.text_field for ds, src in srcs.items()},
+            listed=plan["problems"],
+            problems=beam.pvalue.AsList(problems),
         )
     )
 

@@ -48,16 +48,17 @@ def _event(*key: str, docs: int = 1, nbytes: int = 0) -> Any:
 class _Read:
     """Reads one file: documents ``(ds, (file, doc), text)``, problems and counts on the side."""
 
-    def __init__(self, fields: dict[str, tuple[str, str]], reserved: dict[bytes, str]) -> None:
-        self.fields, self.reserved = fields, reserved  # ds -> (text_field, split)
+    def __init__(self, fields: dict[str, tuple[str, str, int]], reserved: dict[bytes, str]) -> None:
+        self.fields, self.reserved = fields, reserved  # ds -> (text_field, split, max bytes)
 
     def __call__(self, item: tuple[str, int, sources.SourceFile]) -> Iterator[Any]:
         import apache_beam as beam
 
         ds, file_no, f = item
         problems = sources.Problems()
-        text_field, split = self.fields[ds]
-        for doc_no, doc in enumerate(sources.read_file(f, problems, text_field, split)):
+        text_field, split, max_bytes = self.fields[ds]
+        docs = sources.read_file(f, problems, text_field, split, max_bytes)
+        for doc_no, doc in enumerate(docs):
             text = doc["text"]
             held_by = self.reserved.get(prepare.text_digest(text)) if self.reserved else None
             if held_by is not None:  # a validation document: never trained on
@@ -166,7 +167,7 @@ def curated(
     """
     import apache_beam as beam
 
-    fields = {ds: (src.text_field, src.split) for ds, src in srcs.items()}
+    fields = {ds: (src.text_field, src.split, src.max_document_bytes) for ds, src in srcs.items()}
     files = [(ds, i, f) for ds, src in srcs.items() for i, f in enumerate(src.files)]
     read = (
         p

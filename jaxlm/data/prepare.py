@@ -21,7 +21,8 @@ Caching: the output lives in ``<cache_root>/<key>/``, where the key hashes every
 changes the output (dataset paths and file sizes/mtimes, Python version for ``stdlib``, the
 curation, split, shard and tokenizer settings). A complete manifest means "done": the call
 prints one line and returns. Work happens in a temporary directory renamed into place at the
-end, so a killed run never leaves a cache that looks complete.
+end, so a killed run never leaves a cache that looks complete; the folder of a run killed too
+hard to clean up (SIGKILL, SIGTERM) is removed by the next run on the same host.
 
 The output depends on the corpus and the config only, never on how many processes prepared
 it (nor on whether ``jaxlm.data.beam`` did): dedup is keep-first in file order over the whole
@@ -38,6 +39,7 @@ wait for it. Host ``i`` of ``n`` tokenizes shards ``i, i+n, ...`` into ``<key>/h
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -46,17 +48,16 @@ import shutil
 import struct
 import sys
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from jaxlm.data import cache, curate, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
-from jaxlm.data.files import file_sha256
+from jaxlm.data.files import file_sha256, new_work_dir, remove_stale_work_dirs
 from jaxlm.data.sources import DataError
 
-PREP_VERSION = 4  # bump when a code change alters prepared output, to invalidate old caches
+PREP_VERSION = 5  # bump when a code change alters prepared output, to invalidate old caches
 SPLITS = manifest_lib.SPLITS
 WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
 
@@ -139,14 +140,40 @@ class GzipMeter:
         return 8.0 * self.compressed / self.raw if self.raw else None
 
 
-def check_not_empty(name: str, report: curate.CurationReport) -> None:
-    """Refuses a dataset that curation left without documents (the same sentence on every
-    engine)."""
-    if report.documents_out == 0:
+def check_not_empty(
+    name: str,
+    report: curate.CurationReport,
+    problems: list[dict[str, Any]] | None = None,
+    text_field: str = "text",
+) -> None:
+    """Refuses a dataset that curation left without documents, in one sentence that says why
+    (no manifest is written, so the sentence carries the input problems itself).
+
+    Args:
+      name: the dataset.
+      report: its curation report.
+      problems: its input problems (``Problems.to_list()``), when known.
+      text_field: the JSONL key / Parquet column the dataset reads.
+    """
+    if report.documents_out:
+        return
+    problems = problems or []
+    missing = [p for p in problems if p["kind"] in ("missing_field", "missing_column")]
+    if report.documents_in == 0 and missing:
+        has = [e.split("; has ", 1)[1] for e in missing[0]["examples"] if "; has " in e]
         raise DataError(
-            f"Dataset {name!r} has no documents left after reading and curation "
-            f"({report.documents_in} read); check its paths and the curation thresholds."
+            f"Dataset {name!r} has no documents: the records of {missing[0]['file']} have no "
+            f"string field {text_field!r} (the first has {has[0] if has else 'other fields'}); "
+            f"set config.data.datasets.{name}.text_field to the field that holds the text."
         )
+    kinds = collections.Counter()
+    for p in problems:
+        kinds[p["kind"]] += p["count"]
+    found = "".join(f"; {n:,} {kind}" for kind, n in sorted(kinds.items()))
+    raise DataError(
+        f"Dataset {name!r} has no documents left after reading and curation "
+        f"({report.documents_in:,} read{found}); check its paths and the curation thresholds."
+    )
 
 
 def dataset_configs(data_cfg: Any) -> dict[str, Any]:
@@ -167,15 +194,33 @@ def sources_of(data_cfg: Any) -> tuple[dict, dict]:
     """The training datasets' and the validation sets' `sources.Source`s, by name."""
     srcs = {
         name: sources.Source(
-            cfg.paths, text_field=cfg.get("text_field", "text"), split=cfg.get("split", "file")
+            cfg.paths,
+            text_field=cfg.get("text_field", "text"),
+            split=cfg.get("split", "file"),
+            max_document_bytes=max_document_bytes(data_cfg),
         )
         for name, cfg in dataset_configs(data_cfg).items()
     }
     vsrcs = {
-        name: sources.Source(cfg.paths, text_field=cfg.get("text_field", "text"))
+        name: sources.Source(
+            cfg.paths,
+            text_field=cfg.get("text_field", "text"),
+            max_document_bytes=max_document_bytes(data_cfg),
+        )
         for name, cfg in validation_configs(data_cfg).items()
     }
     return srcs, vsrcs
+
+
+def max_document_bytes(data_cfg: Any) -> int:
+    """``data.max_document_bytes``; DataError unless it is a whole number of bytes >= 1."""
+    value = data_cfg.get("max_document_bytes", sources.MAX_DOCUMENT_BYTES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(
+            f"config.data.max_document_bytes={value!r} must be a whole number of bytes >= 1 "
+            f"(default {sources.MAX_DOCUMENT_BYTES:,})."
+        )
+    return value
 
 
 def text_digest(text: str) -> bytes:
@@ -189,6 +234,7 @@ def check_config(data_cfg: Any, tok_cfg: Any) -> None:
         raise DataError(f"config.data.val_fraction={data_cfg.val_fraction} must be in [0, 1).")
     if int(data_cfg.docs_per_shard) < 1:
         raise DataError(f"config.data.docs_per_shard={data_cfg.docs_per_shard} must be >= 1.")
+    max_document_bytes(data_cfg)
     if tok_cfg.path and not os.path.isfile(os.path.expanduser(tok_cfg.path)):
         raise DataError(f"config.tokenizer.path={tok_cfg.path!r} does not exist.")
     if tok_cfg.path:
@@ -227,6 +273,7 @@ def cache_key(
                 "text_field": src.text_field,
                 "split": src.split,
                 "quality_preset": data_cfg.datasets[name].get("quality_preset", None),
+                "max_document_bytes": src.max_document_bytes,
                 "files": src.fingerprint(),
             }
             for name, src in srcs.items()
@@ -238,7 +285,12 @@ def cache_key(
     }
     if validation:  # only when set, so caches prepared before validation sets existed stay valid
         material["validation"] = {
-            name: {"paths": src.paths, "text_field": src.text_field, "files": src.fingerprint()}
+            name: {
+                "paths": src.paths,
+                "text_field": src.text_field,
+                "max_document_bytes": src.max_document_bytes,
+                "files": src.fingerprint(),
+            }
             for name, src in validation.items()
         }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
@@ -352,7 +404,9 @@ def _prepare_host(job: _Job) -> None:
     out_dir = job.out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(out_dir)}-{uuid.uuid4().hex[:8]}")
+    for stale in remove_stale_work_dirs(parent, os.path.basename(out_dir)):
+        job.log(f"removed {stale}, left by a killed preparation")
+    tmp = new_work_dir(parent, os.path.basename(out_dir))
     os.makedirs(os.path.join(tmp, "spill"))
     try:
         manifest = _build(job, tmp)
@@ -457,13 +511,15 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
             f" MB/s); train {counts['train']:,} docs, val {counts['val']:,} docs"
         )
         log(rep.table(f"curation of {name}"))
+        # Before the problems line: that line points at a manifest, which an empty dataset
+        # never gets; the error carries its problems itself.
+        check_not_empty(name, rep, src.problems.to_list(), src.text_field)
         if len(src.problems):
             kinds = sorted({p["kind"] for p in src.problems.to_list()})
             log(
                 f"  input problems: {src.problems.count():,} ({', '.join(kinds)}) in "
                 f"{len({p['file'] for p in src.problems.to_list()}):,} files; see the manifest"
             )
-        check_not_empty(name, rep)
 
     # 2. tokenizer: load, wait for host 0's, or train on the sample.
     t = time.perf_counter()

@@ -8,11 +8,28 @@ non-UTF-8 bytes, an empty file, a Parquet file without the text column) is count
 :class:`Problems` report that ends up in the manifest. A path pattern that matches nothing is a
 mistake in the config, so it raises :class:`SourceError` when the source is built, before any
 work starts.
+
+The rules for hostile input, the same on the local path and on Beam (both read with `read_file`):
+
+- Only regular files are read. A FIFO, socket or device a glob matches is skipped and counted
+  by kind (``fifo``, ``socket``, ``char_device``, ``block_device``); files are opened without
+  blocking, so one swapped in later is refused too, never waited on.
+- A file is read whole or counted ``unreadable``: a truncated or corrupt ``.gz``, ``.zst``,
+  ``.bz2`` or ``.xz`` gives none of its documents, not those before the cut (a compressed JSONL
+  file is decompressed once to check it before its first document is taken).
+- No document over ``max_document_bytes`` is ever held: a JSONL line is read with that bound
+  and a longer one skipped to its end; a text file read as one document likewise; a Parquet
+  value or a text piece over it is dropped. Each is counted ``too_large``.
+- A NUL byte is never text. A file is ``binary`` (skipped) when it starts with a known magic
+  number, or when its first 8 KB hold a NUL and are not UTF-8. Otherwise a document holding a
+  NUL anywhere (a raw byte, or a JSON ``\\u0000``) is dropped and counted ``nul_byte``: the
+  same at byte 100 as at byte 20,000.
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
 import collections
 import dataclasses
 import errno
@@ -29,6 +46,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from jaxlm.data import files as file_io
 from jaxlm.errors import JaxlmError
 
 Document = dict[str, Any]
@@ -40,6 +58,7 @@ PARQUET_EXTS = (".parquet",)
 COMPRESSION_EXTS = (".gz", ".zst", ".bz2", ".xz")
 _PARQUET_BATCH_ROWS = 1024
 _MAX_EXAMPLES = 3  # examples of a problem kept per file; the count is always exact
+MAX_DOCUMENT_BYTES = 8 * 2**20  # the default bound on one document (data.max_document_bytes)
 
 
 class DataError(JaxlmError, ValueError):
@@ -180,8 +199,9 @@ def _expand(pattern: str, problems: Problems) -> list[str]:
 def resolve_files(paths: str, problems: Problems | None = None) -> list[SourceFile]:
     """Expand a comma-separated list of globs/dirs (or ``'stdlib'``) into sorted input files.
 
-    A file that cannot be opened (a symlink loop, a dangling link) and a directory reached
-    again through a symlink cycle are skipped and counted in ``problems``, by kind.
+    A file that cannot be opened (a symlink loop, a dangling link), one that is not a regular
+    file (a FIFO, a socket, a device) and a directory reached again through a symlink cycle are
+    skipped and counted in ``problems``, by kind.
 
     Raises:
       SourceError: a pattern matches no readable corpus file. Checked for every pattern before
@@ -208,6 +228,10 @@ def resolve_files(paths: str, problems: Problems | None = None) -> list[SourceFi
                 kind = "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
                 problems.add(path, kind, e.strerror or "")
                 continue
+            special = file_io.special_kind(st.st_mode)
+            if special is not None:  # reading a FIFO blocks forever, a device never ends
+                problems.add(path, special, "not a regular file; skipped")
+                continue
             files.append(SourceFile(os.path.abspath(path), path, st.st_size, st.st_mtime_ns))
         if not files:
             raise SourceError(
@@ -220,23 +244,30 @@ def resolve_files(paths: str, problems: Problems | None = None) -> list[SourceFi
 
 
 def _open_binary(path: str) -> BinaryIO:
-    """Open a file, decompressing by suffix; zstandard is imported only when needed."""
+    """Open a regular file, decompressing by suffix; zstandard is imported only when needed.
+    A cut ``.zst`` raises EOFError here, as a cut ``.gz`` does when read to its end."""
     low = path.lower()
-    if low.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if low.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if low.endswith(".xz"):
-        return lzma.open(path, "rb")
     if low.endswith(".zst"):
         try:
             import zstandard
         except ImportError as e:
             raise SourceError(f"Reading {path} needs zstandard: pip install zstandard.") from e
-        fh = open(path, "rb")  # noqa: SIM115 -- closed by the stream reader
-        # The zstd reader cannot iterate lines itself; buffering gives it readline().
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
-    return open(path, "rb")  # noqa: SIM115
+    fh = file_io.open_regular(path)
+    try:
+        if low.endswith(".gz"):
+            return gzip.GzipFile(fileobj=fh, mode="rb")  # type: ignore[return-value]
+        if low.endswith(".bz2"):
+            return bz2.BZ2File(fh, "rb")  # type: ignore[return-value]
+        if low.endswith(".xz"):
+            return lzma.LZMAFile(fh, "rb")  # type: ignore[return-value]
+        if low.endswith(".zst"):
+            file_io.check_zstd_frames(fh)
+            # The zstd reader cannot iterate lines itself; buffering gives it readline().
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
+    except BaseException:
+        fh.close()
+        raise
+    return fh
 
 
 # Magic numbers of common binary formats; a NUL byte catches most of the rest (UTF-16 text too,
@@ -257,8 +288,19 @@ _SNIFF_BYTES = 8192
 
 
 def looks_binary(head: bytes) -> bool:
-    """Whether a file's first bytes say it is not text (a known magic number, or a NUL byte)."""
-    return head.startswith(_BINARY_MAGIC) or b"\x00" in head[:_SNIFF_BYTES]
+    """Whether a file's first bytes say it is not text: a known magic number, or a NUL byte in
+    bytes that are not UTF-8. A NUL in UTF-8 text is a stray byte, dropped with its document
+    wherever it is (see the module docstring), so the verdict does not hang on its position."""
+    if head.startswith(_BINARY_MAGIC):
+        return True
+    head = head[:_SNIFF_BYTES]
+    if b"\x00" not in head:
+        return False
+    try:  # final=False: a character cut by the end of the sniffed bytes is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def clean_text(raw: bytes, name: str, problems: Problems, where: str = "") -> str:
@@ -292,6 +334,8 @@ class Source:
       split: how a text file becomes documents (see `check_split`): 'file' (one document),
         'paragraphs' (one per blank-line-separated paragraph), or a number N (pieces of at most
         N characters, cut at paragraph, else line, boundaries; shorter files stay whole).
+      max_document_bytes: the largest document read (see the module docstring); a larger one is
+        skipped while reading and counted ``too_large``.
     """
 
     def __init__(
@@ -300,10 +344,12 @@ class Source:
         *,
         text_field: str = "text",
         split: str = "file",
+        max_document_bytes: int = MAX_DOCUMENT_BYTES,
     ) -> None:
         self.paths = paths
         self.text_field = text_field
         self.split = check_split(split)
+        self.max_document_bytes = int(max_document_bytes)
         self.problems = Problems()  # resolving the paths counts problems too (symlink loops)
         self.files = resolve_files(paths, self.problems)
         self.documents = 0
@@ -323,112 +369,178 @@ class Source:
 
     def __iter__(self) -> Iterator[Document]:
         for f in self.files:
-            for doc in read_file(f, self.problems, self.text_field, self.split):
+            for doc in read_file(
+                f, self.problems, self.text_field, self.split, self.max_document_bytes
+            ):
                 self.documents += 1
                 yield doc
 
 
 def read_file(
-    f: SourceFile, problems: Problems, text_field: str = "text", split: str = "file"
+    f: SourceFile,
+    problems: Problems,
+    text_field: str = "text",
+    split: str = "file",
+    max_bytes: int = MAX_DOCUMENT_BYTES,
 ) -> Iterator[Document]:
     """The Documents of one input file, in file order; every problem is counted in ``problems``
-    (a damaged or binary file costs that file, never the run).
+    (a damaged or binary file costs that file, never the run). The rules for hostile input
+    (special files, truncation, NUL bytes, huge documents) are the module docstring's.
 
     Args:
       f: the file (from :func:`resolve_files`).
       problems: where problems are counted, under ``f.name``.
       text_field: JSONL key / Parquet column holding the text.
       split: how a text file becomes documents (see :func:`check_split`).
+      max_bytes: the largest document, in UTF-8 bytes; a larger one is counted ``too_large``.
     """
     kind = _kind(f.path)
+    out = _Out(f.name, problems, max_bytes)
     try:
         if kind == "parquet":
-            yield from _parquet(f, problems, text_field)
+            yield from _parquet(f, out, text_field)
             return
         with _open_binary(f.path) as fh:
             head = fh.read(_SNIFF_BYTES)
+            if kind == "jsonl" and f.path.lower().endswith(COMPRESSION_EXTS):
+                # Decompress to nowhere first: a cut or corrupt file fails here, before any of
+                # its documents is taken (one 1 MB block held at a time).
+                while fh.read(1 << 20):
+                    pass
         if looks_binary(head):
             problems.add(f.name, "binary", repr(head[:8]))
         elif kind == "jsonl":
-            yield from _jsonl(f, problems, text_field)
+            yield from _jsonl(f, out, text_field)
         else:
-            yield from _text(f, problems, split)
+            yield from _text(f, out, split)
     except SourceError:
         raise
+    except file_io.NotRegularFile as e:  # replaced by a FIFO or a device after it was listed
+        problems.add(f.name, e.kind, "not a regular file; skipped")
     except _read_errors() as e:
         # A truncated .gz or a corrupt file costs that file (counted), never the run.
         problems.add(f.name, "unreadable", f"{type(e).__name__}: {e}")
 
 
-def _emit(text: str, source: str, f: SourceFile, problems: Problems) -> Iterator[Document]:
-    if not text.strip():
-        problems.add(f.name, "empty_document", source)
-        return
-    yield {"text": text, "source": source}
+@dataclasses.dataclass
+class _Out:
+    """Where one file's documents pass their last checks: its name, problems and size bound."""
+
+    name: str
+    problems: Problems
+    max_bytes: int
+
+    def emit(self, text: str, source: str) -> Iterator[Document]:
+        """The document, unless it is empty, holds a NUL or is over the bound (each counted)."""
+        if not text.strip():
+            self.problems.add(self.name, "empty_document", source)
+        elif "\x00" in text:
+            self.problems.add(self.name, "nul_byte", f"{source}: character {text.index(chr(0))}")
+        elif len(text) > self.max_bytes // 4 and _utf8_len(text) > self.max_bytes:
+            self.problems.add(self.name, "too_large", f"{source}: over {self.max_bytes:,} bytes")
+        else:
+            yield {"text": text, "source": source}
+
+    def too_large(self, where: str) -> None:
+        self.problems.add(self.name, "too_large", f"{where}over {self.max_bytes:,} bytes")
 
 
-def _text(f: SourceFile, problems: Problems, split: str) -> Iterator[Document]:
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _text(f: SourceFile, out: _Out, split: str) -> Iterator[Document]:
     with _open_binary(f.path) as fh:
-        raw = fh.read()
-    if not raw.strip():
-        problems.add(f.name, "empty_file")
+        # A file read as one document is read with the bound; one cut into pieces is read
+        # whole (a long book is such a file) and each piece checked in `emit`.
+        raw = fh.read(out.max_bytes + 1) if split == "file" else fh.read()
+    if len(raw) > out.max_bytes and split == "file":
+        out.too_large("")
         return
-    text = clean_text(raw, f.name, problems)
+    if not raw.strip():
+        out.problems.add(f.name, "empty_file")
+        return
+    text = clean_text(raw, f.name, out.problems)
     if split == "file":
-        yield from _emit(text, f.name, f, problems)
+        yield from out.emit(text, f.name)
     elif split == "paragraphs":
         for i, para in enumerate(text.split("\n\n")):
             if para.strip():
-                yield from _emit(para.strip("\n"), f"{f.name}#{i}", f, problems)
+                yield from out.emit(para.strip("\n"), f"{f.name}#{i}")
     else:
         for i, piece in enumerate(split_text(text, int(split))):
-            yield from _emit(piece, f"{f.name}#{i}", f, problems)
+            yield from out.emit(piece, f"{f.name}#{i}")
 
 
-def _jsonl(f: SourceFile, problems: Problems, text_field: str) -> Iterator[Document]:
+def _lines(fh: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The lines of ``fh``, holding at most ``limit + 1`` bytes of one at a time: a line of more
+    than ``limit`` bytes before its newline is read past in 1 MB steps and given as None."""
+    while line := fh.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield line
+
+
+def _jsonl(f: SourceFile, out: _Out, text_field: str) -> Iterator[Document]:
     n_lines = 0
     with _open_binary(f.path) as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(_lines(fh, out.max_bytes), 1):
+            where = f"line {lineno}: "
+            if raw is None:
+                n_lines += 1
+                out.too_large(where)
+                continue
             if not raw.strip():
                 continue
             n_lines += 1
-            where = f"line {lineno}: "
-            line = clean_text(raw, f.name, problems, where)
+            if b"\x00" in raw:  # JSON cannot hold a raw NUL; it is the same stray byte as in text
+                out.problems.add(f.name, "nul_byte", f"{where}byte {raw.index(0)}")
+                continue
+            line = clean_text(raw, f.name, out.problems, where)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                problems.add(f.name, "malformed_json", f"{where}{e.msg}")
+                out.problems.add(f.name, "malformed_json", f"{where}{e.msg}")
                 continue
             text = obj.get(text_field) if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                problems.add(f.name, "missing_field", f"{where}no string {text_field!r}")
+                fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else ""
+                has = fields or f"no fields (a JSON {type(obj).__name__})"
+                out.problems.add(
+                    f.name, "missing_field", f"{where}no string {text_field!r}; has {has}"
+                )
                 continue
-            yield from _emit(normalize_newlines(text), f"{f.name}:{lineno}", f, problems)
+            yield from out.emit(normalize_newlines(text), f"{f.name}:{lineno}")
     if n_lines == 0:
-        problems.add(f.name, "empty_file")
+        out.problems.add(f.name, "empty_file")
 
 
-def _parquet(f: SourceFile, problems: Problems, text_field: str) -> Iterator[Document]:
+def _parquet(f: SourceFile, out: _Out, text_field: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(f.path)
-    if text_field not in pf.schema_arrow.names:
-        cols = ", ".join(pf.schema_arrow.names)
-        problems.add(f.name, "missing_column", f"no {text_field!r}; has {cols}")
-        return
-    if pf.metadata.num_rows == 0:
-        problems.add(f.name, "empty_file")
-        return
-    row = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
-        for value in batch.column(0).to_pylist():
-            if isinstance(value, bytes):
-                value = clean_text(value, f.name, problems, f"row {row}: ")
-            if not isinstance(value, str):
-                problems.add(f.name, "missing_field", f"row {row}: {type(value).__name__}")
-            else:
-                yield from _emit(normalize_newlines(value), f"{f.name}#{row}", f, problems)
-            row += 1
+    with file_io.open_regular(f.path) as fh:
+        pf = pq.ParquetFile(fh)
+        if text_field not in pf.schema_arrow.names:
+            cols = ", ".join(pf.schema_arrow.names)
+            out.problems.add(f.name, "missing_column", f"no {text_field!r}; has {cols}")
+            return
+        if pf.metadata.num_rows == 0:
+            out.problems.add(f.name, "empty_file")
+            return
+        row = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, bytes):
+                    value = clean_text(value, f.name, out.problems, f"row {row}: ")
+                if not isinstance(value, str):
+                    kind = type(value).__name__
+                    out.problems.add(f.name, "missing_field", f"row {row}: {kind}")
+                else:
+                    yield from out.emit(normalize_newlines(value), f"{f.name}#{row}")
+                row += 1
 
 
 def check_split(split: str) -> str:
