@@ -12,9 +12,10 @@ Measured on a 2-core AMD EPYC VM (2026-12-01 17:10 UTC, see docs/perf.md; this V
 slower that day than on 2026-11-22): 6 min 56 s wall with the data already prepared, final
 held-out 2.117 bits per byte where gzip -9 gets 1.61 on the same text (Python source is very
 compressible), next-line task 34% (chance 25%). The same command again on the finished run
-prints `run complete at step 205; final figures: ...` and exits. The recipe before it (AdamW, 300 steps) took
-7 min 55 s in the same session, data preparation included, and ended at 2.357: Muon steps cost
-~1.35x AdamW's here, so 205 of them fit in the time of 300 AdamW steps and end 0.24 lower.
+prints `run complete at step 205 ...; final figures: ...` and exits. The recipe before it
+(AdamW, 300 steps) took 7 min 55 s in the same session, data preparation included, and ended
+at 2.357: Muon steps cost ~1.35x AdamW's here, so 205 of them fit in the time of 300 AdamW steps
+and end 0.24 lower.
 """
 
 from configs import base
