@@ -20,8 +20,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import faults, objectives, peers, sharding, stages, train, validate
-from jaxlm import generate as generate_lib
+from jaxlm import faults, finish, objectives, peers, sharding, stages, train, validate
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import staged
@@ -41,6 +40,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     from jaxlm.data import tokenizer as tokenizer_lib
 
     validate.check(config, workdir)  # every config error, before any device or data work
+    complete = finish.completed_run(config, workdir)  # the same command again: nothing to redo
+    if complete is not None:
+        print(complete["line"], flush=True)
+        return complete
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = validate.check_devices(config)
     _prepare_workdir(workdir, config)
@@ -97,7 +100,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         watchdog.stop(clean)
     # The sample runs on process 0's host arrays; on many processes it is left to tools/generate.py.
     if not summary["preempted"] and jax.process_count() == 1:
-        _print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)
+        finish.print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)
     trainer.out.close()
     return summary
 
@@ -283,11 +286,19 @@ class Trainer:
                 if stage is not self.stage:
                     self._enter_stage(stage)
                 host_batch = self._next_batch()
+                if self.step == start_step:  # the call returns once the program is compiled
+                    self.out.print("compiling the training step (the first step waits for it)")
+                    compile_start = time.perf_counter()
                 if self.plan.staged:
                     self.state, step_metrics = self.staged_step(self.state, host_batch, stage)
                 else:
                     self.state, step_metrics = self.train_step(
                         self.state, sharding.host_to_global(host_batch, self.setup.mesh)
+                    )
+                if self.step == start_step:
+                    self.out.print(
+                        f"compiled in {time.perf_counter() - compile_start:.1f}s; training, "
+                        f"one line every {cfg.train.log_every} steps"
                     )
                 self.step += 1
                 self.pending.append(step_metrics)
@@ -311,15 +322,24 @@ class Trainer:
                 "final held-out numbers were skipped."
             )
             return self._summary(start_step, start, preempted=True)
-        gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
         if "bits_per_byte" in final_eval:
-            gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
-            self.out.print(
-                f"final held-out: {final_eval['bits_per_byte']:.3f} bits/byte "
-                f"(loss {final_eval['loss']:.4f}){gz}{metrics_lib.objective_summary(final_eval)}"
+            self.out.print(f"final held-out: {metrics_lib.final_figures(final_eval)}")
+        summary = self._summary(
+            start_step,
+            start,
+            eval=final_eval,
+            gzip_bits_per_byte=final_eval.get("gzip_bits_per_byte"),
+        )
+        self.out.print(
+            finish.summary_text(
+                summary,
+                self.plan.tokens_before(summary["final_step"]),
+                self.best_eval,
+                self.first_eval,
+                self.checkpointer.directory,
+                self.workdir,
             )
-        summary = self._summary(start_step, start, eval=final_eval, gzip_bits_per_byte=gzip_bpb)
-        self._print_summary(summary)
+        )
         return summary
 
     def _enter_stage(self, stage: stages.Stage) -> None:
@@ -330,24 +350,6 @@ class Trainer:
         if self.plan.staged:
             self.out.print(f"step {self.step}: {stage.describe()}")
         self.stage = stage
-
-    def _print_summary(self, summary: dict[str, Any]) -> None:
-        tokens = self.plan.tokens_before(summary["final_step"])
-        best_step, best_loss = self.best_eval
-        train_loss = summary["train_loss"]
-        train_loss = "-" if train_loss is None else f"{train_loss:.4f}"
-        self.out.print(
-            f"run summary: {tokens:,} tokens seen "
-            f"(steps {summary['start_step']}-{summary['final_step']} "
-            f"in {metrics_lib.format_duration(summary['wall_s'])}) | final train loss "
-            f"{train_loss} | best held-out loss {best_loss:.4f} "
-            f"at step {best_step}\n"
-            f"{metrics_lib.before_after(self.first_eval, summary['eval'])}"
-            f"  checkpoints: {self.checkpointer.directory}\n"
-            f"  metrics: {os.path.join(self.workdir, 'metrics.jsonl')} and "
-            f"{os.path.join(self.workdir, 'tb')}\n"
-            f"  plots: python tools/plot_metrics.py {self.workdir}"
-        )
 
     def _next_batch(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -437,6 +439,14 @@ class Trainer:
         cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
         stage = self.plan.stage_at(max(self.step - 1, 0))  # the model as last trained
         rope = (stage.rope_theta, stage.rope_scaling)
+        n = sum(batches for _, _, batches in train.eval_sets(self.setup, self.manifest, cap))
+        what = f"{'final ' if final and self.step else ''}evaluation at step {self.step}"
+        if cap == 0 or rope not in self.eval_steps:  # a long one, or one that compiles first
+            self.out.print(
+                f"{what}: {n} batches{' (all held-out text)' if cap == 0 else ''}"
+                + "".join(f", then {name} ({len(t)} examples)" for name, t in self.tasks.items())
+                + ("; compiling its program first" if rope not in self.eval_steps else "")
+            )
         if rope not in self.eval_steps:
             self.eval_steps[rope] = self.setup.jit_eval_step(self.setup.graphdef_for(stage))
         result = train.evaluate(
@@ -446,7 +456,11 @@ class Trainer:
             self.manifest,
             cap,
             self.objective,
+            progress=metrics_lib.Progress(self.out.print, what, n),
         )
+        gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
+        if final and gzip_bpb:  # the baseline beside the final figures, for reruns and plots
+            result["gzip_bits_per_byte"] = gzip_bpb
         if self.tasks:
             cfg = self.config
             result.update(
@@ -567,27 +581,6 @@ class TrainingError(JaxlmError):
 
 class _EvalInterrupted(Exception):
     """Raised by the signal handler to abandon an evaluation (which changes no state)."""
-
-
-def _print_sample(config, setup, params, tokenizer, out) -> None:
-    from jaxlm.data import tokenizer as tokenizer_lib
-
-    s = config.sample
-    if s.max_tokens <= 0 or not s.prompt or config.objective == "masked":  # an encoder: no text
-        return
-    with sharding.use(setup.mesh, setup.rules):
-        new_tokens = generate_lib.generate(
-            setup.graphdef,
-            params,
-            [tokenizer_lib.prompt_ids(tokenizer, s.prompt)],
-            max_new_tokens=s.max_tokens,
-            eos_id=tokenizer.eos_id,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            seed=config.seed,
-        )[0]
-    out.print("sample (KV-cache decoding):\n" + s.prompt + tokenizer.decode(new_tokens))
 
 
 def _prepare_workdir(workdir: str, config: Any) -> None:

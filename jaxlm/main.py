@@ -1,7 +1,11 @@
-"""Command-line entry point: `python -m jaxlm.main --config=configs/tiny.py [--workdir=DIR]`.
+"""Train (or resume) a run: `python -m jaxlm.main --config=configs/tiny.py [--workdir=DIR]`.
 
-Config values can be overridden with `--config.train.steps=100` and the like; a key that does
-not exist is an error, not a silent new field.
+Override any config value with `--config.<key>=<value>` (e.g. `--config.train.steps=100`); a key
+that does not exist is an error, not a silent new field. See every key, its value, its default
+and its meaning with
+    python -m jaxlm.main --config=configs/tiny.py --list_config
+Running the command again resumes from the newest checkpoint in the workdir (runs/<config
+name> by default); on a finished run it prints the final figures and exits.
 """
 
 import os
@@ -14,17 +18,27 @@ from jaxlm import cli
 from jaxlm.errors import JaxlmError, PeerLost
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file.", lock_config=True
+    "config", None, "Path to a config file (e.g. configs/tiny.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_LIST_CONFIG = flags.DEFINE_bool(
+    "list_config", False, "Print every config key with its value, default and meaning; no run."
+)
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 
 
 def main(argv):
     del argv
+    config = _CONFIG.value
+    if _LIST_CONFIG.value:
+        from jaxlm import config_help
+
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        print(config_help.listing(config, path, config_help.base_defaults()))
+        return
     from jaxlm import loop  # after flag parsing: grain workers need absl flags parsed first
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO: keep stdout readable
-    config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
         loop.run(config, workdir)
@@ -45,7 +59,14 @@ def main(argv):
 
 def run():
     cli.restart_with_huge_pages()  # faster steps on CPU hosts; see its docstring
-    cli.run_cli(main)
+    try:
+        cli.run_cli(main)
+    except SystemExit as e:
+        # absl prints the usage (this module's docstring and flags) for --help, then exits 1:
+        # asking for help is not a failure.
+        if e.code == 1 and any(a in _HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
 
 
 if __name__ == "__main__":

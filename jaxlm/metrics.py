@@ -121,6 +121,25 @@ class Throughput:
         }
 
 
+class Progress:
+    """Progress lines for a long phase with a known number of units (e.g. eval batches):
+    '  <what>: 120/480 batches (25%), 0m31s', at most one per `every_s` seconds; a phase that
+    ends sooner prints none."""
+
+    def __init__(self, print_fn: Any, what: str, total: int, every_s: float = 20.0):
+        self.print, self.what, self.total, self.every_s = print_fn, what, total, every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and done < self.total:
+            self.last = now
+            self.print(
+                f"  {self.what}: {done}/{self.total} batches ({done / self.total:.0%}), "
+                f"{format_duration(now - self.start)}"
+            )
+
+
 def device_memory_gb() -> float | None:
     """Bytes in use on device 0 in GB, where the backend reports it."""
     stats = jax.local_devices()[0].memory_stats()
@@ -150,6 +169,17 @@ def before_after(before: dict[str, float] | None, after: dict[str, float]) -> st
         if key(n) in after and key(n) in before
     )
     return f"  held-out loss before -> after: {pairs}\n"
+
+
+def final_figures(result: dict[str, float]) -> str:
+    """'2.117 bits/byte (loss 1.4674) | gzip -9 on the same text: 1.607 bits/byte | ...': the
+    final held-out numbers of `result` (an evaluation, with `gzip_bits_per_byte` if known)."""
+    gzip_bpb = result.get("gzip_bits_per_byte")
+    gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
+    return (
+        f"{result['bits_per_byte']:.3f} bits/byte (loss {result['loss']:.4f}){gz}"
+        f"{objective_summary(result)}{task_summary(result)}"
+    )
 
 
 def objective_summary(result: dict[str, float]) -> str:

@@ -393,6 +393,26 @@ class StagedStep:
 # --------------------------------------------------------------------------- evaluation
 
 
+def eval_sets(setup: Setup, manifest: dict, max_batches: int = 0) -> list[tuple[str, str, int]]:
+    """(name, split, batches) of each held-out split and named validation set an evaluation
+    reads, in order: what `evaluate` will do, for a progress line before it starts."""
+    cfg = setup.config
+    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    sets = [(n, "val") for n in sorted(manifest["datasets"])]
+    sets += [(n, "validation") for n in manifest_lib.validation_sets(manifest)]
+    return [
+        (
+            name,
+            split,
+            pipeline.eval_num_batches(
+                manifest, name, setup.plan.max_seq_len, batch_size, max_batches, split=split
+            ),
+        )
+        for name, split in sets
+        if manifest_lib.split_info(manifest, name, split)["documents"] > 0
+    ]
+
+
 def evaluate(
     setup: Setup,
     eval_step: Callable,
@@ -400,6 +420,7 @@ def evaluate(
     manifest: dict,
     max_batches: int = 0,
     objective: objectives.Objective | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte for each dataset and for all together, and
     for each named validation set (`<name>/loss`, ...; not part of the held-out totals).
@@ -408,15 +429,16 @@ def evaluate(
     A non-causal `objective` scores what it predicts (masked tokens, the text after the prefix,
     the FIM middle span) and adds its own metrics (`objectives.Objective.metrics`); bits per
     byte then count the bytes of the scored tokens only at the split's average bytes per token.
+    `progress`, if given, is called with the number of batches done so far (over all sets).
     """
     out, total_nll, total_bytes, total_count = {}, 0.0, 0.0, 0.0
     totals: dict[str, float] = {}
-    sets = [(n, "val") for n in sorted(manifest["datasets"])]
-    sets += [(n, "validation") for n in manifest_lib.validation_sets(manifest)]
-    for name, split in sets:
-        if manifest_lib.split_info(manifest, name, split)["documents"] == 0:
-            continue
-        sums = _eval_split(setup, eval_step, params, manifest, name, split, max_batches, objective)
+    done = 0
+    for name, split, n in eval_sets(setup, manifest, max_batches):
+        sums = _eval_split(
+            setup, eval_step, params, manifest, name, split, n, objective, progress, done
+        )
+        done += n
         nll, count = sums["nll"], sums["count"]
         loss = nll / max(count, 1)
         nbytes = count * pipeline.val_bytes_per_target(manifest, name, split)
@@ -443,15 +465,16 @@ def _eval_split(
     manifest: dict,
     name: str,
     split: str,
-    max_batches: int,
+    n: int,
     objective: objectives.Objective | None = None,
+    progress: Callable[[int], None] | None = None,
+    done_before: int = 0,
 ) -> dict[str, float]:
-    """Summed nll and target count (and the objective's sums) over one held-out split or
-    validation set."""
+    """Summed nll and target count (and the objective's sums) over the first `n` batches of one
+    held-out split or validation set."""
     cfg = setup.config
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
     seq_len = setup.plan.max_seq_len  # train.seq_len, or a staged run's longest length
-    n = pipeline.eval_num_batches(manifest, name, seq_len, batch_size, max_batches, split=split)
     local_rows = batch_size // jax.process_count()
     sums: dict[str, float] = {"nll": 0.0, "count": 0.0}
     for i, host_batch in enumerate(
@@ -477,4 +500,6 @@ def _eval_split(
             s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
             found = {"nll": s, "count": c}
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in found.items()}
+        if progress is not None:
+            progress(done_before + i + 1)
     return sums

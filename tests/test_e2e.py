@@ -159,6 +159,13 @@ def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
     extras = ("--config.eval.next_line_examples=16", "--config.sample.max_tokens=8")
     first = run(config_file, workdir, "--config.train.steps=8", *extras)
     assert "final held-out:" in first.stdout and "sample (KV-cache decoding)" in first.stdout
+    # Each long phase says what it does before it starts: no silent compile or final eval.
+    lines = first.stdout.splitlines()
+    compiling = lines.index("compiling the training step (the first step waits for it)")
+    assert lines[compiling + 1].startswith("compiled in ")
+    announce = next(x for x in lines if x.startswith("final evaluation at step 8: "))
+    assert "batches (all held-out text), then next_line (16 examples)" in announce
+    assert lines.index(announce) < next(i for i, x in enumerate(lines) if x.startswith("eval "))
     for name in (
         "config.json",
         "tokenizer.model",
@@ -179,6 +186,22 @@ def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
     second = run(config_file, workdir, "--config.train.steps=12", *extras)
     assert "resuming from checkpoint at step 8" in second.stdout
     assert sorted(losses(workdir)) == list(range(1, 13))
+
+    # The same command on the finished run: one line with the final figures, nothing rewritten.
+    final = second.stdout.split("final held-out: ")[1].split(" | next_line")[0]
+    metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    t0 = time.perf_counter()
+    again = run(config_file, workdir, "--config.train.steps=12", *extras)
+    assert time.perf_counter() - t0 < 30, "a finished run must not be evaluated again"
+    assert again.stdout.splitlines() == [
+        next(x for x in again.stdout.splitlines() if x.startswith("run complete at step 12 "))
+    ], again.stdout
+    assert f"final figures: held-out {final}" in again.stdout
+    assert "gzip -9 on the same text: " in final
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+    # Another step count is another run: it resumes instead of reporting the finished one.
+    longer = run(config_file, workdir, "--config.train.steps=13", *extras)
+    assert "resuming from checkpoint at step 12" in longer.stdout
 
 
 def test_sigkill_then_restart_is_bitwise_identical(config_file, tmp_path):

@@ -121,3 +121,32 @@ def test_a_staged_run_gets_its_boundaries_and_planned_schedules(tmp_path):
     assert plot_metrics.main([str(wd)]) == 0
     pixels = image.imread(str(wd / "metrics.png"))
     assert pixels.shape == (1275, 1600, 4) and pixels[850:, :, :3].var() > 0.001  # third row
+
+
+def test_bits_per_byte_panel_has_one_line_per_series_and_the_gzip_baseline(tmp_path):
+    import matplotlib.pyplot as plt
+
+    wd = make_workdir(tmp_path / "tiny", seed=0)
+    records = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if "eval/bits_per_byte" in r:  # one dataset: its line is the held-out line itself
+            r["eval/stdlib/bits_per_byte"] = r["eval/bits_per_byte"]
+            r["eval/wiki/bits_per_byte"] = r["eval/bits_per_byte"] + 0.3  # a validation set
+    records[-1]["eval/gzip_bits_per_byte"] = 1.607  # the final evaluation records the baseline
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    fig = plot_metrics.dashboard([str(wd)])
+    ax_bpb = next(ax for ax in fig.axes if ax.get_title().startswith("bits per byte"))
+    labels = [line.get_label() for line in ax_bpb.get_lines()]
+    assert labels == ["tiny", "tiny gzip -9", "tiny wiki"]
+    gzip_line = ax_bpb.get_lines()[1]
+    assert set(gzip_line.get_ydata()) == {1.607}
+    assert [ax.get_ylabel() for ax in fig.axes[:6]] == [
+        "loss (nats/token, log scale)",
+        "learning rate",
+        "global gradient norm (log scale)",
+        "tokens/s",
+        "accuracy",
+        "bits per byte (lower is better)",
+    ]
+    plt.close(fig)

@@ -14,6 +14,10 @@ the model's max_seq_len, or --seq_len), the last one reaching back to a full win
 lm-eval's rolling log-likelihood does; `--stride=S` slides windows by S tokens, scoring only the
 new ones, so each token sees at least seq_len - S tokens of context. See jaxlm/evaluate/text.py.
 
+For a training run, each file that belongs to the run's corpus is checked against the run's
+content-hash split: documents it trained on are counted (`trained_on` in --json) and flagged,
+since their loss measures recall rather than generalisation (jaxlm/evaluate/seen.py).
+
 The numbers are the same whichever way the model arrived: a Hugging Face directory and its
 import give the same weights, windows and scores (tests/test_evaluate_text.py checks them
 against transformers within 0.1%).
@@ -72,11 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, r in results["data"].items():
+        documents = f"{r['documents']:,} document{'s' if r['documents'] != 1 else ''}"
         print(
             f"{name}: loss {r['loss']:.4f} | ppl {r['perplexity']:.3f} | "
-            f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens, "
-            f"{r['documents']:,} documents"
+            f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens, {documents}"
         )
+        if r.get("trained_on"):
+            print(
+                f"  warning: {r['trained_on']:,} of these {r['documents']:,} documents were in "
+                "the run's training split (a file of its corpus, hashed to train): this measures "
+                "recall of training text, not held-out text."
+            )
+        elif "trained_on" in r:
+            print("  (none of these documents was in the run's training split)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace) -> dict:
     """Loads the model, checks every input, then scores each dataset; returns the results."""
     from jaxlm.errors import JaxlmError
-    from jaxlm.evaluate import text, trained
+    from jaxlm.evaluate import seen, text, trained
 
     entries = [p.strip() for p in args.data.split(",") if p.strip()]
     if not entries:
@@ -118,6 +130,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             progress=Bar(corpus.name),
         )
+        if model.config is not None:  # a training run: say if it trained on this text
+            r["trained_on"] = seen.documents_trained_on(model.config, corpus.name)[0]
         out["data"][corpus.name] = r
         keys = ("nll", "tokens", "bytes", "documents")
         totals = [t + r[k] for t, k in zip(totals, keys, strict=True)]

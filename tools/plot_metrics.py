@@ -5,7 +5,8 @@
 Panels: train and held-out loss (loss spikes marked), learning rate, gradient norm, throughput,
 downstream accuracy (`eval/<task>/accuracy`, chance level dashed) and bits per byte: held-out
 (solid), each dataset's held-out split and each named validation set (`eval/<name>/bits_per_byte`,
-dashed and dotted);
+dashed and dotted; a dataset's line is left out when it is the held-out line itself, i.e. the
+run has one dataset) and gzip -9 on the same held-out text (`eval/gzip_bits_per_byte`, gray);
 the x axis is tokens seen (step x train.batch_size x train.seq_len from each run's config.json,
 or steps when a config is missing). A run with `config.stages` also gets its stage boundaries
 marked (dotted lines) on every panel and a row of its planned schedules: batch size, sequence
@@ -137,6 +138,17 @@ def _labels(workdirs: list[str]) -> list[str]:
 
 def plot(workdirs: list[str], out: str) -> str:
     """Draws the dashboard of `workdirs` (overlaid) into the PNG `out`; returns `out`."""
+    fig = dashboard(workdirs)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out
+
+
+def dashboard(workdirs: list[str]) -> Any:
+    """The matplotlib Figure of `workdirs`' dashboard (overlaid runs)."""
     try:
         import matplotlib
 
@@ -174,6 +186,16 @@ def plot(workdirs: list[str], out: str) -> str:
                 ax_mix: "mixture weights",
             }
         )
+    y_labels = {
+        ax_loss: "loss (nats/token, log scale)",
+        ax_lr: "learning rate",
+        ax_grad: "global gradient norm (log scale)",
+        ax_tput: "tokens/s",
+        ax_acc: "accuracy",
+        ax_bpb: "bits per byte (lower is better)",
+    }
+    if staged:
+        y_labels.update({ax_batch: "sequences", ax_len: "tokens", ax_mix: "weight"})
     drawn: dict[Any, bool] = dict.fromkeys(titles, False)
 
     def line(ax, series: Series, key: str, to_x: Callable | None, color: str, **kw) -> bool:
@@ -230,7 +252,14 @@ def plot(workdirs: list[str], out: str) -> str:
         line(ax_grad, run, "train/grad_norm", scale, color, lw=0.8, label=label)
         line(ax_tput, run, "train/tokens_per_s", scale, color, label=label)
         line(ax_bpb, run, "eval/bits_per_byte", scale, color, marker="o", ms=4, label=label)
-        sets = sorted(m.group(1) for m in map(_BPB_KEY.match, run) if m)
+        if "eval/gzip_bits_per_byte" in run:
+            gzip_bpb = run["eval/gzip_bits_per_byte"][1][-1]
+            ax_bpb.axhline(gzip_bpb, color=color, ls="-", lw=3, alpha=0.3, label=f"{label} gzip -9")
+        sets = [
+            m.group(1)
+            for m in map(_BPB_KEY.match, sorted(run))
+            if m and not _same_series(run[m.group(0)], run.get("eval/bits_per_byte"))
+        ]
         for name, style in zip(sets, itertools.cycle(["--", ":", "-."])):
             line(
                 ax_bpb,
@@ -267,6 +296,7 @@ def plot(workdirs: list[str], out: str) -> str:
 
     for ax, title in titles.items():
         ax.set_title(title)
+        ax.set_ylabel(y_labels[ax])
         if ax in axes[-1]:  # the x axis is shared; label the bottom row only
             ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
@@ -285,10 +315,16 @@ def plot(workdirs: list[str], out: str) -> str:
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     fig.suptitle(" vs ".join(_labels(workdirs)))
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def _same_series(a: tuple[np.ndarray, np.ndarray], b: tuple | None) -> bool:
+    """Whether two (steps, values) series are one line (a run's only dataset is its total)."""
+    return (
+        b is not None
+        and np.array_equal(a[0], b[0])
+        and np.allclose(a[1], b[1], rtol=1e-9, atol=0.0)
+    )
 
 
 def _draw_stages(
