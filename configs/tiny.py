@@ -39,7 +39,7 @@ def get_config():
     c.optim.name = "muon"  # block matrices; embeddings and norms keep AdamW at optim.lr
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
-    c.eval.every = 100
+    c.eval.every = 25  # 8 points on the held-out curve of tools/plot_metrics.py
     c.eval.max_batches = 4  # periodic evals on a sample; the final one reads all held-out text
     c.eval.next_line_examples = 100
     c.checkpoint.every = 100

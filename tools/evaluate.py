@@ -31,6 +31,8 @@ import os
 import sys
 import time
 
+from jaxlm import cli
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -141,4 +143,5 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli.ctrl_c_is_one_line():
+        sys.exit(main())

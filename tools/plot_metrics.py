@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm import cli
 from jaxlm.errors import JaxlmError
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps, values), sorted by step
@@ -377,4 +378,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli.ctrl_c_is_one_line():
+        sys.exit(main())
