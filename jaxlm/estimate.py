@@ -485,8 +485,8 @@ def remedies(est: Estimate, tx: optax.GradientTransformation) -> tuple[Remedy, .
         )
     out = []
     for label, overrides, mc, changes in trials:
-        total = memory(mc, tx, dataclasses.replace(lay, **changes), mem.budget)
-        out.append(Remedy(label, overrides, total.total, total.fits))
+        changed = memory(mc, tx, dataclasses.replace(lay, **changes), mem.budget)
+        out.append(Remedy(label, overrides, changed.total, changed.fits))
     return tuple(out)
 
 
