@@ -420,8 +420,8 @@ def _cost_notes(r: Report) -> list[str]:
         notes.append(
             f"Splash attention ({share:.1%} of the model's FLOPs) runs in a kernel the compiler's "
             "cost model does not see: its FLOPs are not in the compiler's count and its time is "
-            "not in the step estimate, while MFU counts them; were the kernel as fast as the "
-            f"rest of the step, the true MFU would be {share:.1%} lower (relative)."
+            "not in the step estimate, while MFU counts them: were the kernel as fast as the "
+            f"rest of the step, MFU would be {share:.1%} lower than printed."
         )
     if r.cost and not r.cost_complete:
         loops = r.cost.compiler_loops
@@ -460,12 +460,14 @@ def format_report(r: Report, width: int = estimate.WIDTH) -> str:
     micro = r.batch_size // (r.grad_accum * shards)
     text(f"{r.name} on {r.target.name}: {r.chips} x {r.target.chip.name} ({where})", "  ")
     lines.append("=" * width)
-    text(
-        f"Step   mesh {mesh} ({r.preset}), batch {r.batch_size:,} x {r.seq_len:,} tokens, "
-        f"grad_accum {r.grad_accum} (micro-batch {micro} per device), {m.dtype}, "
-        f"remat {m.remat}, {m.attention} attention, {layers}",
-        " " * 7,
-    )
+    for i, phrase in enumerate(
+        (
+            f"mesh {mesh} ({r.preset}), batch {r.batch_size:,} x {r.seq_len:,} tokens,",
+            f"grad_accum {r.grad_accum} (micro-batch {micro} per device), {m.dtype},",
+            f"remat {m.remat}, {m.attention} attention, {layers}",
+        )
+    ):
+        lines.extend(estimate_table.wrap(phrase, width, " " * 7, " " * 7 if i else "Step   "))
     if r.memory:
         mem = r.memory
         lines.append("Memory per device (the TPU compiler's buffer assignment)")
@@ -487,7 +489,7 @@ def format_report(r: Report, width: int = estimate.WIDTH) -> str:
     if r.cost:
         cell("compiler FLOPs, all chips", f"{r.cost.flops * r.chips:.3g}", r.cost_method)
         if r.kernel_flops_share:
-            cell("  splash attention", f"{r.kernel_flops_share:.1%}", "of model FLOPs, unseen")
+            cell("  splash attention", f"{r.kernel_flops_share:.1%}", "of model FLOPs, not costed")
         if not r.cost_complete:
             cell("step time (compiler est.)", "n/a", f"cost model saw {r.counted_share:.0%}")
         elif r.cost.seconds:
