@@ -5,6 +5,8 @@ renting accelerators: how many parameters (counted exactly from the model defini
 `jax.eval_shape`), how many FLOPs, how much memory per device under the configured mesh,
 sharding preset, remat policy and micro-batch (and whether it fits), how long and how much, and
 how far the token budget is from Chinchilla's ~20 tokens per parameter.
+A step that does not fit gets `Estimate.remedies`: config changes with the totals the planner
+predicts for them, as overrides a tool can apply (`jaxlm.aot` proposes the cheapest that fits).
 `estimate_table.format_table(est)` renders it in 80 columns; `tools/estimate.py` is the CLI;
 `xla_memory` compiles the real train step and reads XLA's own per-device numbers, to check the
 model against.

@@ -243,6 +243,22 @@ def test_the_remedy_of_a_step_that_does_not_fit_compiles_and_fits(tmp_path):
     assert report.planner_memory == pytest.approx(report.memory["total"], rel=0.15)
 
 
+def test_json_is_written_for_any_error(tmp_path):
+    path = tmp_path / "report.json"
+    args = ["--config=configs/tiny.py", "--target=v5p-3", f"--json={path}"]
+    out = subprocess.run(
+        [sys.executable, "tools/compile.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    row = json.loads(path.read_text())
+    assert row["fits"] is None and row["name"] == "tiny" and row["target"] == "v5p-3"
+    assert f"error: {row['error']}" in out.stderr.splitlines()
+
+
 @needs_libtpu
 def test_llama_8b_on_one_v5e_chip_is_refused_before_compiling():
     from configs import llama_8b

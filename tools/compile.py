@@ -15,9 +15,9 @@ MFU it implies (estimates, not measurements), and the time spent here: the main 
 costing compiles (for a scanned or accumulated step, two small unrolled ones) and the tool's
 wall time. A step that does not fit is one `error:` sentence naming the overflow and the
 cheapest remedy; `--json` then still writes the file, with `"fits": false` and the remedy
-(its config overrides too), so a sweep keeps the rows that do not fit. Targets: v4-N, v5p-N
-(N TensorCores, two per chip), v5e-N, v6e-N (N chips), and a100/h100/h200/b200-N (N GPUs) for
-CUDA export.
+(its config overrides too), so a sweep keeps the rows that do not fit (any other error is
+written as `"fits": null` and its sentence). Targets: v4-N, v5p-N (N TensorCores, two per
+chip), v5e-N, v6e-N (N chips), and a100/h100/h200/b200-N (N GPUs) for CUDA export.
 """
 
 from __future__ import annotations
@@ -53,17 +53,25 @@ def main(argv: list[str]) -> None:
     from jaxlm.errors import JaxlmError
 
     logging.set_verbosity(logging.WARNING)
+    if _CONFIG.value is None:
+        sys.exit("error: --config is required, e.g. --config=configs/llama_1b.py")
+    name = _CONFIG.value.get("name", "config")
     try:
         if not _TARGET.value:
             raise JaxlmError("--target is required, e.g. --target=v5p-8 or --target=h100-8.")
         target = hardware.parse_target(_TARGET.value)
         if target.platform != "tpu":  # a CUDA export lays the mesh over that many host devices
             jax.config.update("jax_num_cpu_devices", target.chips)
-        print(f"compiling {_CONFIG.value.get('name', 'config')} for {target.name} ...", flush=True)
+        print(f"compiling {name} for {target.name} ...", flush=True)
         report = aot.compile_step(_CONFIG.value, target, _VOCAB.value)
     except JaxlmError as e:
-        if isinstance(e, aot.DoesNotFit):
-            _write_json(dict(e.as_dict(), wall_seconds=time.perf_counter() - _STARTED))
+        # A sweep keeps every row: a refusal with its remedy, any other error as its sentence.
+        data = (
+            e.as_dict()
+            if isinstance(e, aot.DoesNotFit)
+            else {"name": name, "target": _TARGET.value, "fits": None, "error": str(e)}
+        )
+        _write_json(dict(data, wall_seconds=time.perf_counter() - _STARTED))
         if os.environ.get("JAXLM_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")
