@@ -20,6 +20,9 @@ Expected (planner estimates from tools/estimate.py, not measured runs; no GPU wa
 (~5 chip-hours); ~32 GiB per chip, 40% of HBM (64 GiB with grad_accum 1, so that fits too).
 One H100 takes ~5.0 hours at the same MFU: add --config.train.grad_accum=16 (micro-batch 32,
 ~34 GiB).
+On TPU (tools/compile.py, on a CPU): v5e-8 needs --config.train.grad_accum=8 (micro-batch 8),
+then 10.1 GiB per chip by the TPU compiler (the planner says 8.48); that compile took 981 s wall
+on a 2-core CPU (measured at 756db8c), 365 s of it the main compile.
 Data and tokenizer: this recipe expects a real corpus (set data.datasets.*.paths; the default
 stdlib corpus is ~31 MB of Python, far too little for 10B tokens) and an existing 50,257-piece
 tokenizer in tokenizer.path (GPT-2's own tokenizer.json, or a sentencepiece .model). Left empty,

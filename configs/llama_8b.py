@@ -15,8 +15,9 @@ Expected (planner estimate, not a measured run): 51.5 GFLOPs per token (6 x matm
 attention); at 40% MFU that is ~490K tokens/s, 8.5 s per step and ~3.8 days (~5,800
 chip-hours); `tools/estimate.py` prints the same for other hardware, chip counts and MFUs.
 On TPU: the TPU compiler (tools/compile.py, run on a CPU; docs/perf.md) puts the step at
-26.3 GiB per chip on v5p-64 and 15.5 GiB on v5p-128; the 32 layers are scanned, so it compiles
-in about 2 minutes on a 2-core CPU instead of about 10 unrolled.
+26.3 GiB per chip on v5p-64 and 15.5 GiB on v5p-128. On a 2-core CPU the v5p-64 compile took
+1,389 s wall (measured at 756db8c): 524 s for the step itself, the rest for the two small
+compiles that cost it. The 32 layers are scanned: unrolled, the main compile takes ~4x longer.
 Data: point data.datasets at a web-scale corpus (the default stdlib corpus is a smoke test).
 Tokenizer: a 128,256-piece vocabulary as in Llama 3; train one with data prep or set
 tokenizer.path to an existing sentencepiece model of that size.

@@ -5,6 +5,8 @@ renting accelerators: how many parameters (counted exactly from the model defini
 `jax.eval_shape`), how many FLOPs, how much memory per device under the configured mesh,
 sharding preset, remat policy and micro-batch (and whether it fits), how long and how much, and
 how far the token budget is from Chinchilla's ~20 tokens per parameter.
+A step that does not fit gets `Estimate.remedies`: config changes with the totals the planner
+predicts for them, as overrides a tool can apply (`jaxlm.aot` proposes the cheapest that fits).
 `estimate_table.format_table(est)` renders it in 80 columns; `tools/estimate.py` is the CLI;
 `xla_memory` compiles the real train step and reads XLA's own per-device numbers, to check the
 model against.
@@ -269,7 +271,9 @@ class Estimate:
     memory: Memory
     mfu: float
     price_per_chip_hour: float | None
-    suggestions: tuple[str, ...] = ()
+    remedies: tuple[Remedy, ...] = ()  # what the planner tried when the step does not fit
+    chips_to_fit: int | None = None  # when no remedy fits: chips at which fsdp, remat=full fit
+    suggestions: tuple[str, ...] = ()  # the table's lines: the remedies, or "none needed"
 
     @property
     def train_flops(self) -> float:
@@ -381,15 +385,35 @@ def estimate(
         mfu=float(mfu),
         price_per_chip_hour=price_per_chip_hour,
     )
-    return dataclasses.replace(est, suggestions=tuple(suggest(est, tx)))
+    est = dataclasses.replace(est, remedies=remedies(est, tx))
+    if est.remedies and not any(r.fits for r in est.remedies):
+        full = dataclasses.replace(est.model, remat="full")
+        est = dataclasses.replace(est, chips_to_fit=_chips_to_fit(est, tx, full))
+    return dataclasses.replace(est, suggestions=tuple(suggest(est)))
 
 
 # --------------------------------------------------------------------------- suggestions
 
 
-def suggest(est: Estimate, tx: optax.GradientTransformation) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Remedy:
+    """A config change the planner tried on a step that does not fit, with its new total."""
+
+    label: str  # what the suggestions list prints, e.g. "train.grad_accum=8 (micro-batch 8)"
+    overrides: dict[str, Any]  # config keys and values, e.g. {"train.grad_accum": 8}
+    total: float  # the planner's bytes per device with the change
+    fits: bool
+
+    @property
+    def flags(self) -> str:
+        """The change as command-line overrides: --config.train.grad_accum=8."""
+        show = lambda v: f"({','.join(map(str, v))})" if isinstance(v, tuple) else str(v)  # noqa: E731
+        return " ".join(f"--config.{k}={show(v)}" for k, v in self.overrides.items())
+
+
+def suggest(est: Estimate) -> list[str]:
     """Config changes that would make the step fit (each with its new total), or none needed."""
-    mem, lay, m = est.memory, est.layout, est.model
+    mem, lay = est.memory, est.layout
     notes = []
     if lay.batch_size % (lay.grad_accum * lay.batch_shards):
         notes.append(
@@ -402,50 +426,70 @@ def suggest(est: Estimate, tx: optax.GradientTransformation) -> list[str]:
             f"none needed: {format_bytes(mem.budget - mem.total)} to spare of the usable "
             f"{format_bytes(mem.budget)} ({USABLE_FRACTION:.0%} of HBM)."
         ]
-
-    fsdp = {
-        "preset": "fsdp" if lay.preset == "dp" else lay.preset,
-        "mesh_shape": dict(lay.mesh_shape, data=1, fsdp=lay.batch_shards),
-    }
-    full = dataclasses.replace(m, remat="full")
-    accum = _grad_accum_to_fit(m, tx, lay, mem.budget)
-    trials = []  # (label, model, layout changes)
-    if m.remat != "full":
-        trials.append(("model.remat=full", full, {}))
-    if accum:
-        micro = f"micro-batch {lay.batch_size // (accum * lay.batch_shards)}"
-        trials.append((f"train.grad_accum={accum} ({micro})", m, {"grad_accum": accum}))
-    if m.attention == "xla" and est.hardware.platform == "gpu" and mem.attention_scores:
-        cudnn = dataclasses.replace(m, attention="cudnn")
-        trials.append(("model.attention=cudnn (flash attention)", cudnn, {}))
-    if m.dtype == "float32":
-        trials.append(("model.dtype=bfloat16", dataclasses.replace(m, dtype="bfloat16"), {}))
-    if lay.preset == "dp" or lay.mesh_shape["data"] > 1:
-        label = f"mesh.preset={fsdp['preset']} mesh.shape=(1,-1,{lay.mesh_shape['tensor']})"
-        trials.append((label, m, fsdp))
-    if mem.micro_batch == 1 and lay.seq_len > 1:  # one sequence is already too much
-        trials.append((f"train.seq_len={lay.seq_len // 2}", m, {"seq_len": lay.seq_len // 2}))
-    if len(trials) > 1:  # everything at once, micro-batch 1
-        most = lay.batch_size // lay.batch_shards or 1
-        both = dataclasses.replace(full, dtype="bfloat16")
-        label = f"remat=full, bfloat16, fsdp, grad_accum={most}"
-        trials.append((label, both, {**fsdp, "grad_accum": most}))
-    results = [
-        (label, memory(mc, tx, dataclasses.replace(lay, **ch), mem.budget))
-        for label, mc, ch in trials
-    ]
     lines = [
-        f"{label:<44} -> {format_bytes(r.total):>9} {'fits' if r.fits else 'too big'}"
-        for label, r in results
+        f"{r.label:<44} -> {format_bytes(r.total):>9} {'fits' if r.fits else 'too big'}"
+        for r in est.remedies
     ]
-    if not any(r.fits for _, r in results):
-        chips = _chips_to_fit(est, tx, full)
+    if not any(r.fits for r in est.remedies):
         lines.append(
-            f"--chips={chips} fits with remat=full, fsdp and micro-batch 1."
-            if chips
+            f"--chips={est.chips_to_fit} fits with remat=full, fsdp and micro-batch 1."
+            if est.chips_to_fit
             else "no chip count fits one sequence's activations: shorten train.seq_len."
         )
     return notes + lines
+
+
+def remedies(est: Estimate, tx: optax.GradientTransformation) -> tuple[Remedy, ...]:
+    """The changes the planner tries when the step does not fit, cheapest first (none if it
+    fits): each alone, then all at once with micro-batch 1."""
+    mem, lay, m = est.memory, est.layout, est.model
+    if mem.fits:
+        return ()
+    fsdp_preset = "fsdp" if lay.preset == "dp" else lay.preset
+    fsdp = {
+        "preset": fsdp_preset,
+        "mesh_shape": dict(lay.mesh_shape, data=1, fsdp=lay.batch_shards),
+    }
+    fsdp_keys = {"mesh.preset": fsdp_preset, "mesh.shape": (1, -1, lay.mesh_shape["tensor"])}
+    full = dataclasses.replace(m, remat="full")
+    accum = _grad_accum_to_fit(m, tx, lay, mem.budget)
+    trials = []  # (label, overrides, model, layout changes)
+    if m.remat != "full":
+        trials.append(("model.remat=full", {"model.remat": "full"}, full, {}))
+    if accum:
+        micro = f"micro-batch {lay.batch_size // (accum * lay.batch_shards)}"
+        label = f"train.grad_accum={accum} ({micro})"
+        trials.append((label, {"train.grad_accum": accum}, m, {"grad_accum": accum}))
+    if m.attention == "xla" and est.hardware.platform == "gpu" and mem.attention_scores:
+        cudnn = dataclasses.replace(m, attention="cudnn")
+        label = "model.attention=cudnn (flash attention)"
+        trials.append((label, {"model.attention": "cudnn"}, cudnn, {}))
+    if m.dtype == "float32":
+        bf16 = dataclasses.replace(m, dtype="bfloat16")
+        trials.append(("model.dtype=bfloat16", {"model.dtype": "bfloat16"}, bf16, {}))
+    if lay.preset == "dp" or lay.mesh_shape["data"] > 1:
+        label = f"mesh.preset={fsdp_preset} mesh.shape=(1,-1,{lay.mesh_shape['tensor']})"
+        trials.append((label, fsdp_keys, m, fsdp))
+    if mem.micro_batch == 1 and lay.seq_len > 1:  # one sequence is already too much
+        half = lay.seq_len // 2
+        trials.append((f"train.seq_len={half}", {"train.seq_len": half}, m, {"seq_len": half}))
+    if len(trials) > 1:  # everything at once, micro-batch 1
+        most = lay.batch_size // lay.batch_shards or 1
+        both = dataclasses.replace(full, dtype="bfloat16")
+        keys = {"model.remat": "full", "model.dtype": "bfloat16", **fsdp_keys}
+        trials.append(
+            (
+                f"remat=full, bfloat16, fsdp, grad_accum={most}",
+                {**keys, "train.grad_accum": most},
+                both,
+                {**fsdp, "grad_accum": most},
+            )
+        )
+    out = []
+    for label, overrides, mc, changes in trials:
+        changed = memory(mc, tx, dataclasses.replace(lay, **changes), mem.budget)
+        out.append(Remedy(label, overrides, changed.total, changed.fits))
+    return tuple(out)
 
 
 def _grad_accum_to_fit(m, tx, lay: Layout, budget: float) -> int | None:

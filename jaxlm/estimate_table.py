@@ -1,4 +1,9 @@
-"""The planner's estimate (`jaxlm.estimate.Estimate`) as a plain-text table of 80 columns."""
+"""The planner's estimate (`jaxlm.estimate.Estimate`) as a plain-text table of 80 columns.
+
+`row` and `wrap` lay out every table the tools print (this one and `jaxlm.aot`'s report): a
+note too long for its column continues on the next line under the note column, and a heading
+too long for the width continues indented; no word is ever cut.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +25,40 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms"
 
 
-def format_table(est: Estimate) -> str:
-    """The estimate as a plain-text table no wider than 80 columns."""
+def wrap(text: str, width: int = WIDTH, indent: str = "", first: str = "") -> list[str]:
+    """`text` in lines of at most `width` columns (a longer word keeps its own line, uncut):
+    the first starts with `first`, the rest with `indent`."""
+    return textwrap.wrap(
+        text,
+        width,
+        initial_indent=first,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,  # "micro-batch" stays one word
+    ) or [first.rstrip()]
+
+
+def row(label: str, value: str, note: str, columns: tuple[int, int], width: int) -> list[str]:
+    """One table row: label and value in columns of the given widths, then the note, wrapped
+    under its own column (or, where that column would be narrower than 24, under the row)."""
+    head = f"  {label:<{columns[0]}}{value:>{columns[1]}}"
+    if not note:
+        return [head]
+    column = len(head) + 2
+    if width - column < 24:
+        return [head, *wrap(note, width, " " * 6, " " * 6)]
+    lines = wrap(note, width - column)
+    return [f"{head}  {lines[0]}", *(" " * column + line for line in lines[1:])]
+
+
+def format_table(est: Estimate, width: int = WIDTH) -> str:
+    """The estimate as a plain-text table no wider than `width` columns."""
     m, p, mem, lay, hw = est.model, est.params, est.memory, est.layout, est.hardware
     mesh = " x ".join(f"{k} {v}" for k, v in lay.mesh_shape.items())
-    row = lambda label, value, note="": f"  {label:<24}{value:>16}  {note}".rstrip()  # noqa: E731
+
+    def cell(label: str, value: str, note: str = "") -> list[str]:
+        return row(label, value, note, (24, 16), width)
+
     heads = f"{m.n_heads} q / {m.n_kv_heads} kv heads x {m.head_dim}"
     untied = f"input {format_count(p.embedding - p.head)} + head {format_count(p.head)}"
     head = untied if p.head else "tied"
@@ -34,71 +68,82 @@ def format_table(est: Estimate) -> str:
     )
     scores = f", L x L scores {format_bytes(mem.attention_scores)}" if mem.attention_scores else ""
     step_time = _duration(lay.batch_size * lay.seq_len / est.tokens_per_second)
-    lines = [
-        f"{est.name}: {est.chips} x {hw.name}, mesh {mesh} ({lay.preset})",
-        "=" * WIDTH,
+    lines: list[str] = [
+        *wrap(f"{est.name}: {est.chips} x {hw.name}, mesh {mesh} ({lay.preset})", width, "  "),
+        "=" * width,
         "Model",
-        row("parameters", format_count(p.total), f"{p.total:,}"),
-        row("  embeddings", format_count(p.embedding), head),
-        row("  attention", format_count(p.attention), heads),
-        row("  MLP", format_count(p.mlp), f"SwiGLU {m.d_model} -> {m.d_ff}"),
-        row("  norms", format_count(p.norms)),
-        row("shape", f"{m.n_layers} layers", f"d_model {m.d_model}, vocab {m.vocab_size:,}"),
+        *cell("parameters", format_count(p.total), f"{p.total:,}"),
+        *cell("  embeddings", format_count(p.embedding), head),
+        *cell("  attention", format_count(p.attention), heads),
+        *cell("  MLP", format_count(p.mlp), f"SwiGLU {m.d_model} -> {m.d_ff}"),
+        *cell("  norms", format_count(p.norms)),
+        *cell("shape", f"{m.n_layers} layers", f"d_model {m.d_model}, vocab {m.vocab_size:,}"),
         "Compute",
-        row("FLOPs/token, 6N", _sci(6 * p.total), "N = all parameters"),
-        row("FLOPs/token, model", _sci(est.flops_per_token), "6 x matmul weights + attention"),
-        row("  of which attention", _sci(est.attention_flops_per_token), "6 x layers x H x E x L"),
-        row("training tokens", _sci(est.tokens), f"{steps} x {lay.batch_size:,} x {lay.seq_len:,}"),
-        row("training FLOPs, 6ND", _sci(est.train_flops_6nd)),
-        row("training FLOPs, model", _sci(est.train_flops), "what MFU is measured against"),
-        f"Memory per device   micro-batch {mem.micro_batch} x {lay.seq_len:,}, "
-        f"remat {m.remat}, {m.dtype}, {m.attention} attention",
-        row("parameters", format_bytes(mem.params), "fp32"),
-        row(
+        *cell("FLOPs/token, 6N", _sci(6 * p.total), "N = all parameters"),
+        *cell("FLOPs/token, model", _sci(est.flops_per_token), "6 x matmul weights + attention"),
+        *cell(
+            "  of which attention", _sci(est.attention_flops_per_token), "6 x layers x H x E x L"
+        ),
+        *cell(
+            "training tokens", _sci(est.tokens), f"{steps} x {lay.batch_size:,} x {lay.seq_len:,}"
+        ),
+        *cell("training FLOPs, 6ND", _sci(est.train_flops_6nd)),
+        *cell("training FLOPs, model", _sci(est.train_flops), "what MFU is measured against"),
+        *wrap(
+            f"Memory per device   micro-batch {mem.micro_batch} x {lay.seq_len:,}, "
+            f"remat {m.remat}, {m.dtype}, {m.attention} attention",
+            width,
+            " " * 20,
+        ),
+        *cell("parameters", format_bytes(mem.params), "fp32"),
+        *cell(
             "gradients", format_bytes(mem.grads), "+ accumulator" if lay.grad_accum > 1 else "fp32"
         ),
-        row("optimizer state", format_bytes(mem.opt_state), "AdamW moments, fp32"),
-        row("activations", format_bytes(mem.activations)),
-        row("  saved by each layer", format_bytes(mem.saved_per_layer), f"x {m.n_layers} layers"),
+        *cell("optimizer state", format_bytes(mem.opt_state), "AdamW moments, fp32"),
+        *cell("activations", format_bytes(mem.activations)),
+        *cell("  saved by each layer", format_bytes(mem.saved_per_layer), f"x {m.n_layers} layers"),
     ]
     if mem.weights_kept:
-        lines.append(
-            row("  weights kept for bwd", format_bytes(mem.weights_kept), "casts, gathers")
-        )
+        lines += cell("  weights kept for bwd", format_bytes(mem.weights_kept), "casts, gathers")
     lines += [
-        row("  working set", format_bytes(mem.working), f"{mem.working_kind}{scores}"),
-        row("total", format_bytes(mem.total), fit),
-        f"Time & cost   MFU {est.mfu:.0%} of {hw.peak_flops / 1e12:,.0f} TFLOP/s per chip",
-        row("throughput", f"{format_count(est.tokens_per_second)} tok/s", f"{step_time} per step"),
-        row("wall time", _duration(est.seconds)),
-        row(
+        *cell("  working set", format_bytes(mem.working), f"{mem.working_kind}{scores}"),
+        *cell("total", format_bytes(mem.total), fit),
+        *wrap(
+            f"Time & cost   MFU {est.mfu:.0%} of {hw.peak_flops / 1e12:,.0f} TFLOP/s per chip",
+            width,
+            " " * 14,
+        ),
+        *cell(
+            "throughput", f"{format_count(est.tokens_per_second)} tok/s", f"{step_time} per step"
+        ),
+        *cell("wall time", _duration(est.seconds)),
+        *cell(
             "chip-hours",
             f"{est.chip_hours:,.0f}" if est.chip_hours >= 10 else f"{est.chip_hours:.2g}",
         ),
     ]
     if est.cost is not None:
         cost = f"${est.cost:,.0f}" if est.cost >= 100 else f"${est.cost:.2f}"
-        lines.append(row("cost", cost, f"at ${est.price_per_chip_hour:g} per chip-hour"))
+        lines += cell("cost", cost, f"at ${est.price_per_chip_hour:g} per chip-hour")
     lines += [
         "Chinchilla   compute-optimal at ~20 tokens per parameter",
-        row(
+        *cell(
             "optimal tokens",
             _sci(est.chinchilla_tokens),
             f"20 x {format_count(p.total)} parameters",
         ),
-        row(
+        *cell(
             "this run",
             f"{est.tokens / est.chinchilla_tokens:.2f}x",
             f"{est.tokens / p.total:,.1f} tokens per parameter",
         ),
-        row(
+        *cell(
             "optimal size, budget",
             format_count(est.chinchilla_params),
             f"for {_sci(est.train_flops_6nd)} FLOPs (6ND)",
         ),
         "Suggestions",
     ]
-    lines = [line[:WIDTH] for line in lines]
     for s in est.suggestions:
-        lines += textwrap.wrap(s, WIDTH, initial_indent="  - ", subsequent_indent="    ")
+        lines += wrap(s, width, "    ", "  - ")
     return "\n".join(lines)
