@@ -1,7 +1,9 @@
 """Compiling the train step for hardware this machine lacks: TPU slices through libtpu's real
-compiler (compile-only devices, Mosaic kernels included) and a CUDA export."""
+compiler (compile-only devices, Mosaic kernels included) and a CUDA export.
 
-import importlib.util
+libtpu comes with the [test] extra (`jax[tpu]`): without it these tests fail, and the error
+names it (`hardware.target_devices`), rather than skip."""
+
 import math
 import os
 import subprocess
@@ -17,11 +19,6 @@ from jaxlm import aot, estimate, hardware, sharding, train
 from jaxlm.errors import ConfigError
 from tests.helpers import tiny_config
 
-HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
-# CI installs libtpu (the `tpu` extra); there a missing compiler is a failure, not a skip.
-needs_libtpu = pytest.mark.skipif(
-    not HAVE_LIBTPU and not os.environ.get("CI"), reason="libtpu is not installed"
-)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tp": (1, -1, 2)}
 
@@ -67,7 +64,6 @@ def test_target_names_follow_the_cloud_consoles():
             hardware.parse_target(bad)
 
 
-@needs_libtpu
 @pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
 def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(preset):
     config = small_config(preset)
@@ -91,7 +87,6 @@ def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(p
     assert estimate.format_bytes(report.memory["total"]) in table
 
 
-@needs_libtpu
 def test_splash_attention_compiles_through_mosaic_not_interpret_mode():
     setup = setup_for(small_config("fsdp_tp"), "v5e-4")
     lowered = setup.lower_train_step()
@@ -102,7 +97,6 @@ def test_splash_attention_compiles_through_mosaic_not_interpret_mode():
     assert "tpu_custom_call" not in plain.compile().as_text()
 
 
-@needs_libtpu
 def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
     unrolled = aot.compile_step(small_config(n_layers=3), "v5e-4")
     assert unrolled.cost_method == "direct"
@@ -117,7 +111,6 @@ def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
     assert scanned.estimated_mfu is None or 0 < scanned.estimated_mfu < 1
 
 
-@needs_libtpu
 @pytest.mark.parametrize("target", ["v5p-8"])  # v4-8 too in docs/perf.md (25 s more here)
 def test_planner_memory_is_within_15_percent_of_the_tpu_compiler(target):
     # llama_1b's widths, batch, vocabulary and remat, two layers deep (the full recipe, and
@@ -129,7 +122,6 @@ def test_planner_memory_is_within_15_percent_of_the_tpu_compiler(target):
     assert report.planner_memory == pytest.approx(report.memory["total"], rel=0.15)
 
 
-@needs_libtpu
 def test_a_step_that_cannot_fit_is_one_sentence():
     args = [
         "--config=configs/tiny.py",
@@ -153,7 +145,6 @@ def test_a_step_that_cannot_fit_is_one_sentence():
     assert "TPU_WORKER_HOSTNAMES" not in out.stderr + out.stdout  # libtpu's noise stays hidden
 
 
-@needs_libtpu
 def test_llama_8b_on_one_v5e_chip_is_refused_before_compiling():
     from configs import llama_8b
 
