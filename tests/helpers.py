@@ -10,13 +10,16 @@ import glob
 import inspect
 import json
 import json.decoder
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from configs import base
 from jaxlm import model as model_lib
@@ -73,6 +76,35 @@ def packed_batch(batch: int, seq_len: int, seed: int = 0, vocab: int = VOCAB) ->
         "positions": positions,
         "loss_mask": np.ones((batch, seq_len), np.float32),
     }
+
+
+def param_sizes(cfg: model_lib.ModelConfig) -> dict[str, int]:
+    """Element count of each parameter by path ('blocks/0/attn/wq'), read from the model's state."""
+    state = nnx.state(model_lib.abstract(cfg), nnx.Param)
+    return {"/".join(map(str, path)): math.prod(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def forward_matmul_flops(cfg: model_lib.ModelConfig, seq_len: int) -> int:
+    """FLOPs (2 per multiply-add) of every dot_general in the model's traced forward pass over
+    one sequence of `seq_len` tokens: what the program computes, not a formula."""
+    graphdef, params = nnx.split(model_lib.abstract(cfg))
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return _dot_flops(jax.make_jaxpr(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens).jaxpr)
+
+
+def _dot_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            depth = math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * depth
+        repeats = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():  # the bodies of jit, scan, remat, custom_jvp calls
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                total += repeats * _dot_flops(inner)
+    return total
 
 
 # --------------------------------------------------------------------------- Hugging Face models
