@@ -4,6 +4,9 @@ Every test and every jaxlm process a test starts share one persistent XLA compil
 deleted at exit: most tests build the same tiny models, and on a 2-core CPU compiling them again
 in each process was a third of the suite's time. A cached executable is the one the compiler
 produced, so results are unchanged.
+
+Fixtures more than one test module uses live here (their builders in tests/helpers.py): test
+modules never import from one another.
 """
 
 import atexit
