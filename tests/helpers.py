@@ -1,11 +1,39 @@
-"""Small shared builders for tests: prime-sized model configs and synthetic packed batches."""
+"""Shared builders for tests: prime-sized model configs and packed batches, tiny Hugging Face
+models and tokenizers, stdlib corpora and their prepared shards, synthetic manifests and the
+reading of packed rows back into documents.
 
+torch, transformers and tokenizers (the [test] extra) are imported by the functions that use
+them, so a test that only needs a config does not pay for them.
+"""
+
+import glob
+import inspect
+import json
+import json.decoder
+import math
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx, traverse_util
 
 from configs import base
+from jaxlm import model as model_lib
+from jaxlm.convert import hf
+from jaxlm.data import curate, files, manifest, records, sources, tokenizer
 
 VOCAB = 61  # prime, so a swapped vocab/other axis cannot pass by accident
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every recipe in configs/, found by glob (base.py holds the defaults they start from).
+RECIPES = sorted(
+    name
+    for name in (os.path.basename(p)[: -len(".py")] for p in glob.glob(f"{REPO}/configs/*.py"))
+    if name not in ("base", "__init__")
+)
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
@@ -48,3 +76,284 @@ def packed_batch(batch: int, seq_len: int, seed: int = 0, vocab: int = VOCAB) ->
         "positions": positions,
         "loss_mask": np.ones((batch, seq_len), np.float32),
     }
+
+
+def param_sizes(cfg: model_lib.ModelConfig) -> dict[str, int]:
+    """Element count of each parameter by path ('blocks/0/attn/wq'), read from the model's state."""
+    state = nnx.state(model_lib.abstract(cfg), nnx.Param)
+    return {"/".join(map(str, path)): math.prod(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def forward_matmul_flops(cfg: model_lib.ModelConfig, seq_len: int) -> int:
+    """FLOPs (2 per multiply-add) of every dot_general in the model's traced forward pass over
+    one sequence of `seq_len` tokens: what the program computes, not a formula."""
+    graphdef, params = nnx.split(model_lib.abstract(cfg))
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return _dot_flops(jax.make_jaxpr(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens).jaxpr)
+
+
+def _dot_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            depth = math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * depth
+        repeats = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():  # the bodies of jit, scan, remat, custom_jvp calls
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                total += repeats * _dot_flops(inner)
+    return total
+
+
+# --------------------------------------------------------------------------- Hugging Face models
+
+HF_VOCAB = 67  # prime: a swapped vocab/other axis cannot pass by accident
+BPE_VOCAB = 307  # prime; byte-level BPE needs at least 256 + 3
+
+
+def make_hf_model(path, seed=0, vocab=HF_VOCAB, max_shard_size=None, **overrides):
+    """A randomly initialised tiny transformers Llama saved to `path`; returns the torch model."""
+    import torch
+    import transformers
+
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=52,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # norms start at 1: randomise them so a swapped norm cannot pass
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **extra)
+    return model
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    """A transformers model's float32 logits for int tokens [B, L]."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+def read_params(hf_dir):
+    """(ModelConfig, params as a nested dict) read from a Hugging Face directory by jaxlm."""
+    cfg = model_lib.ModelConfig.from_hf(hf.read_hf_config(hf_dir))
+    flat = {t.path: w for t, w in hf.iter_hf_params(hf_dir, cfg)}
+    return cfg, traverse_util.unflatten_dict(flat)
+
+
+def write_bpe_tokenizer(path):
+    """A byte-level BPE tokenizer.json of BPE_VOCAB pieces that adds <s> like Llama's, plus the
+    files transformers' AutoTokenizer reads; trained on Python source."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    source = inspect.getsource(json.decoder)
+    tok.train_from_iterator(
+        source.split("\n\n"),
+        trainers.BpeTrainer(
+            vocab_size=BPE_VOCAB,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return tok
+
+
+# --------------------------------------------------------------------------- prepared corpora
+
+
+def copy_stdlib_subset(dst, every: int, offset: int, limit: int) -> list[str]:
+    """Copies real stdlib files (< 40 KB) into dst as flat .py files; returns their names."""
+    os.makedirs(dst, exist_ok=True)
+    names = []
+    for f in sources.stdlib_files()[offset::every]:
+        if f.size < 40_000:
+            name = f.name.replace("/", "__")
+            shutil.copyfile(f.path, os.path.join(dst, name))
+            names.append(name)
+        if len(names) == limit:
+            break
+    return names
+
+
+def data_configs(paths: str, cache_dir, **data) -> tuple[ml_collections.ConfigDict, ...]:
+    """(data, tokenizer) config sections for one 'code' dataset at `paths` and a 400-piece BPE;
+    `data` overrides fields of the data section."""
+    d = ml_collections.ConfigDict()
+    d.cache_dir = str(cache_dir)
+    d.datasets = ml_collections.ConfigDict(
+        {"code": ml_collections.ConfigDict(dict(paths=paths, text_field="text", weight=1.0))}
+    )
+    d.val_fraction = 0.15
+    d.num_proc = 1
+    d.docs_per_shard = 16
+    d.curation = curate.default_config()
+    d.update(data)
+    t = ml_collections.ConfigDict(
+        dict(
+            path="",
+            model_type="bpe",
+            vocab_size=400,
+            sample_bytes=300_000,
+            byte_fallback=True,
+            code_safe=True,
+        )
+    )
+    return d, t
+
+
+class Log(list):
+    """A `log=` callable for `prepare` that keeps every line it is given."""
+
+    def __call__(self, line: str) -> None:
+        self.append(line)
+
+
+def decoded_shards(manifest_path) -> dict[str, list[str]]:
+    """The 'code' dataset's documents per split, decoded from the prepared shards."""
+    m = manifest.load(manifest_path)
+    root = os.path.dirname(manifest_path)
+    tok = tokenizer.load(os.path.join(root, m["tokenizer"]["file"]))
+    out = {}
+    for split in ("train", "val"):
+        out[split] = []
+        for shard in m["datasets"]["code"][split]["shards"]:
+            for ids in records.read_shard(os.path.join(root, shard["path"])):
+                assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+                out[split].append(tok.decode(ids[:-1]))
+    return out
+
+
+# --------------------------------------------------------------------------- packed streams
+
+PAD, BOS, EOS = 0, 1, 2
+BODY = (100, 997)  # document body token ids: never a tag, BOS, EOS or padding
+
+
+def synthetic_docs(rng: np.random.RandomState, n: int, tag: int, max_len: int) -> list[list[int]]:
+    """`n` documents whose first token is `tag`, of 1..max_len ids (EOS not included)."""
+    return [[tag, *rng.randint(*BODY, size=rng.randint(0, max_len)).tolist()] for _ in range(n)]
+
+
+def write_manifest(root, datasets: dict[str, dict], docs_per_shard: int = 500) -> dict:
+    """Writes shards + manifest.json in the `prepare` schema and loads it like training does.
+
+    Args:
+      root: output folder.
+      datasets: name -> {'weight': float, 'train': [ids, ...], 'val': [ids, ...]}.
+      docs_per_shard: documents per ArrayRecord shard (several shards exercise the source).
+    """
+    root = str(root)
+    # A stand-in tokenizer file: these tests never decode, but loading checks its hash.
+    with open(os.path.join(root, "tokenizer.model"), "wb") as f:
+        f.write(b"synthetic documents need no tokenizer")
+    sha = files.file_sha256(os.path.join(root, "tokenizer.model"))
+    tok = {"file": "tokenizer.model", "sha256": sha, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
+    m = {"tokenizer": tok, "datasets": {}}
+    for name, spec in datasets.items():
+        entry: dict = {"weight": spec.get("weight", 1.0)}
+        for split in ("train", "val"):
+            writer = records.ShardWriter(
+                root, f"{split}/{name}-{{index:05d}}.array_record", docs_per_shard
+            )
+            for ids in spec.get(split, []):
+                writer.write(records.encode_record(ids, EOS), len(ids) + 1, 4 * len(ids))
+            shards = [s.to_dict() for s in writer.close()]
+            entry[split] = {"shards": shards}
+            for k in ("documents", "tokens", "bytes"):
+                entry[split][k] = sum(s[k] for s in shards)
+        m["datasets"][name] = entry
+    path = os.path.join(root, "manifest.json")
+    with open(path, "w") as f:
+        json.dump(m, f)
+    return manifest.load(path)
+
+
+def batch_rows(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of a batch stream, in order, each a dict of (L,) arrays."""
+    for batch in batches:
+        for r in range(batch["inputs"].shape[0]):
+            yield {k: v[r] for k, v in batch.items()}
+
+
+def row_segments(row: dict[str, np.ndarray]) -> list[slice]:
+    """Each segment's span in a packed row, after checking the row's layout.
+
+    Segment ids run 1, 2, ..., k in contiguous blocks with padding (0) only after them, so
+    the same-segment attention mask never joins two documents; positions count from 0 inside
+    every segment; loss_mask is exactly the non-padding tokens.
+    """
+    seg, pos = row["segment_ids"], row["positions"]
+    for k in ("inputs", "targets", "segment_ids", "positions"):
+        assert row[k].dtype == np.int32, k
+    np.testing.assert_array_equal(row["loss_mask"], (seg > 0).astype(np.float32))
+    used = int(np.count_nonzero(seg))
+    assert np.all(seg[used:] == 0), "padding must come after every segment"
+    assert np.all(row["targets"][used:] == 0) and np.all(pos[used:] == 0)
+    spans = []
+    start = 0
+    for s in range(1, int(seg.max(initial=0)) + 1):
+        n = int(np.count_nonzero(seg == s))
+        assert n > 0 and np.all(seg[start : start + n] == s), f"segment {s} is not contiguous"
+        np.testing.assert_array_equal(pos[start : start + n], np.arange(n))
+        spans.append(slice(start, start + n))
+        start += n
+    assert start == used
+    return spans
+
+
+def packed_documents(
+    rows: Iterable[dict[str, np.ndarray]], bos: int = BOS, eos: int = EOS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) of each document, reassembled across rows in stream order."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for row in rows:
+        spans = row_segments(row)
+        for i, sl in enumerate(spans):
+            x, y = row["inputs"][sl], row["targets"][sl]
+            if x[0] == bos:
+                assert not ys, "a document started before the previous one ended"
+            else:
+                assert i == 0 and ys, "only a row's first segment may continue a document"
+            xs.append(x)
+            ys.append(y)
+            if y[-1] == eos:
+                yield np.concatenate(xs), np.concatenate(ys)
+                xs, ys = [], []
+            else:
+                assert sl.stop == len(row["inputs"]), "an unfinished document must fill its row"

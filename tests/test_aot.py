@@ -1,5 +1,8 @@
 """Compiling the train step for hardware this machine lacks: TPU slices through libtpu's real
-compiler (compile-only devices, Mosaic kernels included) and a CUDA export."""
+compiler (compile-only devices, Mosaic kernels included) and a CUDA export.
+
+libtpu comes with the [test] extra (`jax[tpu]`): without it these tests fail, and the error
+names it (`hardware.target_devices`), rather than skip."""
 
 import dataclasses
 import glob
@@ -23,11 +26,6 @@ from jaxlm import model as model_lib
 from jaxlm.errors import ConfigError
 from tests.helpers import tiny_config
 
-HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
-# CI installs libtpu (the `tpu` extra); there a missing compiler is a failure, not a skip.
-needs_libtpu = pytest.mark.skipif(
-    not HAVE_LIBTPU and not os.environ.get("CI"), reason="libtpu is not installed"
-)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tp": (1, -1, 2)}
 
@@ -76,12 +74,9 @@ def test_target_names_follow_the_cloud_consoles():
 @pytest.fixture(scope="module")
 def fsdp_report():
     """small_config's fsdp step compiled for v5e-4, once for the tests that read it."""
-    if not HAVE_LIBTPU and not os.environ.get("CI"):
-        pytest.skip("libtpu is not installed")
     return aot.compile_step(small_config("fsdp"), "v5e-4")
 
 
-@needs_libtpu
 @pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
 def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(preset, fsdp_report):
     config = small_config(preset)
@@ -105,7 +100,6 @@ def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(p
     assert estimate.format_bytes(report.memory["total"]) in table
 
 
-@needs_libtpu
 def test_splash_attention_compiles_through_mosaic_not_interpret_mode():
     setup = setup_for(small_config("fsdp_tp"), "v5e-4")
     lowered = setup.lower_train_step()
@@ -116,7 +110,6 @@ def test_splash_attention_compiles_through_mosaic_not_interpret_mode():
     assert "tpu_custom_call" not in plain.compile().as_text()
 
 
-@needs_libtpu
 def test_scanned_and_accumulated_steps_count_every_layer_and_micro_batch():
     unrolled = aot.compile_step(small_config(n_layers=3), "v5e-4")
     assert unrolled.cost_method == "direct"
@@ -146,7 +139,6 @@ RECIPES = sorted(
 )
 
 
-@needs_libtpu
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_report_lines_fit_80_columns_without_cutting_a_word(recipe, fsdp_report):
     # The compiled step's rows, with each recipe's names and shapes in the headings and
@@ -197,7 +189,6 @@ def test_the_cost_threshold_is_one_constant_that_docs_quote():
     assert not others
 
 
-@needs_libtpu
 def test_the_remedy_of_a_step_that_does_not_fit_compiles_and_fits(tmp_path):
     # llama_1b's widths (where the planner is calibrated), two layers: 64 sequences of 2,048
     # per chip on v5p-8 overflow its HBM; the refusal comes from the TPU compiler itself.
@@ -259,7 +250,6 @@ def test_json_is_written_for_any_error(tmp_path):
     assert f"error: {row['error']}" in out.stderr.splitlines()
 
 
-@needs_libtpu
 def test_llama_8b_on_one_v5e_chip_is_refused_before_compiling():
     from configs import llama_8b
 

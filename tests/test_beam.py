@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxlm.data import curate, manifest, prepare, sources
-from tests.test_prepare import Log, _configs, _copy_stdlib_subset, _decoded
+from tests.helpers import Log, copy_stdlib_subset, data_configs, decoded_shards
 
 pytestmark = pytest.mark.slow  # three preparations of a 55 MB corpus, one on Beam (~20 s)
 
@@ -58,7 +58,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("beam_corpus")
     rng = random.Random(15)
     vocab = _vocabulary()
-    code = _copy_stdlib_subset(root / "code", 23, 5, 30)
+    code = copy_stdlib_subset(root / "code", 23, 5, 30)
     held = tmp_path_factory.mktemp("held")  # a named validation set: two of the code files
     for name in code[:2]:
         shutil.copyfile(root / "code" / name, held / name)
@@ -100,7 +100,7 @@ def corpus(tmp_path_factory):
 
 
 def _cfgs(corpus, cache):
-    d, t = _configs(f"{corpus['root']}/**", cache, docs_per_shard=8)
+    d, t = data_configs(f"{corpus['root']}/**", cache, docs_per_shard=8)
     d.validation = ml_collections.ConfigDict({"held": {"paths": str(corpus["held"])}})
     return d, t
 
@@ -121,7 +121,7 @@ def beam(corpus, tmp_path_factory):
 
 
 def _texts(path) -> set[str]:
-    return {t for split in _decoded(path).values() for t in split}
+    return {t for split in decoded_shards(path).values() for t in split}
 
 
 def test_beam_with_two_workers_writes_the_local_paths_records(local, beam):
@@ -131,7 +131,7 @@ def test_beam_with_two_workers_writes_the_local_paths_records(local, beam):
     assert held["documents"] == 2 and held["removed_from_training"] == {"code": 2}
     # tokenizer hash, shard files (sha256), documents, tokens, curation counts, problems
     assert manifest.content(m_beam) == manifest.content(m_local)
-    assert _decoded(beam) == _decoded(local)
+    assert decoded_shards(beam) == decoded_shards(local)
 
 
 def test_two_processes_write_the_same_records_as_one(corpus, local, tmp_path):
@@ -270,7 +270,7 @@ def test_a_dataset_curation_empties_is_refused_like_the_local_path_does(tmp_path
     _write_jsonl(str(tmp_path / "short.jsonl"), ["too short", "also too short", "short again"])
     errors = []
     for engine in ("local", "beam"):
-        d, t = _configs(str(tmp_path / "short.jsonl"), tmp_path / engine)
+        d, t = data_configs(str(tmp_path / "short.jsonl"), tmp_path / engine)
         d.curation.quality.min_words = 100
         with pytest.raises(sources.DataError) as e:
             if engine == "local":

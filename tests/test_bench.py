@@ -1,5 +1,5 @@
 """tools/bench.py: its peak really is matmul work, its timers read known durations, and its
-figures agree with FLOP and parameter counts made by hand."""
+figures agree with FLOP and parameter counts read from the model itself."""
 
 import time
 
@@ -65,19 +65,28 @@ def test_checkpoint_stall_is_the_share_of_loop_time_spent_saving(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU peak path")
-def test_bench_figures_match_counts_made_by_hand(tmp_path):
+def test_bench_figures_match_counts_read_from_the_model(tmp_path):
     config = tiny_config()
     config.checkpoint.keep = 2
     r = bench.bench(config, steps=4, rounds=2, vocab=VOCAB, checkpoint_every=2, split=False)
     B, L = config.train.batch_size, config.train.seq_len
-    m = config.model
-    D, H, K, E, F = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff
-    # Counted by hand: every weight (norm scales included, as 6N counts them) and the output
-    # head; the input embedding is a lookup, not a matmul.
-    per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F + 2 * D
-    n_matmul = m.n_layers * per_layer + D + VOCAB * D
-    assert r["params_m"] * 1e6 == pytest.approx(n_matmul + VOCAB * D, abs=0.5)
-    flops_per_step = (6 * n_matmul + 6 * m.n_layers * H * E * L) * B * L
+    # Expected figures read from the model, not re-typed from model.py's formula: parameters
+    # from its state; matmul FLOPs from the dot products of its traced forward pass at L and 2L,
+    # which split the weight matmuls (linear in L) from attention's (quadratic in L).
+    from jaxlm import model as model_lib
+    from tests.helpers import forward_matmul_flops, param_sizes
+
+    cfg = model_lib.ModelConfig.from_config(config.model, VOCAB)
+    sizes = param_sizes(cfg)
+    assert r["params_m"] * 1e6 == pytest.approx(sum(sizes.values()), abs=0.5)
+    one, two = forward_matmul_flops(cfg, L), forward_matmul_flops(cfg, 2 * L)
+    attention = (two - 2 * one) // 2  # one = a L + b L^2, two = 2 a L + 4 b L^2
+    weights = one - attention
+    norms = sum(n for path, n in sizes.items() if "norm" in path)
+    assert attention > 0 and weights == 2 * L * (sum(sizes.values()) - sizes["embed"] - norms)
+    # The convention MFU is quoted in: training is 3x the forward pass, causal masking halves
+    # attention's useful work, and 6N counts the norm scales too (not matmuls, a rounding error).
+    flops_per_step = B * (3 * (weights + attention / 2) + 6 * norms * L)
     assert r["model_tflops_per_s"] * 1e12 * r["step_time_s"] == pytest.approx(flops_per_step)
     mfu = 100 * flops_per_step / r["step_time_s"] / (r["peak_tflops_per_s"] * 1e12)
     assert r["mfu_pct"] == pytest.approx(mfu)

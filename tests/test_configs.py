@@ -1,19 +1,12 @@
 """Every recipe in configs/ parses and builds an abstract model without allocating it."""
 
-import glob
 import importlib
-import os
 
 import jax
 import pytest
 
 from jaxlm import model
-
-RECIPES = sorted(
-    os.path.basename(p)[:-3]
-    for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
-    if not os.path.basename(p).startswith("_")
-)
+from tests.helpers import RECIPES
 
 
 @pytest.mark.parametrize("name", RECIPES)

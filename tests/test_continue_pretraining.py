@@ -18,10 +18,9 @@ import pytest
 
 from jaxlm.convert import hf
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.test_convert_hf import make_hf_model
+from tests.helpers import make_hf_model
 from tools import generate as generate_tool
 
-pytest.importorskip("tokenizers")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -113,7 +112,8 @@ def jaxlm_greedy(workdir, prompt, n, capsys):
 
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_prompts_start_with_bos_exactly_where_transformers_puts_one(add_bos, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     _tokenizer(tmp_path, add_bos=add_bos)
     ours = tokenizer_lib.load(str(tmp_path / "tokenizer.json"))
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -123,7 +123,8 @@ def test_prompts_start_with_bos_exactly_where_transformers_puts_one(add_bos, tmp
 
 
 def test_export_keeps_the_source_tokenizer_and_generate_works_on_an_import(base, tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     workdir, out = tmp_path / "imported", tmp_path / "exported"
     hf.import_hf(str(base), str(workdir), progress=False)
     hf.export_hf(str(workdir), str(out), progress=False)
@@ -153,7 +154,6 @@ def test_export_keeps_the_source_tokenizer_and_generate_works_on_an_import(base,
 
 @pytest.mark.slow  # one jaxlm.main subprocess (prepare, compile, 30 steps): ~35 s of CPU
 def test_continued_pretraining_command_on_one_text_file(base, tmp_path, capsys):
-    pytest.importorskip("transformers")
     book = tmp_path / "book.txt"  # one long file: the recipe's split cuts it into documents
     book.write_text(_stdlib_text("argparse.py"))
     workdir = tmp_path / "run"

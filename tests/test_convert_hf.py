@@ -1,7 +1,8 @@
 """Hugging Face import/export: logits parity with transformers, exact round trips, tokenizer
 parity on real text, continued pretraining end to end, and one-sentence errors for bad input.
 
-transformers and CPU torch are test-only dependencies: tests that need them skip without them.
+transformers and CPU torch are test-only dependencies (the [test] extra): without them these
+tests fail, naming the package.
 """
 
 import json
@@ -24,12 +25,11 @@ from jaxlm.data import hf_tokenizer
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256
 from jaxlm.errors import ConfigError
-from tests.helpers import packed_batch, tiny_config
+from tests.helpers import HF_VOCAB as VOCAB
+from tests.helpers import hf_logits, make_hf_model, packed_batch, read_params, tiny_config
 
-pytest.importorskip("safetensors")
 DATA = "/work/shared/data"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 67  # prime: a swapped vocab/other axis cannot pass by accident
 LLAMA3_SCALING = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -62,52 +62,9 @@ CASES = {
 }
 
 
-def make_hf_model(path, seed=0, vocab=VOCAB, max_shard_size=None, **overrides):
-    """A randomly initialised tiny transformers Llama saved to `path`; returns the torch model."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    kw = dict(
-        vocab_size=vocab,
-        hidden_size=48,
-        intermediate_size=52,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-    with torch.no_grad():  # norms start at 1: randomise them so a swapped norm cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **extra)
-    return model
-
-
-def hf_logits(model, tokens):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
-
-
 def jaxlm_logits(cfg, params, tokens):
     graphdef, _ = nnx.split(model_lib.abstract(cfg))
     return np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
-
-
-def read_params(hf_dir):
-    cfg = model_lib.ModelConfig.from_hf(hf.read_hf_config(hf_dir))
-    flat = {t.path: w for t, w in hf.iter_hf_params(hf_dir, cfg)}
-    return cfg, traverse_util.unflatten_dict(flat)
 
 
 def tokens_for(vocab, batch=2, length=40, seed=1):
@@ -210,8 +167,8 @@ def trained_checkpoint(tmp_path_factory):
 
 @pytest.mark.slow  # trains first: ~30 s of compiling on a 2-core CPU
 def test_trained_model_loads_in_transformers_with_equal_logits(trained_checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("torch")
+    import transformers
+
     workdir, cfg, params = trained_checkpoint
     hf.export_hf(str(workdir), str(tmp_path), max_shard_bytes=20_000, progress=False)
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
@@ -224,8 +181,9 @@ def test_trained_model_loads_in_transformers_with_equal_logits(trained_checkpoin
 
 @pytest.mark.slow  # shares the trained checkpoint
 def test_bfloat16_export_loads_in_transformers(trained_checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    import torch
+    import transformers
+
     workdir, cfg, params = trained_checkpoint
     hf.export_hf(
         str(workdir / "checkpoints" / "3"), str(tmp_path), dtype="bfloat16", progress=False
@@ -488,7 +446,8 @@ def _train_spm(path, text):
     """A Llama-2-style sentencepiece BPE model: dummy prefix, byte fallback, <unk> <s> </s>."""
     import io
 
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text.split("\n\n")),
@@ -515,7 +474,7 @@ def _train_spm(path, text):
 def tokenizer_dirs(tmp_path_factory):
     """Tokenizers trained on Shakespeare: 'llama2' (sentencepiece tokenizer.model plus the
     tokenizer.json transformers converts it to) and 'llama3' (byte-level BPE tokenizer.json)."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     text = open(f"{DATA}/tinyshakespeare.txt", encoding="utf-8").read()[:300_000]
@@ -555,7 +514,8 @@ def tokenizer_dirs(tmp_path_factory):
 
 def llama2_json(tokenizer_dirs):
     """The Llama-2-style tokenizer.json, converted from tokenizer.model by transformers."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     d = tokenizer_dirs["llama2"]
     if not (d / "tokenizer.json").exists():
         # (LlamaTokenizerFast: the converting class in transformers 4, an alias of it in 5)
@@ -626,7 +586,8 @@ def test_prepared_records_equal_the_tokenizer_library(
 
 @pytest.mark.parametrize("style", ["llama2", "llama3"])
 def test_hf_tokenizer_matches_transformers(style, tokenizer_dirs):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from jaxlm.data.tokenizer import HFTokenizer
 
     path = (
@@ -649,7 +610,8 @@ def test_hf_tokenizer_matches_transformers(style, tokenizer_dirs):
 def test_exported_sentencepiece_tokenizer_loads_in_transformers(style, tokenizer_dirs, tmp_path):
     """transformers converts a sentencepiece .model itself; on prose it tokenizes as we do.
     (Not on code for code-safe models: its converter reads their whitespace pieces differently.)"""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from configs import base
     from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -698,7 +660,8 @@ def test_tokenizer_json_is_recognised_by_content_and_needs_an_eos(tokenizer_dirs
 def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_path):
     """Import a small HF Llama with its own tokenizer, prepare a domain corpus with that
     tokenizer, train, see held-out domain loss fall, export, and load the result in transformers."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from configs import continue_pretraining
     from jaxlm.data import manifest as manifest_lib
     from jaxlm.data import pipeline, prepare

@@ -421,7 +421,6 @@ def test_evaluation_never_changes_training(config_file, tmp_path):
 
 
 def test_wandb_offline_run_holds_the_scalars(config_file, tmp_path):
-    pytest.importorskip("wandb")
     workdir = str(tmp_path / "wandb_run")
     out = run(
         config_file,

@@ -13,55 +13,8 @@ import pytest
 
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import text
-from tests.test_convert_hf import hf_logits, make_hf_model
+from tests.helpers import hf_logits
 from tools import evaluate as evaluate_tool
-
-VOCAB = 307  # prime; byte-level BPE needs at least 256 + 3
-
-
-def write_tokenizer(path):
-    """A byte-level BPE tokenizer.json that adds <s> like Llama's, plus the files transformers'
-    AutoTokenizer reads; trained on Python source."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    source = inspect.getsource(json.decoder)
-    tok.train_from_iterator(
-        source.split("\n\n"),
-        trainers.BpeTrainer(
-            vocab_size=VOCAB,
-            special_tokens=["<unk>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    tok.save(os.path.join(path, "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "clean_up_tokenization_spaces": False,
-    }
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f)
-    return tok
-
-
-@pytest.fixture(scope="session")  # shared with tests/test_lm_eval.py
-def hf_model(tmp_path_factory):
-    """(HF model dir, torch model, tokenizers.Tokenizer): a tiny random Llama with a tokenizer."""
-    pytest.importorskip("tokenizers")
-    path = tmp_path_factory.mktemp("hf")
-    tok = write_tokenizer(str(path))
-    assert tok.get_vocab_size() == VOCAB
-    model = make_hf_model(path, vocab=VOCAB, bos_token_id=1, eos_token_id=2)
-    return str(path), model, tok
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task reads local files only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")  # the hf backend needs it
+import accelerate  # noqa: F401 - the harness's hf backend needs it: fail here, naming it
+import lm_eval
 
-from jaxlm.evaluate import lm_eval as adapter  # noqa: E402 - after the skips
-from tests.test_evaluate_text import hf_model as hf_model  # noqa: E402 - the shared fixture
+from jaxlm.evaluate import lm_eval as adapter  # noqa: E402 - after the offline switches
 
 QUESTIONS = [
     (

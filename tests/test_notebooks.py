@@ -11,11 +11,10 @@ import os
 import re
 import sys
 
+import ipykernel  # noqa: F401 - the notebooks' kernel: fail here, naming it, when absent
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))

@@ -18,8 +18,7 @@ from jaxlm import attention, loop, objectives, sharding, train
 from jaxlm import model as model_lib
 from jaxlm.data import pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.helpers import tiny_config
-from tests.test_pipeline import BOS, EOS, PAD, _docs, _manifest
+from tests.helpers import BOS, EOS, PAD, synthetic_docs, tiny_config, write_manifest
 
 MASK, FIM_PRE, FIM_MID, FIM_SUF = 998, 997, 998, 999  # synthetic ids past the documents' range
 
@@ -55,7 +54,10 @@ def _objective(name: str, **options) -> objectives.Objective:
 
 def _synthetic_manifest(root) -> dict:
     rng = np.random.RandomState(0)
-    return _manifest(root, {"a": {"train": _docs(rng, 60, 5, 30), "val": _docs(rng, 10, 5, 30)}})
+    return write_manifest(
+        root,
+        {"a": {"train": synthetic_docs(rng, 60, 5, 30), "val": synthetic_docs(rng, 10, 5, 30)}},
+    )
 
 
 # --------------------------------------------------------------------------- must-show 1
@@ -400,8 +402,8 @@ def fsdp_setup():
 @pytest.mark.parametrize("name", ["masked", "prefix"])
 def test_each_objective_resumes_bitwise_on_the_8_device_fsdp_mesh(name, tmp_path, fsdp_setup):
     rng = np.random.RandomState(0)
-    docs = {"train": _docs(rng, 80, 5, 30), "val": _docs(rng, 10, 5, 30)}
-    manifest = _manifest(tmp_path, {"stdlib": docs})
+    docs = {"train": synthetic_docs(rng, 80, 5, 30), "val": synthetic_docs(rng, 10, 5, 30)}
+    manifest = write_manifest(tmp_path, {"stdlib": docs})
     config, setup = _resume_config(name), fsdp_setup
     assert dict(setup.mesh.shape)["fsdp"] == 8
 
@@ -417,7 +419,7 @@ def test_fim_stream_resumes_exactly_and_rearranges_its_share_of_documents(tmp_pa
     """FIM changes only the documents (the step is the causal one, whose resume the e2e tests
     prove): its data stream must restore exactly, with the same rearrangements."""
     rng = np.random.RandomState(0)
-    manifest = _manifest(tmp_path, {"stdlib": {"train": _docs(rng, 80, 5, 30)}})
+    manifest = write_manifest(tmp_path, {"stdlib": {"train": synthetic_docs(rng, 80, 5, 30)}})
     fim = _objective("fim", fim_rate=0.5).doc_transform()
     make = lambda: pipeline.HostBatches(  # noqa: E731
         manifest,

@@ -5,7 +5,7 @@ documents whose first token names their dataset, so shares and identities can be
 the packed rows alone. One test runs the real `prepare` on a slice of the standard library and
 checks that decoded packed rows give back the source files' text.
 
-Packed rows are read back into documents with `_documents`: a segment whose first input is BOS
+Packed rows are read back into documents with `packed_documents`: a segment whose first input is BOS
 starts a document; any other segment is the continuation of a document split at a row end
 (grain's ConcatThenSplit puts that remainder first in the next row, with positions restarting
 at 0); a segment whose last target is EOS ends its document.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 
@@ -23,111 +22,16 @@ import numpy as np
 import pytest
 
 from configs import base
-from jaxlm.data import files, manifest, pipeline, prepare, records, sources, tokenizer
-
-PAD, BOS, EOS = 0, 1, 2
-BODY = (100, 997)  # document body token ids: never a tag, BOS, EOS or padding
-
-
-# --------------------------------------------------------------------------- builders
-
-
-def _docs(rng: np.random.RandomState, n: int, tag: int, max_len: int) -> list[list[int]]:
-    """`n` documents whose first token is `tag`, of 1..max_len ids (EOS not included)."""
-    return [[tag, *rng.randint(*BODY, size=rng.randint(0, max_len)).tolist()] for _ in range(n)]
-
-
-def _manifest(root, datasets: dict[str, dict], docs_per_shard: int = 500) -> dict:
-    """Writes shards + manifest.json in the `prepare` schema and loads it like training does.
-
-    Args:
-      root: output folder.
-      datasets: name -> {'weight': float, 'train': [ids, ...], 'val': [ids, ...]}.
-      docs_per_shard: documents per ArrayRecord shard (several shards exercise the source).
-    """
-    root = str(root)
-    # A stand-in tokenizer file: these tests never decode, but loading checks its hash.
-    with open(os.path.join(root, "tokenizer.model"), "wb") as f:
-        f.write(b"synthetic documents need no tokenizer")
-    sha = files.file_sha256(os.path.join(root, "tokenizer.model"))
-    tok = {"file": "tokenizer.model", "sha256": sha, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
-    m = {"tokenizer": tok, "datasets": {}}
-    for name, spec in datasets.items():
-        entry: dict = {"weight": spec.get("weight", 1.0)}
-        for split in ("train", "val"):
-            writer = records.ShardWriter(
-                root, f"{split}/{name}-{{index:05d}}.array_record", docs_per_shard
-            )
-            for ids in spec.get(split, []):
-                writer.write(records.encode_record(ids, EOS), len(ids) + 1, 4 * len(ids))
-            shards = [s.to_dict() for s in writer.close()]
-            entry[split] = {"shards": shards}
-            for k in ("documents", "tokens", "bytes"):
-                entry[split][k] = sum(s[k] for s in shards)
-        m["datasets"][name] = entry
-    path = os.path.join(root, "manifest.json")
-    with open(path, "w") as f:
-        json.dump(m, f)
-    return manifest.load(path)
-
-
-# --------------------------------------------------------------------------- reading rows back
-
-
-def _rows(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    """The rows of a batch stream, in order, each a dict of (L,) arrays."""
-    for batch in batches:
-        for r in range(batch["inputs"].shape[0]):
-            yield {k: v[r] for k, v in batch.items()}
-
-
-def _segments(row: dict[str, np.ndarray]) -> list[slice]:
-    """Each segment's span in a packed row, after checking the row's layout.
-
-    Segment ids run 1, 2, ..., k in contiguous blocks with padding (0) only after them, so
-    the same-segment attention mask never joins two documents; positions count from 0 inside
-    every segment; loss_mask is exactly the non-padding tokens.
-    """
-    seg, pos = row["segment_ids"], row["positions"]
-    for k in ("inputs", "targets", "segment_ids", "positions"):
-        assert row[k].dtype == np.int32, k
-    np.testing.assert_array_equal(row["loss_mask"], (seg > 0).astype(np.float32))
-    used = int(np.count_nonzero(seg))
-    assert np.all(seg[used:] == 0), "padding must come after every segment"
-    assert np.all(row["targets"][used:] == 0) and np.all(pos[used:] == 0)
-    spans = []
-    start = 0
-    for s in range(1, int(seg.max(initial=0)) + 1):
-        n = int(np.count_nonzero(seg == s))
-        assert n > 0 and np.all(seg[start : start + n] == s), f"segment {s} is not contiguous"
-        np.testing.assert_array_equal(pos[start : start + n], np.arange(n))
-        spans.append(slice(start, start + n))
-        start += n
-    assert start == used
-    return spans
-
-
-def _documents(
-    rows: Iterable[dict[str, np.ndarray]], bos: int = BOS, eos: int = EOS
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(inputs, targets) of each document, reassembled across rows in stream order."""
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    for row in rows:
-        spans = _segments(row)
-        for i, sl in enumerate(spans):
-            x, y = row["inputs"][sl], row["targets"][sl]
-            if x[0] == bos:
-                assert not ys, "a document started before the previous one ended"
-            else:
-                assert i == 0 and ys, "only a row's first segment may continue a document"
-            xs.append(x)
-            ys.append(y)
-            if y[-1] == eos:
-                yield np.concatenate(xs), np.concatenate(ys)
-                xs, ys = [], []
-            else:
-                assert sl.stop == len(row["inputs"]), "an unfinished document must fill its row"
+from jaxlm.data import manifest, pipeline, prepare, sources, tokenizer
+from tests.helpers import (
+    BODY,
+    BOS,
+    EOS,
+    batch_rows,
+    packed_documents,
+    synthetic_docs,
+    write_manifest,
+)
 
 
 def _ids(doc: tuple[np.ndarray, np.ndarray]) -> tuple[int, ...]:
@@ -157,16 +61,16 @@ def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
 def test_mixture_shares_match_weights_over_10k_documents(tmp_path):
     rng = np.random.RandomState(0)
     # >1000 documents per dataset: grain's index shuffle costs ~20 ms / n per draw.
-    m = _manifest(
+    m = write_manifest(
         tmp_path,
         {
-            "code": {"weight": 0.7, "train": _docs(rng, 2300, 3, 8)},
-            "prose": {"weight": 0.3, "train": _docs(rng, 1100, 4, 8)},
+            "code": {"weight": 0.7, "train": synthetic_docs(rng, 2300, 3, 8)},
+            "prose": {"weight": 0.3, "train": synthetic_docs(rng, 1100, 4, 8)},
         },
     )
     it = pipeline.train_dataset(m, seq_len=128, batch_size=16, seed=0)
     counts: collections.Counter = collections.Counter()
-    for doc in _documents(_rows(it)):
+    for doc in packed_documents(batch_rows(it)):
         counts[_ids(doc)[0]] += 1
         if counts.total() == 10_000:
             break
@@ -176,19 +80,19 @@ def test_mixture_shares_match_weights_over_10k_documents(tmp_path):
 
 def test_weights_argument_overrides_manifest_and_zero_excludes(tmp_path):
     rng = np.random.RandomState(1)
-    m = _manifest(
+    m = write_manifest(
         tmp_path,
         {
-            "a": {"weight": 0.5, "train": _docs(rng, 1100, 3, 8)},
-            "b": {"weight": 0.5, "train": _docs(rng, 1100, 4, 8)},
-            "c": {"weight": 0.5, "train": _docs(rng, 1100, 5, 8)},
+            "a": {"weight": 0.5, "train": synthetic_docs(rng, 1100, 3, 8)},
+            "b": {"weight": 0.5, "train": synthetic_docs(rng, 1100, 4, 8)},
+            "c": {"weight": 0.5, "train": synthetic_docs(rng, 1100, 5, 8)},
         },
     )
     it = pipeline.train_dataset(
         m, seq_len=128, batch_size=8, seed=0, weights={"a": 1.0, "b": 3.0, "c": 0.0}
     )
     counts: collections.Counter = collections.Counter()
-    for doc in _documents(_rows(it)):
+    for doc in packed_documents(batch_rows(it)):
         counts[_ids(doc)[0]] += 1
         if counts.total() == 4000:
             break
@@ -206,21 +110,21 @@ def test_packing_yields_every_token_once_per_epoch_and_reshuffles(tmp_path):
     rng = np.random.RandomState(2)
     # Body tokens make every document unique; lengths cover short, exactly-L, L+1 and several
     # rows long, so splitting across rows (never dropping) is exercised.
-    docs = _docs(rng, 50, 3, 3 * L)
+    docs = synthetic_docs(rng, 50, 3, 3 * L)
     docs += [[3] + rng.randint(*BODY, size=n - 1).tolist() for n in (L - 1, L, L + 1, 4 * L)]
     assert len({tuple(d) for d in docs}) == len(docs)
-    m = _manifest(tmp_path, {"only": {"train": docs}}, docs_per_shard=7)
+    m = write_manifest(tmp_path, {"only": {"train": docs}}, docs_per_shard=7)
     tokens = m["datasets"]["only"]["train"]["tokens"]
     assert tokens == sum(len(d) + 1 for d in docs)
 
-    rows = _rows(pipeline.train_dataset(m, seq_len=L, batch_size=B, seed=0))
+    rows = batch_rows(pipeline.train_dataset(m, seq_len=L, batch_size=B, seed=0))
     counted = []
     for row in rows:
         assert row["loss_mask"].all(), "training rows are full: packing wastes no slot"
         counted.append(row)
         if len(counted) * L >= 2 * tokens + 5 * L:
             break
-    stream = _documents(counted)
+    stream = packed_documents(counted)
     epochs = [[_ids(next(stream)) for _ in docs] for _ in range(2)]
     source = collections.Counter(tuple(d) for d in docs)
     for epoch in epochs:
@@ -237,11 +141,14 @@ def _mixture_manifest(tmp_path) -> dict:
     rng = np.random.RandomState(3)
     # Short documents (1-8 ids) end exactly at a row end often, the case that needs a whole,
     # unsplit document as the packer's saved remainder; a few long ones split across rows.
-    return _manifest(
+    return write_manifest(
         tmp_path,
         {
-            "a": {"weight": 2.0, "train": _docs(rng, 2400, 3, 8) + _docs(rng, 40, 3, 40)},
-            "b": {"weight": 1.0, "train": _docs(rng, 1200, 4, 8)},
+            "a": {
+                "weight": 2.0,
+                "train": synthetic_docs(rng, 2400, 3, 8) + synthetic_docs(rng, 40, 3, 40),
+            },
+            "b": {"weight": 1.0, "train": synthetic_docs(rng, 1200, 4, 8)},
         },
     )
 
@@ -352,22 +259,24 @@ def test_one_host_reads_what_two_hosts_read_together(tmp_path, streams):
 
 
 def _eval_docs(rng: np.random.RandomState) -> list[list[int]]:
-    return _docs(rng, 37, 6, 40) + [[6, *rng.randint(*BODY, size=70).tolist()]]
+    return synthetic_docs(rng, 37, 6, 40) + [[6, *rng.randint(*BODY, size=70).tolist()]]
 
 
 def test_eval_counts_every_val_token_once_and_pads_with_zero_mask(tmp_path):
     L, B = 16, 4
     rng = np.random.RandomState(4)
     val = _eval_docs(rng)
-    m = _manifest(tmp_path, {"a": {"train": _docs(rng, 5, 3, 9), "val": val}}, docs_per_shard=10)
+    m = write_manifest(
+        tmp_path, {"a": {"train": synthetic_docs(rng, 5, 3, 9), "val": val}}, docs_per_shard=10
+    )
     tokens = m["datasets"]["a"]["val"]["tokens"]
     n = pipeline.eval_num_batches(m, "a", L, B, max_batches=0)
     batches = list(pipeline.eval_batches(m, "a", seq_len=L, batch_size=B, num_batches=n))
     assert len(batches) == n and all(b["inputs"].shape == (B, L) for b in batches)
     assert sum(float(b["loss_mask"].sum()) for b in batches) == tokens
-    padding = [r for r in _rows(batches) if not r["segment_ids"].any()]
+    padding = [r for r in batch_rows(batches) if not r["segment_ids"].any()]
     assert padding and all(not r["loss_mask"].any() for r in padding)
-    found = collections.Counter(_ids(d) for d in _documents(_rows(batches)))
+    found = collections.Counter(_ids(d) for d in packed_documents(batch_rows(batches)))
     assert found == collections.Counter(tuple(d) for d in val), "val documents, in full, once"
     assert pipeline.eval_num_batches(m, "a", L, B, max_batches=2) == 2
     assert pipeline.val_bytes_per_target(m, "a") == m["datasets"]["a"]["val"]["bytes"] / tokens
@@ -395,14 +304,16 @@ def _two_host_eval_count(m: dict, L: int, global_batch: int) -> float:
 
 def test_eval_on_two_hosts_counts_every_val_token_once(tmp_path):
     rng = np.random.RandomState(5)
-    m = _manifest(tmp_path, {"a": {"train": _docs(rng, 5, 3, 9), "val": _eval_docs(rng)}})
+    m = write_manifest(
+        tmp_path, {"a": {"train": synthetic_docs(rng, 5, 3, 9), "val": _eval_docs(rng)}}
+    )
     assert _two_host_eval_count(m, 16, 8) == m["datasets"]["a"]["val"]["tokens"]
 
 
 def test_eval_on_two_hosts_with_unbalanced_documents_counts_every_token(tmp_path):
     # Documents go to hosts by index (even/odd), so one long document makes host 0 the heavy one.
     val = [[6, *range(100, 1099)], [7] * 9, [8] * 9, [9] * 9]
-    m = _manifest(tmp_path, {"a": {"train": [[3, 100]], "val": val}})
+    m = write_manifest(tmp_path, {"a": {"train": [[3, 100]], "val": val}})
     assert _two_host_eval_count(m, 16, 4) == m["datasets"]["a"]["val"]["tokens"]
 
 
@@ -437,13 +348,15 @@ def test_real_stdlib_text_round_trips_through_prepare_and_packing(tmp_path):
         return out
 
     L = 256
-    train_rows = _rows(pipeline.train_dataset(m, seq_len=L, batch_size=8, seed=0))
-    train = decoded(_documents(train_rows, tok.bos_id, tok.eos_id), stats["train"]["documents"])
+    train_rows = batch_rows(pipeline.train_dataset(m, seq_len=L, batch_size=8, seed=0))
+    train = decoded(
+        packed_documents(train_rows, tok.bos_id, tok.eos_id), stats["train"]["documents"]
+    )
     n_eval = pipeline.eval_num_batches(m, "stdlib", L, 8, max_batches=0)
-    val_rows = _rows(
+    val_rows = batch_rows(
         pipeline.eval_batches(m, "stdlib", seq_len=L, batch_size=8, num_batches=n_eval)
     )
-    val = decoded(_documents(val_rows, tok.bos_id, tok.eos_id), stats["val"]["documents"])
+    val = decoded(packed_documents(val_rows, tok.bos_id, tok.eos_id), stats["val"]["documents"])
     assert len(train) > 20 and len(val) > 3
     assert len(set(train + val)) == len(train) + len(val), "one epoch holds each file once"
     assert set(train + val) <= originals, "decoded rows must be the files' text, byte for byte"

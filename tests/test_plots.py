@@ -5,12 +5,9 @@ import json
 import math
 
 import numpy as np
-import pytest
+from matplotlib import image
 
-pytest.importorskip("matplotlib")
-from matplotlib import image  # noqa: E402
-
-from tools import plot_metrics  # noqa: E402
+from tools import plot_metrics
 
 SPIKE_STEP = 300
 

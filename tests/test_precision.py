@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import model as model_lib
-from tests.test_convert_hf import make_hf_model, read_params
+from tests.helpers import make_hf_model, read_params
 
 LENGTH = 2048
 HEAD_DIM = 16
@@ -48,7 +48,8 @@ def _float64_reference(model, monkeypatch):
 
 @pytest.mark.slow  # a 30-layer model on 2,048 tokens in three implementations: ~20 s of CPU
 def test_fp32_logits_are_as_close_to_float64_as_transformers(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
+    import torch
+
     model = make_hf_model(
         tmp_path,
         seed=0,

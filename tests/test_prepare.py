@@ -9,78 +9,13 @@ import textwrap
 import threading
 import time
 
-import ml_collections
 import pytest
 
 from jaxlm.data import curate, manifest, prepare, records, sources, tokenizer
+from tests.helpers import Log, copy_stdlib_subset, data_configs, decoded_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _copy_stdlib_subset(dst, every: int, offset: int, limit: int) -> list[str]:
-    """Copies real stdlib files (< 40 KB) into dst as flat .py files; returns their names."""
-    os.makedirs(dst, exist_ok=True)
-    names = []
-    for f in sources.stdlib_files()[offset::every]:
-        if f.size < 40_000:
-            name = f.name.replace("/", "__")
-            shutil.copyfile(f.path, os.path.join(dst, name))
-            names.append(name)
-        if len(names) == limit:
-            break
-    return names
-
-
-def _configs(paths: str, cache_dir, **data) -> tuple[ml_collections.ConfigDict, ...]:
-    d = ml_collections.ConfigDict()
-    d.cache_dir = str(cache_dir)
-    d.datasets = ml_collections.ConfigDict(
-        {"code": ml_collections.ConfigDict(dict(paths=paths, text_field="text", weight=1.0))}
-    )
-    d.val_fraction = 0.15
-    d.num_proc = 1
-    d.docs_per_shard = 16
-    d.curation = curate.default_config()
-    d.update(data)
-    t = ml_collections.ConfigDict(
-        dict(
-            path="",
-            model_type="bpe",
-            vocab_size=400,
-            sample_bytes=300_000,
-            byte_fallback=True,
-            code_safe=True,
-        )
-    )
-    return d, t
-
-
-class Log(list):
-    def __call__(self, line: str) -> None:
-        self.append(line)
-
-
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "env_cache"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    names = _copy_stdlib_subset(root / "code", 17, 0, 60)
-    shutil.copyfile(root / "code" / names[3], root / "code" / "zz_exact_copy.py")  # removed
-    return root
-
-
-@pytest.fixture(scope="module")
-def prepared(corpus, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    data_cfg, tok_cfg = _configs(str(corpus / "code"), cache)
-    log = Log()
-    t = time.perf_counter()
-    path = prepare.prepare(data_cfg, tok_cfg, log=log)
-    return path, data_cfg, tok_cfg, log, time.perf_counter() - t
+pytestmark = pytest.mark.usefixtures("no_home_cache")
 
 
 def _curated(data_cfg) -> dict[str, list[str]]:
@@ -92,31 +27,17 @@ def _curated(data_cfg) -> dict[str, list[str]]:
     return out
 
 
-def _decoded(manifest_path) -> dict[str, list[str]]:
-    m = manifest.load(manifest_path)
-    root = os.path.dirname(manifest_path)
-    tok = tokenizer.load(os.path.join(root, m["tokenizer"]["file"]))
-    out = {}
-    for split in ("train", "val"):
-        out[split] = []
-        for shard in m["datasets"]["code"][split]["shards"]:
-            for ids in records.read_shard(os.path.join(root, shard["path"])):
-                assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
-                out[split].append(tok.decode(ids[:-1]))
-    return out
-
-
-def test_shards_decode_to_the_curated_documents(prepared):
-    path, data_cfg, _, log, seconds = prepared
+def test_shards_decode_to_the_curated_documents(stdlib_prepared):
+    path, data_cfg, _, log, seconds = stdlib_prepared
     want = _curated(data_cfg)
     assert len(want["train"]) > 40 and len(want["val"]) > 2
-    assert _decoded(path) == want
+    assert decoded_shards(path) == want
     print(f"prepared {sum(map(len, want.values()))} docs in {seconds:.1f} s")
     assert any("exact_dedup" in line for line in log)  # the curation table was printed
 
 
-def test_manifest_counts_match_the_shards(prepared):
-    path, *_ = prepared
+def test_manifest_counts_match_the_shards(stdlib_prepared):
+    path, *_ = stdlib_prepared
     m = manifest.load(path)
     root = os.path.dirname(path)
     assert m["version"] == 1 and m["key"] == os.path.basename(root)
@@ -150,17 +71,17 @@ def test_manifest_counts_match_the_shards(prepared):
     assert m["problems"]["code"] == [] or all("file" in p for p in m["problems"]["code"])
 
 
-def test_val_gzip_bits_per_byte_is_gzip_of_the_held_out_text(prepared):
-    path, *_ = prepared
-    val = "".join(_decoded(path)["val"]).encode()
+def test_val_gzip_bits_per_byte_is_gzip_of_the_held_out_text(stdlib_prepared):
+    path, *_ = stdlib_prepared
+    val = "".join(decoded_shards(path)["val"]).encode()
     want = 8 * len(gzip.compress(val, 9)) / len(val)
     bpb = manifest.load(path)["val_gzip_bits_per_byte"]
     assert bpb["code"] == pytest.approx(want, abs=1e-9)
     assert bpb["all"] == pytest.approx(want, abs=1e-9)
 
 
-def test_second_call_hits_the_cache(prepared):
-    path, data_cfg, tok_cfg, _, _ = prepared
+def test_second_call_hits_the_cache(stdlib_prepared):
+    path, data_cfg, tok_cfg, _, _ = stdlib_prepared
     with open(path, "rb") as f:
         before = f.read()
     os.utime(path, (1, 1))
@@ -182,8 +103,8 @@ def test_second_call_hits_the_cache(prepared):
     prepare.prepare(data_cfg, tok_cfg, log=Log())
 
 
-def test_cache_key_covers_what_changes_the_output(corpus, prepared, tmp_path):
-    path, data_cfg, tok_cfg, _, _ = prepared
+def test_cache_key_covers_what_changes_the_output(stdlib_corpus, stdlib_prepared, tmp_path):
+    path, data_cfg, tok_cfg, _, _ = stdlib_prepared
     key, _ = prepare.cache_key(data_cfg, tok_cfg, prepare.sources_of(data_cfg)[0])
     assert key == os.path.basename(os.path.dirname(path))
     for change in (
@@ -194,7 +115,7 @@ def test_cache_key_covers_what_changes_the_output(corpus, prepared, tmp_path):
         lambda d, t: setattr(d.curation.quality, "preset", "web"),
         lambda d, t: setattr(t, "vocab_size", 512),
     ):
-        d, t = _configs(data_cfg.datasets.code.paths, data_cfg.cache_dir)
+        d, t = data_configs(data_cfg.datasets.code.paths, data_cfg.cache_dir)
         change(d, t)
         assert prepare.cache_key(d, t, prepare.sources_of(d)[0])[0] != key
     # how many processes prepare it is not in the key: they all prepare the same data
@@ -204,11 +125,11 @@ def test_cache_key_covers_what_changes_the_output(corpus, prepared, tmp_path):
     )
 
 
-def test_val_split_stable_under_rerun_and_added_files(corpus, prepared, tmp_path):
-    path, data_cfg, tok_cfg, _, _ = prepared
-    before = _decoded(path)
+def test_val_split_stable_under_rerun_and_added_files(stdlib_corpus, stdlib_prepared, tmp_path):
+    path, data_cfg, tok_cfg, _, _ = stdlib_prepared
+    before = decoded_shards(path)
     # Re-run from scratch (fresh cache): identical shards, byte for byte.
-    d2, t2 = _configs(data_cfg.datasets.code.paths, tmp_path / "cache2")
+    d2, t2 = data_configs(data_cfg.datasets.code.paths, tmp_path / "cache2")
     again = prepare.prepare(d2, t2, log=Log())
     m1, m2 = manifest.load(path), manifest.load(again)
     assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
@@ -219,24 +140,24 @@ def test_val_split_stable_under_rerun_and_added_files(corpus, prepared, tmp_path
     assert shard_hashes(m1) == shard_hashes(m2)
     # Add files: every old document keeps its split.
     grown = tmp_path / "grown"
-    shutil.copytree(corpus / "code", grown)
-    _copy_stdlib_subset(grown, 17, 5, 25)
-    d3, t3 = _configs(str(grown), tmp_path / "cache3")
-    after = _decoded(prepare.prepare(d3, t3, log=Log()))
+    shutil.copytree(stdlib_corpus / "code", grown)
+    copy_stdlib_subset(grown, 17, 5, 25)
+    d3, t3 = data_configs(str(grown), tmp_path / "cache3")
+    after = decoded_shards(prepare.prepare(d3, t3, log=Log()))
     assert len(after["train"]) + len(after["val"]) > len(before["train"]) + len(before["val"])
     # Texts are decoded with each run's own tokenizer: both round-trip exactly.
     assert set(before["val"]) <= set(after["val"])
     assert set(before["train"]) <= set(after["train"])
 
 
-def test_other_tokenizer_is_detected_by_sha256(prepared, tmp_path):
-    path, *_ = prepared
+def test_other_tokenizer_is_detected_by_sha256(stdlib_prepared, tmp_path):
+    path, *_ = stdlib_prepared
     manifest.load(path, check_shards=True)
     root = os.path.dirname(path)
     right = tokenizer.load(os.path.join(root, "tokenizer.model"))
     manifest.load(path, right)
     texts = [f"def f{i}():\n    return {i}\n" for i in range(300)]
-    cfg = _configs("", "")[1]
+    cfg = data_configs("", "")[1]
     other = tokenizer.train_tokenizer(texts, cfg, str(tmp_path / "other.model"))
     with pytest.raises(prepare.DataError, match="tokenized with tokenizer"):
         manifest.load(path, other)
@@ -254,10 +175,10 @@ def test_other_tokenizer_is_detected_by_sha256(prepared, tmp_path):
         manifest.load(str(fake / "manifest.json"), check_shards=True)
 
 
-def test_given_tokenizer_is_used_and_worker_pool_matches_in_process(prepared, tmp_path):
-    path, data_cfg, _, _, _ = prepared
+def test_given_tokenizer_is_used_and_worker_pool_matches_in_process(stdlib_prepared, tmp_path):
+    path, data_cfg, _, _, _ = stdlib_prepared
     root = os.path.dirname(path)
-    d, t = _configs(data_cfg.datasets.code.paths, tmp_path / "cache", num_proc=2)
+    d, t = data_configs(data_cfg.datasets.code.paths, tmp_path / "cache", num_proc=2)
     t.path = os.path.join(root, "tokenizer.model")
     m = manifest.load(prepare.prepare(d, t, log=Log()))
     ref = manifest.load(path)
@@ -267,8 +188,8 @@ def test_given_tokenizer_is_used_and_worker_pool_matches_in_process(prepared, tm
         assert got == [s["sha256"] for s in ref["datasets"]["code"][split]["shards"]]
 
 
-def test_killed_prepare_leaves_no_complete_looking_cache(corpus, tmp_path, monkeypatch):
-    d, t = _configs(str(corpus / "code"), tmp_path / "cache")
+def test_killed_prepare_leaves_no_complete_looking_cache(stdlib_corpus, tmp_path, monkeypatch):
+    d, t = data_configs(str(stdlib_corpus / "code"), tmp_path / "cache")
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of tokenization
@@ -284,7 +205,7 @@ def test_killed_prepare_leaves_no_complete_looking_cache(corpus, tmp_path, monke
 
 
 def test_bad_glob_fails_before_any_work(tmp_path):
-    d, t = _configs(f"{tmp_path}/missing/*.jsonl", tmp_path / "cache")
+    d, t = data_configs(f"{tmp_path}/missing/*.jsonl", tmp_path / "cache")
     with pytest.raises(prepare.DataError, match="missing/\\*.jsonl"):
         prepare.prepare(d, t, log=Log())
     assert not os.path.exists(tmp_path / "cache")
@@ -296,14 +217,14 @@ def test_cli_prints_one_line_error(tmp_path):
         textwrap.dedent(
             f"""
             import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import test_prepare
+            sys.path.insert(0, {REPO!r})
+            from tests.helpers import data_configs
 
             def get_config():
                 import ml_collections
                 c = ml_collections.ConfigDict()
                 paths = "{tmp_path}/nothing*.txt"
-                c.data, c.tokenizer = test_prepare._configs(paths, "{tmp_path}/c")
+                c.data, c.tokenizer = data_configs(paths, "{tmp_path}/c")
                 return c
             """
         )
@@ -319,13 +240,13 @@ def test_cli_prints_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_two_hosts_prepare_the_same_records_as_one(corpus, prepared, tmp_path):
-    path, _, _, _, _ = prepared
+def test_two_hosts_prepare_the_same_records_as_one(stdlib_corpus, stdlib_prepared, tmp_path):
+    path, _, _, _, _ = stdlib_prepared
     results, errors = {}, []
 
     def host(i):
         try:
-            d, t = _configs(str(corpus / "code"), tmp_path / "cache")
+            d, t = data_configs(str(stdlib_corpus / "code"), tmp_path / "cache")
             results[i] = prepare.prepare(d, t, process_index=i, process_count=2, log=Log())
         except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
@@ -344,7 +265,7 @@ def test_two_hosts_prepare_the_same_records_as_one(corpus, prepared, tmp_path):
             assert s["path"].startswith(f"host-{k % 2}-of-2/{split}/code-{k:05d}")
     # dedup, split, tokenizer sample and shard layout are global: the same data as one process
     assert manifest.content(m) == manifest.content(manifest.load(path))
-    assert _decoded(results[0]) == _decoded(path)
+    assert decoded_shards(results[0]) == decoded_shards(path)
 
 
 def test_one_long_text_file_is_split_and_always_gets_a_held_out_document(tmp_path):
@@ -352,7 +273,7 @@ def test_one_long_text_file_is_split_and_always_gets_a_held_out_document(tmp_pat
     catch any piece by hash, the piece nearest the cut is held out, and nothing is lost."""
     text = open(os.path.join(os.path.dirname(os.__file__), "argparse.py"), encoding="utf-8").read()
     (tmp_path / "book.txt").write_text(text)
-    d, t = _configs(str(tmp_path / "book.txt"), tmp_path / "cache", val_fraction=1e-9)
+    d, t = data_configs(str(tmp_path / "book.txt"), tmp_path / "cache", val_fraction=1e-9)
     d.datasets.code.split = "6000"
     d.curation.quality.preset = "none"
     m = manifest.load(prepare.prepare(d, t, log=lambda s: None))

@@ -20,8 +20,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jaxlm import loop, sharding, stages, train
 from jaxlm.data import staged
 from jaxlm.errors import ConfigError
-from tests.helpers import tiny_config
-from tests.test_pipeline import BOS, EOS, _documents, _manifest, _rows
+from tests.helpers import BOS, EOS, batch_rows, packed_documents, tiny_config, write_manifest
 
 VOCAB = 61
 
@@ -36,7 +35,7 @@ def _two_datasets(root, n: int = 1200, max_len: int = 12, val: int = 40) -> dict
             for _ in range(count)
         ]
 
-    return _manifest(
+    return write_manifest(
         root,
         {
             "a": {"train": docs(3, n), "val": docs(3, val)},
@@ -160,7 +159,7 @@ def test_each_stages_mixture_matches_its_weights_within_2_points_over_10k_docume
     )
     plan = stages.build(c)
     batches = _stream(m, plan)
-    per_stage = [list(_rows(next(batches) for _ in range(s.steps))) for s in plan.stages]
+    per_stage = [list(batch_rows(next(batches) for _ in range(s.steps))) for s in plan.stages]
     for rows, want in zip(per_stage, (0.7, 0.25), strict=True):
         # A document starts where an input is BOS; the target there is its first id, the tag.
         tags = np.concatenate([r["targets"][r["inputs"] == BOS] for r in rows])
@@ -187,8 +186,8 @@ def test_stream_resumes_exactly_mid_stage_and_across_the_boundary_losing_no_docu
     # across the change of length (a document split at the boundary continues at once).
     assert [b["inputs"].shape for b in straight] == [(2, 16)] * 4 + [(4, 32)] * 4
     for s in range(2):
-        rows = _rows({k: np.split(v, 2)[s] for k, v in b.items()} for b in straight)
-        docs = list(_documents(rows))
+        rows = batch_rows({k: np.split(v, 2)[s] for k, v in b.items()} for b in straight)
+        docs = list(packed_documents(rows))
         assert all(y[-1] == EOS and x[0] == BOS for x, y in docs) and len(docs) > 10
 
 

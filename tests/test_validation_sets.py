@@ -13,8 +13,7 @@ from jaxlm import validate
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline, prepare, records
 from jaxlm.errors import ConfigError
-from tests.helpers import tiny_config
-from tests.test_prepare import _configs, _copy_stdlib_subset
+from tests.helpers import copy_stdlib_subset, data_configs, tiny_config
 
 VAL_FRACTION = 0.3
 
@@ -34,14 +33,16 @@ def prepared(tmp_path_factory):
     text-only companion): the held file is also in the training corpus."""
     root = tmp_path_factory.mktemp("validation")
     # Small documents keep the run's final (whole-split) evaluation short.
-    names = _copy_stdlib_subset(str(root / "corpus"), every=97, offset=5, limit=16)
+    names = copy_stdlib_subset(str(root / "corpus"), every=97, offset=5, limit=16)
     for name in names:
         path = root / "corpus" / name
         path.write_text(path.read_text(encoding="utf-8")[:1500], encoding="utf-8")
     held = os.path.join(root, "corpus", reserved_file(names, root / "corpus"))
     extra = root / "extra.txt"
     extra.write_text(open(held, encoding="utf-8").read()[:800] + "\n# only in validation\n")
-    data, tok = _configs(str(root / "corpus" / "*.py"), root / "cache", val_fraction=VAL_FRACTION)
+    data, tok = data_configs(
+        str(root / "corpus" / "*.py"), root / "cache", val_fraction=VAL_FRACTION
+    )
     plain = manifest_lib.load(prepare.prepare(data, tok, log=lambda s: None))
     assert plain["datasets"]["code"]["val"]["documents"] > 0  # the run evaluates on them
     data.validation = ml_collections.ConfigDict(

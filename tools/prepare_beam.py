@@ -6,7 +6,7 @@
         --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_threading
 
 Everything after ``--`` is a Beam pipeline option, so any runner works; the output then goes to
-an object store Beam can write (see README, "Preparing data on Apache Beam"):
+an object store Beam can write (see docs/beam.md):
 
     python tools/prepare_beam.py --config=configs/tiny.py \\
         --config.data.datasets.stdlib.paths='/gcs/corpus/*.jsonl.zst' \\

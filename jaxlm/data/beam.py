@@ -18,7 +18,7 @@ remembering (keep-first dedup, shard numbering) is done here by grouping:
    tokenizer and the manifest (``manifest.make``) with the curation report and problems.
 
 Any runner works (``--runner=DataflowRunner|FlinkRunner|SparkRunner`` with that runner's own
-flags; see the README); the output may be a ``gs://`` or ``s3://`` folder, written through
+flags; see docs/beam.md); the output may be a ``gs://`` or ``s3://`` folder, written through
 Beam's filesystems. With the DirectRunner and a local output, the work goes to a temporary
 folder renamed into place at the end, as ``prepare`` does, so the local cache finds it.
 """
