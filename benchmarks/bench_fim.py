@@ -1,7 +1,7 @@
 """FIM benchmark: a FIM-trained tiny model against the same model trained causally on the same
 tokens, scored on filling the middle of held-out standard-library functions.
 
-    python tools/bench_fim.py [--steps=300] [--functions=400] [--workdir=/tmp/bench_fim]
+    python benchmarks/bench_fim.py [--steps=300] [--functions=400] [--workdir=/tmp/bench_fim]
 
 Both runs use one prepared corpus (the standard library, tokenized with the FIM sentinels), the
 same seed, model, batches of documents and step count; the FIM run rearranges `--fim_rate` of

@@ -1,8 +1,8 @@
 """Compile every recipe for several TPU targets and presets; print one markdown table.
 
     pip install 'jaxlm[tpu]'
-    python tools/bench_compile.py                               # the docs/perf.md table
-    python tools/bench_compile.py --recipes=llama_8b --targets=v5p-64 --presets=fsdp \\
+    python benchmarks/bench_compile.py                               # the docs/perf.md table
+    python benchmarks/bench_compile.py --recipes=llama_8b --targets=v5p-64 --presets=fsdp \\
         --also_unrolled                                         # scanned vs unrolled time
 
 Each cell is one `tools/compile.py` run in its own process (so compile times do not share

@@ -1,6 +1,6 @@
 """Optimizer benchmark: steps each optimizer needs to reach AdamW's held-out loss.
 
-    python tools/bench_optim.py [--data=../shared/data/tinyshakespeare.txt] [--steps=2000]
+    python benchmarks/bench_optim.py [--data=../shared/data/tinyshakespeare.txt] [--steps=2000]
 
 A char-level model in nanoGPT's "baby Shakespeare" shape (4 layers x 128 wide, 4 heads, block
 64, batch 12) trains with AdamW for `--steps`, then with every other optimizer in

@@ -1,6 +1,6 @@
 """Continued-pretraining memory and evaluation-cost benchmark: RSS over a real run.
 
-    python tools/bench_memory.py [--steps=12 --every=4 --layers=30 --batch=2 --seq_len=512]
+    python benchmarks/bench_memory.py [--steps=12 --every=4 --layers=30 --batch=2 --seq_len=512]
 
 Builds a random Hugging Face Llama with SmolLM-135M's shapes (30 layers, d 576, 9 heads, 3 kv
 heads, F 1536, vocab 49152, tied embeddings) and a small byte-level tokenizer in a temporary
