@@ -29,7 +29,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
 from jaxlm import checkpoint, metrics, sharding, train  # noqa: E402
-from jaxlm.errors import JaxlmError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after compile and 2 warm-up steps).")
@@ -178,10 +177,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     vocab = _VOCAB.value or config.tokenizer.vocab_size
-    try:
-        r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value)
-    except JaxlmError as e:
-        sys.exit(f"error: {e}")
+    r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value)
     print(
         f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
         f"{config.train.seq_len}, {r['devices']} {jax.devices()[0].platform} device(s), "

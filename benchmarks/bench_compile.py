@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for jaxlm.cli when jaxlm is not installed
 RECIPES = ("tiny", "gpt2_124m", "tinysolar_248m", "llama_1b", "llama_8b")
 # Two targets per recipe, sized for it; every preset is tried on the first.
 TARGETS = {
@@ -107,4 +108,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 # jax and grain are imported inside functions: grain worker processes re-import this module and
@@ -359,22 +359,16 @@ def run(config: Any, corpora: list[str] | None) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    from jaxlm.errors import JaxlmError
-
     logging.set_verbosity(logging.WARNING)
-
     config = _CONFIG.value
-    if config is None:
-        sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
     corpora = _CORPUS.value
     for path in corpora or []:
         if not os.path.isfile(path):
             sys.exit(f"error: --corpus={path!r} is not a file; give a text or JSONL corpus file.")
-    try:
-        run(config, corpora)
-    except JaxlmError as e:
-        sys.exit(f"error: {e}")
+    run(config, corpora)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main)

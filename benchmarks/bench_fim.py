@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from jaxlm import loop, objectives, sharding, train  # noqa: E402
@@ -189,4 +189,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

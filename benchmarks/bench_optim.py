@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from jaxlm import sharding, train  # noqa: E402
@@ -135,4 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

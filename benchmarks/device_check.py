@@ -55,7 +55,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import bench  # noqa: E402
@@ -422,4 +422,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)
