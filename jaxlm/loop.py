@@ -27,6 +27,7 @@ from jaxlm.data import staged
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices
 from jaxlm.evaluate import tasks as tasks_lib
+from jaxlm.progress import Progress, format_duration
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -398,7 +399,7 @@ class Trainer:
             f"step {done:>6}/{self.plan.total_steps} | loss {last['loss']:.4f} | "
             f"lr {last['lr']:.2e} | "
             f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
-            f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
+            f"ETA {format_duration(timing['eta_s'])}"
         )
 
     def _eval(self, step: int, final: bool = False) -> dict[str, float] | None:
@@ -456,7 +457,7 @@ class Trainer:
             self.manifest,
             cap,
             self.objective,
-            progress=metrics_lib.Progress(self.out.print, what, n),
+            progress=Progress(what, n, "batches", print_fn=self.out.print),
         )
         gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
         if final and gzip_bpb:  # the baseline beside the final figures, for reruns and plots

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 from absl import flags
 
 from jaxlm import cli
 from jaxlm.errors import JaxlmError
+from jaxlm.progress import Progress
 
 FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
 _WORKDIR = flags.DEFINE_string(
@@ -56,23 +55,6 @@ _JSON = flags.DEFINE_string(
     "json", "", "Also write the results to this JSON file.", flag_values=FLAGS
 )
 flags.mark_flag_as_required("data", flag_values=FLAGS)
-
-
-class Bar:
-    """A progress bar on stderr: redrawn in place on a terminal, one line per dataset else."""
-
-    def __init__(self, label: str):
-        self.label, self.start, self.tty = label, time.perf_counter(), sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        line = (
-            f"  {self.label} [{'#' * (30 * done // total):<30}] {done}/{total} rows "
-            f"{time.perf_counter() - self.start:.1f} s"
-        )
-        if self.tty:
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif done == total:
-            print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -147,14 +129,16 @@ def evaluate(
     out = {**source, "seq_len": seq_len, "stride": stride, "data": {}}
     totals = [0.0, 0, 0, 0]  # nll, tokens, bytes, documents
     for corpus in corpora:
+        bar = Progress(corpus.name, unit="rows")  # its total comes with the first call
         r = text.evaluate_corpus(
             model,
             corpus,
             seq_len=seq_len,
             stride=stride,
             batch_size=batch_size,
-            progress=Bar(corpus.name),
+            progress=bar,
         )
+        bar.finish()
         if model.config is not None:  # a training run: say if it trained on this text
             r["trained_on"] = seen.documents_trained_on(model.config, corpus.name)[0]
         out["data"][corpus.name] = r
