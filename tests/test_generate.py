@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import checkpoint, cli, generate, infill, model, objectives, sharding, train
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import TokenizerMismatch
 from jaxlm.evaluate import trained as trained_lib
 from tests.helpers import tiny_config
 from tools import generate as generate_tool
@@ -205,7 +205,7 @@ def test_a_different_tokenizer_is_refused(workdir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(workdir[0], other)
     char_tokenizer(str(other / "tokenizer.model"), text="zyxwvu tsrq")
-    with pytest.raises(JaxlmError, match="is not the tokenizer checkpoint 5 was trained with"):
+    with pytest.raises(TokenizerMismatch, match="does not match the tokenizer checkpoint 5 was"):
         trained_lib.load_trained(str(other))
 
 

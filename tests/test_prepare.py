@@ -13,6 +13,7 @@ import ml_collections
 import pytest
 
 from jaxlm.data import curate, manifest, prepare, records, sources, tokenizer
+from jaxlm.errors import TokenizerMismatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,7 +239,7 @@ def test_other_tokenizer_is_detected_by_sha256(prepared, tmp_path):
     texts = [f"def f{i}():\n    return {i}\n" for i in range(300)]
     cfg = _configs("", "")[1]
     other = tokenizer.train_tokenizer(texts, cfg, str(tmp_path / "other.model"))
-    with pytest.raises(prepare.DataError, match="tokenized with tokenizer"):
+    with pytest.raises(TokenizerMismatch, match="the data at .* was tokenized with"):
         manifest.load(path, other)
     # A shard rewritten with another tokenizer under the same name: its hash gives it away.
     fake = tmp_path / "fake"

@@ -446,12 +446,13 @@ def _export_tokenizer(
     file = find_tokenizer(source) if os.path.isdir(source) else source
     if not file:
         raise ConvertError(f"{source} holds neither tokenizer.json nor tokenizer.model.")
-    want, have = meta.get("tokenizer_sha256"), file_sha256(file)
-    if want and have != want:
-        raise ConvertError(
-            f"tokenizer {file} (sha256 {have[:12]}) is not the one this checkpoint "
-            f"was trained with ({want[:12]}); pass that one with --tokenizer."
-        )
+    tokenizer_lib.check_same(
+        file_sha256(file),
+        meta.get("tokenizer_sha256"),
+        file,
+        "this checkpoint was trained with",
+        "pass that one with --tokenizer",
+    )
     if tokenizer_lib.load(file).vocab_size > cfg.vocab_size:
         raise ConvertError(
             f"tokenizer {file} has more ids than the model's {cfg.vocab_size} "
