@@ -4,7 +4,7 @@
     python -m jaxlm.main --config=configs/gpt2_124m.py \\
         --config.data.datasets.stdlib.paths='~/corpus/*.jsonl' \\
         --config.tokenizer.path=~/tokenizers/gpt2/tokenizer.json
-    python tools/bench.py --config=configs/gpt2_124m.py   # measure tokens/s on the chip itself
+    python benchmarks/bench.py --config=configs/gpt2_124m.py   # measure tokens/s on the chip itself
 
 Model: GPT-2 small's widths (d 768, 12 layers, 12 heads of 64, vocabulary 50,257, tied
 embeddings, 1024 positions) in jaxlm's Llama block: RMSNorm, RoPE instead of learned position

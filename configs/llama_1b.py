@@ -4,7 +4,7 @@
     python -m jaxlm.main --config=configs/llama_1b.py \\
         --config.data.datasets.stdlib.paths='~/corpus/*.parquet' \\
         --config.tokenizer.path=~/models/llama-3.2-1b/tokenizer.json
-    python tools/bench.py --config=configs/llama_1b.py   # measure tokens/s on the chip itself
+    python benchmarks/bench.py --config=configs/llama_1b.py   # measure tokens/s on the chip itself
     python tools/compile.py --config=configs/llama_1b.py --target=v5p-8   # TPU compile, on a CPU
 
 Model: Llama 3.2 1B's architecture: vocabulary 128,256, d 2048, 16 layers, 32 query heads and

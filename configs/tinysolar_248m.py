@@ -5,7 +5,7 @@
     python -m jaxlm.main --config=configs/tinysolar_248m.py \\
         --config.data.datasets.stdlib.paths='~/corpus/*.jsonl' \\
         --config.tokenizer.path=~/models/tinysolar/tokenizer.model
-    python tools/bench.py --config=configs/tinysolar_248m.py   # measure tokens/s on the chip
+    python benchmarks/bench.py --config=configs/tinysolar_248m.py   # measure tokens/s on the chip
 
 Model: the architecture in upstage/TinySolar-248m-4k's config.json (a Llama): d 1024, 12
 layers, 32 query heads and 8 key/value heads of 32, SwiGLU 4096, vocabulary 32,000, separate

@@ -1,4 +1,11 @@
-"""Shared start-up for absl command lines that take a `--config` file."""
+"""The one start-up of every command (jaxlm.main, tools/, benchmarks/): absl flags, errors
+for people.
+
+`run_cli(main)` parses the flags with absl and runs `main(argv)`; a `JaxlmError` leaves as one
+`error: ...` line (exit status 1), Ctrl-C as one line (130), a bad `--config.x` override as one
+`error:` line. `call(main, flag_values, argv)` runs the same command in this process and returns
+its exit status (tests, notebooks).
+"""
 
 import ast
 import contextlib
@@ -6,9 +13,14 @@ import importlib.util
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from absl import app, flags
+
+from jaxlm.errors import JaxlmError
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
+Main = Callable[[list[str]], int | None]  # positional arguments (argv[0] the program) -> status
 
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 _HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -58,17 +70,90 @@ def ctrl_c_is_one_line(message: str = "stopped by Ctrl-C.") -> Iterator[None]:
         sys.exit(130)
 
 
-def run_cli(main_fn) -> None:
-    """`app.run(main_fn)` with --config required, a bad override as one `error:` line and
-    Ctrl-C as one line."""
-    flags.mark_flag_as_required("config")
+@contextlib.contextmanager
+def errors_are_one_line() -> Iterator[None]:
+    """A `JaxlmError` inside prints `error: <message>` alone on stderr and exits 1.
+
+    Anything else is a bug and keeps its traceback; JAXLM_TRACEBACK=1 keeps it for these too.
+    """
+    try:
+        yield
+    except JaxlmError as e:
+        if os.environ.get("JAXLM_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def run_cli(
+    main_fn: Main, flag_values: flags.FlagValues | None = None, *, require_config: bool = True
+) -> None:
+    """`app.run(main_fn)` with errors for people: the entry of every command.
+
+    Args:
+      main_fn: the command; gets the positional arguments (argv[0] the program), returns the
+        exit status (None = 0).
+      flag_values: the command's own flags, when they are not on absl's global FLAGS. Commands
+        that tests call in this process (`call`) keep their flags apart, since two of them may
+        both define `--workdir`; here they join FLAGS, so `--help` and `--flagfile` see them.
+      require_config: `--config` is required; commands reading a workdir or a model directory
+        take none, and some take it only for some work (prepare_data's --list does not).
+    """
+    if flag_values is not None:
+        flags.FLAGS.append_flag_values(flag_values)
+        for module, module_flags in flag_values.flags_by_module_dict().items():
+            for flag in module_flags:  # listed by --help as the command's own flags
+                flags.FLAGS.register_flag_by_module(module, flag)
+
+    def main(argv: list[str]) -> int | None:
+        if flag_values is not None:
+            flag_values.mark_as_parsed()  # absl parsed these flags as members of FLAGS
+        with errors_are_one_line():
+            return main_fn(argv)
+
+    if require_config:
+        flags.mark_flag_as_required("config")
     try:
         with ctrl_c_is_one_line():
-            app.run(main_fn)
+            app.run(main)
+    except SystemExit as e:
+        # absl prints the usage (the module docstring and flags) for --help, then exits 1:
+        # asking for help is not a failure.
+        if e.code == 1 and any(a in _HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
     except (AttributeError, KeyError) as e:  # raised by --config.x overrides naming unknown keys
+        if not any(a.startswith("--config.") for a in sys.argv[1:]):
+            raise
         message = _readable(e)
         hint = "" if "Did you mean" in message else _existing_keys(sys.argv)
         sys.exit(f"error: bad --config override: {message}{hint}")
+
+
+def call(main_fn: Main, flag_values: flags.FlagValues, argv: list[str]) -> int:
+    """Runs a command in this process as `run_cli` runs it from a shell; returns its exit status.
+
+    Flags not in `argv` take their defaults (not values left by an earlier call); a flag that
+    does not parse, and a `JaxlmError`, are one `error:` line on stderr and status 1.
+
+    Args:
+      main_fn, flag_values: the command's main and its own flags (see `run_cli`).
+      argv: the arguments after the program name, as typed in a shell.
+    """
+    flag_values.unparse_flags()
+    try:
+        positional = flag_values([main_fn.__module__, *argv])
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        with errors_are_one_line():
+            return main_fn(positional) or 0
+    except SystemExit as e:
+        if isinstance(e.code, str):  # sys.exit("message"), as Python prints it
+            print(e.code, file=sys.stderr, flush=True)
+            return 1
+        return e.code or 0
 
 
 def _existing_keys(argv: list[str]) -> str:

@@ -17,6 +17,11 @@ class ConvertError(JaxlmError):
     """A model directory or checkpoint that cannot be converted; the message names the cause."""
 
 
+class TokenizerMismatch(JaxlmError):
+    """A tokenizer other than the one the data or checkpoint was made with (see
+    `jaxlm.data.tokenizer.check_same`)."""
+
+
 class PeerLost(JaxlmError):
     """Another process of a multi-process run died: this one must exit without waiting for it.
 

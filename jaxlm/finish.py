@@ -18,6 +18,7 @@ from jaxlm import checkpoint as ckpt_lib
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding, stages
+from jaxlm.progress import format_duration
 
 
 def completed_run(config: Any, workdir: str) -> dict[str, Any] | None:
@@ -96,7 +97,7 @@ def summary_text(
     return (
         f"run summary: {tokens:,} tokens seen "
         f"(steps {summary['start_step']}-{summary['final_step']} "
-        f"in {metrics_lib.format_duration(summary['wall_s'])}) | final train loss "
+        f"in {format_duration(summary['wall_s'])}) | final train loss "
         f"{train_loss} | best held-out loss {best_loss:.4f} at step {best_step}\n"
         f"{metrics_lib.before_after(first_eval, summary['eval'])}"
         f"  checkpoints: {ckpt_dir}\n"

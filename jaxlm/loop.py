@@ -24,9 +24,11 @@ from jaxlm import faults, finish, objectives, peers, sharding, stages, train, va
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import staged
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices
 from jaxlm.evaluate import tasks as tasks_lib
+from jaxlm.progress import Progress, format_duration
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -194,12 +196,13 @@ class Trainer:
                 "a new --workdir with --config.init_from=ckpt:<this workdir>."
             )
         step, state, data_state, saved_meta = self.checkpointer.restore(self.setup.abstract_state)
-        if saved_meta.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
-            raise ckpt_lib.CheckpointError(
-                f"the checkpoint at step {step} was trained with tokenizer "
-                f"{saved_meta.get('tokenizer_sha256', '?')[:12]} but the data now uses "
-                f"{self.meta['tokenizer_sha256'][:12]}; use the original data and tokenizer config."
-            )
+        tokenizer_lib.check_same(
+            self.meta["tokenizer_sha256"],
+            saved_meta.get("tokenizer_sha256"),
+            "the data",
+            f"the checkpoint at step {step} was trained with",
+            "use the original data and tokenizer config",
+        )
         if data_state is not None:
             self._set_data_state(step, data_state)
         self.out.trim(step)
@@ -237,11 +240,13 @@ class Trainer:
             step, state, data_state, meta = source.restore(self.setup.abstract_state, step)
         finally:
             source.close()
-        if meta.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
-            raise ConfigError(
-                f"config.init_from={self.config.init_from!r} was trained with another tokenizer; "
-                "branch with the data it was trained on."
-            )
+        tokenizer_lib.check_same(
+            self.meta["tokenizer_sha256"],
+            meta.get("tokenizer_sha256"),
+            "this run's data",
+            f"config.init_from={self.config.init_from!r} was trained with",
+            "branch with the data it was trained on",
+        )
         if step > self.plan.total_steps:
             raise ConfigError(
                 f"config.init_from's checkpoint is at step {step}, past this run's last step "
@@ -398,7 +403,7 @@ class Trainer:
             f"step {done:>6}/{self.plan.total_steps} | loss {last['loss']:.4f} | "
             f"lr {last['lr']:.2e} | "
             f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
-            f"ETA {metrics_lib.format_duration(timing['eta_s'])}"
+            f"ETA {format_duration(timing['eta_s'])}"
         )
 
     def _eval(self, step: int, final: bool = False) -> dict[str, float] | None:
@@ -456,7 +461,7 @@ class Trainer:
             self.manifest,
             cap,
             self.objective,
-            progress=metrics_lib.Progress(self.out.print, what, n),
+            progress=Progress(what, n, "batches", print_fn=self.out.print),
         )
         gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
         if final and gzip_bpb:  # the baseline beside the final figures, for reruns and plots

@@ -121,38 +121,12 @@ class Throughput:
         }
 
 
-class Progress:
-    """Progress lines for a long phase with a known number of units (e.g. eval batches):
-    '  <what>: 120/480 batches (25%), 0m31s', at most one per `every_s` seconds; a phase that
-    ends sooner prints none."""
-
-    def __init__(self, print_fn: Any, what: str, total: int, every_s: float = 20.0):
-        self.print, self.what, self.total, self.every_s = print_fn, what, total, every_s
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last >= self.every_s and done < self.total:
-            self.last = now
-            self.print(
-                f"  {self.what}: {done}/{self.total} batches ({done / self.total:.0%}), "
-                f"{format_duration(now - self.start)}"
-            )
-
-
 def device_memory_gb() -> float | None:
     """Bytes in use on device 0 in GB, where the backend reports it."""
     stats = jax.local_devices()[0].memory_stats()
     if not stats or "bytes_in_use" not in stats:
         return None
     return stats["bytes_in_use"] / 1e9
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def before_after(before: dict[str, float] | None, after: dict[str, float]) -> str:

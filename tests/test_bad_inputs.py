@@ -97,7 +97,7 @@ def files(tmp_path_factory):
 
 @contextlib.contextmanager
 def main_module():
-    """jaxlm.main with its flags, beside other commands' (tools/bench.py also has --config).
+    """jaxlm.main with its flags, beside other commands' (benchmarks/bench.py also has --config).
 
     absl keeps one global flag registry: the other commands' flags of the same names step
     aside while jaxlm.main is imported afresh, and come back afterwards.

@@ -1,4 +1,4 @@
-"""tools/bench.py: its peak really is matmul work, its timers read known durations, and its
+"""benchmarks/bench.py: its peak really is matmul work, its timers read known durations, and its
 figures agree with FLOP and parameter counts read from the model itself."""
 
 import time
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import bench, timing
 from tests.helpers import VOCAB, tiny_config
-from tools import bench
 
 
 def test_matmul_peak_computes_the_product_it_times():
@@ -26,7 +26,7 @@ def test_matmul_peak_divides_its_flops_by_the_time_taken():
     assert peak.flops / 0.08 < rate <= peak.flops / 0.05  # sleep overshoots, never undershoots
 
 
-def test_time_calls_reads_a_known_duration():
+def test_seconds_per_call_reads_a_known_duration():
     calls = []
 
     def sleep_20ms(x):
@@ -34,9 +34,30 @@ def test_time_calls_reads_a_known_duration():
         time.sleep(0.02)
         return jnp.zeros(())
 
-    seconds = bench.time_calls(sleep_20ms, (7,), steps=5)
+    seconds = timing.seconds_per_call(sleep_20ms, 7, calls=5)
     assert len(calls) == 6  # one warm-up call, not timed
     assert 0.02 <= seconds < 0.035
+
+
+def test_windows_time_each_window_per_unit_and_leave_between_untimed():
+    between_calls = []
+
+    def run(n):  # n units of 10 ms
+        time.sleep(0.01 * n)
+
+    def between():  # 50 ms that must not count
+        between_calls.append(1)
+        time.sleep(0.05)
+
+    seconds = timing.windows(run, rounds=3, per_round=2, between=between)
+    assert len(between_calls) == 3 and len(seconds) == 3
+    assert all(0.01 <= s < 0.02 for s in seconds)
+
+
+def test_best_of_is_the_fastest_timed_call_after_the_warm_up():
+    durations = iter([0.08, 0.04, 0.01, 0.03])  # the warm-up (untimed), then three repeats
+    seconds, result = timing.best_of(lambda: time.sleep(next(durations)) or "done", repeats=3)
+    assert 0.01 <= seconds < 0.03 and result == "done"
 
 
 def test_checkpoint_stall_is_the_share_of_loop_time_spent_saving(monkeypatch):

@@ -16,10 +16,17 @@ import sysconfig
 
 import pytest
 
+from jaxlm import cli
 from jaxlm.convert import hf
 from jaxlm.data import tokenizer as tokenizer_lib
 from tests.helpers import make_hf_model
 from tools import generate as generate_tool
+
+
+def run_generate(argv: list[str]) -> int:
+    """`python tools/generate.py ARGV` in this process; its exit status."""
+    return cli.call(generate_tool.main, generate_tool.FLAGS, argv)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -102,7 +109,7 @@ def transformers_greedy(model_dir, prompt, n):
 def jaxlm_greedy(workdir, prompt, n, capsys):
     """`tools/generate.py --workdir=... --temperature=0`'s continuation (text)."""
     capsys.readouterr()
-    code = generate_tool.main(
+    code = run_generate(
         [f"--workdir={workdir}", f"--prompt={prompt}", f"--max_tokens={n}", "--temperature=0"]
     )
     out = capsys.readouterr().out

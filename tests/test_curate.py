@@ -8,7 +8,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from jaxlm.data import curate, sources
+from jaxlm.data import curate, minhash, pii, sources
 
 
 def _read(f: sources.SourceFile) -> str:
@@ -80,13 +80,13 @@ def test_planted_duplicates_removed_and_no_distinct_document_removed(corpus):
     near, near_j, distinct = [], {}, []
     for i, d in enumerate(big[16:76]):
         copy = _edit(d["text"], (0.01, 0.02, 0.04)[i % 3], rng)
-        j = curate.jaccard(d["text"], copy)
+        j = minhash.jaccard(d["text"], copy)
         if j >= 0.8:
             near.append({"text": copy, "source": f"near:{d['source']}"})
             near_j[f"near:{d['source']}"] = j
     for d in big[76:96]:  # heavily edited: related but distinct (Jaccard well below 0.8)
         copy = _edit(d["text"], 0.6, rng)
-        assert curate.jaccard(d["text"], copy) < 0.6
+        assert minhash.jaccard(d["text"], copy) < 0.6
         distinct.append({"text": copy, "source": f"distinct:{d['source']}"})
     assert len(near) >= 40
 
@@ -104,7 +104,7 @@ def test_planted_duplicates_removed_and_no_distinct_document_removed(corpus):
     kept_texts = [d["text"] for d in kept]
     for d in corpus:
         if d["source"] in removed:
-            best = max(curate.jaccard(d["text"], t) for t in kept_texts)
+            best = max(minhash.jaccard(d["text"], t) for t in kept_texts)
             assert best >= 0.7, (d["source"], removed[d["source"]], best)
     assert cur.report.documents_out == len(kept)
 
@@ -119,17 +119,17 @@ def test_dedup_switches_off(corpus):
 
 
 def test_minhash_estimate_tracks_exact_jaccard(corpus):
-    nd = curate.NearDedup(0.8, 5, 128, 32)
+    nd = minhash.NearDedup(0.8, 5, 128, 32)
     rng = random.Random(1)
     text = max(corpus, key=lambda d: len(d["text"]))["text"]
 
     def sig(t):
-        return nd.signature(curate._word_hashes(t.lower().split()))
+        return nd.signature(minhash.word_hashes(t.lower().split()))
 
     for rate in (0.02, 0.1, 0.3):
         other = _edit(text, rate, rng)
         est = float((sig(text) == sig(other)).mean())
-        assert abs(est - curate.jaccard(text, other)) < 0.12
+        assert abs(est - minhash.jaccard(text, other)) < 0.12
 
 
 def _prose() -> str:
@@ -223,7 +223,7 @@ SAFE = [
 def test_pii_replaced_and_versions_dates_numbers_left_alone():
     lines = [f"mail {e} now" for e in EMAILS] + [f"call {p} now" for p in PHONES]
     lines += [f"host {ip} now" for ip in IPS] + SAFE
-    scrub = curate.PiiScrubber()
+    scrub = pii.PiiScrubber()
     out = scrub("\n".join(lines)).split("\n")
     n_e, n_p, n_i = len(EMAILS), len(PHONES), len(IPS)
     assert out[:n_e] == ["mail <EMAIL> now"] * n_e
@@ -269,14 +269,14 @@ def test_default_config_lists_every_threshold():
 
 def test_near_duplicates_replays_keep_first_like_the_stream():
     # a~b, b~c, a!~c: the stream keeps a, drops b (like a), keeps c (its only match b was dropped)
-    assert curate.near_duplicates([((0, 2), (0, 1)), ((0, 1), (0, 0))]) == {(0, 1)}
-    assert curate.near_duplicates([(5, 9), (9, 5), (3, 5), (3, 9)]) == {5, 9}
+    assert minhash.near_duplicates([((0, 2), (0, 1)), ((0, 1), (0, 0))]) == {(0, 1)}
+    assert minhash.near_duplicates([(5, 9), (9, 5), (3, 5), (3, 9)]) == {5, 9}
     # against the streaming index itself, on real text with planted near copies
-    nd = curate.NearDedup(0.8, 5, 128, 32)
+    nd = minhash.NearDedup(0.8, 5, 128, 32)
     texts = [f.read_text() for f in sorted(Path(os.path.dirname(os.__file__)).glob("c*.py"))]
     texts = [t for t in texts if len(t.split()) > 50][:20]
     texts += [t.replace("def ", "def  x", 1) + "\n# copy\n" for t in texts[:8]]
-    sigs = [nd.signature(curate._word_hashes(t.lower().split())) for t in texts]
+    sigs = [nd.signature(minhash.word_hashes(t.lower().split())) for t in texts]
     stream = {i for i, s in enumerate(sigs) if nd.is_duplicate_signature(s)}
     buckets: dict = {}
     for i, s in enumerate(sigs):
@@ -289,4 +289,4 @@ def test_near_duplicates_replays_keep_first_like_the_stream():
         for j in members
         if i < j and nd.similar(sigs[i], sigs[j])
     ]
-    assert len(stream) >= 8 and curate.near_duplicates(pairs) == stream
+    assert len(stream) >= 8 and minhash.near_duplicates(pairs) == stream

@@ -1,4 +1,4 @@
-"""tools/device_check.py on CPU: every path that needs no GPU, and a comparison that can fail.
+"""benchmarks/device_check.py on CPU: every path that needs no GPU, and a comparison that can fail.
 
 The script runs once as a user would (`--cpu_smoke`, one CPU device, ~1-2 minutes on 2 cores);
 the tests read its files. The GPU-only parts (cuDNN, full-size benchmarks) are only checked
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import device_check as dc
 from jaxlm import model as model_lib
-from tools import device_check as dc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def smoke(tmp_path_factory):
     # One CPU device, as a user has it: conftest's 8 fake devices would not divide batch 4.
     flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "tools/device_check.py", "--cpu_smoke", f"--out={out}"]
+    cmd = [sys.executable, "benchmarks/device_check.py", "--cpu_smoke", f"--out={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / dc.JSON_NAME) as f:

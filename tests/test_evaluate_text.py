@@ -11,10 +11,16 @@ import shutil
 
 import pytest
 
+from jaxlm import cli
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import text
 from tests.helpers import hf_logits
 from tools import evaluate as evaluate_tool
+
+
+def run_evaluate(argv: list[str]) -> int:
+    """`python tools/evaluate.py ARGV` in this process; its exit status."""
+    return cli.call(evaluate_tool.main, evaluate_tool.FLAGS, argv)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def test_perplexity_equals_transformers_on_the_same_windows(hf_model, data, tmp_
     out = tmp_path / "result.json"
     args = [f"--hf_dir={hf_dir}", f"--data={data / 'decoder.txt'},{data / 'docs.jsonl'}"]
     args += ["--text_field=body", "--seq_len=32", f"--stride={stride}", f"--json={out}"]
-    assert evaluate_tool.main(args) == 0
+    assert run_evaluate(args) == 0
     result = json.loads(out.read_text())
     docs = {
         "decoder.txt": [(data / "decoder.txt").read_text()],
@@ -87,7 +93,7 @@ def test_an_imported_checkpoint_gives_the_same_numbers(hf_model, data, tmp_path)
     for source in (f"--hf_dir={hf_dir}", f"--workdir={tmp_path / 'imported'}"):
         out = tmp_path / "r.json"
         assert (
-            evaluate_tool.main(
+            run_evaluate(
                 [source, f"--data={data / 'decoder.txt'}", "--seq_len=32", f"--json={out}"]
             )
             == 0
@@ -137,7 +143,7 @@ def test_bad_inputs_are_one_sentence(hf_model, data, tmp_path, capsys):
     shutil.rmtree(imported / "tokenizer")
     cases.append(([f"--workdir={imported}", f"--data={data / 'decoder.txt'}"], "no tokenizer"))
     for args, message in cases:
-        assert evaluate_tool.main(args) == 1
+        assert run_evaluate(args) == 1
         assert message in one_line(capsys)
     with pytest.raises(JaxlmError, match="--stride=9 must be between 1 and"):
         list(text.windows(10, 8, 9))

@@ -15,11 +15,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import checkpoint, generate, infill, model, objectives, sharding, train
-from jaxlm.errors import JaxlmError
+from jaxlm import checkpoint, cli, generate, infill, model, objectives, sharding, train
+from jaxlm.errors import TokenizerMismatch
 from jaxlm.evaluate import trained as trained_lib
 from tests.helpers import tiny_config
 from tools import generate as generate_tool
+
+
+def run_generate(argv: list[str]) -> int:
+    """`python tools/generate.py ARGV` in this process; its exit status."""
+    return cli.call(generate_tool.main, generate_tool.FLAGS, argv)
+
 
 CFG = model.ModelConfig(
     vocab_size=67,
@@ -174,7 +180,7 @@ def _workdir(tmp_path_factory, pieces=()):
 
 def test_generate_tool_continues_the_prompt_with_the_checkpointed_model(workdir, capsys):
     wd, setup, params, tok = workdir
-    assert generate_tool.main([f"--workdir={wd}", "--prompt=the q"]) == 0
+    assert run_generate([f"--workdir={wd}", "--prompt=the q"]) == 0
     out = capsys.readouterr().out
     expected = generate.generate(
         setup.graphdef,
@@ -199,20 +205,20 @@ def test_a_different_tokenizer_is_refused(workdir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(workdir[0], other)
     char_tokenizer(str(other / "tokenizer.model"), text="zyxwvu tsrq")
-    with pytest.raises(JaxlmError, match="is not the tokenizer checkpoint 5 was trained with"):
+    with pytest.raises(TokenizerMismatch, match="does not match the tokenizer checkpoint 5 was"):
         trained_lib.load_trained(str(other))
 
 
 def test_generate_tool_errors_are_one_line(workdir, tmp_path, capsys):
     wd = workdir[0]
-    assert generate_tool.main([f"--workdir={tmp_path}"]) == 1
+    assert run_generate([f"--workdir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert (
         err.startswith(f"error: no checkpoint in {tmp_path}/checkpoints;") and err.count("\n") == 1
     )
-    assert generate_tool.main([f"--workdir={wd}", "--step=4"]) == 1
+    assert run_generate([f"--workdir={wd}", "--step=4"]) == 1
     assert capsys.readouterr().err.startswith("error: no checkpoint at step 4 in ")
-    assert generate_tool.main([f"--workdir={wd}", "--max_tokens=70"]) == 1
+    assert run_generate([f"--workdir={wd}", "--max_tokens=70"]) == 1
     assert "exceeds the model's max_seq_len=64" in capsys.readouterr().err
 
 
@@ -225,7 +231,7 @@ def infill_workdir(tmp_path_factory):
 def test_fill_middle_continues_the_psm_prompt_the_pipeline_trains_on(infill_workdir, capsys):
     wd, setup, params, tok = infill_workdir
     args = [f"--workdir={wd}", "--fill_middle", "--prompt=the q", "--suffix=k brown"]
-    assert generate_tool.main(args) == 0
+    assert run_generate(args) == 0
     out = capsys.readouterr().out
     pre, mid, suf = (tok.piece_to_id(p) for p in objectives.FIM_PIECES)
     ids = [tok.bos_id, pre, *tok.encode("the q"), suf, *tok.encode("k brown"), mid]
@@ -245,6 +251,6 @@ def test_fill_mask_reads_the_text_after_the_mask(infill_workdir):
 
 
 def test_fill_flags_on_a_run_without_the_pieces_are_one_error_line(workdir, capsys):
-    assert generate_tool.main([f"--workdir={workdir[0]}", "--fill_mask", "--prompt=a"]) == 1
+    assert run_generate([f"--workdir={workdir[0]}", "--fill_mask", "--prompt=a"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --fill_mask needs the piece '[MASK]'") and err.count("\n") == 1

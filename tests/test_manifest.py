@@ -74,7 +74,10 @@ def test_swapped_tokenizer_file_is_refused_on_load_with_one_sentence(tmp_path):
     with pytest.raises(JaxlmError) as e:
         manifest.load(path)
     msg = one_sentence(e)
-    assert str(tmp_path / "tokenizer.model") in msg and "does not match the sha256" in msg
+    assert (
+        str(tmp_path / "tokenizer.model") in msg
+        and "does not match the tokenizer the data at" in msg
+    )
     os.remove(tmp_path / "tokenizer.model")
     with pytest.raises(JaxlmError) as e:
         manifest.load(path)
@@ -92,7 +95,7 @@ def test_training_refuses_a_manifest_whose_tokenizer_was_swapped(tmp_path):
     config.data.manifest = path
     with pytest.raises(JaxlmError) as e:
         loop.run(config, str(tmp_path / "run"))
-    assert "does not match the sha256" in one_sentence(e)
+    assert "does not match the tokenizer the data at" in one_sentence(e)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 

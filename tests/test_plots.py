@@ -7,7 +7,14 @@ import math
 import numpy as np
 from matplotlib import image
 
+from jaxlm import cli
 from tools import plot_metrics
+
+
+def run_plot(argv: list[str]) -> int:
+    """`python tools/plot_metrics.py ARGV` in this process; its exit status."""
+    return cli.call(plot_metrics.main, plot_metrics.FLAGS, argv)
+
 
 SPIKE_STEP = 300
 
@@ -58,7 +65,7 @@ def read_png(path):
 
 def test_one_run_draws_a_non_blank_dashboard_in_its_workdir(tmp_path, capsys):
     wd = make_workdir(tmp_path / "tiny", seed=0)
-    assert plot_metrics.main([str(wd)]) == 0
+    assert run_plot([str(wd)]) == 0
     assert capsys.readouterr().out.strip() == str(wd / "metrics.png")
     read_png(wd / "metrics.png")
     steps, loss = plot_metrics.read_metrics(str(wd))["train/loss"]
@@ -68,8 +75,8 @@ def test_one_run_draws_a_non_blank_dashboard_in_its_workdir(tmp_path, capsys):
 def test_two_runs_are_overlaid_in_one_png(tmp_path):
     a = make_workdir(tmp_path / "a", seed=0)
     b = make_workdir(tmp_path / "b", seed=1, batch_size=32, spike=False)
-    assert plot_metrics.main([str(a), str(b), f"--out={tmp_path / 'compare.png'}"]) == 0
-    assert plot_metrics.main([str(a), f"--out={tmp_path / 'alone.png'}"]) == 0
+    assert run_plot([str(a), str(b), f"--out={tmp_path / 'compare.png'}"]) == 0
+    assert run_plot([str(a), f"--out={tmp_path / 'alone.png'}"]) == 0
     both, alone = read_png(tmp_path / "compare.png"), read_png(tmp_path / "alone.png")
     assert not np.array_equal(both, alone)  # the second run adds lines
     assert not (a / "metrics.png").exists()
@@ -94,7 +101,7 @@ def test_resumed_steps_keep_the_last_value_and_broken_lines_are_skipped(tmp_path
 
 
 def test_a_workdir_without_metrics_is_one_error_line(tmp_path, capsys):
-    assert plot_metrics.main([str(tmp_path)]) == 1
+    assert run_plot([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path}/metrics.jsonl does not exist; pass the --workdir of a run.\n"
 
@@ -115,7 +122,7 @@ def test_a_staged_run_gets_its_boundaries_and_planned_schedules(tmp_path):
     # x is tokens seen, exact across the change of shape: 200 x 16 x 16, then 8 x 64 per step.
     to_x = plot_metrics._tokens_at(str(wd), plan)
     assert to_x([200, 500]).tolist() == [51_200, 51_200 + 300 * 512]
-    assert plot_metrics.main([str(wd)]) == 0
+    assert run_plot([str(wd)]) == 0
     pixels = image.imread(str(wd / "metrics.png"))
     assert pixels.shape == (1275, 1600, 4) and pixels[850:, :, :3].var() > 0.001  # third row
 

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from jaxlm.data import curate, manifest, prepare, records, sources, tokenizer
+from jaxlm.errors import TokenizerMismatch
 from tests.helpers import Log, copy_stdlib_subset, data_configs, decoded_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,7 @@ def test_other_tokenizer_is_detected_by_sha256(stdlib_prepared, tmp_path):
     texts = [f"def f{i}():\n    return {i}\n" for i in range(300)]
     cfg = data_configs("", "")[1]
     other = tokenizer.train_tokenizer(texts, cfg, str(tmp_path / "other.model"))
-    with pytest.raises(prepare.DataError, match="tokenized with tokenizer"):
+    with pytest.raises(TokenizerMismatch, match="the data at .* was tokenized with"):
         manifest.load(path, other)
     # A shard rewritten with another tokenizer under the same name: its hash gives it away.
     fake = tmp_path / "fake"

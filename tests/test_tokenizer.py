@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 
 from jaxlm.data import sources, tokenizer
+from jaxlm.errors import TokenizerMismatch
 
 
 def _tok_cfg(**kw) -> ml_collections.ConfigDict:
@@ -140,3 +141,19 @@ def test_hash_sampler_is_bounded_and_order_independent():
         for k in range(1, parts):
             merged.merge(sample(docs[k::parts]))
         assert merged.texts() == a.texts() and merged.bytes == a.bytes
+
+
+def test_one_check_refuses_another_tokenizer_and_names_both():
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    tokenizer.check_same(a, None, "x", "y", "z")  # nothing recorded: nothing to compare
+    tokenizer.check_same(a, "", "x", "y", "z")
+    tokenizer.check_same(a, a, "x", "y", "z")
+    tokenizer.check_same(a, {b, a}, "x", "y", "z")  # any of several (tokenizer.json or .model)
+    with pytest.raises(TokenizerMismatch) as e:
+        tokenizer.check_same(
+            a, {c, b}, "runs/r/tokenizer.model", "checkpoint 5 was trained with", "copy it"
+        )
+    assert str(e.value) == (
+        f"runs/r/tokenizer.model (tokenizer {a[:12]}) does not match the tokenizer checkpoint 5 "
+        f"was trained with ({b[:12]} or {c[:12]}); copy it."
+    )

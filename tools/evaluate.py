@@ -25,58 +25,53 @@ against transformers within 0.1%).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
+
+from absl import flags
 
 from jaxlm import cli
+from jaxlm.errors import JaxlmError
+from jaxlm.progress import Progress
+
+FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training run's or an import's --workdir.", flag_values=FLAGS
+)
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).", flag_values=FLAGS)
+_DATA = flags.DEFINE_string(
+    "data", None, "Comma-separated files, globs or directories.", flag_values=FLAGS
+)
+_TEXT_FIELD = flags.DEFINE_string(
+    "text_field", "text", "JSONL key / Parquet column of the text.", flag_values=FLAGS
+)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Window length; 0 = the model's.", flag_values=FLAGS)
+_STRIDE = flags.DEFINE_integer(
+    "stride", 0, "Window stride; 0 = seq_len (disjoint).", flag_values=FLAGS
+)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.", flag_values=FLAGS)
+_JSON = flags.DEFINE_string(
+    "json", "", "Also write the results to this JSON file.", flag_values=FLAGS
+)
+flags.mark_flag_as_required("data", flag_values=FLAGS)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training run's or an import's --workdir")
-    src.add_argument("--hf_dir", help="a Hugging Face Llama directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--data", required=True, help="comma-separated files, globs or directories")
-    p.add_argument("--text_field", default="text", help="JSONL key / Parquet column of the text")
-    p.add_argument("--seq_len", type=int, default=0, help="window length; 0 = the model's")
-    p.add_argument("--stride", type=int, default=0, help="window stride; 0 = seq_len (disjoint)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    return p.parse_args(argv)
-
-
-class Bar:
-    """A progress bar on stderr: redrawn in place on a terminal, one line per dataset else."""
-
-    def __init__(self, label: str):
-        self.label, self.start, self.tty = label, time.perf_counter(), sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        line = (
-            f"  {self.label} [{'#' * (30 * done // total):<30}] {done}/{total} rows "
-            f"{time.perf_counter() - self.start:.1f} s"
-        )
-        if self.tty:
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif done == total:
-            print(line, file=sys.stderr, flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from jaxlm.errors import JaxlmError
-
-    try:
-        results = evaluate(args)
-    except JaxlmError as e:
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(argv: list[str]) -> int:
+    """Scores each --data entry (and all together) and prints one line each."""
+    del argv
+    if (_WORKDIR.value is None) == (_HF_DIR.value is None):
+        raise JaxlmError("pass one model: --workdir (a run or an import) or --hf_dir.")
+    results = evaluate(
+        _DATA.value,
+        workdir=_WORKDIR.value,
+        hf_dir=_HF_DIR.value,
+        step=_STEP.value,
+        text_field=_TEXT_FIELD.value,
+        seq_len=_SEQ_LEN.value,
+        stride=_STRIDE.value,
+        batch_size=_BATCH_SIZE.value,
+    )
     for name, r in results["data"].items():
         documents = f"{r['documents']:,} document{'s' if r['documents'] != 1 else ''}"
         print(
@@ -91,47 +86,59 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif "trained_on" in r:
             print("  (none of these documents was in the run's training split)")
-    if args.json:
-        with open(args.json, "w") as f:
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Loads the model, checks every input, then scores each dataset; returns the results."""
-    from jaxlm.errors import JaxlmError
+def evaluate(
+    data: str,
+    *,
+    workdir: str | None,
+    hf_dir: str | None,
+    step: int | None,
+    text_field: str,
+    seq_len: int,
+    stride: int,
+    batch_size: int,
+) -> dict:
+    """Loads the model (a workdir, or `hf_dir`), checks every input, then scores each dataset
+    of `data` (comma-separated files, globs, directories); returns the results."""
     from jaxlm.evaluate import seen, text, trained
 
-    entries = [p.strip() for p in args.data.split(",") if p.strip()]
+    entries = [p.strip() for p in data.split(",") if p.strip()]
     if not entries:
         raise JaxlmError("--data is empty; pass files, globs or directories of text.")
     for entry in entries:  # a missing or empty file fails now, before the model is read
-        text.check_data(entry, args.text_field)
-    for flag in ("seq_len", "stride", "batch_size"):
-        if getattr(args, flag) < 0 or (flag == "batch_size" and args.batch_size < 1):
-            raise JaxlmError(f"--{flag}={getattr(args, flag)} must be positive.")
-    if args.hf_dir:
-        model = trained.load_hf(os.path.expanduser(args.hf_dir), progress=True)
-        source = {"hf_dir": os.path.abspath(os.path.expanduser(args.hf_dir))}
+        text.check_data(entry, text_field)
+    for flag, value in (("seq_len", seq_len), ("stride", stride), ("batch_size", batch_size)):
+        if value < 0 or (flag == "batch_size" and value < 1):
+            raise JaxlmError(f"--{flag}={value} must be positive.")
+    if hf_dir:
+        model = trained.load_hf(os.path.expanduser(hf_dir), progress=True)
+        source = {"hf_dir": os.path.abspath(os.path.expanduser(hf_dir))}
     else:
-        model = trained.load_trained(os.path.expanduser(args.workdir), step=args.step)
-        source = {"workdir": os.path.abspath(args.workdir), "step": model.step}
-    corpora = [text.read_corpus(e, model.tokenizer, args.text_field) for e in entries]
+        model = trained.load_trained(os.path.expanduser(workdir), step=step)
+        source = {"workdir": os.path.abspath(workdir), "step": model.step}
+    corpora = [text.read_corpus(e, model.tokenizer, text_field) for e in entries]
     run_len = model.config.train.seq_len if model.config is not None else 0
-    seq_len = args.seq_len or run_len or model.setup.model_cfg.max_seq_len
-    stride = args.stride or seq_len
+    seq_len = seq_len or run_len or model.setup.model_cfg.max_seq_len
+    stride = stride or seq_len
     out = {**source, "seq_len": seq_len, "stride": stride, "data": {}}
     totals = [0.0, 0, 0, 0]  # nll, tokens, bytes, documents
     for corpus in corpora:
+        bar = Progress(corpus.name, unit="rows")  # its total comes with the first call
         r = text.evaluate_corpus(
             model,
             corpus,
             seq_len=seq_len,
             stride=stride,
-            batch_size=args.batch_size,
-            progress=Bar(corpus.name),
+            batch_size=batch_size,
+            progress=bar,
         )
+        bar.finish()
         if model.config is not None:  # a training run: say if it trained on this text
             r["trained_on"] = seen.documents_trained_on(model.config, corpus.name)[0]
         out["data"][corpus.name] = r
@@ -143,5 +150,4 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    with cli.ctrl_c_is_one_line():
-        sys.exit(main())
+    cli.run_cli(main, FLAGS, require_config=False)

@@ -1,6 +1,6 @@
 """Continue a prompt with a trained run's model.
 
-    python tools/generate.py --workdir=runs/tiny --prompt='def fibonacci(n):\n' \
+    python tools/generate.py --workdir=runs/tiny --prompt='def fibonacci(n):\\n' \\
         [--max_tokens=128 --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=600]
 
 Loads the newest (or `--step`) checkpoint's parameters from the workdir (config from the
@@ -14,9 +14,9 @@ to type.
 
 Non-causal runs (config.objective, see jaxlm/objectives.py):
 
-    python tools/generate.py --workdir=runs/fim --fill_middle \
-        --prompt='def add(a, b):\n    ' --suffix='\n    return c\n'
-    python tools/generate.py --workdir=runs/tiny_encoder --fill_mask \
+    python tools/generate.py --workdir=runs/fim --fill_middle \\
+        --prompt='def add(a, b):\\n    ' --suffix='\\n    return c\\n'
+    python tools/generate.py --workdir=runs/tiny_encoder --fill_mask \\
         --prompt='for i in [MASK](len(items)):'
 
 --fill_middle writes the middle between --prompt and --suffix (a FIM-trained model);
@@ -25,30 +25,36 @@ Non-causal runs (config.objective, see jaxlm/objectives.py):
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+from absl import flags
 
 from jaxlm import cli
 from jaxlm.errors import JaxlmError
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="the training run's --workdir")
-    p.add_argument("--prompt", default="", help="text to continue ('' = start a new document)")
-    p.add_argument("--max_tokens", type=int, default=None, help="new tokens to sample")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens; 0 = all")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus mass; 1 = off")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument(
-        "--fill_middle", action="store_true", help="write the middle between --prompt and --suffix"
-    )
-    p.add_argument("--suffix", default="", help="--fill_middle: the text after the middle")
-    p.add_argument("--fill_mask", action="store_true", help="fill the [MASK] pieces of --prompt")
-    return p.parse_args(argv)
+FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string(
+    "prompt", "", "Text to continue ('' = start a new document).", flag_values=FLAGS
+)
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "New tokens to sample.", flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy.", flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer(
+    "top_k", None, "Keep the k most likely tokens; 0 = all.", flag_values=FLAGS
+)
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass; 1 = off.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer(
+    "step", None, "Checkpoint step (default: the newest).", flag_values=FLAGS
+)
+_FILL_MIDDLE = flags.DEFINE_bool(
+    "fill_middle", False, "Write the middle between --prompt and --suffix.", flag_values=FLAGS
+)
+_SUFFIX = flags.DEFINE_string(
+    "suffix", "", "--fill_middle: the text after the middle.", flag_values=FLAGS
+)
+_FILL_MASK = flags.DEFINE_bool(
+    "fill_mask", False, "Fill the [MASK] pieces of --prompt.", flag_values=FLAGS
+)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def continue_prompt(
@@ -82,41 +88,36 @@ def continue_prompt(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    try:
-        from jaxlm.evaluate import trained as trained_lib
+def main(argv: list[str]) -> int:
+    """Prints the prompt and its continuation (or the middle, or the filled masks)."""
+    del argv
+    from jaxlm.evaluate import trained as trained_lib
 
-        if args.max_tokens is not None and args.max_tokens < 1:
-            raise JaxlmError(f"--max_tokens must be at least 1, not {args.max_tokens}.")
-        if args.fill_middle and args.fill_mask:
-            raise JaxlmError("--fill_middle and --fill_mask are two different looks; pick one.")
-        trained = trained_lib.load_trained(args.workdir, step=args.step)
-        sample = (trained.config or {}).get("sample") or {}  # an import has no run config
-        pick = lambda flag, key, default: flag if flag is not None else sample.get(key, default)  # noqa: E731
-        sampling = dict(
-            temperature=pick(args.temperature, "temperature", 0.0),
-            top_k=pick(args.top_k, "top_k", 0),
-            top_p=pick(args.top_p, "top_p", 1.0),
-            seed=args.seed,
-        )
-        max_tokens = pick(args.max_tokens, "max_tokens", 0) or 64  # the run may disable samples
-        if args.fill_mask:
-            return _print_fill_mask(trained, prompt)
-        if args.fill_middle:
-            from jaxlm import infill
+    prompt = _PROMPT.value.replace("\\n", "\n").replace("\\t", "\t")
+    if _MAX_TOKENS.value is not None and _MAX_TOKENS.value < 1:
+        raise JaxlmError(f"--max_tokens must be at least 1, not {_MAX_TOKENS.value}.")
+    if _FILL_MIDDLE.value and _FILL_MASK.value:
+        raise JaxlmError("--fill_middle and --fill_mask are two different looks; pick one.")
+    trained = trained_lib.load_trained(_WORKDIR.value, step=_STEP.value)
+    sample = (trained.config or {}).get("sample") or {}  # an import has no run config
+    pick = lambda flag, key, default: flag if flag is not None else sample.get(key, default)  # noqa: E731
+    sampling = dict(
+        temperature=pick(_TEMPERATURE.value, "temperature", 0.0),
+        top_k=pick(_TOP_K.value, "top_k", 0),
+        top_p=pick(_TOP_P.value, "top_p", 1.0),
+        seed=_SEED.value,
+    )
+    max_tokens = pick(_MAX_TOKENS.value, "max_tokens", 0) or 64  # the run may disable samples
+    if _FILL_MASK.value:
+        return _print_fill_mask(trained, prompt)
+    if _FILL_MIDDLE.value:
+        from jaxlm import infill
 
-            suffix = args.suffix.replace("\\n", "\n").replace("\\t", "\t")
-            middle = infill.fill_middle(trained, prompt, suffix, max_tokens, **sampling)
-            print(f"{prompt}{middle}{suffix}\nmiddle: {middle!r}", flush=True)
-            return 0
-        text = continue_prompt(trained, prompt, max_tokens=max_tokens, **sampling)
-    except JaxlmError as e:
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        suffix = _SUFFIX.value.replace("\\n", "\n").replace("\\t", "\t")
+        middle = infill.fill_middle(trained, prompt, suffix, max_tokens, **sampling)
+        print(f"{prompt}{middle}{suffix}\nmiddle: {middle!r}", flush=True)
+        return 0
+    text = continue_prompt(trained, prompt, max_tokens=max_tokens, **sampling)
     print(prompt + text, flush=True)
     return 0
 
@@ -132,5 +133,4 @@ def _print_fill_mask(trained, prompt: str) -> int:
 
 
 if __name__ == "__main__":
-    with cli.ctrl_c_is_one_line():
-        sys.exit(main())
+    cli.run_cli(main, FLAGS, require_config=False)

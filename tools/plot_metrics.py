@@ -16,19 +16,23 @@ Default output: <first workdir>/metrics.png.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from jaxlm import cli
 from jaxlm.errors import JaxlmError
+
+FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
+_OUT = flags.DEFINE_string(
+    "out", None, "PNG path (default: <first workdir>/metrics.png).", flag_values=FLAGS
+)
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps, values), sorted by step
 _TASK_KEY = re.compile(r"^eval/(.+)/accuracy$")
@@ -362,21 +366,16 @@ def _draw_stages(
         drawn[ax] = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: <first workdir>/metrics.png)")
-    args = p.parse_args(argv)
-    out = args.out or os.path.join(args.workdirs[0], "metrics.png")
-    try:
-        plot(args.workdirs, out)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(argv: list[str]) -> int:
+    """Draws the runs named by the positional arguments; prints the PNG's path."""
+    workdirs = argv[1:]
+    if not workdirs:
+        raise JaxlmError("name at least one run directory, e.g. plot_metrics.py runs/tiny.")
+    out = _OUT.value or os.path.join(workdirs[0], "metrics.png")
+    plot(workdirs, out)
     print(out)
     return 0
 
 
 if __name__ == "__main__":
-    with cli.ctrl_c_is_one_line():
-        sys.exit(main())
+    cli.run_cli(main, FLAGS, require_config=False)

@@ -57,19 +57,15 @@ def beam_args(user_args: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     from jaxlm.data import beam
-    from jaxlm.errors import JaxlmError
 
     config = _CONFIG.value
     # absl shows INFO logs, and Beam relays every worker's log lines (with the traceback of a
     # step that raised) through its own loggers: keep its warnings, and let a failed step reach
-    # the user as the one sentence below (or as the exception, for anything not a JaxlmError).
+    # the user as one `error:` sentence (or as the exception, for anything not a JaxlmError).
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
-    try:
-        path = beam.prepare_beam(
-            config.data, config.tokenizer, beam_args(argv[1:]), output=_OUTPUT.value
-        )
-    except JaxlmError as e:  # DataError and friends: one sentence for people, no traceback
-        sys.exit(f"error: {e}")
+    path = beam.prepare_beam(
+        config.data, config.tokenizer, beam_args(argv[1:]), output=_OUTPUT.value
+    )
     print(path)
 
 

@@ -20,11 +20,14 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 # Config files do `from configs import base`; make the repository root importable from anywhere.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxlm import cli  # noqa: E402
+from jaxlm.errors import JaxlmError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _PROCESS_INDEX = flags.DEFINE_integer("process_index", 0, "This host's index among the hosts.")
@@ -43,7 +46,6 @@ def main(argv: list[str]) -> None:
     del argv
     from jaxlm import objectives
     from jaxlm.data import prepare
-    from jaxlm.errors import JaxlmError
 
     config = _CONFIG.value
     if _LIST.value or _PRUNE.value:
@@ -56,27 +58,21 @@ def main(argv: list[str]) -> None:
         else:
             print(f"{root}:\n{cache.table(cache.entries(root))}")
         return
-    if config is None:
-        sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
+    if config is None:  # --list and --prune alone need none
+        raise JaxlmError("--config is required, e.g. --config=configs/tiny.py.")
     index, count = _PROCESS_INDEX.value, _PROCESS_COUNT.value
     if _USE_JAX.value:
         import jax  # imported only here: worker processes never need it
 
         index, count = jax.process_index(), jax.process_count()
-    try:
-        path = prepare.prepare(
-            config.data,
-            objectives.tokenizer_config(config),
-            process_index=index,
-            process_count=count,
-        )
-    except JaxlmError as e:  # DataError and friends: one sentence for people, no traceback
-        sys.exit(f"error: {e}")
+    path = prepare.prepare(
+        config.data,
+        objectives.tokenizer_config(config),
+        process_index=index,
+        process_count=count,
+    )
     print(path)
 
 
 if __name__ == "__main__":
-    from jaxlm import cli
-
-    with cli.ctrl_c_is_one_line():
-        app.run(main)
+    cli.run_cli(main, require_config=False)

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +42,7 @@ from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256
 from jaxlm.data.hf_tokenizer import find_tokenizer
 from jaxlm.errors import ConvertError
+from jaxlm.progress import Progress
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -243,12 +243,13 @@ def iter_hf_params(
             f"{hf_dir}: tensor {extra[0]} (and {len(extra) - 1} more) has no place "
             "in a Llama model; the checkpoint is of another architecture."
         )
-    bar = Progress("import", sum(t.size for t in tensors) * 4, enabled=progress)
+    nbytes = sum(t.size for t in tensors) * 4
+    bar = Progress("import", nbytes, "GB", scale=1e9, enabled=progress)
     for t in tensors:
         w = to_jaxlm(t, reader.get(names[t]))
         bar.update(w.nbytes)
         yield t, w
-    bar.done()
+    bar.finish()
 
 
 # --------------------------------------------------------------------------- import
@@ -343,7 +344,8 @@ def export_hf(
         if old.endswith(".safetensors") or old == "model.safetensors.index.json":
             os.remove(os.path.join(out_dir, old))
 
-    bar = Progress("export", sum(t.size for t in tensors) * np_dtype.itemsize, enabled=progress)
+    nbytes = sum(t.size for t in tensors) * np_dtype.itemsize
+    bar = Progress("export", nbytes, "GB", scale=1e9, enabled=progress)
     weight_map, total = {}, 0
     stacked = {}  # a scanned model's checkpoint: its stacked arrays, read once, sliced per layer
     if cfg.scan_layers:
@@ -369,7 +371,7 @@ def export_hf(
                     f.write(data.reshape(-1).view(np.uint8))  # no copy, any dtype
                     weight_map[t.hf_name], total = file, total + data.nbytes
                     bar.update(data.nbytes)
-    bar.done()
+    bar.finish()
     if len(shards) > 1:
         _write_json(
             os.path.join(out_dir, "model.safetensors.index.json"),
@@ -444,45 +446,16 @@ def _export_tokenizer(
     file = find_tokenizer(source) if os.path.isdir(source) else source
     if not file:
         raise ConvertError(f"{source} holds neither tokenizer.json nor tokenizer.model.")
-    want, have = meta.get("tokenizer_sha256"), file_sha256(file)
-    if want and have != want:
-        raise ConvertError(
-            f"tokenizer {file} (sha256 {have[:12]}) is not the one this checkpoint "
-            f"was trained with ({want[:12]}); pass that one with --tokenizer."
-        )
+    tokenizer_lib.check_same(
+        file_sha256(file),
+        meta.get("tokenizer_sha256"),
+        file,
+        "this checkpoint was trained with",
+        "pass that one with --tokenizer",
+    )
     if tokenizer_lib.load(file).vocab_size > cfg.vocab_size:
         raise ConvertError(
             f"tokenizer {file} has more ids than the model's {cfg.vocab_size} "
             "embeddings; pass the tokenizer it was trained with."
         )
     return hf_tokenizer.write_for_transformers(source, out_dir, cfg.max_seq_len)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, one line at the end otherwise."""
-
-    def __init__(self, label: str, total_bytes: int, enabled: bool = True):
-        self.label, self.total, self.enabled = label, max(total_bytes, 1), enabled
-        self.bytes, self.start, self.last = 0, time.perf_counter(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def line(self) -> str:
-        frac = self.bytes / self.total
-        return (
-            f"  {self.label} [{'#' * int(30 * frac):<30}] {frac:4.0%} {self.bytes / 1e9:.2f}/"
-            f"{self.total / 1e9:.2f} GB {time.perf_counter() - self.start:.1f} s"
-        )
-
-    def update(self, nbytes: int) -> None:
-        self.bytes += nbytes
-        if self.enabled and self.tty and time.perf_counter() - self.last > 0.1:
-            self.last = time.perf_counter()
-            print("\r" + self.line(), end="", file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.enabled:
-            print(("\r" if self.tty else "") + self.line(), file=sys.stderr, flush=True)
-            self.enabled = False

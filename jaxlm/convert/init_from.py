@@ -21,6 +21,7 @@ from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm.convert import hf
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256
 from jaxlm.data.hf_tokenizer import find_tokenizer
 from jaxlm.errors import ConfigError
@@ -161,8 +162,10 @@ def _check_tokenizer(init_from: str, sha: str | None) -> None:
     else:
         ckpt_dir, step = ckpt_lib.resolve(path)
         known = {ckpt_lib.read_step_meta(ckpt_dir, step).get("tokenizer_sha256")} - {"", None}
-    if known and sha not in known:
-        raise ConfigError(
-            f"the data was tokenized with tokenizer {sha[:12]}, not the one of "
-            f"config.init_from={init_from!r}; set config.tokenizer.path to it."
-        )
+    tokenizer_lib.check_same(
+        sha,
+        known,
+        "the run's data",
+        f"config.init_from={init_from!r} came with",
+        "set config.tokenizer.path to it",
+    )

@@ -8,7 +8,7 @@ that a stream keeps by remembering become group-bys here:
    the corpus ``(file number, document number)`` — the order the local path streams them in;
 2. exact dedup: group by ``curate.exact_key``; the earliest document of each group survives;
 3. quality (``Rules.screen``) and MinHash; near dedup groups by LSH band key, compares the
-   signatures within each bucket, and ``curate.near_duplicates`` replays keep-first over the
+   signatures within each bucket, and ``minhash.near_duplicates`` replays keep-first over the
    similar pairs of a dataset (one worker holds only those pairs);
 4. PII scrub (``Rules.scrub``).
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.data import curate, prepare, sources
+from jaxlm.data import curate, minhash, prepare, sources
 
 
 def nbytes(text: str) -> int:
@@ -132,7 +132,7 @@ def _similar_pairs(item: tuple[tuple[str, int, bytes], Iterable[Any]], screen: _
 
 def _dropped(item: tuple[str, Iterable[Any]]) -> Iterator[tuple[tuple[str, Any], bool]]:
     ds, edges = item
-    for order in curate.near_duplicates(edges):
+    for order in minhash.near_duplicates(edges):
         yield (ds, order), True
 
 

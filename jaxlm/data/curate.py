@@ -6,11 +6,11 @@ Rules run in order of cost, cheapest first, on a stream (nothing is held but the
 2. **quality** — Gopher/C4-style heuristics (length, mean word length, symbol ratio, lines ending
    in punctuation, duplicate lines, most-repeated n-gram, alphabetic words, longest line). The
    thresholds come from a preset (``code``, ``web``, ``none``), each overridable in the config.
-3. **near dedup** — MinHash over word 5-gram shingles with banded LSH; a document whose estimated
-   Jaccard similarity to an already *kept* document is >= threshold is dropped (keep-first, so
-   the result is deterministic for a given input order).
+3. **near dedup** — MinHash over word 5-gram shingles with banded LSH (jaxlm/data/minhash.py); a
+   document whose estimated Jaccard similarity to an already *kept* document is >= threshold is
+   dropped (keep-first, so the result is deterministic for a given input order).
 4. **PII scrub** — e-mails, IPv4/IPv6 addresses and phone numbers become ``<EMAIL>``, ``<IP>``,
-   ``<PHONE>``; version numbers, dates and plain numbers are left alone.
+   ``<PHONE>`` (jaxlm/data/pii.py); version numbers, dates and plain numbers are left alone.
 
 Every removal and replacement is counted in a :class:`CurationReport` (documents and bytes in,
 removed per rule, PII replacements per kind, out), printable as a table.
@@ -18,17 +18,17 @@ removed per rule, PII replacements per kind, out), printable as a table.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import ipaddress
 import re
-import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import ml_collections
 import numpy as np
+
+from jaxlm.data.minhash import NearDedup, ngram_hashes, word_hashes
+from jaxlm.data.pii import PiiScrubber
 
 Document = dict[str, Any]
 
@@ -180,41 +180,14 @@ class CurationReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Word statistics shared by the quality rules and MinHash
-
-
-def _word_hashes(words: list[str]) -> np.ndarray:
-    """Deterministic 32-bit hash per word (crc32; Python's hash() is salted per process)."""
-    table = {w: zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in set(words)}
-    return np.fromiter((table[w] for w in words), dtype=np.uint64, count=len(words))
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _ngram_hashes(h: np.ndarray, n: int) -> np.ndarray:
-    """64-bit hash of every word n-gram (polynomial over the word hashes, wrapping mod 2^64)."""
-    m = len(h) - n + 1
-    out = np.zeros(max(m, 0), np.uint64)
-    for k in range(n):
-        out = out * _GOLDEN + h[k : k + m]
-    return out
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads the polynomial hash over all 64 bits."""
-    x = x ^ (x >> np.uint64(31))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(29))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(32))
+# Quality
 
 
 def top_ngram_fraction(h: np.ndarray, lengths: np.ndarray, n: int) -> float:
     """Fraction of word characters covered by occurrences of the most frequent word n-gram."""
     if len(h) < n:
         return 0.0
-    grams = _ngram_hashes(h, n)
+    grams = ngram_hashes(h, n)
     uniq, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
     best = int(np.argmax(counts))
     if counts[best] < 2:
@@ -283,219 +256,6 @@ def quality_failure(stats: _Stats, th: dict[str, Any]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# MinHash LSH
-
-
-class NearDedup:
-    """Streaming MinHash-LSH index over word n-gram shingles; keeps the first of each cluster.
-
-    Permutations are multiply-shift hashes ``(a*x + b) >> 32`` on 64-bit shingle hashes, so a
-    signature is a handful of vectorised numpy ops per document (~2 s for 30 MB on one core).
-    """
-
-    def __init__(
-        self, threshold: float, ngram: int, num_perm: int, bands: int, seed: int = 0
-    ) -> None:
-        if num_perm % bands:
-            raise ValueError(f"near_dedup.num_perm={num_perm} is not a multiple of bands={bands}.")
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
-        self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
-        self.bands, self.rows = bands, num_perm // bands
-        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-        self.signatures: list[np.ndarray] = []
-
-    def signature(self, h: np.ndarray) -> np.ndarray:
-        """uint32[num_perm] MinHash signature of the word-hash sequence ``h``."""
-        if len(h) < self.ngram:  # a short document is one shingle: itself
-            h = np.concatenate([h, np.zeros(self.ngram - len(h), np.uint64)])
-        shingles = np.unique(_mix64(_ngram_hashes(h, self.ngram)))
-        sig = np.full(self.num_perm, np.iinfo(np.uint64).max, np.uint64)
-        for i in range(0, len(shingles), 4096):  # bounded memory: 4096 x num_perm x 8 bytes
-            x = shingles[i : i + 4096, None] * self.a[None, :] + self.b[None, :]
-            np.minimum(sig, x.min(axis=0), out=sig)
-        return (sig >> np.uint64(32)).astype(np.uint32)
-
-    def band_keys(self, sig: np.ndarray) -> list[bytes]:
-        """The LSH bucket key of each band: documents sharing any key are compared."""
-        return [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
-
-    def similar(self, a: np.ndarray, b: np.ndarray) -> bool:
-        """Whether two signatures' estimated Jaccard similarity reaches the threshold."""
-        return bool(np.mean(a == b) >= self.threshold)
-
-    def is_duplicate(self, h: np.ndarray) -> bool:
-        """True if similar to a kept document; otherwise index this one as kept."""
-        return self.is_duplicate_signature(self.signature(h))
-
-    def is_duplicate_signature(self, sig: np.ndarray) -> bool:
-        """:meth:`is_duplicate` for a signature computed already."""
-        keys = self.band_keys(sig)
-        seen: set[int] = set()
-        for band, key in zip(self.buckets, keys, strict=True):
-            for j in band.get(key, ()):
-                if j in seen:
-                    continue
-                seen.add(j)
-                if self.similar(self.signatures[j], sig):
-                    return True
-        idx = len(self.signatures)
-        self.signatures.append(sig)
-        for band, key in zip(self.buckets, keys, strict=True):
-            band.setdefault(key, []).append(idx)
-        return False
-
-
-def near_duplicates(edges: Iterable[tuple[Any, Any]]) -> set[Any]:
-    """The documents near-dedup removes, given every similar pair among the candidates.
-
-    The streaming :class:`NearDedup` drops a document when it is similar to an earlier *kept*
-    one. Replaying that rule over the whole similarity graph, in document order, gives the same
-    survivors wherever the pairs were found (one process, or LSH buckets grouped by Beam): a
-    chain a~b~c with a !~ c keeps a and c, exactly as the stream does.
-
-    Args:
-      edges: pairs ``(i, j)`` of orderable document ids (the stream order) whose signatures are
-        similar and share an LSH bucket; any order, duplicates allowed.
-
-    Returns:
-      The ids to remove.
-    """
-    earlier: dict[Any, set[Any]] = collections.defaultdict(set)
-    for i, j in edges:
-        if i != j:
-            earlier[max(i, j)].add(min(i, j))
-    dropped: set[Any] = set()
-    for j in sorted(earlier):  # every earlier id's fate is settled before j's
-        if any(i not in dropped for i in earlier[j]):
-            dropped.add(j)
-    return dropped
-
-
-def jaccard(a: str, b: str, ngram: int = 5) -> float:
-    """Exact Jaccard similarity of two texts' word n-gram shingle sets (for tests and tuning)."""
-
-    def shingles(t: str) -> set[tuple[str, ...]]:
-        w = t.lower().split()
-        return {tuple(w[i : i + ngram]) for i in range(max(len(w) - ngram + 1, 1))}
-
-    sa, sb = shingles(a), shingles(b)
-    return len(sa & sb) / max(len(sa | sb), 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# PII
-
-# Each pattern starts with a plain character class and checks what precedes it with a lookbehind
-# *after* that first character: a leading lookbehind would make the regex engine try a full match
-# at every position, which is 3-5x slower on 30 MB.
-#
-# E-mails are found from the '@' (a literal, which the engine scans for at C speed); the local
-# part before it is then walked back by hand (see PiiScrubber._emails).
-_EMAIL_AT = re.compile(
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w@])"
-)
-_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_IPV6 = re.compile(
-    r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])(?:(?<=:)|[0-9A-Fa-f]{0,3}:)(?:[0-9A-Fa-f]{0,4}:){1,6}"
-    r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)"
-)
-# Not preceded by a word char or dot, not followed by another ".digit": 3.11.7 and 1.2.3.4.5
-# (versions, OIDs) are not addresses.
-_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\.?\d)(?!\w)")
-# NANP (555-123-4567, (555) 123-4567, +1 555.123.4567) with one consistent separator, or an
-# international number that starts with '+' and has space/dash separators. A date (2024-01-15)
-# has the wrong digit groups; '+4294967296' (no separator) is a number, not a phone.
-_PHONE = re.compile(
-    r"(?<![\w+.-])(?:"
-    r"(?:\+?1[ .-]?)?(?:\(\d{3}\) ?\d{3}[ .-]|\d{3}([.-])\d{3}\1)\d{4}"
-    r"|\+\d{1,3}(?:[ -]\(?\d{1,4}\)?)?(?:[ -]\d{2,10}){1,4}"
-    r")(?!\w|[.-]\d)"
-)
-# Something every phone match contains; documents without it skip the slower _PHONE scan.
-_PHONE_HINT = re.compile(r"\+\d{1,3}[ (-]|\d{3}[ .-]\d{4}")
-
-
-def _valid_ipv6(s: str) -> bool:
-    try:
-        ipaddress.IPv6Address(s)
-    except ValueError:
-        return False
-    groups = [g for g in re.split(r"::?", s) if g]
-    # Compressed forms like 1::2 are Python slices far more often than addresses.
-    return "::" not in s or len(groups) >= 3 or any(len(g) >= 3 for g in groups)
-
-
-def _valid_ipv4(s: str) -> bool:
-    return all(int(p) <= 255 for p in s.split("."))
-
-
-def _valid_phone(s: str) -> bool:
-    digits = sum(c.isdigit() for c in s)
-    return 10 <= digits <= 15 if not s.startswith("+") else 8 <= digits <= 15
-
-
-class PiiScrubber:
-    """Replaces e-mails, IPs and phone numbers with placeholders, counting each kind."""
-
-    def __init__(self, email: bool = True, ip: bool = True, phone: bool = True) -> None:
-        self.email = email
-        # Order matters: IPv6 before IPv4 (mapped addresses), IPs before phones (dotted digits).
-        # Each rule: kind, pattern, placeholder, validator, a cheap hint the text must contain.
-        rules = [
-            (ip, "ip", _IPV6, "<IP>", _valid_ipv6, lambda t: "::" in t or ":0" in t or ":f" in t),
-            (ip, "ip", _IPV4, "<IP>", _valid_ipv4, lambda t: "." in t),
-            (phone, "phone", _PHONE, "<PHONE>", _valid_phone, _PHONE_HINT.search),
-        ]
-        self.rules = [r[1:] for r in rules if r[0]]
-        self.counts: dict[str, int] = collections.Counter()
-
-    def _emails(self, text: str, counts: collections.Counter) -> str:
-        out, last = [], 0
-        for m in _EMAIL_AT.finditer(text):
-            at = start = m.start()
-            while start > last and at - start < 64 and text[start - 1] in _LOCAL_CHARS:
-                start -= 1
-            while start < at and not text[start].isalnum():  # local part starts alphanumeric
-                start += 1
-            if start == at or (start > 0 and text[start - 1] in _LOCAL_CHARS and at - start >= 64):
-                continue
-            out += [text[last:start], "<EMAIL>"]
-            last = m.end()
-            counts["email"] += 1
-        if not out:
-            return text
-        out.append(text[last:])
-        return "".join(out)
-
-    def scrub(self, text: str) -> tuple[str, dict[str, int]]:
-        """The scrubbed text and its replacements per kind; keeps no state (Beam calls this)."""
-        counts: collections.Counter = collections.Counter()
-        if self.email and "@" in text:
-            text = self._emails(text, counts)
-        for kind, pattern, placeholder, valid, hint in self.rules:
-            if not hint(text):
-                continue
-
-            def repl(m: re.Match[str], kind=kind, placeholder=placeholder, valid=valid) -> str:
-                if not valid(m.group(0)):
-                    return m.group(0)
-                counts[kind] += 1
-                return placeholder
-
-            text = pattern.sub(repl, text)
-        return text, dict(counts)
-
-    def __call__(self, text: str) -> str:
-        """The scrubbed text; replacements are added to ``self.counts``."""
-        text, counts = self.scrub(text)
-        self.counts.update(counts)
-        return text
-
-
-# ---------------------------------------------------------------------------------------------
 # The curator
 
 
@@ -533,7 +293,7 @@ class Rules:
         it failed or near dedup is off)."""
         if not (self.check_quality or self.minhash is not None):
             return None, None
-        h = _word_hashes(words)
+        h = word_hashes(words)
         if self.check_quality:
             rule = quality_failure(_Stats(text, words, h), self.thresholds)
             if rule is not None:

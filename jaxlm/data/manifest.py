@@ -34,6 +34,7 @@ import shutil
 from collections.abc import Iterable
 from typing import Any
 
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256, write_json
 from jaxlm.data.sources import DataError
 
@@ -84,16 +85,19 @@ def verify(m: dict[str, Any], tok: Any = None, check_shards: bool = False) -> No
       check_shards: also hash every shard (slow on a large corpus: it reads every byte).
 
     Raises:
-      DataError: ``tok`` is not the tokenizer the shards were written with, the tokenizer file
-        beside the manifest is missing or has another hash, or (``check_shards``) a shard's
-        bytes changed.
+      TokenizerMismatch: ``tok``, or the tokenizer file beside the manifest, is not the
+        tokenizer the shards were written with.
+      DataError: that file is missing, or (``check_shards``) a shard's bytes changed.
     """
     root = m["root"]
     want = m["tokenizer"]["sha256"]
-    if tok is not None and tok.sha256 != want:
-        raise DataError(
-            f"The data at {root} was tokenized with tokenizer {want[:12]}, not {tok.sha256[:12]} "
-            f"({tok.path}); re-run prepare or use the tokenizer file next to the manifest."
+    if tok is not None:
+        tokenizer_lib.check_same(
+            tok.sha256,
+            want,
+            tok.path,
+            f"the data at {root} was tokenized with",
+            "re-run prepare or use the tokenizer file next to the manifest",
         )
     tok_file = tokenizer_path(m)
     if not os.path.isfile(tok_file):
@@ -101,13 +105,13 @@ def verify(m: dict[str, Any], tok: Any = None, check_shards: bool = False) -> No
             f"{tok_file}, the tokenizer the data at {root} was written with, is missing; "
             "copy the prepared-data folder whole, or delete it and prepare again."
         )
-    have = file_sha256(tok_file)
-    if have != want:
-        raise DataError(
-            f"{tok_file} does not match the sha256 recorded in its manifest (file {have[:12]}, "
-            f"manifest {want[:12]}), so it is not the tokenizer the data was written with; "
-            f"put that tokenizer back, or delete {root} and prepare again."
-        )
+    tokenizer_lib.check_same(
+        file_sha256(tok_file),
+        want,
+        tok_file,
+        f"the data at {root} was written with (its manifest records it)",
+        f"put that tokenizer back, or delete {root} and prepare again",
+    )
     if check_shards:
         entries = [(n, ds[split]) for n, ds in m["datasets"].items() for split in SPLITS]
         entries += list(m.get("validation", {}).items())
@@ -132,7 +136,8 @@ def load(path: str, tok: Any = None, check_shards: bool = False) -> dict[str, An
       The manifest, plus ``root``: its folder as an absolute path.
 
     Raises:
-      DataError: the manifest is missing or malformed, or :func:`verify` refuses it.
+      DataError, TokenizerMismatch: the manifest is missing or malformed, or :func:`verify`
+        refuses it.
     """
     m = _read(path)
     m["root"] = os.path.dirname(os.path.abspath(path_of(path)))

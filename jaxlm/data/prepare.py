@@ -56,6 +56,7 @@ from jaxlm.data import cache, curate, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.files import file_sha256, new_work_dir, remove_stale_work_dirs
 from jaxlm.data.sources import DataError
+from jaxlm.progress import Progress
 
 PREP_VERSION = 5  # bump when a code change alters prepared output, to invalidate old caches
 SPLITS = manifest_lib.SPLITS
@@ -467,7 +468,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
             spills[name, split] = _Spill(os.path.join(tmp, "spill", f"{name}-{split}.bin"))
         counts = dict.fromkeys(SPLITS, 0)
         lowest: tuple[int, str] | None = None  # the train document nearest to the val cut
-        progress = records.Progress(f"curate {name}", tokens=False)
+        progress = Progress(f"curate {name}", unit="MB", scale=1e6, counts=("docs",))
         rep = curator.report
         for doc in src:
             held_by = reserved.get(text_digest(doc["text"])) if reserved else None
@@ -476,7 +477,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
                 continue
             seen = (rep.documents_in, rep.bytes_in)
             out = curator.process(doc)
-            progress.update(rep.documents_in - seen[0], rep.bytes_in - seen[1])
+            progress.update(rep.bytes_in - seen[1], docs=rep.documents_in - seen[0])
             if out is None:
                 continue
             text = out["text"]
@@ -502,7 +503,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
             counts["train"], counts["val"] = counts["train"] - 1, 1
         for split in SPLITS:
             spills[name, split].close()
-        progress.done(final_line=False)
+        progress.finish(final_line=False)
         reports[name] = rep.to_dict()
         dt = time.perf_counter() - t
         log(

@@ -18,15 +18,14 @@ import dataclasses
 import multiprocessing as mp
 import os
 import signal
-import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from jaxlm.data.files import file_sha256
+from jaxlm.progress import Progress
 
 RECORD_DTYPE = "<i4"
 ARRAY_RECORD_OPTIONS = "group_size:1"  # random access per record; zstd-compressed by default
@@ -63,43 +62,6 @@ class ShardInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class Progress:
-    """One status line with MB/s: redrawn with '\\r' on a terminal, printed once at the end."""
-
-    def __init__(self, label: str, stream: Any = None, tokens: bool = True) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.show_tokens = tokens
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self.last = time.perf_counter()
-        self.bytes = self.docs = self.tokens = 0
-
-    def line(self) -> str:
-        dt = max(time.perf_counter() - self.start, 1e-9)
-        tokens = f"{self.tokens:,} tokens, " if self.show_tokens else ""
-        return (
-            f"  {self.label}: {self.docs:,} docs, {self.bytes / 1e6:,.1f} MB, {tokens}"
-            f"{self.bytes / 1e6 / dt:,.1f} MB/s, {dt:.1f} s"
-        )
-
-    def update(self, docs: int, nbytes: int, tokens: int = 0) -> None:
-        self.docs += docs
-        self.bytes += nbytes
-        self.tokens += tokens
-        now = time.perf_counter()
-        if self.tty and now - self.last > 0.2:
-            self.last = now
-            print("\r" + self.line(), end="", file=self.stream, flush=True)
-
-    def done(self, final_line: bool = True) -> float:
-        """Prints the final line (or just clears the live one); returns MB/s."""
-        if final_line:
-            print(("\r" if self.tty else "") + self.line(), file=self.stream, flush=True)
-        elif self.tty:
-            print("\r" + " " * len(self.line()) + "\r", end="", file=self.stream, flush=True)
-        return self.bytes / 1e6 / max(time.perf_counter() - self.start, 1e-9)
 
 
 class ShardWriter:
@@ -281,10 +243,10 @@ class Encoder:
           The shards written (none if ``texts`` is empty) and the throughput in MB/s of text.
         """
         writer = ShardWriter(root, pattern, docs_per_shard, stride)
-        progress = Progress(label)
+        progress = Progress(label, unit="MB", scale=1e6, counts=("docs", "tokens"))
         for recs, sizes in self._encoded(texts):
             for (rec, ntok), nbytes in zip(recs, sizes, strict=True):
                 writer.write(rec, ntok, nbytes)
-            progress.update(len(sizes), sum(sizes), sum(t for _, t in recs))
+            progress.update(sum(sizes), docs=len(sizes), tokens=sum(t for _, t in recs))
         shards = writer.close()
-        return shards, progress.done()
+        return shards, progress.finish()

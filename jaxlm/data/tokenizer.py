@@ -28,7 +28,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import JaxlmError, TokenizerMismatch
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Newlines and tabs always get pieces of their own. Runs of spaces are left to BPE (with
@@ -421,3 +421,35 @@ class HFTokenizer:
         return (
             f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
         )
+
+
+def check_same(
+    have: str, want: str | Iterable[str] | None, what: str, made_with: str, fix: str
+) -> None:
+    """Refuses a tokenizer other than the one the data or checkpoint at hand was made with.
+
+    A tokenizer is named by its file's sha256 (manifests and checkpoints record it). Every place
+    where a tokenizer, prepared data and a checkpoint meet checks through here: one exception,
+    one sentence.
+
+    Args:
+      have: the sha256 of the tokenizer at hand.
+      want: the sha256 recorded by what it must match (or several, any of which will do); empty
+        or None when nothing was recorded, and then there is nothing to compare.
+      what: what `have` belongs to, e.g. a file or "the run's data".
+      made_with: what `want` belongs to, read after "the tokenizer", e.g. "checkpoint 5 was
+        trained with".
+      fix: what to do instead.
+
+    Raises:
+      TokenizerMismatch: `have` is none of `want`.
+    """
+    wants = {want} if isinstance(want, str) else set(want or ())
+    wants -= {"", None}
+    if not wants or have in wants:
+        return
+    recorded = " or ".join(sorted(w[:12] for w in wants))
+    raise TokenizerMismatch(
+        f"{what} (tokenizer {have[:12]}) does not match the tokenizer {made_with} ({recorded}); "
+        f"{fix}."
+    )

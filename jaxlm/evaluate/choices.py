@@ -14,7 +14,7 @@ rows scored in passes over that row's cache, each choice in its question's segme
 attends to its own context and itself only. Running context + choice once per choice (the
 packed layout of `scoring.score_sequences`) gives the same numbers up to float rounding (the
 tests: 1e-5) but runs every context C times: the shared layout is 2.2x faster on a 4-choice task
-(`tools/bench_eval.py`, docs/perf.md). A context too long for `seq_len` is cut from the left
+(`benchmarks/bench_eval.py`, docs/perf.md). A context too long for `seq_len` is cut from the left
 so the longest choice fits; all choices see the same context.
 """
 

@@ -26,7 +26,6 @@ tokenizers encode for the harness's `hf` backend.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,16 +193,14 @@ class JaxlmLM(TemplateLM):
 
 def main() -> None:
     """lm-eval's command line, with the `jaxlm` model registered beside the harness's own."""
-    import os
-
     from lm_eval.__main__ import cli_evaluate
 
-    try:
+    from jaxlm import cli
+
+    # The harness parses its own flags (argparse); a bad workdir, hf_dir or request is still one
+    # `error:` line, as in jaxlm's commands.
+    with cli.ctrl_c_is_one_line(), cli.errors_are_one_line():
         cli_evaluate()
-    except JaxlmError as e:  # a bad workdir, hf_dir or request: one line, as jaxlm's tools do
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

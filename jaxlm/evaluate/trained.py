@@ -165,13 +165,13 @@ def _tokenizer_of(workdir: str, config: Any, meta: dict, step: int) -> Any:
     from jaxlm.data import tokenizer as tokenizer_lib
 
     tokenizer = tokenizer_lib.load(_find_tokenizer(workdir, config))
-    expected = meta.get("tokenizer_sha256")
-    if expected and tokenizer.sha256 != expected:
-        raise JaxlmError(
-            f"{tokenizer.path} (sha256 {tokenizer.sha256[:12]}) is not the tokenizer checkpoint "
-            f"{step} was trained with ({expected[:12]}); copy the run's tokenizer.model into "
-            f"{workdir}."
-        )
+    tokenizer_lib.check_same(
+        tokenizer.sha256,
+        meta.get("tokenizer_sha256"),
+        tokenizer.path,
+        f"checkpoint {step} was trained with",
+        f"copy the run's tokenizer.model into {workdir}",
+    )
     return tokenizer
 
 

@@ -1,6 +1,6 @@
 """Data-pipeline benchmark: loader tokens/s against the train step's, and tokenization MB/s.
 
-    python tools/bench_data.py --config=configs/tiny.py [--batches=2500] [--corpus=PATH ...]
+    python benchmarks/bench_data.py --config=configs/tiny.py [--batches=2500] [--corpus=PATH ...]
 
 (a) Loader: tokens/s delivered by `pipeline.HostBatches` (the trainer's reader) for the config's
     batch shape over the config's prepared data (`prepare` runs or finds its cache), timed after
@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 # jax and grain are imported inside functions: grain worker processes re-import this module and
@@ -86,6 +86,7 @@ def time_loader(
     Returns:
       The timings (first batch s, tokens/s, ms/batch) and the timed batches themselves.
     """
+    from benchmarks import timing
     from jaxlm.data import pipeline
 
     B, L = config.train.batch_size, config.train.seq_len
@@ -106,9 +107,7 @@ def time_loader(
         first = time.perf_counter() - t0
         for _ in range(warmup):
             next(reader)
-        t0 = time.perf_counter()
-        out = [next(reader) for _ in range(batches)]
-        dt = time.perf_counter() - t0
+        dt, out = timing.timed(lambda: [next(reader) for _ in range(batches)])
     finally:
         for it in reader.iterators:
             if hasattr(it, "close"):
@@ -125,6 +124,7 @@ def time_train_step(
     """Tokens/s of the config's jitted train step on real loader batches, after compile."""
     import jax
 
+    from benchmarks import timing
     from jaxlm import sharding, train
 
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -133,19 +133,17 @@ def time_train_step(
     step = setup.jit_train_step()
     B, L = config.train.batch_size, config.train.seq_len
     with sharding.use(mesh, setup.rules):
-        t0 = time.perf_counter()
-        state, metrics = step(state, sharding.host_to_global(batches[0], mesh))
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        for i in range(2):
-            state, metrics = step(state, sharding.host_to_global(batches[1 + i], mesh))
-        jax.block_until_ready(metrics)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            batch = batches[(3 + i) % len(batches)]
-            state, metrics = step(state, sharding.host_to_global(batch, mesh))
-        jax.block_until_ready(metrics)
-        dt = time.perf_counter() - t0
+
+        def run_steps(first: int, n: int):
+            nonlocal state
+            for i in range(first, first + n):
+                batch = batches[i % len(batches)]
+                state, metrics = step(state, sharding.host_to_global(batch, mesh))
+            return metrics
+
+        compile_s, _ = timing.timed(run_steps, 0, 1)
+        timing.timed(run_steps, 1, 2)  # warm-up
+        dt, metrics = timing.timed(run_steps, 3, steps)
     return {
         "params_m": setup.n_params / 1e6,
         "devices": jax.device_count(),
@@ -361,22 +359,16 @@ def run(config: Any, corpora: list[str] | None) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    from jaxlm.errors import JaxlmError
-
     logging.set_verbosity(logging.WARNING)
-
     config = _CONFIG.value
-    if config is None:
-        sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
     corpora = _CORPUS.value
     for path in corpora or []:
         if not os.path.isfile(path):
             sys.exit(f"error: --corpus={path!r} is not a file; give a text or JSONL corpus file.")
-    try:
-        run(config, corpora)
-    except JaxlmError as e:
-        sys.exit(f"error: {e}")
+    run(config, corpora)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main)

@@ -1,7 +1,7 @@
 """Device check for whoever has a GPU: cuDNN vs XLA attention, then training-step benchmarks.
 
     pip install -e . "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
-    python tools/device_check.py --out=runs/device_check
+    python benchmarks/device_check.py --out=runs/device_check
 
 Time on one H100/H200: 5-7 minutes, estimated, not measured (no GPU has run it yet): about a
 minute of checks, then four benchmarks of ~20 s of steps behind a 30-90 s compile each. The
@@ -16,7 +16,7 @@ if a check fails, a benchmark fails, or "cudnn" did not lower to cuDNN's fused k
    w.r.t. q, k, v. Then a small jaxlm model (bf16, attention "cudnn" vs "xla"): logits and the
    training loss's gradients w.r.t. every parameter. Both sides are also compared with an fp32
    XLA reference (full-precision matmuls) on the same bf16-rounded inputs.
-2. Benchmarks: tools/bench.py's `bench` on configs/gpt2_124m.py and configs/llama_1b.py (bf16),
+2. Benchmarks: benchmarks/bench.py's `bench` on configs/gpt2_124m.py and configs/llama_1b.py (bf16),
    attention xla and cudnn: step time, tokens/s and MFU against the chip's bf16 peak
    (`jaxlm.metrics.peak_flops_per_device`). Batch sizes are flags, sized so that both attention
    kinds fit an 80 GB H100 (planner, tools/estimate.py: at most 63 GiB).
@@ -47,7 +47,7 @@ import sys
 import time
 
 # JAX's GPU allocator takes 75% of memory by default, too little for the 63 GiB the planner
-# gives the largest benchmark below. Set before jax is imported (tools.bench imports it).
+# gives the largest benchmark below. Set before jax is imported (benchmarks.bench imports it).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -55,12 +55,12 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import bench  # noqa: E402
 from jaxlm import model as model_lib  # noqa: E402
 from jaxlm import train, validate  # noqa: E402
-from tools import bench  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["gpt2_124m", "llama_1b"], "Configs to benchmark.")
 _OUT = flags.DEFINE_string("out", "runs/device_check", "Folder for the JSON and markdown files.")
@@ -261,7 +261,7 @@ def model_check(fields: dict, batch_shape: tuple[int, int], impls: tuple[str, st
 
 
 def bench_config(name: str, overrides: dict, impl: str, plan: Plan) -> dict:
-    """tools/bench.py's figures for configs/<name>.py with `overrides` and attention `impl`."""
+    """benchmarks/bench.py's figures for configs/<name>.py with `overrides` and attention `impl`."""
     config = importlib.import_module(f"configs.{name}").get_config()
     config.lock()  # an override naming a key the config lacks fails instead of adding it
     for section, values in overrides.items():
@@ -422,4 +422,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

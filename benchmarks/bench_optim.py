@@ -1,6 +1,6 @@
 """Optimizer benchmark: steps each optimizer needs to reach AdamW's held-out loss.
 
-    python tools/bench_optim.py [--data=../shared/data/tinyshakespeare.txt] [--steps=2000]
+    python benchmarks/bench_optim.py [--data=../shared/data/tinyshakespeare.txt] [--steps=2000]
 
 A char-level model in nanoGPT's "baby Shakespeare" shape (4 layers x 128 wide, 4 heads, block
 64, batch 12) trains with AdamW for `--steps`, then with every other optimizer in
@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from jaxlm import sharding, train  # noqa: E402
@@ -135,4 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

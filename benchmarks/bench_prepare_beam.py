@@ -1,6 +1,6 @@
 """Benchmark: corpus preparation on Beam's DirectRunner vs the local path, same input.
 
-    python tools/bench_prepare_beam.py --config=configs/tiny.py --workers=2 \\
+    python benchmarks/bench_prepare_beam.py --config=configs/tiny.py --workers=2 \\
         --mode=multi_processing [--config.data.datasets.stdlib.paths=...]
 
 Prepares the config's datasets twice from cold caches (temporary folders): with

@@ -1,6 +1,6 @@
 """Continued-pretraining memory and evaluation-cost benchmark: RSS over a real run.
 
-    python tools/bench_memory.py [--steps=12 --every=4 --layers=30 --batch=2 --seq_len=512]
+    python benchmarks/bench_memory.py [--steps=12 --every=4 --layers=30 --batch=2 --seq_len=512]
 
 Builds a random Hugging Face Llama with SmolLM-135M's shapes (30 layers, d 576, 9 heads, 3 kv
 heads, F 1536, vocab 49152, tied embeddings) and a small byte-level tokenizer in a temporary
@@ -21,7 +21,6 @@ The model needs several GB: run one at a time on a shared machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,7 +31,18 @@ import tempfile
 import threading
 import time
 
+from absl import flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+_STEPS = flags.DEFINE_integer("steps", 12, "Training steps of the run.")
+_EVERY = flags.DEFINE_integer("every", 4, "Eval and checkpoint every N steps.")
+_LAYERS = flags.DEFINE_integer("layers", 30, "Layers of the random base model.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
+_RECIPE_EVAL_EVERY = flags.DEFINE_integer("recipe_eval_every", 200, "For the eval share.")
+_KEEP = flags.DEFINE_string("keep", "", "Keep the base model and workdir here.")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "Extra --config.k=v for the run.")
 SMOLLM = dict(
     hidden_size=576,
     num_hidden_layers=30,
@@ -89,23 +99,13 @@ def rss_gb(pid: int) -> float:
     return 0.0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--every", type=int, default=4, help="eval and checkpoint every N steps")
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--recipe_eval_every", type=int, default=200, help="for the eval share")
-    p.add_argument("--keep", default="", help="keep the base model and workdir here")
-    p.add_argument("--override", action="append", default=[], help="extra --config.k=v")
-    args = p.parse_args()
-
-    root = args.keep or tempfile.mkdtemp(prefix="bench_memory_")
+def main(argv: list[str]) -> int:
+    del argv
+    root = _KEEP.value or tempfile.mkdtemp(prefix="bench_memory_")
     base, workdir = os.path.join(root, "base"), os.path.join(root, "run")
     if not os.path.isfile(os.path.join(base, "config.json")):
         os.makedirs(base, exist_ok=True)
-        build_base(base, args.layers)
+        build_base(base, _LAYERS.value)
     book = os.path.join(root, "book.txt")
     with open(book, "w") as f:
         f.write(corpus_text(3_000_000))
@@ -114,12 +114,12 @@ def main() -> int:
         "data.cache_dir": os.path.join(root, "cache"),
         "data.curation.quality.preset": "none",
         "model.dtype": "float32",  # bf16 is emulated (slow) on CPU
-        "train.steps": args.steps,
-        "train.batch_size": args.batch,
-        "train.seq_len": args.seq_len,
+        "train.steps": _STEPS.value,
+        "train.batch_size": _BATCH.value,
+        "train.seq_len": _SEQ_LEN.value,
         "train.log_every": 1,
-        "eval.every": args.every,
-        "checkpoint.every": args.every,
+        "eval.every": _EVERY.value,
+        "checkpoint.every": _EVERY.value,
         "sample.max_tokens": 0,
         "optim.warmup_steps": 2,
     }
@@ -130,7 +130,7 @@ def main() -> int:
         f"--config=configs/continue_pretraining.py:{base}",
         f"--workdir={workdir}",
         *(f"--config.{k}={v}" for k, v in overrides.items()),
-        *(f"--config.{o}" for o in args.override),
+        *(f"--config.{o}" for o in _OVERRIDE.value),
     ]
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -159,7 +159,7 @@ def main() -> int:
             kind, step = m.group(1), int(m.group(2))
             if kind == "step":
                 phase[0] = "train" if phase[0] in ("start", "train") else "after_eval"
-            elif 0 < step < args.steps:
+            elif 0 < step < _STEPS.value:
                 phase[0] = "after_eval"
     proc.wait()
     if proc.returncode:
@@ -172,10 +172,10 @@ def main() -> int:
     # Steady training: the last step before the first periodic eval (its line ends it).
     step_lines = [(t, line) for t, line in lines if re.match(r"step\s+\d+", line)]
     t_first = step_lines[0][0] if step_lines else 0.0
-    window = [t for t, _ in step_lines[args.every - 2 : args.every]]
+    window = [t for t, _ in step_lines[_EVERY.value - 2 : _EVERY.value]]
     steady = [r for t, _, r in samples if len(window) == 2 and window[0] <= t <= window[1]]
     evals = [re.match(r"eval\s+(\d+) .*\| ([\d.]+)s$", line) for _, line in lines]
-    eval_times = [float(m.group(2)) for m in evals if m and 0 < int(m.group(1)) < args.steps]
+    eval_times = [float(m.group(2)) for m in evals if m and 0 < int(m.group(1)) < _STEPS.value]
     step_s = None
     train_steps = [t for t, line in step_lines]
     if len(train_steps) >= 3:
@@ -194,10 +194,12 @@ def main() -> int:
     result["peak_over_steady"] = result["peak_rss_gb"] / max(result["steady_train_rss_gb"], 1e-9)
     if eval_times and step_s:
         e = sum(eval_times) / len(eval_times)
-        result["eval_share_at_recipe_every"] = e / (e + args.recipe_eval_every * step_s)
+        result["eval_share_at_recipe_every"] = e / (e + _RECIPE_EVAL_EVERY.value * step_s)
     print(json.dumps(result, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

@@ -1,7 +1,7 @@
 """FIM benchmark: a FIM-trained tiny model against the same model trained causally on the same
 tokens, scored on filling the middle of held-out standard-library functions.
 
-    python tools/bench_fim.py [--steps=300] [--functions=400] [--workdir=/tmp/bench_fim]
+    python benchmarks/bench_fim.py [--steps=300] [--functions=400] [--workdir=/tmp/bench_fim]
 
 Both runs use one prepared corpus (the standard library, tokenized with the FIM sentinels), the
 same seed, model, batches of documents and step count; the FIM run rearranges `--fim_rate` of
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from jaxlm import loop, objectives, sharding, train  # noqa: E402
@@ -189,4 +189,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)

@@ -1,6 +1,6 @@
 """Training-step benchmark: tokens/s, step time, MFU, memory, time split, checkpoint stall.
 
-    python tools/bench.py --config=configs/tiny.py [--steps=20] [--checkpoint_every=5]
+    python benchmarks/bench.py --config=configs/tiny.py [--steps=20] [--checkpoint_every=5]
 
 Runs the real jitted train step of a config on synthetic packed batches (no data preparation),
 so the number is the model's, not the loader's. The timed steps run in `--rounds` windows and
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from jaxlm import checkpoint, metrics, sharding, train  # noqa: E402
-from jaxlm.errors import JaxlmError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after compile and 2 warm-up steps).")
@@ -74,16 +74,6 @@ class MatmulPeak:
         return self.flops / (time.perf_counter() - t0)
 
 
-def time_calls(fn, args, steps: int) -> float:
-    """Seconds per call of `fn(*args)` over `steps` calls, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps
-
-
 def bench(
     config, steps: int, rounds: int, vocab: int, checkpoint_every: int, split: bool
 ) -> dict[str, float]:
@@ -115,16 +105,16 @@ def bench(
             state, m = step(state, batch)
         jax.block_until_ready(m)
 
-        step_times, peaks = [], []
-        per_round = max(1, steps // rounds)
-        for _ in range(rounds):
-            if cpu_peak is not None:
-                peaks.append(cpu_peak.measure())
-            t0 = time.perf_counter()
-            for _ in range(per_round):
+        def run_steps(n: int):
+            nonlocal state
+            for _ in range(n):
                 state, m = step(state, batch)
-            jax.block_until_ready(m)
-            step_times.append((time.perf_counter() - t0) / per_round)
+            return m
+
+        peaks = []
+        measure_peak = (lambda: peaks.append(cpu_peak.measure())) if cpu_peak else None
+        per_round = max(1, steps // rounds)
+        step_times = timing.windows(run_steps, rounds, per_round, between=measure_peak)
         if cpu_peak is not None:
             peaks.append(cpu_peak.measure())  # bracket the last step window too
 
@@ -146,8 +136,10 @@ def bench(
             params = state["params"]
             forward = jax.jit(lambda p, b: train.loss_sums(setup.graphdef, p, b))
             grad = jax.jit(jax.grad(lambda p, b: train.loss_sums(setup.graphdef, p, b)[0]))
-            results["forward_s"] = time_calls(forward, (params, batch), per_round)
-            results["forward_backward_s"] = time_calls(grad, (params, batch), per_round)
+            results["forward_s"] = timing.seconds_per_call(forward, params, batch, calls=per_round)
+            results["forward_backward_s"] = timing.seconds_per_call(
+                grad, params, batch, calls=per_round
+            )
 
         if checkpoint_every:  # last: the saves' steps donate `state`
             results["checkpoint_stall_pct"] = checkpoint_stall(
@@ -185,10 +177,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     vocab = _VOCAB.value or config.tokenizer.vocab_size
-    try:
-        r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value)
-    except JaxlmError as e:
-        sys.exit(f"error: {e}")
+    r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value)
     print(
         f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
         f"{config.train.seq_len}, {r['devices']} {jax.devices()[0].platform} device(s), "

@@ -1,6 +1,6 @@
 """Multiple-choice scoring benchmark: each question's context run once vs once per choice.
 
-    python tools/bench_eval.py --config=configs/tiny.py [--examples=256] [--context_lines=4] \\
+    python benchmarks/bench_eval.py --config=configs/tiny.py [--examples=256] [--context_lines=4] \\
         [--choices=4] [--batch_size=16] [--repeats=3]
 
 Builds the next-line task (`jaxlm.evaluate.tasks.build_next_line_task`) from the Python
@@ -17,15 +17,15 @@ and the largest difference between the two layouts' scores (accuracies must be e
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from jaxlm import sharding, train  # noqa: E402
 from jaxlm.data import sources  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
@@ -37,16 +37,6 @@ _CONTEXT = flags.DEFINE_integer("context_lines", 4, "Lines of context per questi
 _CHOICES = flags.DEFINE_integer("choices", 4, "Choices per question.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows of train.seq_len tokens per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each layout; the best counts.")
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    result = fn()  # compiles
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
 
 
 def main(argv) -> None:
@@ -81,8 +71,8 @@ def main(argv) -> None:
         )
 
     with sharding.use(setup.mesh, setup.rules):
-        t_old, old = best_time(per_choice, _REPEATS.value)
-        t_new, new = best_time(shared, _REPEATS.value)
+        t_old, old = timing.best_of(per_choice, _REPEATS.value)
+        t_new, new = timing.best_of(shared, _REPEATS.value)
     acc_old = choices.accuracies(examples, old.logprob, old.tokens)
     acc_new = choices.accuracies(examples, new.logprob, new.tokens)
     context_tokens = sum(len(c) for c, _ in groups)
@@ -109,5 +99,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main)

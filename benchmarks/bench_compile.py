@@ -1,8 +1,8 @@
 """Compile every recipe for several TPU targets and presets; print one markdown table.
 
     pip install 'jaxlm[tpu]'
-    python tools/bench_compile.py                               # the docs/perf.md table
-    python tools/bench_compile.py --recipes=llama_8b --targets=v5p-64 --presets=fsdp \\
+    python benchmarks/bench_compile.py                               # the docs/perf.md table
+    python benchmarks/bench_compile.py --recipes=llama_8b --targets=v5p-64 --presets=fsdp \\
         --also_unrolled                                         # scanned vs unrolled time
 
 Each cell is one `tools/compile.py` run in its own process (so compile times do not share
@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for jaxlm.cli when jaxlm is not installed
 RECIPES = ("tiny", "gpt2_124m", "tinysolar_248m", "llama_1b", "llama_8b")
 # Two targets per recipe, sized for it; every preset is tried on the first.
 TARGETS = {
@@ -107,4 +108,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import cli
+
+    cli.run_cli(main, require_config=False)
