@@ -53,8 +53,6 @@ def main(argv: list[str]) -> None:
     from jaxlm.errors import JaxlmError
 
     logging.set_verbosity(logging.WARNING)
-    if _CONFIG.value is None:
-        sys.exit("error: --config is required, e.g. --config=configs/llama_1b.py")
     name = _CONFIG.value.get("name", "config")
     try:
         if not _TARGET.value:
@@ -72,9 +70,7 @@ def main(argv: list[str]) -> None:
             else {"name": name, "target": _TARGET.value, "fits": None, "error": str(e)}
         )
         _write_json(dict(data, wall_seconds=time.perf_counter() - _STARTED))
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
+        raise  # cli.run_cli prints it as one error line
     report = dataclasses.replace(report, wall_seconds=time.perf_counter() - _STARTED)
     print(aot.format_report(report))
     _write_json(aot.report_dict(report))

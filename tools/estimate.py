@@ -49,34 +49,26 @@ _TARGET = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
     del argv
     from jaxlm import estimate, estimate_table
-    from jaxlm.errors import JaxlmError
 
     logging.set_verbosity(logging.WARNING)  # jax logs each accelerator backend it cannot open
     config = _CONFIG.value
-    if config is None:
-        sys.exit("error: --config is required, e.g. --config=configs/tiny.py")
-    try:
-        hardware, chips = _hardware(), _CHIPS.value
-        if _TARGET.value:
-            from jaxlm import hardware as hardware_lib
+    hardware, chips = _hardware(), _CHIPS.value
+    if _TARGET.value:
+        from jaxlm import hardware as hardware_lib
 
-            target = hardware_lib.parse_target(_TARGET.value)
-            hardware, chips = target.chip, target.chips
-        est = estimate.estimate(
-            config,
-            hardware,
-            chips=chips,
-            mfu=_MFU.value,
-            price_per_chip_hour=_PRICE.value,
-            tokens=_TOKENS.value,
-        )
-        print(estimate_table.format_table(est))
-        if _MEASURE.value:
-            _measure(config, hardware)
-    except JaxlmError as e:
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
+        target = hardware_lib.parse_target(_TARGET.value)
+        hardware, chips = target.chip, target.chips
+    est = estimate.estimate(
+        config,
+        hardware,
+        chips=chips,
+        mfu=_MFU.value,
+        price_per_chip_hour=_PRICE.value,
+        tokens=_TOKENS.value,
+    )
+    print(estimate_table.format_table(est))
+    if _MEASURE.value:
+        _measure(config, hardware)
 
 
 def _hardware():
