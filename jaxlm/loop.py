@@ -275,7 +275,10 @@ class Trainer:
         previous_skip = None  # (step, device scalar) read one step late, to keep dispatch async
         start_step, start = self.step, time.perf_counter()
 
-        with sharding.use(self.setup.mesh, self.setup.rules):
+        # Every copy between host and devices in the loop is explicit (`host_to_global`,
+        # `jax.device_get`): an implicit one (a host batch given to the step, a metric read as
+        # a float) would stall the pipeline or, on many hosts, be wrong, so it is an error here.
+        with jax.transfer_guard("disallow"):
             if self.step == 0 < total and cfg.init_from:
                 # The "before" of a warm start, on the same batches as the final evaluation.
                 self.first_eval = self._eval(0, final=True)
@@ -303,7 +306,8 @@ class Trainer:
                 self.step += 1
                 self.pending.append(step_metrics)
                 if previous_skip is not None:
-                    bad_steps = bad_steps + [previous_skip[0]] if int(previous_skip[1]) else []
+                    skipped = int(jax.device_get(previous_skip[1]))
+                    bad_steps = bad_steps + [previous_skip[0]] if skipped else []
                 previous_skip = (self.step, step_metrics["skipped"])
                 if len(bad_steps) >= cfg.train.max_bad_steps:
                     rollbacks.append(bad_steps)
@@ -471,7 +475,7 @@ class Trainer:
                     self.tasks,
                     seq_len=cfg.train.seq_len,
                     batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-                    mesh=self.setup.mesh,
+                    mesh_rules=self.setup.mesh_rules,
                 )
             )
         return result

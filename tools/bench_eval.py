@@ -80,7 +80,7 @@ def main(argv) -> None:
             setup.graphdef, params, groups, seq_len=seq_len, batch_size=_BATCH.value
         )
 
-    with sharding.use(setup.mesh, setup.rules):
+    with setup.mesh_rules.tracing():
         t_old, old = best_time(per_choice, _REPEATS.value)
         t_new, new = best_time(shared, _REPEATS.value)
     acc_old = choices.accuracies(examples, old.logprob, old.tokens)
