@@ -288,11 +288,19 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
 
 
 def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A global array from a host array every process holds whole: each device takes its slice."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    """A global array from a host array every process holds whole: each device takes its slice.
+
+    The copy is meant, so a transfer guard (the training loop's) lets it through.
+    """
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays split over the batch axes."""
+    """Assembles each process's rows into global arrays split over the batch axes.
+
+    The copy is meant, so a transfer guard (the training loop's) lets it through.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    with jax.transfer_guard_host_to_device("allow"):
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
