@@ -69,7 +69,7 @@ def _generate(
 
 
 @functools.lru_cache(maxsize=8)
-def _generator(mesh_rules: sharding.MeshRules | None) -> Callable:
+def jitted_generate(mesh_rules: sharding.MeshRules | None) -> Callable:
     """`_generate` jitted for `mesh_rules`; the model (graphdef) and the sampling settings are
     static, so the jit's own cache keys on them and this one on the mesh and rules."""
     static = ("graphdef", "max_new_tokens", "temperature", "top_k", "top_p")
@@ -103,7 +103,7 @@ def generate(
     for i, p in enumerate(prompts):
         tokens[i, width - len(p) :] = p
         mask[i, width - len(p) :] = 1
-    out = _generator(mesh_rules)(
+    out = jitted_generate(mesh_rules)(
         graphdef,
         params,
         jnp.asarray(tokens),

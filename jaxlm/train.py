@@ -217,7 +217,8 @@ class Setup:
         self.config = config
         platform = platform or mesh.devices.flat[0].platform
         self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, platform)
-        self.mesh_rules = sharding.MeshRules.of(mesh, config.mesh.preset)  # every jit's
+        # The mesh and rules every jitted function of the run is built with (`sharding.jit`).
+        self.mesh_rules = sharding.MeshRules.of(mesh, config.mesh.preset)
         self.plan = stages_lib.build(config)
         self.tx, self.schedule = optim.make_optimizer(
             config.optim, self.plan.total_steps, self.plan.schedule

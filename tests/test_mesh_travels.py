@@ -42,7 +42,7 @@ def _lower_entry_points(setup, mesh_rules):
     key = jax.eval_shape(lambda: jax.random.key(0))
     sampling = dict(max_new_tokens=3, temperature=0.0, top_k=0, top_p=1.0)
     lowered = {
-        "generate": generate._generator(mesh_rules).lower(
+        "generate": generate.jitted_generate(mesh_rules).lower(
             graphdef, params, _int32(B, 5), _int32(B, 5), key, 1, **sampling
         ),
         "score": scoring.jitted_scorer(mesh_rules).lower(graphdef, params, rows, num_segments=4),
@@ -81,7 +81,7 @@ def test_caches_of_jitted_functions_key_on_the_rules_not_only_the_mesh(setup):
     same = sharding.MeshRules.of(setup.mesh, "fsdp_tp")
     assert same == setup.mesh_rules and hash(same) == hash(setup.mesh_rules)
     for cached in (
-        generate._generator,
+        generate.jitted_generate,
         scoring.jitted_scorer,
         choices.jitted_continuations,
         infill.jitted_encoder_logits,
