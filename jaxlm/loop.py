@@ -481,8 +481,11 @@ class Trainer:
         return result
 
     def _save(self, force: bool = False) -> None:
-        data_state = ckpt_lib.gather_host_states(self.batches.get_state())
-        self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+        # Meant copies, let through the loop's transfer guard: orbax reads the state to the host
+        # with np.asarray, and the hosts' data positions are gathered through the devices.
+        with jax.transfer_guard("allow"):
+            data_state = ckpt_lib.gather_host_states(self.batches.get_state())
+            self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
         _return_freed_memory()
 
     def _should_stop(self) -> bool:
@@ -491,7 +494,8 @@ class Trainer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+            with jax.transfer_guard("allow"):  # a meant copy, through the devices and back
+                flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
             if flag and self.stop_signal is None:
                 self.stop_signal = "a stop signal on another process"
         return flag

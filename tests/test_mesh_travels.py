@@ -3,6 +3,8 @@
 by hand; caches of jitted functions key on the rules too; the training loop refuses implicit
 host<->device copies."""
 
+import traceback
+
 import jax
 import numpy as np
 import pytest
@@ -92,12 +94,74 @@ def test_caches_of_jitted_functions_key_on_the_rules_not_only_the_mesh(setup):
     assert all(HEADS_SPLIT not in t and "sdy.sharding_constraint" in t for t in dp_texts.values())
 
 
-def test_an_implicit_transfer_in_the_training_loop_is_an_error(tmp_path, monkeypatch):
-    from tests.test_stages import _config, _run, _two_datasets
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from tests.test_stages import _two_datasets
 
-    (tmp_path / "data").mkdir()
-    manifest = _two_datasets(tmp_path / "data", n=40, val=4)
+    return _two_datasets(tmp_path_factory.mktemp("data"), n=40, val=4)
+
+
+def test_an_implicit_transfer_in_the_training_loop_is_an_error(manifest, tmp_path, monkeypatch):
+    from tests.test_stages import _config, _run
+
     # A batch that was never put on the devices: the step would copy it implicitly.
     monkeypatch.setattr(sharding, "host_to_global", lambda batch, mesh: batch)
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
         _run(_config(steps=2, grad_accum=1), manifest, tmp_path / "run")
+
+
+@pytest.fixture
+def implicit_reads(monkeypatch):
+    """Where implicit device->host reads (np.asarray, float, ...) happen under a 'disallow'
+    guard. A CPU lets them through (its arrays are host memory) but a GPU or TPU refuses them,
+    so the CPU tests record them instead. Reads jax internals: the guard's thread-local state."""
+    from jax._src import array as array_impl
+    from jax._src import config
+
+    reads = []
+
+    def record(x):
+        explicit = config.guard_lib.thread_local_state().explicit_device_get  # jax.device_get
+        if config.transfer_guard_device_to_host.value == "disallow" and not explicit:
+            caller = traceback.extract_stack()[-3]
+            reads.append(f"{caller.filename}:{caller.lineno}")
+
+    value = array_impl.ArrayImpl._value.fget
+
+    def recorded_value(x):
+        record(x)
+        return value(x)
+
+    def reading(convert):  # a CPU array reaches numpy through the buffer protocol, not _value
+        def converted(a, *args, **kwargs):
+            if isinstance(a, jax.Array):
+                record(a)
+            return convert(a, *args, **kwargs)
+
+        return converted
+
+    monkeypatch.setattr(array_impl.ArrayImpl, "_value", property(recorded_value))
+    monkeypatch.setattr(np, "asarray", reading(np.asarray))
+    monkeypatch.setattr(np, "array", reading(np.array))
+    two = jax.numpy.ones(()) + 1
+    with jax.transfer_guard("disallow"):
+        float(two)  # the recorder can fail
+    assert len(reads) == 1
+    reads.clear()
+    return reads
+
+
+def test_the_training_loop_reads_devices_only_explicitly(manifest, tmp_path, implicit_reads):
+    """Steps, held-out evaluation, saves (sync and async), a staged run's micro-batches, a
+    preemption and its resume: every device->host copy is explicit, as a GPU or TPU demands."""
+    from tests.test_stages import _config, _run, _staged_config
+
+    plain = _config(steps=4, grad_accum=1)
+    staged = _staged_config("adamw")
+    for config in (plain, staged):
+        config.eval.every = config.checkpoint.every = 2
+    plain.checkpoint.async_save = True
+    assert _run(plain, manifest, tmp_path / "plain", stop_at=2)[1]["preempted"]
+    assert _run(plain, manifest, tmp_path / "plain")[1]["final_step"] == 4
+    assert _run(staged, manifest, tmp_path / "staged")[1]["final_step"] == 8  # 4 + 4 steps
+    assert implicit_reads == []
