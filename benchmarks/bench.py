@@ -86,7 +86,7 @@ def bench(
     vendor_peak = metrics.peak_flops_per_device()
     cpu_peak = MatmulPeak() if vendor_peak is None else None
     flops = setup.model_cfg.flops_per_token(L) * B * L  # per step
-    with sharding.use(mesh, setup.rules):
+    with setup.mesh_rules.tracing():  # for the hand-jitted forward and backward below
         batch = sharding.host_to_global(host, mesh)
         state = setup.init_state()
         step = setup.jit_train_step()

@@ -132,7 +132,7 @@ def time_train_step(
     state = setup.init_state()
     step = setup.jit_train_step()
     B, L = config.train.batch_size, config.train.seq_len
-    with sharding.use(mesh, setup.rules):
+    with setup.mesh_rules.tracing():
 
         def run_steps(first: int, n: int):
             nonlocal state

@@ -70,7 +70,7 @@ def main(argv) -> None:
             setup.graphdef, params, groups, seq_len=seq_len, batch_size=_BATCH.value
         )
 
-    with sharding.use(setup.mesh, setup.rules):
+    with setup.mesh_rules.tracing():
         t_old, old = timing.best_of(per_choice, _REPEATS.value)
         t_new, new = timing.best_of(shared, _REPEATS.value)
     acc_old = choices.accuracies(examples, old.logprob, old.tokens)

@@ -24,7 +24,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -115,7 +114,7 @@ def rows(tok, examples, layout: str) -> list[tuple[list[int], list[int]]]:
 
 def score(setup, params, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
     """Middle-span loss, token accuracy and exact match of `examples` (one per row)."""
-    step = jax.jit(setup.in_mesh(train.make_eval_step(setup.graphdef, detail=True)))
+    step = sharding.jit(train.make_eval_step(setup.graphdef, detail=True), setup.mesh_rules)
     sums: dict[str, float] = {}
     kept = [e for e in examples if len(e[0]) <= SEQ_LEN + 1]
     for i in range(0, len(kept), BATCH):
@@ -129,8 +128,7 @@ def score(setup, params, examples: list[tuple[list[int], list[int]]]) -> dict[st
             batch["inputs"][r, :n], batch["targets"][r, :n] = tokens[:-1], tokens[1:]
             batch["segment_ids"][r, :n], batch["positions"][r, :n] = 1, np.arange(n)
             batch["loss_mask"][r, :n] = scored[:n]
-        with sharding.use(setup.mesh, setup.rules):
-            found = step(params, sharding.host_to_global(batch, setup.mesh))
+        found = step(params, sharding.host_to_global(batch, setup.mesh))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in found.items()}
     return {
         "middle_loss": sums["nll"] / sums["count"],

@@ -75,18 +75,15 @@ def run(optimizer: str, train_ids, val_batches, vocab: int, steps: int) -> list[
     state, step_fn, eval_fn = setup.init_state(), setup.jit_train_step(), setup.jit_eval_step()
     rng = np.random.RandomState(0)  # the same batches for every optimizer
     curve = []
-    with sharding.use(setup.mesh, setup.rules):
-        for i in range(1, steps + 1):
-            state, _ = step_fn(
-                state, sharding.host_to_global(crops(train_ids, BATCH, rng), setup.mesh)
-            )
-            if i % _EVAL_EVERY.value == 0 or i == steps:
-                sums = [
-                    eval_fn(state["params"], sharding.host_to_global(b, setup.mesh))
-                    for b in val_batches
-                ]
-                curve.append((i, float(sum(s for s, _ in sums) / sum(c for _, c in sums))))
-                print(f"{optimizer:>6} step {i:>5}: held-out loss {curve[-1][1]:.4f}", flush=True)
+    for i in range(1, steps + 1):
+        state, _ = step_fn(state, sharding.host_to_global(crops(train_ids, BATCH, rng), setup.mesh))
+        if i % _EVAL_EVERY.value == 0 or i == steps:
+            sums = [
+                eval_fn(state["params"], sharding.host_to_global(b, setup.mesh))
+                for b in val_batches
+            ]
+            curve.append((i, float(sum(s for s, _ in sums) / sum(c for _, c in sums))))
+            print(f"{optimizer:>6} step {i:>5}: held-out loss {curve[-1][1]:.4f}", flush=True)
     return curve
 
 

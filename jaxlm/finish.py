@@ -17,7 +17,7 @@ from typing import Any
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import sharding, stages
+from jaxlm import stages
 from jaxlm.progress import format_duration
 
 
@@ -114,16 +114,16 @@ def print_sample(config: Any, setup: Any, params: Any, tokenizer: Any, out: Any)
     s = config.sample
     if s.max_tokens <= 0 or not s.prompt or config.objective == "masked":  # an encoder: no text
         return
-    with sharding.use(setup.mesh, setup.rules):
-        new_tokens = generate_lib.generate(
-            setup.graphdef,
-            params,
-            [tokenizer_lib.prompt_ids(tokenizer, s.prompt)],
-            max_new_tokens=s.max_tokens,
-            eos_id=tokenizer.eos_id,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            seed=config.seed,
-        )[0]
+    new_tokens = generate_lib.generate(
+        setup.graphdef,
+        params,
+        [tokenizer_lib.prompt_ids(tokenizer, s.prompt)],
+        max_new_tokens=s.max_tokens,
+        eos_id=tokenizer.eos_id,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=config.seed,
+        mesh_rules=setup.mesh_rules,
+    )[0]
     out.print("sample (KV-cache decoding):\n" + s.prompt + tokenizer.decode(new_tokens))

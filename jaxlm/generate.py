@@ -8,7 +8,7 @@ same logits as the prompt alone.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,9 +40,6 @@ def sample_logits(
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p")
-)
 def _generate(
     graphdef, params, tokens, prompt_mask, key, eos_id, *, max_new_tokens, temperature, top_k, top_p
 ):
@@ -71,6 +68,14 @@ def _generate(
     return out.T  # (B, max_new_tokens)
 
 
+@functools.lru_cache(maxsize=8)
+def jitted_generate(mesh_rules: sharding.MeshRules | None) -> Callable:
+    """`_generate` jitted for `mesh_rules`; the model (graphdef) and the sampling settings are
+    static, so the jit's own cache keys on them and this one on the mesh and rules."""
+    static = ("graphdef", "max_new_tokens", "temperature", "top_k", "top_p")
+    return sharding.jit(_generate, mesh_rules, static_argnames=static)
+
+
 def generate(
     graphdef: Any,
     params: Any,
@@ -82,10 +87,13 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    mesh_rules: sharding.MeshRules | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to `max_new_tokens`, stopping at EOS.
 
-    Returns the new tokens of each prompt, without the EOS.
+    `mesh_rules` (a `Setup`'s, for params placed on its mesh) gives the model its sharding
+    constraints; None runs it unconstrained (one device). Returns the new tokens of each
+    prompt, without the EOS.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token.")
@@ -95,7 +103,7 @@ def generate(
     for i, p in enumerate(prompts):
         tokens[i, width - len(p) :] = p
         mask[i, width - len(p) :] = 1
-    out = _generate(
+    out = jitted_generate(mesh_rules)(
         graphdef,
         params,
         jnp.asarray(tokens),
@@ -117,13 +125,13 @@ def continue_text(trained: Any, ids: Sequence[int], max_new_tokens: int, **sampl
     """The text a trained model (`jaxlm.evaluate.trained`: setup, params, tokenizer) writes after
     the token ids `ids`, up to EOS or `max_new_tokens`; `sampling` as for `generate`."""
     setup, tok = trained.setup, trained.tokenizer
-    with sharding.use(setup.mesh, setup.rules):
-        new = generate(
-            setup.graphdef,
-            trained.params,
-            [ids],
-            max_new_tokens=max_new_tokens,
-            eos_id=tok.eos_id,
-            **sampling,
-        )[0]
+    new = generate(
+        setup.graphdef,
+        trained.params,
+        [ids],
+        max_new_tokens=max_new_tokens,
+        eos_id=tok.eos_id,
+        mesh_rules=setup.mesh_rules,
+        **sampling,
+    )[0]
     return tok.decode(new)

@@ -3,9 +3,12 @@ model), or fill `[MASK]` pieces (a masked-LM encoder). Used by `tools/generate.p
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -44,6 +47,20 @@ def fill_middle(trained: Any, prefix: str, suffix: str, max_tokens: int, **sampl
     return generate.continue_text(trained, ids, max_tokens, **sampling)
 
 
+def encoder_logits(graphdef: Any, params: Any, ids: jax.Array) -> jax.Array:
+    """Logits (B, L, V) of token rows `ids` (B, L) read whole, both ways, as one document each."""
+    ones = jnp.ones_like(ids)  # one segment, and every token in the prefix: no causal mask
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    return nnx.merge(graphdef, params)(ids, positions, ones, prefix=ones)
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_encoder_logits(mesh_rules: sharding.MeshRules | None) -> Callable:
+    """`encoder_logits` jitted for `mesh_rules` (graphdef static: the jit's own cache keys on
+    it, this one on the mesh and rules)."""
+    return sharding.jit(encoder_logits, mesh_rules, static_argnames="graphdef")
+
+
 def fill_mask(trained: Any, text: str, top: int = 5) -> tuple[str, list[list[tuple[str, float]]]]:
     """`text` with each `[MASK]` replaced by the encoder's most likely piece, and for each mask
     its `top` pieces with their probabilities. The whole text is seen both ways, as in training.
@@ -58,15 +75,7 @@ def fill_mask(trained: Any, text: str, top: int = 5) -> tuple[str, list[list[tup
         raise JaxlmError(
             f"--prompt is {ids.shape[1]} tokens; the model takes {setup.model_cfg.max_seq_len}."
         )
-    ones = np.ones_like(ids)
-    positions = np.arange(ids.shape[1], dtype=np.int32)[None]
-
-    @jax.jit  # traced, the model's sharding constraints let one row run on any mesh
-    def forward(params, ids):
-        return nnx.merge(setup.graphdef, params)(ids, positions, ones, prefix=ones)  # (1, L, V)
-
-    with sharding.use(setup.mesh, setup.rules):
-        logits = forward(trained.params, ids)
+    logits = jitted_encoder_logits(setup.mesh_rules)(setup.graphdef, trained.params, ids)
     probs = np.asarray(jax.nn.softmax(logits[0, where], axis=-1))  # (M, V)
     filled = ids[0].copy()
     choices = []

@@ -280,7 +280,10 @@ class Trainer:
         previous_skip = None  # (step, device scalar) read one step late, to keep dispatch async
         start_step, start = self.step, time.perf_counter()
 
-        with sharding.use(self.setup.mesh, self.setup.rules):
+        # Every copy between host and devices in the loop is explicit (`host_to_global`,
+        # `jax.device_get`): an implicit one (a host batch given to the step, a metric read as
+        # a float) would stall the pipeline or, on many hosts, be wrong, so it is an error here.
+        with jax.transfer_guard("disallow"):
             if self.step == 0 < total and cfg.init_from:
                 # The "before" of a warm start, on the same batches as the final evaluation.
                 self.first_eval = self._eval(0, final=True)
@@ -308,7 +311,8 @@ class Trainer:
                 self.step += 1
                 self.pending.append(step_metrics)
                 if previous_skip is not None:
-                    bad_steps = bad_steps + [previous_skip[0]] if int(previous_skip[1]) else []
+                    skipped = int(jax.device_get(previous_skip[1]))
+                    bad_steps = bad_steps + [previous_skip[0]] if skipped else []
                 previous_skip = (self.step, step_metrics["skipped"])
                 if len(bad_steps) >= cfg.train.max_bad_steps:
                     rollbacks.append(bad_steps)
@@ -476,14 +480,17 @@ class Trainer:
                     self.tasks,
                     seq_len=cfg.train.seq_len,
                     batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-                    mesh=self.setup.mesh,
+                    mesh_rules=self.setup.mesh_rules,
                 )
             )
         return result
 
     def _save(self, force: bool = False) -> None:
-        data_state = ckpt_lib.gather_host_states(self.batches.get_state())
-        self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+        # Meant copies, let through the loop's transfer guard: orbax reads the state to the host
+        # with np.asarray, and the hosts' data positions are gathered through the devices.
+        with jax.transfer_guard("allow"):
+            data_state = ckpt_lib.gather_host_states(self.batches.get_state())
+            self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
         _return_freed_memory()
 
     def _should_stop(self) -> bool:
@@ -492,7 +499,8 @@ class Trainer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+            with jax.transfer_guard("allow"):  # a meant copy, through the devices and back
+                flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
             if flag and self.stop_signal is None:
                 self.stop_signal = "a stop signal on another process"
         return flag

@@ -11,18 +11,26 @@ few named presets:
 - `fsdp_tp`: `fsdp` plus tensor parallelism: heads, MLP and vocab split over `tensor`.
 
 The batch is always split over `data` x `fsdp`.
+
+No sharding context lives here. A jitted function is built with its mesh and rules
+(`jit(fn, MeshRules)`), which it enters while tracing through contexts JAX and Flax own (the
+abstract mesh, Flax's logical axis rules); `constrain`, `per_device` and `platform` read them
+there, so a function traced by anyone, anywhere, carries its shardings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from flax.core import spmd as flax_spmd  # Flax's logical-axis-rules context (nnx exports it)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.errors import ConfigError
@@ -158,33 +166,77 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-_active: tuple[Mesh, Mapping[str, Any]] | None = None
+@dataclasses.dataclass(frozen=True)
+class MeshRules:
+    """A mesh and the logical-name rules for it: what every jitted function is built with.
+
+    Frozen and hashable (the rules a tuple of (logical name, mesh axes) pairs), so a cache of
+    jitted functions keys on it: another mesh or another preset is another program.
+    """
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, mesh: Mesh, preset: str) -> MeshRules:
+        """`mesh` with the rules of a named preset (`PRESETS`)."""
+        return cls(mesh, tuple(rules_for(preset).items()))
+
+    @property
+    def mapping(self) -> dict[str, Any]:
+        """The rules as a logical-name -> mesh-axes dict (`logical_to_spec` takes it)."""
+        return dict(self.rules)
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """The contexts JAX and Flax own that `constrain`, `per_device` and `platform` read:
+        this mesh as JAX's abstract mesh, these rules as Flax's logical axis rules. `jit`
+        enters it inside every trace, so no caller has to; code that jits a model function by
+        hand (a benchmark timing the forward pass alone) may enter it around that jit."""
+        with (
+            jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh),
+            flax_spmd.logical_axis_rules(self.rules),
+        ):
+            yield
 
 
-@contextlib.contextmanager
-def use(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[None]:
-    """Makes `constrain` map logical names with `rules` on `mesh` while tracing inside."""
-    global _active
-    previous, _active = _active, (mesh, rules)
-    try:
-        yield
-    finally:
-        _active = previous
+def jit(fn: Callable, mesh_rules: MeshRules | None, **jit_kwargs: Any) -> Any:
+    """`jax.jit(fn, **jit_kwargs)` whose trace runs under `mesh_rules.tracing()`: the model's
+    sharding constraints are there whoever calls, lowers or re-traces it. With None (one
+    device, no mesh) the constraints are no-ops and this is plain `jax.jit`."""
+    if mesh_rules is None:
+        return jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)  # the signature stays fn's: static_argnames still resolve
+    def traced(*args, **kwargs):
+        with mesh_rules.tracing():
+            return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)
+
+
+def _traced() -> tuple[jax.sharding.AbstractMesh, dict[str, Any]] | None:
+    """The mesh and rules of the trace in progress (`MeshRules.tracing`), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = flax_spmd.get_logical_axis_rules()
+    return None if mesh.empty or not rules else (mesh, dict(rules))
 
 
 def platform() -> str:
-    """The platform being traced for: the active mesh's devices' (a TPU slice's when compiling
+    """The platform being traced for: the traced mesh's devices' (a TPU slice's when compiling
     ahead of time on a CPU), else this host's default backend."""
-    if _active is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.abstract_device is None:
         return jax.default_backend()
-    return _active[0].devices.flat[0].platform
+    return mesh.abstract_device.platform
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside `use(...)` (e.g. single device)."""
-    if _active is None:
+    """Sharding constraint by logical names; a no-op when traced without a mesh (`jit`)."""
+    traced = _traced()
+    if traced is None:
         return x
-    mesh, rules = _active
+    mesh, rules = traced
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
 
 
@@ -193,11 +245,12 @@ def per_device(
 ) -> Any:
     """`fn` run on each device's slice of its arguments (shard_map), split by logical names.
 
-    For kernels XLA cannot partition itself (Pallas). Outside `use(...)` it is `fn` unchanged.
+    For kernels XLA cannot partition itself (Pallas). Traced without a mesh it is `fn` unchanged.
     """
-    if _active is None:
+    traced = _traced()
+    if traced is None:
         return fn
-    mesh, rules = _active
+    mesh, rules = traced
     return jax.shard_map(
         fn,
         mesh=mesh,
@@ -235,11 +288,19 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
 
 
 def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A global array from a host array every process holds whole: each device takes its slice."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    """A global array from a host array every process holds whole: each device takes its slice.
+
+    The copy is meant, so a transfer guard (the training loop's) lets it through.
+    """
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays split over the batch axes."""
+    """Assembles each process's rows into global arrays split over the batch axes.
+
+    The copy is meant, so a transfer guard (the training loop's) lets it through.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    with jax.transfer_guard_host_to_device("allow"):
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

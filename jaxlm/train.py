@@ -217,8 +217,8 @@ class Setup:
         self.config = config
         platform = platform or mesh.devices.flat[0].platform
         self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, platform)
-        self.mesh = mesh
-        self.rules = sharding.rules_for(config.mesh.preset)
+        # The mesh and rules every jitted function of the run is built with (`sharding.jit`).
+        self.mesh_rules = sharding.MeshRules.of(mesh, config.mesh.preset)
         self.plan = stages_lib.build(config)
         self.tx, self.schedule = optim.make_optimizer(
             config.optim, self.plan.total_steps, self.plan.schedule
@@ -227,7 +227,9 @@ class Setup:
         self.graphdef, abstract_params_state = nnx.split(abstract_model)
         axes = model_lib.logical_axes(abstract_params_state)
         abstract_params = nnx.to_pure_dict(abstract_params_state)
-        self.param_shardings = sharding.tree_shardings(mesh, axes, abstract_params, self.rules)
+        self.param_shardings = sharding.tree_shardings(
+            mesh, axes, abstract_params, self.mesh_rules.mapping
+        )
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         opt_shardings = optim.map_param_leaves(
@@ -251,6 +253,11 @@ class Setup:
         )
         self.n_params = model_lib.count_params(abstract_params)
         self._graphdefs: dict[tuple, Any] = {}  # (rope_theta, rope_scaling) -> graphdef
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The run's device mesh."""
+        return self.mesh_rules.mesh
 
     def graphdef_for(self, stage: stages_lib.Stage) -> Any:
         """The model of `stage`: the run's, or the same parameters under the stage's RoPE."""
@@ -278,18 +285,8 @@ class Setup:
 
     def init_state(self) -> TrainState:
         """Fresh state, created directly in its shards (no full copy on one device)."""
-        init = jax.jit(self.in_mesh(self._init_fn), out_shardings=self.state_shardings)
+        init = sharding.jit(self._init_fn, self.mesh_rules, out_shardings=self.state_shardings)
         return init()
-
-    def in_mesh(self, fn: Callable) -> Callable:
-        """`fn` traced with this run's mesh and rules active, whoever calls it: the sharding
-        constraints inside the model can never be lost by tracing outside `sharding.use`."""
-
-        def traced_in_mesh(*args):
-            with sharding.use(self.mesh, self.rules):
-                return fn(*args)
-
-        return traced_in_mesh
 
     def jit_train_step(self) -> Callable:
         """The jitted `train_step(state, batch)`: donated state, explicit shardings."""
@@ -298,8 +295,9 @@ class Setup:
             self.graphdef, self.tx, self.schedule, t.grad_accum, t.spike_ratio, t.spike_warmup
         )
         batch_sh = sharding.batch_sharding(self.mesh)
-        return jax.jit(
-            self.in_mesh(step),
+        return sharding.jit(
+            step,
+            self.mesh_rules,
             in_shardings=(self.state_shardings, batch_sh),
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
@@ -314,8 +312,9 @@ class Setup:
         (default the run's model); a dict of sums for a non-causal objective (`make_eval_step`)."""
         batch_sh = sharding.batch_sharding(self.mesh)
         detail = self.config.objective != "causal"
-        return jax.jit(
-            self.in_mesh(make_eval_step(graphdef or self.graphdef, detail)),
+        return sharding.jit(
+            make_eval_step(graphdef or self.graphdef, detail),
+            self.mesh_rules,
             in_shardings=(self.param_shardings, batch_sh),
         )
 
@@ -358,8 +357,9 @@ class StagedStep:
         )
         self.zeros = jax.jit(zeros, out_shardings=self.acc_shardings)
         update = make_update(setup.tx, setup.schedule, t.spike_ratio, t.spike_warmup)
-        self.update = jax.jit(
-            setup.in_mesh(update),
+        self.update = sharding.jit(
+            update,
+            setup.mesh_rules,
             in_shardings=(setup.state_shardings, *self.acc_shardings),
             out_shardings=(setup.state_shardings, None),
             donate_argnums=0,
@@ -371,8 +371,9 @@ class StagedStep:
     ) -> tuple[TrainState, dict]:
         rope = (stage.rope_theta, stage.rope_scaling)
         if rope not in self.micro_grads:
-            self.micro_grads[rope] = jax.jit(
-                self.setup.in_mesh(make_micro_grad(self.setup.graphdef_for(stage))),
+            self.micro_grads[rope] = sharding.jit(
+                make_micro_grad(self.setup.graphdef_for(stage)),
+                self.setup.mesh_rules,
                 in_shardings=(self.setup.param_shardings, self.acc_shardings, self.batch_sharding),
                 out_shardings=self.acc_shardings,
                 donate_argnums=1,
@@ -499,6 +500,7 @@ def _eval_split(
         else:
             s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
             found = {"nll": s, "count": c}
+        found = jax.device_get(found)  # explicit: the training loop guards against implicit reads
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in found.items()}
         if progress is not None:
             progress(done_before + i + 1)

@@ -18,19 +18,18 @@ def test_round_trip_restores_a_state_that_differs_from_the_current_one(tmp_path)
     config = tiny_config()
     setup = setup_for(config)
     step = setup.jit_train_step()
-    with sharding.use(setup.mesh, setup.rules):
-        state, _ = step(
-            setup.init_state(), sharding.host_to_global(packed_batch(8, 16, vocab=62), setup.mesh)
-        )
-        saved = jax.device_get(state)
-        ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
-        ckpt.save(
-            1, state, {"next_index": 7}, {"param_shapes": checkpoint.param_shapes(state["params"])}
-        )
-        ckpt.wait()
-        state, _ = step(
-            state, sharding.host_to_global(packed_batch(8, 16, seed=1, vocab=62), setup.mesh)
-        )
+    state, _ = step(
+        setup.init_state(), sharding.host_to_global(packed_batch(8, 16, vocab=62), setup.mesh)
+    )
+    saved = jax.device_get(state)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
+    ckpt.save(
+        1, state, {"next_index": 7}, {"param_shapes": checkpoint.param_shapes(state["params"])}
+    )
+    ckpt.wait()
+    state, _ = step(
+        state, sharding.host_to_global(packed_batch(8, 16, seed=1, vocab=62), setup.mesh)
+    )
     current = jax.device_get(state)
     assert any(
         not np.array_equal(a, b)
@@ -71,14 +70,13 @@ def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(
     source = train.Setup(config, vocab_size=62, mesh=sharding.make_mesh((1, 8, 1)))
     step = source.jit_train_step()
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
-    with sharding.use(source.mesh, source.rules):
-        state, _ = step(source.init_state(), sharding.host_to_global(batches[0], source.mesh))
-        ckpt.save(1, state, None, {})
-        ckpt.wait()
-        expected = []
-        for b in batches[1:]:
-            state, m = step(state, sharding.host_to_global(b, source.mesh))
-            expected.append(float(m["loss"]))
+    state, _ = step(source.init_state(), sharding.host_to_global(batches[0], source.mesh))
+    ckpt.save(1, state, None, {})
+    ckpt.wait()
+    expected = []
+    for b in batches[1:]:
+        state, m = step(state, sharding.host_to_global(b, source.mesh))
+        expected.append(float(m["loss"]))
 
     config.mesh.preset = preset
     target = train.Setup(
@@ -87,10 +85,9 @@ def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(
     _, state, _, _ = ckpt.restore(target.abstract_state)
     step = target.jit_train_step()
     got = []
-    with sharding.use(target.mesh, target.rules):
-        for b in batches[1:]:
-            state, m = step(state, sharding.host_to_global(b, target.mesh))
-            got.append(float(m["loss"]))
+    for b in batches[1:]:
+        state, m = step(state, sharding.host_to_global(b, target.mesh))
+        got.append(float(m["loss"]))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     ckpt.close()
 

@@ -150,10 +150,9 @@ def trained_checkpoint(tmp_path_factory):
     config.checkpoint.async_save = False
     setup = train.Setup(config, VOCAB, sharding.make_mesh((1, -1, 1), jax.devices()[:1]))
     state, step = setup.init_state(), setup.jit_train_step()
-    with sharding.use(setup.mesh, setup.rules):
-        for s in range(3):
-            batch = sharding.host_to_global(packed_batch(8, 16, seed=s, vocab=VOCAB), setup.mesh)
-            state, _ = step(state, batch)
+    for s in range(3):
+        batch = sharding.host_to_global(packed_batch(8, 16, seed=s, vocab=VOCAB), setup.mesh)
+        state, _ = step(state, batch)
     meta = {
         "config": json.loads(config.to_json_best_effort()),
         "tokenizer_sha256": "",
@@ -718,10 +717,9 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
     before = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
     it = iter(pipeline.train_dataset(manifest, seq_len=64, batch_size=8, seed=0))
     history = []
-    with sharding.use(setup.mesh, setup.rules):
-        for _ in range(config.train.steps):
-            state, m = train_step(state, sharding.host_to_global(next(it), setup.mesh))
-            history.append({k: float(v) for k, v in jax.device_get(m).items()})
+    for _ in range(config.train.steps):
+        state, m = train_step(state, sharding.host_to_global(next(it), setup.mesh))
+        history.append({k: float(v) for k, v in jax.device_get(m).items()})
     after = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
     print(f"held-out domain loss {before:.3f} -> {after:.3f} after {len(history)} steps")
     assert after < before - 0.5, (before, after)

@@ -205,16 +205,21 @@ def test_scoring_split_over_eight_devices_equals_one_device(setup, memorizing_ru
     one = scoring.jitted_scorer(None)(
         setup.graphdef, trained, rows, num_segments=packed.num_segments
     )
-    with sharding.use(mesh, sharded_setup.rules):
-        many = scoring.jitted_scorer(mesh)(
-            setup.graphdef,
-            sharded,
-            jax.device_put(rows, sharding.batch_sharding(mesh)),
-            num_segments=packed.num_segments,
-        )
-        result = choices.score_task(
-            setup.graphdef, sharded, TOK, examples, seq_len=SEQ_LEN, batch_size=28, mesh=mesh
-        )
+    many = scoring.jitted_scorer(sharded_setup.mesh_rules)(
+        setup.graphdef,
+        sharded,
+        jax.device_put(rows, sharding.batch_sharding(mesh)),
+        num_segments=packed.num_segments,
+    )
+    result = choices.score_task(
+        setup.graphdef,
+        sharded,
+        TOK,
+        examples,
+        seq_len=SEQ_LEN,
+        batch_size=28,
+        mesh_rules=sharded_setup.mesh_rules,
+    )
     np.testing.assert_allclose(many[0], one[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(many[1], one[1])
     np.testing.assert_array_equal(many[2], one[2])

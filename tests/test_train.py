@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm import faults, sharding, train
-from tests.helpers import VOCAB, packed_batch, tiny_config
+from tests.helpers import packed_batch, tiny_config
 
 
 def make_setup(preset="fsdp", mesh_shape=(1, -1, 1), devices=None, **overrides):
@@ -22,10 +22,9 @@ def run_steps(setup, batches):
     state = setup.init_state()
     step = setup.jit_train_step()
     losses = []
-    with sharding.use(setup.mesh, setup.rules):
-        for batch in batches:
-            state, metrics = step(state, sharding.host_to_global(batch, setup.mesh))
-            losses.append(float(metrics["loss"]))
+    for batch in batches:
+        state, metrics = step(state, sharding.host_to_global(batch, setup.mesh))
+        losses.append(float(metrics["loss"]))
     return state, losses, step
 
 
@@ -113,21 +112,20 @@ def test_nan_and_spiking_batches_are_skipped_bitwise():
     setup = make_setup(devices=jax.devices()[:1], train__spike_warmup=0)
     step = setup.jit_train_step()
     good = packed_batch(8, 16, seed=2, vocab=62)
-    with sharding.use(setup.mesh, setup.rules):
-        state, m = step(setup.init_state(), sharding.host_to_global(good, setup.mesh))
-        assert int(m["skipped"]) == 0
-        before = jax.device_get(state)
+    state, m = step(setup.init_state(), sharding.host_to_global(good, setup.mesh))
+    assert int(m["skipped"]) == 0
+    before = jax.device_get(state)
 
-        poisoned = dict(good, loss_mask=np.full_like(good["loss_mask"], np.nan))
-        state, m = step(state, sharding.host_to_global(poisoned, setup.mesh))
-        assert int(m["skipped"]) == 1
-        after_nan = jax.device_get(state)
+    poisoned = dict(good, loss_mask=np.full_like(good["loss_mask"], np.nan))
+    state, m = step(state, sharding.host_to_global(poisoned, setup.mesh))
+    assert int(m["skipped"]) == 1
+    after_nan = jax.device_get(state)
 
-        # A batch whose loss is far above the running mean: pretend the mean is tiny.
-        state["guard"]["loss_ema"] = jax.numpy.asarray(0.01, np.float32)
-        state, m = step(state, sharding.host_to_global(good, setup.mesh))
-        assert int(m["skipped"]) == 1
-        after_spike = jax.device_get(state)
+    # A batch whose loss is far above the running mean: pretend the mean is tiny.
+    state["guard"]["loss_ema"] = jax.numpy.asarray(0.01, np.float32)
+    state, m = step(state, sharding.host_to_global(good, setup.mesh))
+    assert int(m["skipped"]) == 1
+    after_spike = jax.device_get(state)
 
     for other in (after_nan, after_spike):
         for key in ("params", "opt_state"):
@@ -146,14 +144,3 @@ def test_fault_injection_poisons_only_the_named_stream_positions():
         assert np.isnan(batch["loss_mask"]).all() == (position == 4)
         assert np.array_equal(batch["targets"], clean["targets"]) == (position != 6)
         assert batch["targets"].max() < 61
-
-
-def test_the_jitted_steps_carry_their_mesh_whoever_traces_them():
-    config = tiny_config()
-    setup = train.Setup(config, VOCAB, sharding.make_mesh((1, -1, 1)))
-    assert sharding._active is None  # no caller opened the mesh by hand
-    outside = setup.lower_train_step().as_text()
-    with sharding.use(setup.mesh, setup.rules):
-        inside = setup.lower_train_step().as_text()
-    constraints = outside.count("sdy.sharding_constraint")
-    assert constraints > 0 and constraints == inside.count("sdy.sharding_constraint")

@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from jaxlm import model as model_lib
+from jaxlm import sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import scoring
 from jaxlm.evaluate.tasks import Example
@@ -86,10 +87,14 @@ def continuation_logprobs(
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(mesh: jax.sharding.Mesh | None) -> Callable:
-    out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
-        continuation_logprobs, static_argnames=("graphdef", "num_segments"), out_shardings=out
+def jitted_continuations(mesh_rules: sharding.MeshRules | None) -> Callable:
+    """`continuation_logprobs` jitted for `mesh_rules` (graphdef and num_segments static, so
+    the jit's own cache keys on them and this one on the mesh and rules)."""
+    return sharding.jit(
+        continuation_logprobs,
+        mesh_rules,
+        static_argnames=("graphdef", "num_segments"),
+        out_shardings=scoring.replicated(mesh_rules),
     )
 
 
@@ -145,7 +150,7 @@ def score_continuations(
     *,
     seq_len: int,
     batch_size: int,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh_rules: sharding.MeshRules | None = None,
     max_segments: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> scoring.Scores:
@@ -162,14 +167,15 @@ def score_continuations(
         first), continuations at least one.
       seq_len: tokens per context row.
       batch_size: context rows per call (rounded up to a multiple of the mesh's batch split).
-      mesh: when given, rows are split over its batch axes; every process passes the same
-        groups.
+      mesh_rules: the mesh and rules the model runs with (a `Setup`'s); rows are split over
+        the mesh's batch axes; every process passes the same groups. None: one device.
       max_segments: most contexts packed into one row.
       progress: called as `progress(rows done, rows in all)` after each call.
 
     Returns:
       Scores of every continuation, flattened in group order.
     """
+    mesh = mesh_rules.mesh if mesh_rules else None
     batch_size = scoring.round_batch(batch_size, mesh)
     offsets = np.cumsum([0] + [len(conts) for _, conts in groups])
     logprob, tokens = np.zeros(offsets[-1]), np.zeros(offsets[-1], np.int64)
@@ -215,7 +221,8 @@ def score_continuations(
                     host["mask"][span] = 1
                     start += len(cont)
                     where.append((offsets[g] + j, p, r, s))
-        out = _jitted(mesh)(graphdef, params, scoring.device_rows(host, mesh), num_segments=S)
+        rows_on_devices = scoring.device_rows(host, mesh)
+        out = jitted_continuations(mesh_rules)(graphdef, params, rows_on_devices, num_segments=S)
         sums, counts, hits = jax.device_get(out)  # explicit, so a transfer guard does not object
         flat, *at = np.asarray(where).T  # at: (pass, context row, segment column)
         at = tuple(at)
@@ -268,7 +275,7 @@ def score_task(
     *,
     seq_len: int,
     batch_size: int,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh_rules: sharding.MeshRules | None = None,
 ) -> dict[str, float]:
     """Zero-shot multiple-choice accuracy of a model on `examples`.
 
@@ -279,8 +286,9 @@ def score_task(
       seq_len: L, the most tokens context + choice may take (the context is cut from the left).
       batch_size: rows of packed contexts per call (rounded up to a multiple of the mesh's
         batch split).
-      mesh: when given, rows are split over its batch axes (params keep their own shardings);
-        every process must pass the same examples.
+      mesh_rules: the mesh and rules the model runs with (a `Setup`'s); rows are split over
+        the mesh's batch axes (params keep their own shardings); every process must pass the
+        same examples. None: one device.
 
     Returns:
       accuracy (choice log-prob per UTF-8 byte), accuracy_per_token, accuracy_unnormalized,
@@ -290,7 +298,7 @@ def score_task(
         raise JaxlmError("the task has no examples to score.")
     groups = encode_task(tokenizer, examples, seq_len)
     scores = score_continuations(
-        graphdef, params, groups, seq_len=seq_len, batch_size=batch_size, mesh=mesh
+        graphdef, params, groups, seq_len=seq_len, batch_size=batch_size, mesh_rules=mesh_rules
     )
     return accuracies(examples, scores.logprob, scores.tokens)
 

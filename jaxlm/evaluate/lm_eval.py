@@ -34,7 +34,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from jaxlm import sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import choices, scoring, text, trained
 
@@ -108,15 +107,14 @@ class JaxlmLM(TemplateLM):
             groups.setdefault(tuple(whole[: -len(continuation)]), []).append(i)
         batches = [(list(ctx), [requests[i][2] for i in idx]) for ctx, idx in groups.items()]
         setup = self.model.setup
-        with sharding.use(setup.mesh, setup.rules):
-            scores = choices.score_continuations(
-                setup.graphdef,
-                self.model.params,
-                batches,
-                seq_len=self.max_length,
-                batch_size=self.batch_size,
-                mesh=setup.mesh,
-            )
+        scores = choices.score_continuations(
+            setup.graphdef,
+            self.model.params,
+            batches,
+            seq_len=self.max_length,
+            batch_size=self.batch_size,
+            mesh_rules=setup.mesh_rules,
+        )
         order = [i for idx in groups.values() for i in idx]
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for k, i in enumerate(order):
@@ -136,15 +134,14 @@ class JaxlmLM(TemplateLM):
             seqs += windows
             owners += [r] * len(windows)
         setup = self.model.setup
-        with sharding.use(setup.mesh, setup.rules):
-            scores = scoring.score_sequences(
-                setup.graphdef,
-                self.model.params,
-                seqs,
-                seq_len=self.max_length,
-                batch_size=self.batch_size,
-                mesh=setup.mesh,
-            )
+        scores = scoring.score_sequences(
+            setup.graphdef,
+            self.model.params,
+            seqs,
+            seq_len=self.max_length,
+            batch_size=self.batch_size,
+            mesh_rules=setup.mesh_rules,
+        )
         totals = [0.0] * len(requests)
         for r, logprob in zip(owners, scores.logprob, strict=True):
             totals[r] += float(logprob)
@@ -170,17 +167,17 @@ class JaxlmLM(TemplateLM):
                 n_new = kwargs["max_gen_toks"]
                 keep = max(self.max_length - n_new, 1)
                 prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in indices]
-                with sharding.use(setup.mesh, setup.rules):
-                    new = generate.generate(
-                        setup.graphdef,
-                        self.model.params,
-                        prompts,
-                        max_new_tokens=n_new,
-                        eos_id=self.tok.eos_id,
-                        temperature=float(kwargs.get("temperature") or 0.0),
-                        top_p=float(kwargs.get("top_p") or 1.0),
-                        top_k=int(kwargs.get("top_k") or 0),
-                    )
+                new = generate.generate(
+                    setup.graphdef,
+                    self.model.params,
+                    prompts,
+                    max_new_tokens=n_new,
+                    eos_id=self.tok.eos_id,
+                    temperature=float(kwargs.get("temperature") or 0.0),
+                    top_p=float(kwargs.get("top_p") or 1.0),
+                    top_k=int(kwargs.get("top_k") or 0),
+                    mesh_rules=setup.mesh_rules,
+                )
                 for i, ids in zip(indices, new, strict=True):
                     completion = self.tok.decode(ids)
                     for stop in until:

@@ -70,13 +70,22 @@ def segment_logprobs(
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_scorer(mesh: jax.sharding.Mesh | None) -> Callable:
-    """`segment_logprobs`, jitted once per mesh (graphdef and num_segments static)."""
-    # Replicated outputs let every host read every score on multi-host meshes.
-    out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
-        segment_logprobs, static_argnames=("graphdef", "num_segments"), out_shardings=out
+def jitted_scorer(mesh_rules: sharding.MeshRules | None) -> Callable:
+    """`segment_logprobs` jitted for `mesh_rules` (graphdef and num_segments static, so the
+    jit's own cache keys on them and this one on the mesh and rules)."""
+    return sharding.jit(
+        segment_logprobs,
+        mesh_rules,
+        static_argnames=("graphdef", "num_segments"),
+        out_shardings=replicated(mesh_rules),
     )
+
+
+def replicated(mesh_rules: sharding.MeshRules | None) -> jax.sharding.Sharding | None:
+    """Whole on every device of the mesh (None without one): every host can read every score."""
+    if mesh_rules is None:
+        return None
+    return jax.sharding.NamedSharding(mesh_rules.mesh, jax.sharding.PartitionSpec())
 
 
 @dataclasses.dataclass
@@ -153,7 +162,7 @@ def score_sequences(
     *,
     seq_len: int,
     batch_size: int,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh_rules: sharding.MeshRules | None = None,
     max_segments: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> Scores:
@@ -164,8 +173,9 @@ def score_sequences(
       seqs: `(ids, n)` pairs, 2 <= len(ids) <= seq_len + 1, 1 <= n < len(ids).
       seq_len: L, tokens per packed row.
       batch_size: rows per call (rounded up to a multiple of the mesh's batch split).
-      mesh: when given, rows are split over its batch axes (params keep their own shardings);
-        every process must pass the same sequences.
+      mesh_rules: the mesh and rules the model runs with (a `Setup`'s); rows are split over
+        the mesh's batch axes (params keep their own shardings); every process must pass the
+        same sequences. None: one device.
       max_segments: most sequences packed into one row.
       progress: called as `progress(rows done, rows in all)` after each batch.
     """
@@ -174,8 +184,9 @@ def score_sequences(
         return Scores(empty, empty.astype(np.int64), empty.astype(bool))
     packed = pack(seqs, seq_len, max_segments)
     n_rows = len(packed.rows["inputs"])
+    mesh = mesh_rules.mesh if mesh_rules else None
     batch_size = round_batch(batch_size, mesh)
-    scorer = jitted_scorer(mesh)
+    scorer = jitted_scorer(mesh_rules)
     outs = []
     for lo in range(0, n_rows, batch_size):
         chunk = {k: v[lo : lo + batch_size] for k, v in packed.rows.items()}

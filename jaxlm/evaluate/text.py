@@ -27,7 +27,6 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from jaxlm import sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import scoring
 
@@ -111,16 +110,15 @@ def evaluate_corpus(
     bos = trained.tokenizer.bos_id
     seqs = [seq for ids in corpus.documents for seq in document_windows(ids, bos, seq_len, stride)]
     setup = trained.setup
-    with sharding.use(setup.mesh, setup.rules):
-        scores = scoring.score_sequences(
-            setup.graphdef,
-            trained.params,
-            seqs,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            mesh=setup.mesh,
-            progress=progress,
-        )
+    scores = scoring.score_sequences(
+        setup.graphdef,
+        trained.params,
+        seqs,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        mesh_rules=setup.mesh_rules,
+        progress=progress,
+    )
     nll, tokens = -float(scores.logprob.sum()), int(scores.tokens.sum())
     return summary(nll, tokens, corpus.bytes, len(corpus.documents))
 

@@ -3,7 +3,7 @@
 `load_trained(workdir)` restores the parameters of a run's (or a `tools/convert_hf.py import`
 workdir's) newest or given checkpoint; `load_hf(hf_dir)` reads a Hugging Face Llama directory
 directly. Both return a `Trained` whose `setup` has what evaluation and sampling need (graphdef,
-mesh, rules, model_cfg, param_shardings), so every tool scores a model the same way whichever way
+mesh_rules, model_cfg, param_shardings), so every tool scores a model the same way whichever way
 it arrived.
 """
 
@@ -28,7 +28,7 @@ class Trained:
     """A model ready to evaluate or sample from."""
 
     config: Any  # the run's ConfigDict; None for imported and Hugging Face models
-    setup: Any  # train.Setup or Placement: graphdef, model_cfg, mesh, rules, param_shardings
+    setup: Any  # train.Setup or Placement: graphdef, model_cfg, mesh_rules, param_shardings
     params: Any  # parameter pure dict, in setup.param_shardings
     tokenizer: Any  # jaxlm.data.tokenizer.Tokenizer or HFTokenizer
     step: int  # the checkpoint's step (0 for a Hugging Face directory)
@@ -39,12 +39,19 @@ class Placement:
     Hugging Face model or an imported checkpoint has no run config to build one from."""
 
     def __init__(self, model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh, preset: str):
-        self.model_cfg, self.mesh = model_cfg, mesh
-        self.rules = sharding.rules_for(preset)
+        self.model_cfg = model_cfg
+        self.mesh_rules = sharding.MeshRules.of(mesh, preset)
         self.graphdef, abstract = nnx.split(model_lib.abstract(model_cfg))
         self.abstract_params = nnx.to_pure_dict(abstract)
         axes = model_lib.logical_axes(abstract)
-        self.param_shardings = sharding.tree_shardings(mesh, axes, self.abstract_params, self.rules)
+        self.param_shardings = sharding.tree_shardings(
+            mesh, axes, self.abstract_params, self.mesh_rules.mapping
+        )
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The device mesh the parameters are placed on."""
+        return self.mesh_rules.mesh
 
 
 def load_trained(
