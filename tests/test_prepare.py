@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jaxlm.data import curate, manifest, prepare, records, sources, tokenizer
+from jaxlm.data import content_split, curate, manifest, prepare, records, sources, tokenizer
 from jaxlm.errors import TokenizerMismatch
 from tests.helpers import Log, copy_stdlib_subset, data_configs, decoded_shards
 
@@ -24,7 +24,7 @@ def _curated(data_cfg) -> dict[str, list[str]]:
     out = {"train": [], "val": []}
     cur = curate.Curator(data_cfg.curation)
     for doc in cur(sources.Source(data_cfg.datasets.code.paths)):
-        out[prepare.split_of(doc["text"], data_cfg.val_fraction)].append(doc["text"])
+        out[content_split.split_of(doc["text"], data_cfg.val_fraction)].append(doc["text"])
     return out
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxlm import validate
+from jaxlm.data import content_split, pipeline, prepare, records
 from jaxlm.data import manifest as manifest_lib
-from jaxlm.data import pipeline, prepare, records
 from jaxlm.errors import ConfigError
 from tests.helpers import copy_stdlib_subset, data_configs, tiny_config
 
@@ -22,7 +22,7 @@ def reserved_file(names, root):
     """A corpus file the plain preparation puts in its training split (the positive control)."""
     for name in names:
         text = open(os.path.join(root, name), encoding="utf-8").read()
-        if prepare.split_of(text, VAL_FRACTION) == "train":
+        if content_split.split_of(text, VAL_FRACTION) == "train":
             return name
     raise AssertionError("no training file")
 

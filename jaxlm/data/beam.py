@@ -1,7 +1,7 @@
 """Prepare on Apache Beam: the same shards and ``manifest.json`` as ``prepare``, at any scale.
 
 ``prepare_beam(data_cfg, tok_cfg, pipeline_args)`` builds one Beam pipeline from the stages the
-local path uses (``sources.read_file``, ``curate.Rules``, ``prepare.split_of``,
+local path uses (``sources.read_file``, ``curate.Rules``, ``content_split.split_of``,
 ``tokenizer.HashSampler``, ``records.ShardWriter``); only the bookkeeping that a stream does by
 remembering (keep-first dedup, shard numbering) is done here by grouping:
 
@@ -38,7 +38,16 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.data import beam_curate, cache, curate, prepare, records, sources, tokenizer
+from jaxlm.data import (
+    beam_curate,
+    cache,
+    content_split,
+    curate,
+    prepare,
+    records,
+    sources,
+    tokenizer,
+)
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.sources import DataError
 
@@ -70,7 +79,7 @@ def _sample_combine(cap: int) -> Any:
             return tokenizer.HashSampler(cap)
 
         def add_input(self, acc: tokenizer.HashSampler, text: str) -> tokenizer.HashSampler:
-            acc.add(text, prepare.sample_priority(text))
+            acc.add(text, content_split.sample_priority(text))
             return acc
 
         def merge_accumulators(self, accs: Iterable[tokenizer.HashSampler]) -> Any:
@@ -98,9 +107,9 @@ def _train_tokenizer(sample: list[str], tok_cfg: dict[str, Any], curation: Any) 
 
 def _split_stats(doc: tuple[str, Any, str], val_fraction: float) -> tuple[str, tuple]:
     ds, order, text = doc
-    if prepare.split_of(text, val_fraction) == "val":
+    if content_split.split_of(text, val_fraction) == "val":
         return ds, (0, 1, None)
-    return ds, (1, 0, (prepare.split_hash(text), order))
+    return ds, (1, 0, (content_split.split_hash(text), order))
 
 
 def _sum_split_stats(parts: Iterable[tuple]) -> tuple:
@@ -115,14 +124,14 @@ def _sum_split_stats(parts: Iterable[tuple]) -> tuple:
 
 def _moved(item: tuple[str, tuple]) -> tuple[str, Any]:
     ds, (n_train, n_val, lowest) = item
-    return ds, (lowest[1] if prepare.needs_held_out_fallback(n_train, n_val) else None)
+    return ds, (lowest[1] if content_split.needs_held_out_fallback(n_train, n_val) else None)
 
 
 def _assign_split(
     doc: tuple[str, Any, str], val_fraction: float, moved: dict
 ) -> tuple[str, str, Any, str]:
     ds, order, text = doc
-    split = "val" if moved.get(ds) == order else prepare.split_of(text, val_fraction)
+    split = "val" if moved.get(ds) == order else content_split.split_of(text, val_fraction)
     return ds, split, order, text
 
 
@@ -346,7 +355,8 @@ def build(
     if model is None:
         sample = (
             docs
-            | "train docs" >> beam.Filter(lambda d: prepare.split_of(d[2], val_fraction) == "train")
+            | "train docs"
+            >> beam.Filter(lambda d: content_split.split_of(d[2], val_fraction) == "train")
             | "texts" >> beam.Map(lambda d: d[2])
             | "sample" >> beam.CombineGlobally(_sample_combine(plan["sample_bytes"]))
         )
@@ -496,7 +506,7 @@ def prepare_beam(
                 "with text."
             )
         for text in validation_texts[name]:
-            reserved.setdefault(prepare.text_digest(text), name)
+            reserved.setdefault(content_split.text_digest(text), name)
     model = None
     tok_file = "tokenizer.model"
     if tok_cfg.path:

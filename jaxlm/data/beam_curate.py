@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.data import curate, minhash, prepare, sources
+from jaxlm.data import content_split, curate, minhash, sources
 
 
 def nbytes(text: str) -> int:
@@ -60,7 +60,7 @@ class _Read:
         docs = sources.read_file(f, problems, text_field, split, max_bytes)
         for doc_no, doc in enumerate(docs):
             text = doc["text"]
-            held_by = self.reserved.get(prepare.text_digest(text)) if self.reserved else None
+            held_by = self.reserved.get(content_split.text_digest(text)) if self.reserved else None
             if held_by is not None:  # a validation document: never trained on
                 yield _event("reserved", ds, held_by)
                 continue

@@ -52,7 +52,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jaxlm.data import cache, curate, records, sources, tokenizer
+from jaxlm.data import cache, content_split, curate, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.files import file_sha256, new_work_dir, remove_stale_work_dirs
 from jaxlm.data.sources import DataError
@@ -61,16 +61,6 @@ from jaxlm.progress import Progress
 PREP_VERSION = 5  # bump when a code change alters prepared output, to invalidate old caches
 SPLITS = manifest_lib.SPLITS
 WAIT_TIMEOUT_S = 6 * 3600  # how long a host waits for the others in multi-host preparation
-
-
-def split_hash(text: str) -> int:
-    """The 64-bit content hash that decides a document's split."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-
-
-def split_of(text: str, val_fraction: float) -> str:
-    """'val' or 'train' for a document, from its content hash alone."""
-    return "val" if split_hash(text) < val_fraction * 2.0**64 else "train"
 
 
 def _move_to_val(spills: dict, name: str, text: str) -> None:
@@ -88,12 +78,6 @@ def _move_to_val(spills: dict, name: str, text: str) -> None:
     kept.path = train.path
     spills[name, "train"] = kept
     spills[name, "val"].write(text)
-
-
-def sample_priority(text: str) -> int:
-    """A document's rank in the tokenizer sample (lowest first), from its content alone."""
-    # A second, independent hash: the tokenizer sample must not correlate with the val split.
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass")).digest()[:8])
 
 
 class _Spill:
@@ -116,12 +100,6 @@ class _Spill:
             while header := f.read(8):
                 (n,) = struct.unpack("<Q", header)
                 yield f.read(n).decode("utf-8", "surrogatepass")
-
-
-def needs_held_out_fallback(n_train: int, n_val: int) -> bool:
-    """Whether a dataset's split left val empty, so its train document with the lowest
-    :func:`split_hash` moves to val (a few dozen pieces of one book can miss the cut)."""
-    return n_val == 0 and n_train >= 2
 
 
 class GzipMeter:
@@ -222,11 +200,6 @@ def max_document_bytes(data_cfg: Any) -> int:
             f"(default {sources.MAX_DOCUMENT_BYTES:,})."
         )
     return value
-
-
-def text_digest(text: str) -> bytes:
-    """The identity of a document's text: what keeps a validation document out of training."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def check_config(data_cfg: Any, tok_cfg: Any) -> None:
@@ -449,7 +422,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         spills[name, "validation"] = _Spill(os.path.join(tmp, "spill", f"{name}-validation.bin"))
         for doc in vsrc:
             spills[name, "validation"].write(doc["text"])
-            reserved.setdefault(text_digest(doc["text"]), name)
+            reserved.setdefault(content_split.text_digest(doc["text"]), name)
         spills[name, "validation"].close()
         if vsrc.documents == 0:
             raise DataError(
@@ -471,7 +444,7 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
         progress = Progress(f"curate {name}", unit="MB", scale=1e6, counts=("docs",))
         rep = curator.report
         for doc in src:
-            held_by = reserved.get(text_digest(doc["text"])) if reserved else None
+            held_by = reserved.get(content_split.text_digest(doc["text"])) if reserved else None
             if held_by is not None:  # a validation document: never trained on
                 removed[held_by][name] += 1
                 continue
@@ -481,18 +454,23 @@ def _build(job: _Job, tmp: str) -> dict[str, Any]:
             if out is None:
                 continue
             text = out["text"]
-            split = split_of(text, val_fraction)
+            split = content_split.split_of(text, val_fraction)
             spills[name, split].write(text)
             counts[split] += 1
             if split == "train":
-                sampler.add(text, sample_priority(text))
-                if val_fraction > 0 and (lowest is None or split_hash(text) < lowest[0]):
-                    lowest = (split_hash(text), text)
+                sampler.add(text, content_split.sample_priority(text))
+                if val_fraction > 0 and (
+                    lowest is None or content_split.split_hash(text) < lowest[0]
+                ):
+                    lowest = (content_split.split_hash(text), text)
             else:
                 data = text.encode("utf-8", "surrogatepass")
                 gz[name].add(data)
                 gz_all.add(data)
-        if needs_held_out_fallback(counts["train"], counts["val"]) and lowest is not None:
+        if (
+            content_split.needs_held_out_fallback(counts["train"], counts["val"])
+            and lowest is not None
+        ):
             # A small corpus (one book cut into a few dozen pieces) can miss the val cut by
             # chance; hold out the one document closest to it, so every such dataset is
             # evaluated. (The tokenizer sample may have seen it: only when one is trained.)

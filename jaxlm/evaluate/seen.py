@@ -1,7 +1,7 @@
 """Whether text being evaluated was in a run's training data.
 
 A run's split is a function of content: a curated document is held out iff its content hash
-falls under `data.val_fraction` (`prepare.split_of`). So for a file that is one of the run's
+falls under `data.val_fraction` (`content_split.split_of`). So for a file that is one of the run's
 dataset files, reading it as preparation did (the dataset's `split` and `text_field`), curating
 it with the run's rules and hashing each document tells which of its documents were trained on,
 without opening the prepared shards. Not modelled (rare, and only ever toward "held out"): a
@@ -21,7 +21,7 @@ def documents_trained_on(config: Any, paths: str) -> tuple[int, int]:
       config: the run's ConfigDict (its `data.datasets`, `data.curation`, `data.val_fraction`).
       paths: the evaluated files (a comma-separated list of files, globs or directories).
     """
-    from jaxlm.data import curate, prepare, sources
+    from jaxlm.data import content_split, curate, prepare, sources
 
     wanted = {os.path.realpath(f.path) for f in sources.resolve_files(paths)}
     trained = in_corpus = 0
@@ -36,5 +36,5 @@ def documents_trained_on(config: Any, paths: str) -> tuple[int, int]:
                 if kept is None:  # curation dropped it: never trained on
                     continue
                 in_corpus += 1
-                trained += prepare.split_of(kept["text"], config.data.val_fraction) == "train"
+                trained += content_split.split_of(kept["text"], config.data.val_fraction) == "train"
     return trained, in_corpus
