@@ -86,65 +86,66 @@ def bench(
     vendor_peak = metrics.peak_flops_per_device()
     cpu_peak = MatmulPeak() if vendor_peak is None else None
     flops = setup.model_cfg.flops_per_token(L) * B * L  # per step
-    with setup.mesh_rules.tracing():  # for the hand-jitted forward and backward below
-        batch = sharding.host_to_global(host, mesh)
-        state = setup.init_state()
-        step = setup.jit_train_step()
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        results["compile_s"] = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            results["compiled_memory_gb"] = (
-                mem.argument_size_in_bytes
-                + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes
-                + mem.temp_size_in_bytes
-            ) / 1e9
-        for _ in range(2):
+    batch = sharding.host_to_global(host, mesh)
+    state = setup.init_state()
+    step = setup.jit_train_step()
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    results["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        results["compiled_memory_gb"] = (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes
+        ) / 1e9
+    for _ in range(2):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+
+    def run_steps(n: int):
+        nonlocal state
+        for _ in range(n):
             state, m = step(state, batch)
-        jax.block_until_ready(m)
+        return m
 
-        def run_steps(n: int):
-            nonlocal state
-            for _ in range(n):
-                state, m = step(state, batch)
-            return m
+    peaks = []
+    measure_peak = (lambda: peaks.append(cpu_peak.measure())) if cpu_peak else None
+    per_round = max(1, steps // rounds)
+    step_times = timing.windows(run_steps, rounds, per_round, between=measure_peak)
+    if cpu_peak is not None:
+        peaks.append(cpu_peak.measure())  # bracket the last step window too
 
-        peaks = []
-        measure_peak = (lambda: peaks.append(cpu_peak.measure())) if cpu_peak else None
-        per_round = max(1, steps // rounds)
-        step_times = timing.windows(run_steps, rounds, per_round, between=measure_peak)
-        if cpu_peak is not None:
-            peaks.append(cpu_peak.measure())  # bracket the last step window too
+    step_time = float(np.median(step_times))
+    results["step_time_s"] = step_time
+    results["step_time_min_s"] = min(step_times)
+    results["tokens_per_s"] = B * L / step_time
+    results["model_tflops_per_s"] = flops / step_time / 1e12
+    if cpu_peak is None:
+        peak = vendor_peak * jax.device_count()
+        results["peak_source"] = f"{jax.devices()[0].device_kind} bf16 data sheet"
+    else:
+        peak = max(peaks) * jax.device_count()
+        results["peak_source"] = f"fastest of {len(peaks)} fp32 matmul windows"
+    results["mfu_pct"] = 100 * flops / step_time / peak
+    results["peak_tflops_per_s"] = peak / 1e12
 
-        step_time = float(np.median(step_times))
-        results["step_time_s"] = step_time
-        results["step_time_min_s"] = min(step_times)
-        results["tokens_per_s"] = B * L / step_time
-        results["model_tflops_per_s"] = flops / step_time / 1e12
-        if cpu_peak is None:
-            peak = vendor_peak * jax.device_count()
-            results["peak_source"] = f"{jax.devices()[0].device_kind} bf16 data sheet"
-        else:
-            peak = max(peaks) * jax.device_count()
-            results["peak_source"] = f"fastest of {len(peaks)} fp32 matmul windows"
-        results["mfu_pct"] = 100 * flops / step_time / peak
-        results["peak_tflops_per_s"] = peak / 1e12
+    if split:
+        params = state["params"]
+        forward = sharding.jit(lambda p, b: train.loss_sums(setup.graphdef, p, b), setup.mesh_rules)
+        grad = sharding.jit(
+            jax.grad(lambda p, b: train.loss_sums(setup.graphdef, p, b)[0]), setup.mesh_rules
+        )
+        results["forward_s"] = timing.seconds_per_call(forward, params, batch, calls=per_round)
+        results["forward_backward_s"] = timing.seconds_per_call(
+            grad, params, batch, calls=per_round
+        )
 
-        if split:
-            params = state["params"]
-            forward = jax.jit(lambda p, b: train.loss_sums(setup.graphdef, p, b))
-            grad = jax.jit(jax.grad(lambda p, b: train.loss_sums(setup.graphdef, p, b)[0]))
-            results["forward_s"] = timing.seconds_per_call(forward, params, batch, calls=per_round)
-            results["forward_backward_s"] = timing.seconds_per_call(
-                grad, params, batch, calls=per_round
-            )
-
-        if checkpoint_every:  # last: the saves' steps donate `state`
-            results["checkpoint_stall_pct"] = checkpoint_stall(
-                config, step, state, batch, steps, checkpoint_every
-            )
+    if checkpoint_every:  # last: the saves' steps donate `state`
+        results["checkpoint_stall_pct"] = checkpoint_stall(
+            config, step, state, batch, steps, checkpoint_every
+        )
 
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:

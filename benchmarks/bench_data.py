@@ -132,18 +132,17 @@ def time_train_step(
     state = setup.init_state()
     step = setup.jit_train_step()
     B, L = config.train.batch_size, config.train.seq_len
-    with setup.mesh_rules.tracing():
 
-        def run_steps(first: int, n: int):
-            nonlocal state
-            for i in range(first, first + n):
-                batch = batches[i % len(batches)]
-                state, metrics = step(state, sharding.host_to_global(batch, mesh))
-            return metrics
+    def run_steps(first: int, n: int):
+        nonlocal state
+        for i in range(first, first + n):
+            batch = batches[i % len(batches)]
+            state, metrics = step(state, sharding.host_to_global(batch, mesh))
+        return metrics
 
-        compile_s, _ = timing.timed(run_steps, 0, 1)
-        timing.timed(run_steps, 1, 2)  # warm-up
-        dt, metrics = timing.timed(run_steps, 3, steps)
+    compile_s, _ = timing.timed(run_steps, 0, 1)
+    timing.timed(run_steps, 1, 2)  # warm-up
+    dt, metrics = timing.timed(run_steps, 3, steps)
     return {
         "params_m": setup.n_params / 1e6,
         "devices": jax.device_count(),

@@ -62,17 +62,26 @@ def main(argv) -> None:
 
     def per_choice():
         return scoring.score_sequences(
-            setup.graphdef, params, seqs, seq_len=seq_len, batch_size=_BATCH.value
+            setup.graphdef,
+            params,
+            seqs,
+            seq_len=seq_len,
+            batch_size=_BATCH.value,
+            mesh_rules=setup.mesh_rules,
         )
 
     def shared():
         return choices.score_continuations(
-            setup.graphdef, params, groups, seq_len=seq_len, batch_size=_BATCH.value
+            setup.graphdef,
+            params,
+            groups,
+            seq_len=seq_len,
+            batch_size=_BATCH.value,
+            mesh_rules=setup.mesh_rules,
         )
 
-    with setup.mesh_rules.tracing():
-        t_old, old = timing.best_of(per_choice, _REPEATS.value)
-        t_new, new = timing.best_of(shared, _REPEATS.value)
+    t_old, old = timing.best_of(per_choice, _REPEATS.value)
+    t_new, new = timing.best_of(shared, _REPEATS.value)
     acc_old = choices.accuracies(examples, old.logprob, old.tokens)
     acc_new = choices.accuracies(examples, new.logprob, new.tokens)
     context_tokens = sum(len(c) for c, _ in groups)

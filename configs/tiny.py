@@ -3,16 +3,18 @@
     python -m jaxlm.main --config=configs/tiny.py
 
 Hardware: any CPU. Data: the interpreter's own standard-library source (~31 MB of Python,
-prepared once into a cache: 60 s on a fresh 2-core machine, measured at 756db8c; 2% of files
-held out by content hash). Model: 3 layers,
-d=384, 6.3M parameters, 4096-piece code-safe BPE; 205 steps of 16 x 256 tokens (0.84M tokens).
+prepared once into a cache; 2% of files held out by content hash). Model: 3 layers, d=384,
+6.3M parameters, 4096-piece code-safe BPE; 205 steps of 16 x 256 tokens (0.84M tokens), held-out
+evaluation every 25 steps on 4 batches and on all held-out text at the end.
 Optimizer: Muon on the attention and MLP matrices, AdamW on the tied embedding and norms.
 
-Measured on a 2-core AMD EPYC VM (2026-12-01 17:10 UTC, see docs/perf.md; this VM ran ~1.8x
-slower that day than on 2026-11-22): 6 min 56 s wall with the data already prepared, final
-held-out 2.117 bits per byte where gzip -9 gets 1.61 on the same text (Python source is very
-compressible), next-line task 34% (chance 25%). The same command again on the finished run
-prints `run complete at step 205 ...; final figures: ...` and exits. The recipe before it
+Measured from a fresh clone on a 2-core Intel Xeon VM (2026-12-07 17:09 UTC, idle): data
+preparation 14 s, training and evaluation 6 min 10 s, 6 min 31 s wall in all; final held-out
+2.117 bits per byte where gzip -9 gets 1.607 on the same text (Python source is very
+compressible), next-line task 34% (chance 25%): the same figures as on the 2-core AMD EPYC VM
+of 2026-12-01 (6 min 56 s there with the data prepared; preparation took 60 s on the tester's
+fresh machine). The same command again on the finished run prints `run complete at step 205
+...; final figures: ...` in 3 s and exits. The recipe before it
 (AdamW, 300 steps) took 7 min 55 s in the same session, data preparation included, and ended
 at 2.357: Muon steps cost ~1.35x AdamW's here, so 205 of them fit in the time of 300 AdamW steps
 and end 0.24 lower.

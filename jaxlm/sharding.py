@@ -191,8 +191,7 @@ class MeshRules:
     def tracing(self) -> Iterator[None]:
         """The contexts JAX and Flax own that `constrain`, `per_device` and `platform` read:
         this mesh as JAX's abstract mesh, these rules as Flax's logical axis rules. `jit`
-        enters it inside every trace, so no caller has to; code that jits a model function by
-        hand (a benchmark timing the forward pass alone) may enter it around that jit."""
+        enters it inside every trace, so no caller has to."""
         with (
             jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh),
             flax_spmd.logical_axis_rules(self.rules),
