@@ -357,3 +357,16 @@ def packed_documents(
                 xs, ys = [], []
             else:
                 assert sl.stop == len(row["inputs"]), "an unfinished document must fill its row"
+
+
+def jaxlm_logits(cfg, params, tokens):
+    """A jaxlm model's logits for `tokens`, from its config and params (no mesh)."""
+    graphdef, _ = nnx.split(model_lib.abstract(cfg))
+    return np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
+
+
+def one_sentence(excinfo):
+    """The message of a raised error, checked to be one sentence."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg.endswith("."), msg
+    return msg
