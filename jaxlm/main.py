@@ -15,7 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxlm import cli
-from jaxlm.errors import JaxlmError, PeerLost
+from jaxlm.errors import PeerLost
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (e.g. configs/tiny.py).", lock_config=True
@@ -24,7 +24,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 _LIST_CONFIG = flags.DEFINE_bool(
     "list_config", False, "Print every config key with its value, default and meaning; no run."
 )
-_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 
 
 def main(argv):
@@ -40,33 +39,22 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO: keep stdout readable
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    try:
-        loop.run(config, workdir)
-    except JaxlmError as e:
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        if isinstance(e, PeerLost):  # see its docstring
+    # Ctrl-C outside the training loop, or a second one inside it; the rest of the errors are
+    # cli.run_cli's, except a lost peer (see PeerLost).
+    with cli.ctrl_c_is_one_line("stopped by Ctrl-C; checkpoints already written are kept."):
+        try:
+            loop.run(config, workdir)
+        except PeerLost as e:
+            if os.environ.get("JAXLM_TRACEBACK"):
+                raise
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(1)
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
-        if os.environ.get("JAXLM_TRACEBACK"):
-            raise
-        print("stopped by Ctrl-C; checkpoints already written are kept.", file=sys.stderr)
-        sys.exit(130)
 
 
 def run():
     cli.restart_with_huge_pages()  # faster steps on CPU hosts; see its docstring
-    try:
-        cli.run_cli(main)
-    except SystemExit as e:
-        # absl prints the usage (this module's docstring and flags) for --help, then exits 1:
-        # asking for help is not a failure.
-        if e.code == 1 and any(a in _HELP_FLAGS for a in sys.argv[1:]):
-            sys.exit(0)
-        raise
+    cli.run_cli(main)
 
 
 if __name__ == "__main__":
