@@ -167,9 +167,7 @@ class Report:
         m = self.model
         if m.attention != "splash":
             return 0.0
-        return (
-            6 * m.n_layers * m.n_heads * m.head_dim * self.seq_len / m.flops_per_token(self.seq_len)
-        )
+        return m.attention_flops_per_token(self.seq_len) / m.flops_per_token(self.seq_len)
 
     @property
     def counted_share(self) -> float | None:

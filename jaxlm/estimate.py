@@ -380,7 +380,7 @@ def estimate(
         layout=layout,
         tokens=float(tokens if tokens is not None else t.steps * t.batch_size * t.seq_len),
         flops_per_token=per_token,
-        attention_flops_per_token=6.0 * m.n_layers * m.n_heads * m.head_dim * t.seq_len,
+        attention_flops_per_token=float(m.attention_flops_per_token(t.seq_len)),
         memory=memory(m, tx, layout, hw.memory_bytes * USABLE_FRACTION),
         mfu=float(mfu),
         price_per_chip_hour=price_per_chip_hour,

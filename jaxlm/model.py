@@ -204,8 +204,11 @@ class ModelConfig:
         D, H, K, E, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F + 2 * D  # + 2 norms
         matmul_params = self.n_layers * per_layer + D + self.vocab_size * D  # + final norm
-        attention_flops = 6 * self.n_layers * H * E * seq_len
-        return 6 * matmul_params + attention_flops
+        return 6 * matmul_params + self.attention_flops_per_token(seq_len)
+
+    def attention_flops_per_token(self, seq_len: int) -> int:
+        """The attention scores' and values' part of `flops_per_token`: 6 L H E per layer."""
+        return 6 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
 REMAT_POLICIES = {
