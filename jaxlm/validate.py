@@ -269,7 +269,7 @@ def _check_mesh_shape(shape: Any) -> None:
 
 
 def _check_data(config: Any) -> None:
-    from jaxlm.data import sources
+    from jaxlm.data import prepare, sources
     from jaxlm.data import tokenizer as tokenizer_lib
 
     d, tok = config.data, config.tokenizer
@@ -301,7 +301,8 @@ def _check_data(config: Any) -> None:
             raise ConfigError("data.datasets weights sum to 0; give at least one a weight > 0.")
         try:
             tokenizer_lib.trainer_options(tok)
-        except ValueError as e:
+            prepare.max_document_bytes(d)
+        except ValueError as e:  # (DataError is one)
             raise ConfigError(str(e)) from None
     if tok.path:
         path = os.path.expanduser(tok.path)

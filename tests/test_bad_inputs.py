@@ -253,6 +253,7 @@ CASES = [
     # tokenizer settings sentencepiece would refuse only after curation
     (["--config.tokenizer.vocab_size=10"], "tokenizer.vocab_size=10 is too small: 262 pieces"),
     (["--config.tokenizer.sample_bytes=0"], "tokenizer.sample_bytes=0 must be positive"),
+    (["--config.data.max_document_bytes=0"], "config.data.max_document_bytes=0 must be"),
     (
         ["--config.init_from=ckpt:{wider_run}"],
         "has d_model=48 but the run's model.d_model is 40",
