@@ -29,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
 from jaxlm import checkpoint, metrics, sharding, train  # noqa: E402
+from jaxlm import spec as run_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after compile and 2 warm-up steps).")
@@ -79,7 +80,7 @@ def bench(
 ) -> dict[str, float]:
     """Times `steps` train steps in `rounds` windows; returns the figures `main` prints."""
     mesh = sharding.make_mesh(config.mesh.shape)
-    setup = train.Setup(config, vocab, mesh)
+    setup = train.Setup(run_spec.build(config), vocab, mesh)
     B, L = config.train.batch_size, config.train.seq_len
     host = synthetic_batch(B, L, vocab)
     results = {"params_m": setup.n_params / 1e6, "devices": jax.device_count()}

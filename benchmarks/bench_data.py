@@ -2,9 +2,9 @@
 
     python benchmarks/bench_data.py --config=configs/tiny.py [--batches=2500] [--corpus=PATH ...]
 
-(a) Loader: tokens/s delivered by `pipeline.HostBatches` (the trainer's reader) for the config's
-    batch shape over the config's prepared data (`prepare` runs or finds its cache), timed after
-    a warm-up, for each grain worker count in --workers.
+(a) Loader: tokens/s delivered by `stream.TrainBatches` (the trainer's reader) for the config's
+    first stage over the config's prepared data (`prepare` runs or finds its cache), timed after
+    a warm-up.
 (b) Step: tokens/s of the config's jitted train step on real batches from that loader, after
     compile. The ratio loader/step must be >= 10: the input pipeline may not be what a run
     waits for.
@@ -37,14 +37,11 @@ import ml_collections  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-# jax and grain are imported inside functions: grain worker processes re-import this module and
-# should not pay for jax.
+# jax is imported inside functions: --help and flag errors should not pay for it.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-# Long enough to outrun grain's 500-document read-ahead, so the rate is sustained, not buffered.
-_BATCHES = flags.DEFINE_integer("batches", 2500, "Timed loader batches per worker count.")
+_BATCHES = flags.DEFINE_integer("batches", 2500, "Timed loader batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed loader batches before timing.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to time the loader with.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after compile and 2 warm-up steps).")
 _CORPUS = flags.DEFINE_multi_string(
     "corpus",
@@ -74,44 +71,42 @@ def load_average() -> str:
 def time_loader(
     config: Any,
     manifest: dict,
-    workers: int,
     batches: int,
     warmup: int,
     weights: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Tokens/s of `HostBatches` for the config's batch shape with `workers` grain workers.
+    """Tokens/s of `stream.TrainBatches` for the config's first stage.
 
-    `weights` default to the config's mixture weights.
+    `weights` replace the config's mixture weights (by dataset name).
 
     Returns:
       The timings (first batch s, tokens/s, ms/batch) and the timed batches themselves.
     """
     from benchmarks import timing
-    from jaxlm.data import pipeline
+    from jaxlm import spec as run_spec
+    from jaxlm.data import stream
 
-    B, L = config.train.batch_size, config.train.seq_len
+    if weights:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.stages = ()
+            config.data.datasets = {n: dict(paths="-", weight=w) for n, w in weights.items()}
+    plan = run_spec.build(config).plan
+    B, L = plan.stages[0].batch_size, plan.stages[0].seq_len
     t0 = time.perf_counter()
-    reader = pipeline.HostBatches(
+    reader = stream.TrainBatches(
         manifest,
-        seq_len=L,
-        global_batch=B,
+        plan,
         seed=config.seed,
         streams=config.data.streams or 1,
         process_index=0,
         process_count=1,
-        weights=weights or {n: d.weight for n, d in config.data.datasets.items()},
-        worker_count=workers,
     )
-    try:
-        next(reader)  # starts threads / worker processes and fills the prefetch buffers
-        first = time.perf_counter() - t0
-        for _ in range(warmup):
-            next(reader)
-        dt, out = timing.timed(lambda: [next(reader) for _ in range(batches)])
-    finally:
-        for it in reader.iterators:
-            if hasattr(it, "close"):
-                it.close()
+    next(reader)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        next(reader)
+    dt, out = timing.timed(lambda: [next(reader) for _ in range(batches)])
     return {"first_s": first, "tokens_s": batches * B * L / dt, "ms_batch": 1e3 * dt / batches}, out
 
 
@@ -126,9 +121,10 @@ def time_train_step(
 
     from benchmarks import timing
     from jaxlm import sharding, train
+    from jaxlm import spec as run_spec
 
     mesh = sharding.make_mesh(config.mesh.shape)
-    setup = train.Setup(config, vocab_size, mesh)
+    setup = train.Setup(run_spec.build(config), vocab_size, mesh)
     state = setup.init_state()
     step = setup.jit_train_step()
     B, L = config.train.batch_size, config.train.seq_len
@@ -263,7 +259,7 @@ def time_tokenization(config: Any, paths: list[str]) -> list[dict[str, Any]]:
         meta["loader_corpus"] = name
         meta["tokens_per_doc"] = train["tokens"] / max(train["documents"], 1)
         meta["loader"], _ = time_loader(
-            c, m, 0, _CORPUS_BATCHES.value, _WARMUP.value, weights={name: 1.0}
+            c, m, _CORPUS_BATCHES.value, _WARMUP.value, weights={name: 1.0}
         )
         for r in rows:
             r.update(meta)
@@ -291,12 +287,8 @@ def run(config: Any, corpora: list[str] | None) -> None:
     manifest = manifest_lib.load(manifest_path)
     train_tokens = sum(d["train"]["tokens"] for d in manifest["datasets"].values())
 
-    loader: dict[int, dict[str, float]] = {}
-    batches: list[dict] = []
-    for w in (int(x) for x in _WORKERS.value):
-        loader[w], got = time_loader(config, manifest, w, _BATCHES.value, _WARMUP.value)
-        batches = batches or got
-        print(f"loader, {w} grain workers: {loader[w]['tokens_s']:,.0f} tokens/s")
+    loader, batches = time_loader(config, manifest, _BATCHES.value, _WARMUP.value)
+    print(f"loader: {loader['tokens_s']:,.0f} tokens/s")
 
     step = time_train_step(config, manifest["tokenizer"]["vocab_size"], batches, _STEPS.value)
     print(f"train step: {step['tokens_s']:,.0f} tokens/s")
@@ -311,23 +303,22 @@ def run(config: Any, corpora: list[str] | None) -> None:
 
     print()
     print(
-        f"(a) loader: HostBatches over {len(manifest['datasets'])} dataset(s), "
+        f"(a) loader: TrainBatches over {len(manifest['datasets'])} dataset(s), "
         f"{train_tokens:,} train tokens, streams={config.data.streams or 1}, "
         f"{_BATCHES.value} batches timed after {_WARMUP.value} warm-up"
     )
-    print(f"    {'grain workers':>13} {'tokens/s':>12} {'ms/batch':>9} {'first batch':>12}")
-    for w, r in loader.items():
-        print(f"    {w:>13} {r['tokens_s']:>12,.0f} {r['ms_batch']:>9.1f} {r['first_s']:>10.2f} s")
+    print(f"    {'tokens/s':>12} {'ms/batch':>9} {'first batch':>12}")
+    r = loader
+    print(f"    {r['tokens_s']:>12,.0f} {r['ms_batch']:>9.1f} {r['first_s']:>10.2f} s")
     print(
         f"(b) train step: {step['params_m']:.2f}M params, {step['devices']} device(s), "
         f"compile {step['compile_s']:.1f} s, {_STEPS.value} steps timed, "
         f"loss {step['loss']:.3f}"
     )
     print(f"    {step['tokens_s']:,.0f} tokens/s, {step['ms_step']:.1f} ms/step")
-    for w, r in loader.items():
-        ratio = r["tokens_s"] / step["tokens_s"]
-        verdict = "ok" if ratio >= REQUIRED_RATIO else f"BELOW the required {REQUIRED_RATIO:.0f}x"
-        print(f"    loader/step ratio, {w} workers: {ratio:,.1f}x ({verdict})")
+    ratio = loader["tokens_s"] / step["tokens_s"]
+    verdict = "ok" if ratio >= REQUIRED_RATIO else f"BELOW the required {REQUIRED_RATIO:.0f}x"
+    print(f"    loader/step ratio: {ratio:,.1f}x ({verdict})")
     print("(c) tokenization" + (f": {note}" if note else ""))
     if tok_rows:
         r0 = tok_rows[0]
@@ -350,7 +341,7 @@ def run(config: Any, corpora: list[str] | None) -> None:
         lo = r0["loader"]
         print(
             f"    loader over {r0['loader_corpus']} ({r0['tokens_per_doc']:.0f} tokens/document, "
-            f"0 grain workers, {_CORPUS_BATCHES.value} batches): {lo['tokens_s']:,.0f} tokens/s = "
+            f"{_CORPUS_BATCHES.value} batches): {lo['tokens_s']:,.0f} tokens/s = "
             f"{lo['tokens_s'] / step['tokens_s']:,.1f}x the train step"
         )
     print(f"load average before: {before} | after: {after}")

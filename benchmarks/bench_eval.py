@@ -27,6 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
 from jaxlm import sharding, train  # noqa: E402
+from jaxlm import spec as run_spec
 from jaxlm.data import sources  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
 from jaxlm.evaluate import choices, scoring, tasks  # noqa: E402
@@ -55,7 +56,7 @@ def main(argv) -> None:
     )
     seq_len = config.train.seq_len
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    setup = train.Setup(config, tok.vocab_size, mesh)
+    setup = train.Setup(run_spec.build(config), tok.vocab_size, mesh)
     params = setup.init_state()["params"]
     groups = choices.encode_task(tok, examples, seq_len)
     seqs = [([*context, *ids], len(ids)) for context, conts in groups for ids in conts]

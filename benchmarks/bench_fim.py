@@ -29,6 +29,7 @@ from absl import flags  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from jaxlm import loop, objectives, sharding, train  # noqa: E402
+from jaxlm import spec as run_spec
 from jaxlm.data import manifest as manifest_lib  # noqa: E402
 from jaxlm.data import pipeline  # noqa: E402
 from jaxlm.data import prepare as prepare_lib  # noqa: E402
@@ -156,7 +157,9 @@ def main(argv):
         tok = trained.tokenizer
         if objective == "causal":
             examples = heldout_functions(manifest, tok, _FUNCTIONS.value)
-        setup = train.Setup(config, trained.setup.model_cfg.vocab_size, trained.setup.mesh)
+        setup = train.Setup(
+            run_spec.build(config), trained.setup.model_cfg.vocab_size, trained.setup.mesh
+        )
         results[objective] = {
             "train_s": time.perf_counter() - t,
             "final_train_loss": summary.get("train_loss"),

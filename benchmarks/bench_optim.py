@@ -23,6 +23,7 @@ from absl import flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from jaxlm import sharding, train  # noqa: E402
+from jaxlm import spec as run_spec
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DATA = flags.DEFINE_string(
@@ -71,7 +72,9 @@ def run(optimizer: str, train_ids, val_batches, vocab: int, steps: int) -> list[
     import jax
 
     config = char_config(optimizer, steps)
-    setup = train.Setup(config, vocab, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    setup = train.Setup(
+        run_spec.build(config), vocab, sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    )
     state, step_fn, eval_fn = setup.init_state(), setup.jit_train_step(), setup.jit_eval_step()
     rng = np.random.RandomState(0)  # the same batches for every optimizer
     curve = []
@@ -82,7 +85,8 @@ def run(optimizer: str, train_ids, val_batches, vocab: int, steps: int) -> list[
                 eval_fn(state["params"], sharding.host_to_global(b, setup.mesh))
                 for b in val_batches
             ]
-            curve.append((i, float(sum(s for s, _ in sums) / sum(c for _, c in sums))))
+            nll, count = (sum(float(s[k]) for s in sums) for k in ("nll", "count"))
+            curve.append((i, nll / count))
             print(f"{optimizer:>6} step {i:>5}: held-out loss {curve[-1][1]:.4f}", flush=True)
     return curve
 

@@ -60,11 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.docs_per_shard = 2000  # documents per ArrayRecord shard
     c.data.max_document_bytes = 8 * 2**20  # bytes (8 MiB); a longer JSONL line/file: too_large
     c.data.streams = 0  # independent document streams per global batch; 0 = one per process
-    c.data.grain_workers = 0  # grain worker processes feeding training; 0 = in-process
-    # grain's read-ahead of documents (ReadOptions). 0 threads reads in the loop itself: on
-    # short documents 4x the tokens/s of grain's default 16 threads (docs/perf.md).
-    c.data.read_threads = 0  # read-ahead threads per stream; 0 = none
-    c.data.read_buffer = 500  # documents read ahead per stream (with read_threads > 0)
     c.data.curation = curate.default_config()
 
     c.tokenizer = ml_collections.ConfigDict()

@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the train step for hardware this machine does not have.
 
-`compile_step(config, "v5p-64")` builds exactly the step `jaxlm.main` would run (the same
-`train.Setup`: shardings, donation, gradient accumulation, remat, attention with `auto`
-resolved for the *target*), lays its mesh over a TPU slice's compile-only devices (libtpu), and
+`compile_run(config, "v5p-64")` builds exactly the steps `jaxlm.main` would run, one program per
+distinct stage shape and RoPE of the run's plan (the same `train.Setup`: shardings, donation,
+gradient accumulation, remat, attention with `auto` resolved for the *target*), lays its mesh
+over a TPU slice's compile-only devices (libtpu), and
 runs the real TPU compiler on abstract inputs: nothing is allocated and no TPU is needed. For
 GPU targets it exports the step for CUDA with `jax.export` (a GPU compiler is not available
 off-GPU, so memory there is the planner's estimate, labelled as such).
@@ -35,9 +36,8 @@ import re
 import time
 from typing import Any
 
-import jax
-
-from jaxlm import estimate, estimate_table, hardware, sharding, train, validate
+from jaxlm import estimate, hardware, sharding, stages, train, validate
+from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
 
 # The share of the model's FLOPs (splash attention's left out: no cost model sees them) that the
@@ -139,6 +139,7 @@ class Report:
     note: str = ""
     costing_seconds: float = 0.0  # the extra compiles for the cost analysis (0: none ran)
     wall_seconds: float = 0.0  # the whole call (or tool): tracing, planning, every compile
+    stage: str = ""  # "stage 1 (cool-down)": the first stage that runs this program, if several
 
     @property
     def chips(self) -> int:
@@ -200,13 +201,14 @@ class Report:
         )
 
 
-def compile_step(
+def compile_run(
     config: Any,
     target: str | hardware.Target,
     vocab_size: int | None = None,
     with_cost: bool = True,
-) -> Report:
-    """Compiles `config`'s train step for `target` (e.g. "v5p-64", "h100-8") without it.
+) -> list[Report]:
+    """Compiles every distinct train-step program `config`'s run executes (`Plan.programs`:
+    one per stage batch shape and RoPE) for `target` (e.g. "v5p-64", "h100-8") without it.
 
     Args:
       config: a recipe's ConfigDict, overrides applied.
@@ -214,12 +216,15 @@ def compile_step(
       vocab_size: default config.tokenizer.vocab_size.
       with_cost: also run the compiler's cost analysis (for a scanned or accumulated step, two
         small extra compiles); False reports memory and compile time only.
+    Returns:
+      One report per program, in the order the run first executes them.
     Raises:
       ConfigError: a bad target, a mesh or batch that cannot be laid out on it, no libtpu.
-      DoesNotFit: the step needs more memory per chip than the target has.
+      DoesNotFit: a program needs more memory per chip than the target has (the first found;
+        the run fits only if every stage does).
     """
     started = time.perf_counter()
-    validate.check_config(config)
+    spec = validate.check_config(config)
     target = target if isinstance(target, hardware.Target) else hardware.parse_target(target)
     vocab = int(vocab_size or config.tokenizer.vocab_size)
     devices = hardware.target_devices(target)
@@ -230,20 +235,53 @@ def compile_step(
             f"--xla_force_host_platform_device_count={target.chips} before jax starts."
         )
     mesh = sharding.make_mesh(config.mesh.shape, devices[: target.chips])
-    validate.check_batches(config, mesh)
-    t = config.train
-    setup = train.Setup(config, vocab, mesh, platform=target.platform)
-    planned = estimate.estimate(config, target.chip, chips=target.chips, vocab_size=vocab)
+    validate.check_batches(spec, mesh)
+    setup = train.Setup(spec, vocab, mesh, platform=target.platform)
+    reports = []
+    for stage in spec.plan.programs:
+        report = _compile_program(setup, stage, target, vocab, with_cost)
+        reports.append(dataclasses.replace(report, wall_seconds=time.perf_counter() - started))
+    return reports
+
+
+def compile_step(
+    config: Any,
+    target: str | hardware.Target,
+    vocab_size: int | None = None,
+    with_cost: bool = True,
+) -> Report:
+    """`compile_run`'s report of the program that needs the most memory per chip: the one
+    that decides whether the run fits (the only one of a run without stages)."""
+    return max(compile_run(config, target, vocab_size, with_cost), key=lambda r: r.total_memory)
+
+
+def _compile_program(
+    setup: train.Setup,
+    stage: stages.Stage,
+    target: hardware.Target,
+    vocab: int,
+    with_cost: bool,
+) -> Report:
+    """The report of `stage`'s train-step program on `target`."""
+    spec, mesh = setup.spec, setup.mesh
+    config = spec.config
+    planned = estimate.estimate(
+        config, target.chip, chips=target.chips, vocab_size=vocab, stage=stage, spec=spec
+    )
+    several = len(spec.plan.programs) > 1
     common = dict(
         name=config.get("name", "config"),
         target=target,
         mesh_shape=dict(mesh.shape),
         preset=config.mesh.preset,
-        batch_size=t.batch_size,
-        seq_len=t.seq_len,
-        grad_accum=t.grad_accum,
+        batch_size=stage.batch_size,
+        seq_len=stage.seq_len,
+        grad_accum=stage.grad_accum,
+        stage=f"stage {stage.index} ({stage.name})" if several else "",
         planner_memory=planned.memory.total,
-        model_flops_per_step=setup.model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len,
+        model_flops_per_step=setup.model_cfg.flops_per_token(stage.seq_len)
+        * stage.batch_size
+        * stage.seq_len,
     )
     hbm = estimate.format_bytes(target.chip.memory_bytes)
     state = planned.memory.params + planned.memory.opt_state  # exact: no compile needed
@@ -258,22 +296,22 @@ def compile_step(
             total = planned.memory.total
             reason = f"the planner puts the step at {estimate.format_bytes(total)} per GPU of {hbm}"
             raise DoesNotFit(planned, target, reason, total)
-        report = _export_cuda(config, vocab, mesh, setup, target, common)
-        return dataclasses.replace(report, wall_seconds=time.perf_counter() - started)
+        return _export_cuda(setup, stage, target, vocab, common)
 
     start = time.perf_counter()
-    compiled, lowered = _compile(setup, target, planned)
+    compiled, lowered = _compile(setup, stage, target, planned)
     seconds = time.perf_counter() - start
     memory = estimate.compiled_memory(compiled)
     if memory["total"] > target.chip.memory_bytes:
         total = memory["total"]
+        where = f" ({common['stage']})" if several else ""
         reason = f"the TPU compiler needs {estimate.format_bytes(total)} per chip of {hbm} HBM"
-        raise DoesNotFit(planned, target, reason, total)
+        raise DoesNotFit(planned, target, reason + where, total)
     start = time.perf_counter()
     if not with_cost:
         cost, method = None, ""
-    elif setup.model_cfg.scan_layers or t.grad_accum > 1:  # loops XLA would cost once
-        cost = _extrapolated_cost(config, vocab, mesh, target)
+    elif setup.model_cfg.scan_layers or stage.grad_accum > 1:  # loops XLA would cost once
+        cost = _extrapolated_cost(setup, stage, vocab, target)
         method = "extrapolated from 1 and 2 unrolled layers"
     else:
         cost, method = _cost(compiled, lowered), "direct"
@@ -285,7 +323,6 @@ def compile_step(
         cost=cost,
         cost_method=method,
         costing_seconds=costing,
-        wall_seconds=time.perf_counter() - started,
         **common,
     )
 
@@ -295,11 +332,11 @@ _XLA_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _compile(
-    setup: train.Setup, target: hardware.Target, planned: estimate.Estimate
+    setup: train.Setup, stage: stages.Stage, target: hardware.Target, planned: estimate.Estimate
 ) -> tuple[Any, Any]:
-    """(the TPU executable of the step, its lowering); an out-of-memory compile becomes one
-    sentence, in GiB."""
-    lowered = setup.lower_train_step()
+    """(the TPU executable of `stage`'s step, its lowering); an out-of-memory compile becomes
+    one sentence, in GiB."""
+    lowered = setup.lower_train_step(stage)
     try:
         return lowered.compile(), lowered
     except Exception as e:  # XLA raises its own runtime error type; only OOM is translated
@@ -338,24 +375,23 @@ def _cost(compiled: Any, lowered: Any) -> Cost:
 
 
 def _extrapolated_cost(
-    config: Any, vocab: int, mesh: jax.sharding.Mesh, target: hardware.Target
+    setup: train.Setup, stage: stages.Stage, vocab: int, target: hardware.Target
 ) -> Cost:
-    """Cost of the whole step from unrolled 1- and 2-layer compiles on one micro-batch."""
-    t = config.train
+    """Cost of `stage`'s whole step from unrolled 1- and 2-layer compiles on one micro-batch."""
     costs = []
     for layers in (1, 2):
-        setup = _variant_setup(
-            config,
+        variant = _variant_setup(
+            setup,
+            stage,
             vocab,
-            mesh,
             target,
             model=dict(n_layers=layers, scan_layers=False),
-            train=dict(grad_accum=1, batch_size=t.batch_size // t.grad_accum),
+            train=dict(grad_accum=1, batch_size=setup.plan.micro_batch),
         )
-        lowered = setup.lower_train_step()
+        lowered = variant.lower_train_step()
         costs.append(_cost(lowered.compile(), lowered))
     one, two = costs
-    n, accum = config.model.n_layers, t.grad_accum
+    n, accum = setup.model_cfg.n_layers, stage.grad_accum
 
     def whole(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else accum * (a + (n - 1) * (b - a))
@@ -368,30 +404,46 @@ def _extrapolated_cost(
     )
 
 
-def _variant_setup(config, vocab, mesh, target, **sections: dict[str, Any]) -> train.Setup:
-    """The Setup of `config` with some keys changed, e.g. model=dict(n_layers=1)."""
-    variant = config.copy_and_resolve_references()
+def _variant_setup(
+    setup: train.Setup,
+    stage: stages.Stage,
+    vocab: int,
+    target: hardware.Target,
+    **sections: dict[str, Any],
+) -> train.Setup:
+    """A one-stage Setup of `stage`'s shapes and RoPE with some keys changed, e.g.
+    model=dict(n_layers=1)."""
+    variant = setup.config.copy_and_resolve_references()
     with variant.unlocked():
+        variant.stages = ()
+        variant.train.steps = max(stage.steps, 1)
+        variant.train.seq_len = stage.seq_len
+        variant.train.batch_size = stage.batch_size
+        variant.train.grad_accum = stage.grad_accum
+        variant.model.rope_theta = stage.rope_theta
+        variant.model.rope_scaling = stage.rope_scaling
         for section, values in sections.items():
             for key, value in values.items():
                 variant[section][key] = value
-    return train.Setup(variant, vocab, mesh, platform=target.platform)
+    return train.Setup(run_spec.build(variant), vocab, setup.mesh, platform=target.platform)
 
 
-def _export_cuda(config, vocab, mesh, setup, target, common) -> Report:
-    """The step exported for CUDA (StableHLO); memory is the planner's estimate."""
+def _export_cuda(
+    setup: train.Setup, stage: stages.Stage, target: hardware.Target, vocab: int, common: dict
+) -> Report:
+    """`stage`'s step exported for CUDA (StableHLO); memory is the planner's estimate."""
     from jax import export
 
     note = "GPU memory is the planner's estimate: no CUDA compiler runs off-GPU."
     start = time.perf_counter()
     try:
-        export.export(setup.jit_train_step(), platforms=["cuda"])(
-            setup.abstract_state, setup.abstract_batch()
+        export.export(setup.jit_train_step(stage), platforms=["cuda"])(
+            setup.abstract_state, setup.abstract_batch(stage)
         )
     except Exception as e:  # cuDNN attention lowers only where the CUDA plugin finds cuDNN
         if setup.model_cfg.attention != "cudnn" or "cuDNN" not in str(e):
             raise
-        setup = _variant_setup(config, vocab, mesh, target, model=dict(attention="xla"))
+        setup = _variant_setup(setup, stage, vocab, target, model=dict(attention="xla"))
         export.export(setup.jit_train_step(), platforms=["cuda"])(
             setup.abstract_state, setup.abstract_batch()
         )
@@ -408,141 +460,3 @@ def _export_cuda(config, vocab, mesh, setup, target, common) -> Report:
         note=note,
         **common,
     )
-
-
-def _cost_notes(r: Report) -> list[str]:
-    """What the reader must know to read the compiler's FLOPs and step time."""
-    notes = []
-    share = r.kernel_flops_share
-    if share and r.estimated_mfu is not None:
-        notes.append(
-            f"Splash attention ({share:.1%} of the model's FLOPs) runs in a kernel the compiler's "
-            "cost model does not see: its FLOPs are not in the compiler's count and its time is "
-            "not in the step estimate, while MFU counts them: were the kernel as fast as the "
-            f"rest of the step, MFU would be {share:.1%} lower than printed."
-        )
-    if r.cost and not r.cost_complete:
-        loops = r.cost.compiler_loops
-        cause = (
-            f"the program it costed holds {loops} loop(s) the compiler made itself (on FSDP "
-            "meshes, windowed einsums split gathered matmuls into loops), and it counts each "
-            "loop's body once"
-            if loops
-            else "the program it costed holds no loop of the compiler's making, so the cause "
-            "is not a loop counted once; it was not found"
-        )
-        notes.append(
-            f"The compiler's cost analysis counted {r.counted_share:.0%} of the model's FLOPs "
-            f"(those outside splash attention), under the {MIN_COUNTED_SHARE:.0%} needed to "
-            f"trust it: {cause}. No step time is derived from it."
-        )
-    return notes
-
-
-def format_report(r: Report, width: int = estimate.WIDTH) -> str:
-    """The report as a plain-text table of `width` columns; estimates are labelled as such."""
-    fmt_b, fmt_n = estimate.format_bytes, estimate.format_count
-    lines: list[str] = []
-
-    def cell(label: str, value: str, note: str = "") -> None:
-        lines.extend(estimate_table.row(label, value, note, (30, 14), width))
-
-    def text(words: str, indent: str) -> None:
-        lines.extend(estimate_table.wrap(words, width, indent))
-
-    m = r.model
-    mesh = " x ".join(f"{k} {v}" for k, v in r.mesh_shape.items())
-    where = f"topology {r.target.topology}" if r.target.platform == "tpu" else "CUDA export"
-    layers = f"{m.n_layers} layers {'scanned' if m.scan_layers else 'unrolled'}"
-    shards = r.mesh_shape["data"] * r.mesh_shape["fsdp"]
-    micro = r.batch_size // (r.grad_accum * shards)
-    text(f"{r.name} on {r.target.name}: {r.chips} x {r.target.chip.name} ({where})", "  ")
-    lines.append("=" * width)
-    for i, phrase in enumerate(
-        (
-            f"mesh {mesh} ({r.preset}), batch {r.batch_size:,} x {r.seq_len:,} tokens,",
-            f"grad_accum {r.grad_accum} (micro-batch {micro} per device), {m.dtype},",
-            f"remat {m.remat}, {m.attention} attention, {layers}",
-        )
-    ):
-        lines.extend(estimate_table.wrap(phrase, width, " " * 7, " " * 7 if i else "Step   "))
-    if r.memory:
-        mem = r.memory
-        lines.append("Memory per device (the TPU compiler's buffer assignment)")
-        cell("arguments", fmt_b(mem["arguments"]), "parameters, optimizer state, batch")
-        cell("outputs", fmt_b(mem["outputs"]))
-        cell("aliased (donated state)", "-" + fmt_b(mem["aliased"]))
-        cell("temporaries", fmt_b(mem["temp"]), "activations, gradients, workspace")
-    else:
-        text("Memory per device (no CUDA compiler off-GPU: the planner's estimate)", "  ")
-    fit = f"{r.total_memory / r.hbm:.0%} of {fmt_b(r.hbm)} HBM: " + (
-        "fits" if r.fits else "DOES NOT FIT"
-    )
-    cell("total", fmt_b(r.total_memory), fit)
-    if r.memory:
-        gap = r.planner_memory / r.memory["total"] - 1
-        cell("planner's estimate", fmt_b(r.planner_memory), f"{gap:+.0%} vs compiler")
-    lines.append("Compute per step")
-    cell("model FLOPs, all chips", f"{r.model_flops_per_step:.3g}", "what MFU counts")
-    if r.cost:
-        cell("compiler FLOPs, all chips", f"{r.cost.flops * r.chips:.3g}", r.cost_method)
-        if r.kernel_flops_share:
-            cell("  splash attention", f"{r.kernel_flops_share:.1%}", "of model FLOPs, not costed")
-        if not r.cost_complete:
-            cell("step time (compiler est.)", "n/a", f"cost model saw {r.counted_share:.0%}")
-        elif r.cost.seconds:
-            peak = f"of {r.target.chip.peak_flops / 1e12:,.0f} TFLOP/s per chip"
-            cell("step time (compiler est.)", f"{r.cost.seconds:.3g} s", "an estimate")
-            cell("tokens/s (from that est.)", fmt_n(r.estimated_tokens_per_second))
-            cell("MFU (from that est.)", f"{r.estimated_mfu:.0%}", peak)
-        else:
-            cell("step time (compiler est.)", "n/a", "the compiler gave none")
-    lines.append("Time on this machine")
-    if r.target.platform == "tpu":
-        cell("main compile", f"{r.compile_seconds:,.0f} s", "the step as it runs")
-        if r.costing_seconds:
-            cell("costing compiles", f"{r.costing_seconds:,.0f} s", "1 and 2 layers, unrolled")
-    else:
-        cell("export", f"{r.compile_seconds:,.0f} s", "StableHLO for CUDA")
-    cell("wall time", f"{r.wall_seconds:,.0f} s", "tracing, planning and every compile")
-    for note in ([r.note] if r.note else []) + _cost_notes(r):
-        lines.extend(estimate_table.wrap(note, width, " " * 8, "  note: "))
-    return "\n".join(lines)
-
-
-def report_dict(r: Report) -> dict[str, Any]:
-    """The report as JSON-ready data (for docs/perf.md tables and scripts)."""
-    return {
-        "name": r.name,
-        "target": r.target.name,
-        "chips": r.chips,
-        "mesh_shape": r.mesh_shape,
-        "preset": r.preset,
-        "attention": r.model.attention,
-        "scan_layers": r.model.scan_layers,
-        "remat": r.model.remat,
-        "dtype": r.model.dtype,
-        "batch_size": r.batch_size,
-        "seq_len": r.seq_len,
-        "grad_accum": r.grad_accum,
-        "compile_seconds": r.compile_seconds,
-        "costing_seconds": r.costing_seconds,
-        "wall_seconds": r.wall_seconds,
-        "memory": r.memory,
-        "planner_memory": r.planner_memory,
-        "hbm": r.hbm,
-        "fits": r.fits,
-        "compiler_flops_per_step": r.cost.flops * r.chips if r.cost else None,
-        "compiler_step_seconds_estimate": r.cost.seconds if r.cost else None,
-        "cost_method": r.cost_method,
-        "model_flops_per_step": r.model_flops_per_step,
-        "estimated_tokens_per_second": r.estimated_tokens_per_second,
-        "estimated_mfu": r.estimated_mfu,
-        "splash_flops_share": r.kernel_flops_share,
-        "counted_share": r.counted_share,
-        "min_counted_share": MIN_COUNTED_SHARE,
-        "compiler_loops": r.cost.compiler_loops if r.cost else None,
-        "cost_complete": r.cost_complete,
-        "note": " ".join(([r.note] if r.note else []) + _cost_notes(r)),
-        "remedy": None,
-    }

@@ -104,7 +104,7 @@ def model_config_from_meta(meta: dict[str, Any], where: str) -> model_lib.ModelC
         return model_lib.ModelConfig.from_dict(meta["model_config"])
     try:
         vocab = int(meta["param_shapes"]["embed"][0])
-        return model_lib.ModelConfig.from_config(meta["config"]["model"], vocab)
+        return model_lib.ModelConfig.from_config(meta["config"]["model"], vocab).for_platform()
     except (KeyError, TypeError):
         raise CheckpointError(
             f"{where} has no model config in its metadata (not written by jaxlm)."

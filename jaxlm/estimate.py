@@ -40,8 +40,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import hardware, optim, sharding
+from jaxlm import hardware, optim, sharding, stages
 from jaxlm import model as model_lib
+from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
 
 GiB = hardware.GiB
@@ -274,6 +275,7 @@ class Estimate:
     remedies: tuple[Remedy, ...] = ()  # what the planner tried when the step does not fit
     chips_to_fit: int | None = None  # when no remedy fits: chips at which fsdp, remat=full fit
     suggestions: tuple[str, ...] = ()  # the table's lines: the remedies, or "none needed"
+    stage: int | None = None  # the stage whose program this is (a run of several stages)
 
     @property
     def train_flops(self) -> float:
@@ -339,6 +341,8 @@ def estimate(
     price_per_chip_hour: float | None = None,
     tokens: float | None = None,
     vocab_size: int | None = None,
+    stage: stages.Stage | None = None,
+    spec: run_spec.RunSpec | None = None,
 ) -> Estimate:
     """Parameters, FLOPs, memory per device, time, cost and a Chinchilla check for `config`.
 
@@ -348,29 +352,39 @@ def estimate(
       chips: accelerator chips in the run; default `default_chips(config)`.
       mfu: model-FLOPs utilisation to assume, a fraction in (0, 1].
       price_per_chip_hour: dollars per chip-hour, for the cost line (None: no cost).
-      tokens: training tokens; default train.steps x train.batch_size x train.seq_len.
+      tokens: training tokens; default every stage's steps x batch x length.
       vocab_size: default config.tokenizer.vocab_size.
+      stage: the stage whose step shapes the memory and FLOPs describe; default the one that
+        needs the most memory (`worst_stage`).
+      spec: the config's `jaxlm.spec.RunSpec` if the caller has it (else built here).
     Raises:
       ConfigError: unknown hardware, MFU outside (0, 1], chips <= 0, a mesh that cannot be built.
     """
     hw = hardware if isinstance(hardware, Hardware) else get_hardware(hardware)
     chips = default_chips(config) if chips is None else chips
     _check(chips, mfu, price_per_chip_hour, tokens, hw)
-    t = config.train
+    spec = spec or run_spec.build(config)
     # `auto` attention becomes what the trainer picks on that hardware's platform.
     vocab = int(vocab_size or config.tokenizer.vocab_size)
-    m = model_lib.ModelConfig.from_config(config.model, vocab, hw.platform)
+    m = spec.model_for(vocab, hw.platform)
     shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
+    tx = spec.optimizer()
+    if stage is None:  # the program that needs the most memory decides whether the run fits
+        per_program = [
+            estimate(config, hw, chips, mfu, price_per_chip_hour, tokens, vocab, stage=s, spec=spec)
+            for s in spec.plan.programs
+        ]
+        return max(per_program, key=lambda e: e.memory.total)
     layout = Layout(
         config.mesh.preset,
         dict(zip(sharding.MESH_AXES, shape, strict=True)),
-        t.batch_size,
-        t.grad_accum,
-        t.seq_len,
+        stage.batch_size,
+        stage.grad_accum,
+        stage.seq_len,
     )
-    tx, _ = optim.make_optimizer(config.optim, max(int(t.steps), 1))
     counts = param_counts(m)
-    per_token = m.flops_per_token(t.seq_len)
+    per_token = m.flops_per_token(stage.seq_len)
+    planned = spec.plan.tokens_before(spec.plan.total_steps)
     est = Estimate(
         name=config.get("name", "config"),
         model=m,
@@ -378,12 +392,13 @@ def estimate(
         hardware=hw,
         chips=chips,
         layout=layout,
-        tokens=float(tokens if tokens is not None else t.steps * t.batch_size * t.seq_len),
+        tokens=float(tokens if tokens is not None else planned),
         flops_per_token=per_token,
-        attention_flops_per_token=float(m.attention_flops_per_token(t.seq_len)),
+        attention_flops_per_token=float(m.attention_flops_per_token(stage.seq_len)),
         memory=memory(m, tx, layout, hw.memory_bytes * USABLE_FRACTION),
         mfu=float(mfu),
         price_per_chip_hour=price_per_chip_hour,
+        stage=stage.index if len(spec.plan.stages) > 1 else None,
     )
     est = dataclasses.replace(est, remedies=remedies(est, tx))
     if est.remedies and not any(r.fits for r in est.remedies):
@@ -548,9 +563,10 @@ def format_count(n: float) -> str:
 def xla_memory(
     config: Any, vocab_size: int | None = None, devices: Sequence[jax.Device] | None = None
 ) -> dict[str, float]:
-    """Per-device bytes XLA assigns to the compiled train step of `config` on `devices`.
+    """Per-device bytes XLA assigns to the compiled train step of `config` on `devices` (of the
+    stage program that needs the most, as `estimate` plans it).
 
-    Compiles (never runs) `train.Setup`'s step on abstract inputs. On CPU it asks for XLA's
+    Compiles (never runs) `train.Setup`'s steps on abstract inputs. On CPU it asks for XLA's
     memory-optimised scheduler: the default one orders work for concurrency and lets buffers
     pile up that a memory-aware GPU or TPU scheduler would free.
 
@@ -561,10 +577,15 @@ def xla_memory(
 
     devices = list(devices if devices is not None else jax.devices())
     mesh = sharding.make_mesh(config.mesh.shape, devices)
-    setup = train.Setup(config, int(vocab_size or config.tokenizer.vocab_size), mesh)
+    spec = run_spec.build(config)
+    setup = train.Setup(spec, int(vocab_size or config.tokenizer.vocab_size), mesh)
     cpu = devices[0].platform == "cpu"
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if cpu else None
-    return compiled_memory(setup.lower_train_step().compile(compiler_options=options))
+    per_program = [
+        compiled_memory(setup.lower_train_step(s).compile(compiler_options=options))
+        for s in spec.plan.programs
+    ]
+    return max(per_program, key=lambda m: m["total"])
 
 
 def compiled_memory(compiled: Any) -> dict[str, float]:

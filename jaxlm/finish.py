@@ -17,14 +17,14 @@ from typing import Any
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import stages
 from jaxlm.progress import format_duration
 
 
-def completed_run(config: Any, workdir: str) -> dict[str, Any] | None:
-    """The summary of the finished run of `config` in `workdir` (as `loop.run` returns it, with
-    `already_complete=True` and `line`, the one line to print), or None if there is work left."""
-    total = stages.build(config).total_steps
+def completed_run(spec: Any, workdir: str) -> dict[str, Any] | None:
+    """The summary of the finished run of `spec` (`jaxlm.spec.RunSpec`) in `workdir` (as
+    `loop.run` returns it, with `already_complete=True` and `line`, the one line to print), or
+    None if there is work left."""
+    config, total = spec.config, spec.plan.total_steps
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     steps = ckpt_lib.all_steps(ckpt_dir)
     if not steps or steps[-1] != total:
@@ -107,12 +107,12 @@ def summary_text(
     )
 
 
-def print_sample(config: Any, setup: Any, params: Any, tokenizer: Any, out: Any) -> None:
+def print_sample(setup: Any, params: Any, tokenizer: Any, out: Any) -> None:
     """The recipe's prompt continued by the trained model (config.sample), printed to `out`."""
     from jaxlm.data import tokenizer as tokenizer_lib
 
-    s = config.sample
-    if s.max_tokens <= 0 or not s.prompt or config.objective == "masked":  # an encoder: no text
+    s = setup.config.sample
+    if s.max_tokens <= 0 or not s.prompt or setup.spec.objective == "masked":  # an encoder
         return
     new_tokens = generate_lib.generate(
         setup.graphdef,
@@ -123,7 +123,7 @@ def print_sample(config: Any, setup: Any, params: Any, tokenizer: Any, out: Any)
         temperature=s.temperature,
         top_k=s.top_k,
         top_p=s.top_p,
-        seed=config.seed,
+        seed=setup.spec.seed,
         mesh_rules=setup.mesh_rules,
     )[0]
     out.print("sample (KV-cache decoding):\n" + s.prompt + tokenizer.decode(new_tokens))

@@ -8,22 +8,23 @@ and print a sample. The pure pieces it drives (steps, `Setup`, `evaluate`) live 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import faults, finish, objectives, peers, sharding, stages, train, validate
+from jaxlm import faults, finish, objectives, peers, resume, sharding, stages, train, validate
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
-from jaxlm.data import staged
+from jaxlm.data import stream as stream_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices
@@ -39,15 +40,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """
     # Imported here: data preparation is only needed by a full run, not by the step functions.
     from jaxlm.data import prepare as prepare_lib
-    from jaxlm.data import tokenizer as tokenizer_lib
 
-    validate.check(config, workdir)  # every config error, before any device or data work
-    complete = finish.completed_run(config, workdir)  # the same command again: nothing to redo
+    spec = validate.check(config, workdir)  # every config error, before device or data work
+    complete = finish.completed_run(spec, workdir)  # the same command again: nothing to redo
     if complete is not None:
         print(complete["line"], flush=True)
         return complete
     sharding.maybe_initialize_distributed(config.mesh)
-    mesh = validate.check_devices(config)
+    mesh = validate.check_devices(spec)
     _prepare_workdir(workdir, config)
     if config.data.manifest:  # validate.check has made sure it exists
         manifest_path = config.data.manifest
@@ -59,7 +59,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             process_count=jax.process_count(),
         )
     manifest = manifest_lib.load(manifest_path)  # refuses data whose tokenizer file was swapped
-    validate.check_manifest(manifest, manifest_path, config)
+    validate.check_manifest(manifest, manifest_path, spec)
     tokenizer_path = manifest_lib.tokenizer_path(manifest)
     if jax.process_index() == 0:
         shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
@@ -87,8 +87,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     watchdog = peers.Watchdog().start()
     clean = False
     try:
-        setup = train.Setup(config, vocab_size, mesh)
-        trainer = Trainer(config, setup, workdir, manifest, tokenizer)
+        setup = train.Setup(spec, vocab_size, mesh)
+        trainer = Trainer(setup, workdir, manifest, tokenizer)
         try:
             summary = trainer.train()
         except BaseException as e:
@@ -102,20 +102,40 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         watchdog.stop(clean)
     # The sample runs on process 0's host arrays; on many processes it is left to tools/generate.py.
     if not summary["preempted"] and jax.process_count() == 1:
-        finish.print_sample(config, setup, trainer.state["params"], tokenizer, trainer.out)
+        finish.print_sample(setup, trainer.state["params"], tokenizer, trainer.out)
     trainer.out.close()
     return summary
 
 
-class Trainer:
-    """The training loop of one run: steps, logging, eval, checkpoints, preemption, rollback."""
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """Work the loop does after step `n` when `n % every == 0` (and after the last step if
+    `at_end`): logging, evaluation, checkpointing. `every=0` turns it off."""
 
-    def __init__(
-        self, config: Any, setup: train.Setup, workdir: str, manifest: dict, tokenizer: Any
-    ):
+    every: int
+    fn: Callable[[int], Any]
+    at_end: bool = True
+
+    def due(self, done: int, total: int) -> bool:
+        if done == total:
+            return self.at_end
+        return self.every > 0 and done % self.every == 0
+
+
+class Trainer:
+    """The training loop of one run: next(batch) -> step -> hooks, with preemption and
+    rollback."""
+
+    def __init__(self, setup: train.Setup, workdir: str, manifest: dict, tokenizer: Any):
+        config = setup.config
         self.config, self.setup, self.manifest = config, setup, manifest
         self.tokenizer = tokenizer
         self.objective = objectives.Objective.build(config, tokenizer, manifest)
+        self.hooks = [
+            Hook(config.train.log_every, self._log),
+            Hook(config.eval.every, self._eval, at_end=False),  # the final one follows the loop
+            Hook(config.checkpoint.every, self._save),
+        ]
         self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
         self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
         self.checkpointer = ckpt_lib.Checkpointer(
@@ -134,7 +154,11 @@ class Trainer:
             f"{config.mesh.preset} | {jax.device_count()} {jax.devices()[0].platform} device(s), "
             f"{jax.process_count()} process(es)"
         )
-        self.step, self.state = self._restore_or_init()
+        self.step, self.state, data_state = resume.start(
+            self.checkpointer, setup, self.meta["tokenizer_sha256"], self.out
+        )
+        if data_state is not None:
+            self._set_data_state(self.step, data_state)
         self.stream: Iterator[dict[str, np.ndarray]] = self.batches
         t = config.train
         if t.inject_nan_at or t.inject_spike_at:  # fault tests, wrapped once here
@@ -145,12 +169,9 @@ class Trainer:
                 vocab_size=setup.model_cfg.vocab_size,
                 drawn=self.step,
             )
-        if self.plan.staged:
-            self.staged_step = setup.jit_staged_step()
-        else:
-            self.train_step = setup.jit_train_step()
-        self.eval_steps: dict[tuple, Any] = {}  # (rope_theta, rope_scaling) -> jitted eval step
         self.stage: stages.Stage | None = None  # the stage of the last step drawn
+        self.evals_compiled: set[tuple] = set()  # RoPEs whose eval program exists
+        self.programs_run: set[tuple] = set()  # `Stage.program_key`s of the steps compiled
         self.stop_signal: str | None = None
         self.in_eval = False
         self.best_eval = (0, float("inf"))  # (step, held-out loss)
@@ -174,41 +195,6 @@ class Trainer:
         if repeated and signum == signal.SIGINT:
             raise KeyboardInterrupt
 
-    def _restore_or_init(self) -> tuple[int, train.TrainState]:
-        if not self.checkpointer.steps() and self.config.branch:
-            return self._branch()
-        if not self.checkpointer.steps():
-            state = self.setup.init_state()
-            if self.config.init_from:
-                from jaxlm.convert import init_from
-
-                state["params"] = init_from.load_params(
-                    self.config.init_from,
-                    self.setup,
-                    self.meta["tokenizer_sha256"],
-                    log=self.out.print,
-                )
-            return 0, state
-        if self.checkpointer.read_meta(self.checkpointer.steps()[-1]).get("params_only"):
-            raise ConfigError(
-                f"{self.checkpointer.directory} holds imported weights, not a training run; "
-                "train in "
-                "a new --workdir with --config.init_from=ckpt:<this workdir>."
-            )
-        step, state, data_state, saved_meta = self.checkpointer.restore(self.setup.abstract_state)
-        tokenizer_lib.check_same(
-            self.meta["tokenizer_sha256"],
-            saved_meta.get("tokenizer_sha256"),
-            "the data",
-            f"the checkpoint at step {step} was trained with",
-            "use the original data and tokenizer config",
-        )
-        if data_state is not None:
-            self._set_data_state(step, data_state)
-        self.out.trim(step)
-        self.out.print(f"resuming from checkpoint at step {step} in {self.checkpointer.directory}")
-        return step, state
-
     def _set_data_state(self, step: int, data_state: dict) -> None:
         # Streams are global: flatten the saved per-process lists, then take this host's part,
         # so a checkpoint written by N processes resumes on any process count.
@@ -228,45 +214,18 @@ class Trainer:
         first = jax.process_index() * per_host
         self.batches.set_state(streams[first : first + per_host])
 
-    def _branch(self) -> tuple[int, train.TrainState]:
-        """config.branch: the whole state of init_from's checkpoint (parameters, optimizer state,
-        step, data position), continued under this run's plan: a cool-down branched from a
-        stable-phase checkpoint trains exactly as if the decay had been planned from the start."""
-        from jaxlm.convert import init_from
-
-        ckpt_dir, step = ckpt_lib.resolve(init_from.parse(self.config.init_from)[1])
-        source = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
-        try:
-            step, state, data_state, meta = source.restore(self.setup.abstract_state, step)
-        finally:
-            source.close()
-        tokenizer_lib.check_same(
-            self.meta["tokenizer_sha256"],
-            meta.get("tokenizer_sha256"),
-            "this run's data",
-            f"config.init_from={self.config.init_from!r} was trained with",
-            "branch with the data it was trained on",
-        )
-        if step > self.plan.total_steps:
-            raise ConfigError(
-                f"config.init_from's checkpoint is at step {step}, past this run's last step "
-                f"({self.plan.total_steps}); branch from an earlier checkpoint or add stages."
-            )
-        if data_state is not None:
-            self._set_data_state(step, data_state)
-        self.out.print(f"branching from step {step} of {ckpt_dir} (state, optimizer, data)")
-        return step, state
-
     def _host_batches(self, streams: int):
-        """This host's training batches, read from `streams` document streams."""
-        return staged.training_batches(
-            self.config,
+        """This host's training batches, read from `streams` document streams, with the
+        objective's rewrites (FIM per document, masked/prefix per batch) made in the stream."""
+        objective = self.objective
+        return stream_lib.training_batches(
+            self.setup.spec,
             self.manifest,
-            self.plan,
             jax.process_index(),
             jax.process_count(),
             streams,
-            doc_transform=self.objective.doc_transform(),
+            doc_transform=objective.doc_transform(),
+            batch_rewrite=objective.apply if objective.bidirectional else None,
         )
 
     def train(self) -> dict[str, Any]:
@@ -294,16 +253,18 @@ class Trainer:
                 if stage is not self.stage:
                     self._enter_stage(stage)
                 host_batch = self._next_batch()
-                if self.step == start_step:  # the call returns once the program is compiled
-                    self.out.print("compiling the training step (the first step waits for it)")
-                    compile_start = time.perf_counter()
-                if self.plan.staged:
-                    self.state, step_metrics = self.staged_step(self.state, host_batch, stage)
-                else:
-                    self.state, step_metrics = self.train_step(
-                        self.state, sharding.host_to_global(host_batch, self.setup.mesh)
+                compiles = stage.program_key not in self.programs_run
+                if compiles:  # the call returns once the program is compiled
+                    self.out.print(
+                        f"compiling the training step for {stage.batch_size} x {stage.seq_len} "
+                        "tokens (the first step waits for it)"
                     )
-                if self.step == start_step:
+                    compile_start = time.perf_counter()
+                self.state, step_metrics = self.train_step(
+                    self.state, sharding.host_to_global(host_batch, self.setup.mesh)
+                )
+                if compiles:
+                    self.programs_run.add(stage.program_key)
                     self.out.print(
                         f"compiled in {time.perf_counter() - compile_start:.1f}s; training, "
                         f"one line every {cfg.train.log_every} steps"
@@ -319,7 +280,10 @@ class Trainer:
                     self._rollback(bad_steps, rollbacks)
                     bad_steps, previous_skip = [], None
                     continue
-                self._after_step(total)
+                self.checkpointer.check()  # a save that failed in the background stops the run
+                for hook in self.hooks:
+                    if hook.due(self.step, total):
+                        hook.fn(self.step)
 
             final_eval = self._eval(total, final=True)
 
@@ -352,32 +316,20 @@ class Trainer:
         return summary
 
     def _enter_stage(self, stage: stages.Stage) -> None:
-        """Throughput and FLOPs of the stage's shapes; a staged run logs the transition."""
+        """The stage's step program, throughput and FLOPs; the log names the stage."""
         tokens_per_step = stage.batch_size * stage.seq_len
         self.flops_per_step = self.setup.model_cfg.flops_per_token(stage.seq_len) * tokens_per_step
         self.clock.tokens_per_step = tokens_per_step
-        if self.plan.staged:
+        self.train_step = self.setup.jit_train_step(stage)
+        if len(self.plan.stages) > 1 or self.step == 0:
             self.out.print(f"step {self.step}: {stage.describe()}")
         self.stage = stage
 
     def _next_batch(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         batch = next(self.stream)
-        # The step's choices (masks, prefix splits) follow the step number and global row.
-        rows = batch["inputs"].shape[0]
-        batch = self.objective.apply(batch, self.step, jax.process_index() * rows)
         self.data_wait += time.perf_counter() - t0
         return batch
-
-    def _after_step(self, total: int) -> None:
-        cfg, done = self.config, self.step
-        self.checkpointer.check()  # a save that failed in the background stops the run now
-        if done % cfg.train.log_every == 0 or done == total:
-            self._log(done)
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
-            self._eval(done)
-        if done % cfg.checkpoint.every == 0 or done == total:
-            self._save(force=done == total)
 
     def _log(self, done: int) -> None:
         fetched = jax.device_get(self.pending)
@@ -394,12 +346,11 @@ class Trainer:
         if mem is not None:
             last["memory_gb"] = mem
         self.pending, self.data_wait, self.last = [], 0.0, last
-        if self.plan.staged:  # the stage of the last step logged, and its shapes
-            last.update(
-                stage=self.stage.index,
-                batch_size=self.stage.batch_size,
-                seq_len=self.stage.seq_len,
-            )
+        last.update(  # the stage of the last step logged, and its shapes
+            stage=self.stage.index,
+            batch_size=self.stage.batch_size,
+            seq_len=self.stage.seq_len,
+        )
         self.out.write(done, {k: v for k, v in last.items() if k != "eta_s"}, prefix="train/")
         mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
         skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
@@ -431,7 +382,7 @@ class Trainer:
             self.out.print(
                 f"eval  {step:>6} | loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
                 f"{result['bits_per_byte']:.3f} bits/byte{self._validation_summary(result)}"
-                f"{metrics_lib.objective_summary(result)}{metrics_lib.task_summary(result)} | "
+                f"{objectives.summary(result)}{metrics_lib.task_summary(result)} | "
                 f"{time.perf_counter() - t0:.1f}s"
             )
         return result
@@ -447,23 +398,23 @@ class Trainer:
     def _compute_eval(self, final: bool) -> dict[str, float]:
         cap = 0 if final else self.config.eval.max_batches  # final numbers use the whole split
         stage = self.plan.stage_at(max(self.step - 1, 0))  # the model as last trained
-        rope = (stage.rope_theta, stage.rope_scaling)
-        n = sum(batches for _, _, batches in train.eval_sets(self.setup, self.manifest, cap))
+        sets = train.eval_sets(self.setup, self.manifest, cap)
+        n = sum(batches for _, _, batches in sets)
         what = f"{'final ' if final and self.step else ''}evaluation at step {self.step}"
-        if cap == 0 or rope not in self.eval_steps:  # a long one, or one that compiles first
+        compiled = stage.rope in self.evals_compiled
+        if cap == 0 or not compiled:  # a long one, or one that compiles first
             self.out.print(
                 f"{what}: {n} batches{' (all held-out text)' if cap == 0 else ''}"
                 + "".join(f", then {name} ({len(t)} examples)" for name, t in self.tasks.items())
-                + ("; compiling its program first" if rope not in self.eval_steps else "")
+                + ("; compiling its program first" if not compiled else "")
             )
-        if rope not in self.eval_steps:
-            self.eval_steps[rope] = self.setup.jit_eval_step(self.setup.graphdef_for(stage))
+        self.evals_compiled.add(stage.rope)
         result = train.evaluate(
             self.setup,
-            self.eval_steps[rope],
+            self.setup.jit_eval_step(stage),
             self.state["params"],
             self.manifest,
-            cap,
+            sets,
             self.objective,
             progress=Progress(what, n, "batches", print_fn=self.out.print),
         )
@@ -471,21 +422,24 @@ class Trainer:
         if final and gzip_bpb:  # the baseline beside the final figures, for reruns and plots
             result["gzip_bits_per_byte"] = gzip_bpb
         if self.tasks:
-            cfg = self.config
+            spec = self.setup.spec
             result.update(
                 choices.score_tasks(
                     self.setup.graphdef,
                     self.state["params"],
                     self.tokenizer,
                     self.tasks,
-                    seq_len=cfg.train.seq_len,
-                    batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                    seq_len=spec.eval_seq_len,
+                    batch_size=spec.eval_batch_size,
                     mesh_rules=self.setup.mesh_rules,
                 )
             )
         return result
 
-    def _save(self, force: bool = False) -> None:
+    def _save(self, done: int | None = None) -> None:
+        """A checkpoint of the current step (forced, whatever `checkpoint.every` says, at the
+        run's last step and when stopping)."""
+        force = done is None or done == self.plan.total_steps
         # Meant copies, let through the loop's transfer guard: orbax reads the state to the host
         # with np.asarray, and the hosts' data positions are gathered through the devices.
         with jax.transfer_guard("allow"):
@@ -507,7 +461,7 @@ class Trainer:
 
     def _preempt(self, start_step: int, start: float) -> dict[str, Any]:
         if self.step not in self.checkpointer.steps():
-            self._save(force=True)
+            self._save()
         self.checkpointer.wait()
         self.out.print(
             f"stopped by {self.stop_signal} at step {self.step}: checkpoint saved in "

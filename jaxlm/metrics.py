@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import hardware
+from jaxlm import hardware, objectives
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
@@ -152,26 +152,8 @@ def final_figures(result: dict[str, float]) -> str:
     gz = f" | gzip -9 on the same text: {gzip_bpb:.3f} bits/byte" if gzip_bpb else ""
     return (
         f"{result['bits_per_byte']:.3f} bits/byte (loss {result['loss']:.4f}){gz}"
-        f"{objective_summary(result)}{task_summary(result)}"
+        f"{objectives.summary(result)}{task_summary(result)}"
     )
-
-
-def objective_summary(result: dict[str, float]) -> str:
-    """The non-causal objective's held-out metrics (objectives.Objective.metrics), if any."""
-    parts = []
-    if "masked_accuracy" in result:
-        parts.append(f"masked-token accuracy {result['masked_accuracy']:.1%}")
-        if result.get("unigram_accuracy"):
-            ratio = result["masked_accuracy"] / result["unigram_accuracy"]
-            parts.append(f"unigram baseline {result['unigram_accuracy']:.1%} ({ratio:.2f}x)")
-    if "loss_after_prefix" in result:
-        parts.append(f"loss after the prefix {result['loss_after_prefix']:.4f}")
-    if "middle_exact_match" in result:
-        parts.append(
-            f"middle-span token accuracy {result['middle_token_accuracy']:.1%} | "
-            f"middle exact match {result['middle_exact_match']:.1%}"
-        )
-    return "".join(f" | {p}" for p in parts)
 
 
 def task_summary(result: dict[str, float]) -> str:

@@ -70,29 +70,29 @@ class ModelConfig:
             raise ConfigError(
                 f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}."
             )
-        if self.attention not in attention.IMPLEMENTATIONS:
+        if self.attention not in ("auto", *attention.IMPLEMENTATIONS):
             raise ConfigError(
                 f"model.attention must be auto or one of {attention.IMPLEMENTATIONS}, "
                 f"not {self.attention!r}."
             )
 
     @classmethod
-    def from_config(
-        cls, model_cfg: Any, vocab_size: int, platform: str | None = None
-    ) -> ModelConfig:
-        """Builds the frozen config from the `config.model` ConfigDict and the tokenizer's vocab.
+    def from_config(cls, model_cfg: Any, vocab_size: int) -> ModelConfig:
+        """Builds the frozen config from the `config.model` ConfigDict and the tokenizer's vocab
+        (`jaxlm.spec.build` is the one caller for a run). `attention="auto"` stays until the
+        platform is known: `for_platform` resolves it."""
+        return cls.from_dict(dict(model_cfg.items(), vocab_size=vocab_size))
 
-        `attention="auto"` resolves for `platform` (tpu | gpu | cpu; default: this host's
-        backend), which is the target's when compiling for hardware this host does not have.
-        """
-        kwargs = dict(model_cfg.items(), vocab_size=vocab_size)
-        if kwargs.get("attention") == "auto":
-            kwargs["attention"] = attention.default_for(
-                platform or jax.default_backend(),
-                kwargs.get("dtype", cls.dtype),
-                kwargs["head_dim"],
-            )
-        return cls.from_dict(kwargs)
+    def for_platform(self, platform: str | None = None) -> ModelConfig:
+        """This config with `attention="auto"` resolved for `platform` (tpu | gpu | cpu;
+        default: this host's backend), which is the target's when compiling for hardware this
+        host does not have."""
+        if self.attention != "auto":
+            return self
+        resolved = attention.default_for(
+            platform or jax.default_backend(), self.dtype, self.head_dim
+        )
+        return dataclasses.replace(self, attention=resolved)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:

@@ -299,6 +299,25 @@ class Objective:
         return {}
 
 
+def summary(result: dict[str, float]) -> str:
+    """' | masked-token accuracy 41.0% | ...': the held-out metrics of `Objective.metrics` in
+    `result` (an evaluation, or its saved record), formatted for the log; '' for causal LM."""
+    parts = []
+    if "masked_accuracy" in result:
+        parts.append(f"masked-token accuracy {result['masked_accuracy']:.1%}")
+        if result.get("unigram_accuracy"):
+            ratio = result["masked_accuracy"] / result["unigram_accuracy"]
+            parts.append(f"unigram baseline {result['unigram_accuracy']:.1%} ({ratio:.2f}x)")
+    if "loss_after_prefix" in result:
+        parts.append(f"loss after the prefix {result['loss_after_prefix']:.4f}")
+    if "middle_exact_match" in result:
+        parts.append(
+            f"middle-span token accuracy {result['middle_token_accuracy']:.1%} | "
+            f"middle exact match {result['middle_exact_match']:.1%}"
+        )
+    return "".join(f" | {p}" for p in parts)
+
+
 def _middle_only(batch: dict[str, np.ndarray], middle_id: int) -> dict[str, np.ndarray]:
     """Loss on the middle span (and its closing EOS) of PSM documents only: the targets after
     each segment's `<fim_middle>` input."""

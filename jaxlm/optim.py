@@ -29,36 +29,56 @@ _MATRICES = {
 _EMBEDDINGS = ("embed", "lm_head")
 
 
-def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup from `init_lr` to `lr`, then decay to `lr * min_lr_ratio` by `total_steps`.
+def whole_run_segment(optim_cfg: Any, total_steps: int) -> dict:
+    """`optim.*` as one learning-rate segment over `total_steps` updates: linear warmup from
+    `init_lr` to `lr` over `warmup_steps`, then `schedule` down to `lr * min_lr_ratio`.
 
     cosine: half-cosine decay; linear: straight line; constant: no decay; wsd (warmup-stable-
     decay): hold `lr`, then decay linearly over the last `decay_fraction` of the steps.
     """
-    peak, floor = optim_cfg.lr, optim_cfg.lr * optim_cfg.min_lr_ratio
-    warmup = min(optim_cfg.warmup_steps, total_steps)
-    decay_steps = max(total_steps - warmup, 1)
-    warm = optax.linear_schedule(optim_cfg.init_lr, peak, max(warmup, 1))
-    name = optim_cfg.schedule
-    if name == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak if peak else 0.0)
-    elif name == "linear":
-        decay = optax.linear_schedule(peak, floor, decay_steps)
-    elif name == "constant":
-        decay = optax.constant_schedule(peak)
-    elif name == "wsd":
-        cooldown = max(int(decay_steps * optim_cfg.decay_fraction), 1)
-        decay = optax.join_schedules(
-            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, cooldown)],
-            [decay_steps - cooldown],
-        )
-    else:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, not {name!r}.")
-    if warmup == 0:
-        return decay
-    schedule = optax.join_schedules([warm, decay], [warmup])
-    # Shift by one so the first update already uses a non-zero warmup rate (init_lr is often 0).
-    return lambda count: schedule(count + 1)
+    constant = optim_cfg.schedule == "constant"
+    return dict(
+        warmup=min(int(optim_cfg.warmup_steps), total_steps),
+        start=optim_cfg.init_lr if optim_cfg.warmup_steps else optim_cfg.lr,
+        peak=optim_cfg.lr,
+        end=optim_cfg.lr if constant else optim_cfg.lr * optim_cfg.min_lr_ratio,
+        decay=optim_cfg.schedule,
+        decay_fraction=optim_cfg.decay_fraction,
+    )
+
+
+def segment_lr(seg: dict, steps: int, t: Any) -> Any:
+    """The learning rate at local update `t` (0-based) of a segment of `steps` updates: the one
+    schedule implementation (a run without stages is one segment, `whole_run_segment`).
+
+    `warmup` updates rise linearly from `start` to `peak`, then `decay` goes from `peak` to `end`
+    by the last update. Shifted by one: the first warmup update already moves (`init_lr` is
+    often 0), and the last update uses exactly `end`, where a following segment starts.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    w = seg["warmup"]
+    warm = seg["start"] + (seg["peak"] - seg["start"]) * jnp.minimum(t + 1, max(w, 1)) / max(w, 1)
+    m = max(steps - w, 1)  # decay steps
+    u = jnp.clip(t - w + 1, 0, m)  # decay steps done, 1..m
+    peak, end = seg["peak"], seg["end"]
+    if seg["decay"] == "constant":
+        decay = jnp.full_like(t, peak)
+    elif seg["decay"] == "linear":
+        decay = peak + (end - peak) * u / m
+    elif seg["decay"] == "cosine":
+        decay = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * u / m))
+    else:  # wsd: hold, then a linear cool-down over the last decay_fraction of the segment
+        cooldown = max(int(round(m * seg["decay_fraction"])), 1)
+        decay = peak + (end - peak) * jnp.clip(u - (m - cooldown), 0, cooldown) / cooldown
+    return jnp.where(t < w, warm, decay)
+
+
+def join_segments(segments: list[tuple[int, int, dict]]) -> optax.Schedule:
+    """One schedule over a run made of `(first update, updates, segment)` pieces in order."""
+    parts = [lambda t, seg=seg, n=n: segment_lr(seg, n, t) for _, n, seg in segments]
+    if len(parts) == 1:
+        return parts[0]
+    return optax.join_schedules(parts, [first for first, _, _ in segments[1:]])
 
 
 def _leaf_name(path: tuple) -> str:
@@ -127,17 +147,13 @@ def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
     return schedule if factor == 1.0 else (lambda count: schedule(count) * factor)
 
 
-def make_optimizer(
-    optim_cfg: Any, total_steps: int, schedule: optax.Schedule | None = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Global-norm clipping, then one optimizer per parameter group (`param_groups`), each with
-    its own learning-rate scale and weight decay; returns the transformation and the schedule
-    of the base learning rate (`optim.lr`'s curve: `schedule` when given, as a staged run's
-    plan gives it, else `make_schedule` over `total_steps`)."""
+    its own learning-rate scale and weight decay; `schedule` is the base learning rate
+    (`optim.lr`'s curve, the stage plan's `Plan.schedule`)."""
     optim_cfg = _with_defaults(optim_cfg)
     if optim_cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, not {optim_cfg.name!r}.")
-    schedule = schedule or make_schedule(optim_cfg, total_steps)
     parts = []
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
@@ -156,10 +172,10 @@ def make_optimizer(
             weight_decay=optim_cfg.weight_decay,
             mask=lambda params: jax.tree.map(lambda g: g in decayed, param_groups(params)),
         )
-        return optax.chain(*parts, adamw), schedule
+        return optax.chain(*parts, adamw)
     per_group = {g: _group_optimizer(optim_cfg, g, schedule) for g in GROUPS}
     parts.append(optax.multi_transform(per_group, param_groups))
-    return optax.chain(*parts), schedule
+    return optax.chain(*parts)
 
 
 def _with_defaults(optim_cfg: Any) -> Any:

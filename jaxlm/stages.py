@@ -25,8 +25,9 @@ where the previous stage ended (the first stage: `optim.init_lr` with a warmup, 
 Without any `lr` in any stage, the run follows `optim.schedule` over all its steps, exactly as a
 run without stages does.
 
-A run without `config.stages` is a plan of one stage made of `train.*`; the loop then keeps the
-single-stage pipeline it has always used (`Plan.staged` is False).
+A run without `config.stages` is a plan of one stage made of `train.*`: every run goes through
+the same stream (`data/stream.py`), the same step programs (`train.Setup.jit_train_step`) and the
+same schedule (`optim.segment_lr`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
-
-import jax.numpy as jnp
-import optax
 
 from jaxlm import optim
 from jaxlm.errors import ConfigError
@@ -70,11 +68,23 @@ class Stage:
     grad_accum: int  # micro-batches per step (batch_size / micro_batch)
     rope_theta: float
     rope_scaling: tuple | None
-    lr: dict | None  # resolved segment (start, peak, end in absolute units), or None
+    weights_key: str  # the config key the weights come from (for messages)
+    lr: dict | None  # resolved segment (start, peak, end in absolute units), or None when the
+    # run follows optim.* over all its steps (no stage has an lr)
 
     @property
     def steps(self) -> int:
         return self.end - self.start
+
+    @property
+    def rope(self) -> tuple:
+        """What the stage's model differs in from another stage's: its RoPE."""
+        return (self.rope_theta, self.rope_scaling)
+
+    @property
+    def program_key(self) -> tuple:
+        """What decides the stage's compiled step: batch shape, micro-batches and RoPE."""
+        return (self.batch_size, self.seq_len, self.grad_accum, self.rope)
 
     def describe(self) -> str:
         """One log line: what changes at this stage."""
@@ -92,13 +102,24 @@ class Plan:
     """Every stage of a run, and the one answer to "what stage is step N in"."""
 
     stages: tuple[Stage, ...]
-    staged: bool  # config.stages was given (else one stage made of train.*)
     micro_batch: int  # rows per micro-batch, fixed across stages so each length compiles once
     schedule: Any  # optax.Schedule: base learning rate at update count n (0-based)
 
     @property
     def total_steps(self) -> int:
         return self.stages[-1].end
+
+    @property
+    def programs(self) -> list[Stage]:
+        """The first stage of each distinct step program the run executes: stages that share
+        a batch shape and a RoPE share one compiled program."""
+        seen, out = set(), []
+        for s in self.stages:
+            key = s.program_key
+            if key not in seen:
+                seen.add(key)
+                out.append(s)
+        return out
 
     @property
     def max_seq_len(self) -> int:
@@ -130,26 +151,12 @@ def build(config: Any) -> Plan:
     default_weights = {n: float(d.get("weight", 1.0)) for n, d in config.data.datasets.items()}
     raw = tuple(config.get("stages") or ())
     if not raw:
-        only = Stage(
-            index=0,
-            name="main",
-            start=0,
-            end=t.steps,
-            weights=_normalised(default_weights, "data.datasets"),
-            seq_len=t.seq_len,
-            batch_size=t.batch_size,
-            grad_accum=t.grad_accum,
-            rope_theta=config.model.rope_theta,
-            rope_scaling=_scaling(config.model.rope_scaling),
-            lr=None,
-        )
-        return Plan((only,), False, micro, optim.make_schedule(o, t.steps))
-    if config.data.get("grain_workers"):
-        raise ConfigError(
-            f"data.grain_workers={config.data.grain_workers}: a run with config.stages reads its "
-            "documents in-process; set data.grain_workers=0."
-        )
-    if t.steps:
+        # One stage made of train.*: the same plan a one-entry config.stages would give.
+        raw = (dict(name="main", steps=t.steps),)
+        if not t.steps:
+            # train.steps=0 evaluates the (init_from) model and stops: a plan of no updates.
+            raw = ()
+    elif t.steps:
         raise ConfigError(
             f"train.steps={t.steps} and config.stages both set the run length; set "
             "train.steps=0 (the stages' budgets add up to the run)."
@@ -181,6 +188,7 @@ def build(config: Any) -> Plan:
         else:
             n = math.ceil(_positive(spec["tokens"], f"{key}.tokens") / (batch * seq_len))
         weights = spec.get("weights", default_weights)
+        weights_key = f"{key}.weights" if "weights" in spec else "data.datasets"
         if not isinstance(weights, dict):
             raise ConfigError(f"{key}.weights must be a dict of dataset name -> weight.")
         missing = sorted(set(weights) - set(default_weights))
@@ -199,7 +207,8 @@ def build(config: Any) -> Plan:
                 name=str(spec.get("name", f"stage{i}")),
                 start=step,
                 end=step + n,
-                weights=_normalised({n_: float(w) for n_, w in weights.items()}, f"{key}.weights"),
+                weights=_normalised({n_: float(w) for n_, w in weights.items()}, weights_key),
+                weights_key=weights_key,
                 seq_len=seq_len,
                 batch_size=batch,
                 grad_accum=batch // micro,
@@ -209,12 +218,32 @@ def build(config: Any) -> Plan:
             )
         )
         step += n
+    if not stages:  # train.steps=0: shapes of train.*, no updates
+        stages = [_no_updates(config, default_weights, theta, scaling)]
     if not any(s.lr for s in stages):
-        schedule = optim.make_schedule(o, step)
+        segments = [(0, step, optim.whole_run_segment(o, step))]
     else:
         stages = _resolve_lr(stages, o)
-        schedule = _composite(stages)
-    return Plan(tuple(stages), True, micro, schedule)
+        segments = [(s.start, s.steps, s.lr) for s in stages]
+    return Plan(tuple(stages), micro, optim.join_segments(segments))
+
+
+def _no_updates(config: Any, weights: dict, theta: float, scaling: tuple | None) -> Stage:
+    t = config.train
+    return Stage(
+        index=0,
+        name="main",
+        start=0,
+        end=0,
+        weights=_normalised(weights, "data.datasets"),
+        weights_key="data.datasets",
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        lr=None,
+    )
 
 
 def check_weights(plan: Plan, dataset_names: list[str], where: str) -> None:
@@ -223,8 +252,8 @@ def check_weights(plan: Plan, dataset_names: list[str], where: str) -> None:
         missing = sorted(set(stage.weights) - set(dataset_names))
         if missing:
             raise ConfigError(
-                f"stages[{stage.index}].weights names {missing[0]!r}, which {where} does not "
-                f"have ({sorted(dataset_names)})."
+                f"{stage.weights_key} names {missing[0]!r}, which {where} does not have "
+                f"({sorted(dataset_names)})."
             )
 
 
@@ -301,33 +330,3 @@ def _resolve_lr(stages: list[Stage], o: Any) -> list[Stage]:
         out.append(dataclasses.replace(s, lr=seg))
         level = end
     return out
-
-
-def segment_lr(seg: dict, steps: int, t: Any) -> Any:
-    """The learning rate at local update `t` (0-based) of a stage of `steps` updates.
-
-    Shifted by one like `optim.make_schedule`: the first warmup update already moves, and the
-    stage's last update uses exactly `end`, where the next stage starts.
-    """
-    t = jnp.asarray(t, jnp.float32)
-    w = seg["warmup"]
-    warm = seg["start"] + (seg["peak"] - seg["start"]) * jnp.minimum(t + 1, max(w, 1)) / max(w, 1)
-    m = max(steps - w, 1)  # decay steps
-    u = jnp.clip(t - w + 1, 0, m)  # decay steps done, 1..m
-    peak, end = seg["peak"], seg["end"]
-    if seg["decay"] == "constant":
-        decay = jnp.full_like(t, peak)
-    elif seg["decay"] == "linear":
-        decay = peak + (end - peak) * u / m
-    elif seg["decay"] == "cosine":
-        decay = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * u / m))
-    else:  # wsd: hold, then a linear cool-down over the last decay_fraction of the stage
-        cooldown = max(int(round(m * seg["decay_fraction"])), 1)
-        decay = peak + (end - peak) * jnp.clip(u - (m - cooldown), 0, cooldown) / cooldown
-    return jnp.where(t < w, warm, decay)
-
-
-def _composite(stages: list[Stage]) -> optax.Schedule:
-    """One schedule over the whole run: each stage's segment on its own steps."""
-    parts = [lambda t, s=s: segment_lr(s.lr, s.steps, t) for s in stages]
-    return optax.join_schedules(parts, [s.start for s in stages[1:]])

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlm import model as model_lib
 from jaxlm import objectives, optim, sharding
+from jaxlm import spec as run_spec
 from jaxlm import stages as stages_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
@@ -77,7 +78,9 @@ def accumulate_gradients(graphdef: Any, params: Any, batch: Batch, grad_accum: i
     if grad_accum == 1:
         (loss_sum, count), grads = grad_fn(params, batch)
         return loss_sum, count, grads
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    # Row i goes to micro-batch i % grad_accum: each device's block of rows splits evenly over
+    # the micro-batches (no rows move between devices), whatever the mesh.
+    micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def add(carry, micro_batch):
         (loss_sum, count), grads = grad_fn(params, micro_batch)
@@ -102,10 +105,12 @@ def make_train_step(
     spike_warmup: int = 50,
     ema_decay: float = 0.99,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update.
+    """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
+    of every run (a stage of a staged run is a `grad_accum` and a batch shape).
 
-    With `grad_accum > 1` the batch is split into micro-batches whose summed gradients are
-    normalised by the total target count, so the update equals the one of the whole batch.
+    The batch is split into `grad_accum` micro-batches, scanned inside the program, whose summed
+    gradients are normalised by the total target count, so the update equals the one of the
+    whole batch.
 
     A step whose loss or gradient is not finite, or (after `spike_warmup` good steps) whose loss
     exceeds `spike_ratio` times the running mean of accepted losses, is skipped: parameters and
@@ -114,26 +119,8 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        loss_sum, count, grads = accumulate_gradients(graphdef, state["params"], batch, grad_accum)
-        return update(state, loss_sum, count, grads)
-
-    update = make_update(tx, schedule, spike_ratio, spike_warmup, ema_decay)
-    return train_step
-
-
-def make_update(
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    spike_ratio: float = 0.0,
-    spike_warmup: int = 50,
-    ema_decay: float = 0.99,
-) -> Callable[..., tuple[TrainState, dict]]:
-    """Builds `update(state, loss_sum, count, grads) -> (state, metrics)`: the optimizer update
-    from summed loss and gradients over `count` targets, with the skip rule of
-    `make_train_step`."""
-
-    def update(state: TrainState, loss_sum, count, grads) -> tuple[TrainState, dict]:
         params = state["params"]
+        loss_sum, count, grads = accumulate_gradients(graphdef, params, batch, grad_accum)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -175,54 +162,46 @@ def make_update(
         }
         return new_state, metrics
 
-    return update
+    return train_step
 
 
-def make_micro_grad(graphdef: Any) -> Callable[..., tuple]:
-    """Builds `micro_grad(params, acc, micro_batch) -> acc`: adds one micro-batch's summed loss,
-    target count and summed gradients to `acc` = (loss_sum, count, grads).
-
-    A staged run accumulates a step's micro-batches with this on the host, so its programs
-    depend on the micro-batch's shape only: a batch-size ramp re-runs it more times per step
-    instead of compiling a new step.
-    """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
-
-    def micro_grad(params, acc, micro_batch):
-        (loss_sum, count), grads = grad_fn(params, micro_batch)
-        return acc[0] + loss_sum, acc[1] + count, jax.tree.map(jnp.add, acc[2], grads)
-
-    return micro_grad
-
-
-def make_eval_step(graphdef: Any, detail: bool = False) -> Callable[[Any, Batch], Any]:
-    """Builds `eval_step(params, batch) -> (summed nll, target count)`, or with `detail` the
-    dict of `eval_sums` (the non-causal objectives' metrics)."""
+def make_eval_step(graphdef: Any, detail: bool = False) -> Callable[[Any, Batch], dict]:
+    """Builds `eval_step(params, batch) -> {'nll', 'count'}` (summed nll, target count), or with
+    `detail` the whole dict of `eval_sums` (the non-causal objectives' metrics)."""
     if detail:
         return lambda params, batch: eval_sums(graphdef, params, batch)
-    return lambda params, batch: loss_sums(graphdef, params, batch)
+
+    def eval_step(params, batch):
+        nll, count = loss_sums(graphdef, params, batch)
+        return {"nll": nll, "count": count}
+
+    return eval_step
 
 
 # --------------------------------------------------------------------------- state set-up
 
 
 class Setup:
-    """The model, optimizer and shardings of a run, built once from its config."""
+    """The model, optimizer, shardings and step programs of a run, built once from its spec."""
 
     def __init__(
-        self, config: Any, vocab_size: int, mesh: jax.sharding.Mesh, platform: str | None = None
+        self,
+        spec: run_spec.RunSpec,
+        vocab_size: int,
+        mesh: jax.sharding.Mesh,
+        platform: str | None = None,
     ):
         """`platform` (default: the mesh's devices') is what `model.attention=auto` resolves
         for; a CUDA export from a CPU host passes "gpu"."""
-        self.config = config
+        self.spec = spec
+        self.config = spec.config  # the sections the spec does not own (checkpoint, sample, ...)
         platform = platform or mesh.devices.flat[0].platform
-        self.model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size, platform)
+        self.model_cfg = spec.model_for(vocab_size, platform)
         # The mesh and rules every jitted function of the run is built with (`sharding.jit`).
-        self.mesh_rules = sharding.MeshRules.of(mesh, config.mesh.preset)
-        self.plan = stages_lib.build(config)
-        self.tx, self.schedule = optim.make_optimizer(
-            config.optim, self.plan.total_steps, self.plan.schedule
-        )
+        self.mesh_rules = sharding.MeshRules.of(mesh, spec.preset)
+        self.plan = spec.plan
+        self.schedule = spec.plan.schedule
+        self.tx = spec.optimizer()
         abstract_model = model_lib.abstract(self.model_cfg)
         self.graphdef, abstract_params_state = nnx.split(abstract_model)
         axes = model_lib.logical_axes(abstract_params_state)
@@ -253,6 +232,9 @@ class Setup:
         )
         self.n_params = model_lib.count_params(abstract_params)
         self._graphdefs: dict[tuple, Any] = {}  # (rope_theta, rope_scaling) -> graphdef
+        self._train_steps: dict[tuple, Callable] = {}  # (grad_accum, rope) -> jitted step
+        self.programs: list[tuple[int, int, int]] = []  # (rows, length, micro-batches) traced
+        self._eval_steps: dict[tuple, Callable] = {}  # rope -> jitted eval step
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -261,7 +243,7 @@ class Setup:
 
     def graphdef_for(self, stage: stages_lib.Stage) -> Any:
         """The model of `stage`: the run's, or the same parameters under the stage's RoPE."""
-        rope = (stage.rope_theta, stage.rope_scaling)
+        rope = stage.rope
         if rope == (self.model_cfg.rope_theta, self.model_cfg.rope_scaling):
             return self.graphdef
         if rope not in self._graphdefs:
@@ -272,9 +254,10 @@ class Setup:
         return self._graphdefs[rope]
 
     def _init_fn(self) -> TrainState:
-        seed = self.config.seed
         with nnx.use_eager_sharding(False):
-            model = model_lib.Transformer(self.model_cfg, nnx.Rngs(params=model_lib.init_key(seed)))
+            model = model_lib.Transformer(
+                self.model_cfg, nnx.Rngs(params=model_lib.init_key(self.spec.seed))
+            )
         params = nnx.to_pure_dict(nnx.state(model))
         return {
             "params": params,
@@ -288,107 +271,68 @@ class Setup:
         init = sharding.jit(self._init_fn, self.mesh_rules, out_shardings=self.state_shardings)
         return init()
 
-    def jit_train_step(self) -> Callable:
-        """The jitted `train_step(state, batch)`: donated state, explicit shardings."""
-        t = self.config.train
-        step = make_train_step(
-            self.graphdef, self.tx, self.schedule, t.grad_accum, t.spike_ratio, t.spike_warmup
-        )
-        batch_sh = sharding.batch_sharding(self.mesh)
-        return sharding.jit(
-            step,
-            self.mesh_rules,
-            in_shardings=(self.state_shardings, batch_sh),
-            out_shardings=(self.state_shardings, None),
-            donate_argnums=0,
-        )
+    def jit_train_step(self, stage: stages_lib.Stage | None = None) -> Callable:
+        """The jitted `train_step(state, global_batch)` of `stage` (default: the first): donated
+        state, explicit shardings; one function per (micro-batches, RoPE), compiled once per
+        batch shape, so stages with the same shapes share a program."""
+        stage = stage or self.plan.stages[0]
+        key = (stage.grad_accum, stage.rope)
+        if key not in self._train_steps:
+            step = make_train_step(
+                self.graphdef_for(stage),
+                self.tx,
+                self.schedule,
+                stage.grad_accum,
+                self.spec.spike_ratio,
+                self.spec.spike_warmup,
+            )
 
-    def jit_staged_step(self) -> StagedStep:
-        """A staged run's step: `step(state, host_batch, stage) -> (state, metrics)`."""
-        return StagedStep(self)
+            def traced(state, batch, step=step, accum=stage.grad_accum):
+                # Runs once per compiled program (at trace time): what `aot` must plan.
+                self.programs.append((*batch["inputs"].shape, accum))
+                return step(state, batch)
 
-    def jit_eval_step(self, graphdef: Any = None) -> Callable:
-        """The jitted `eval_step(params, batch) -> (summed nll, target count)` of `graphdef`
-        (default the run's model); a dict of sums for a non-causal objective (`make_eval_step`)."""
-        batch_sh = sharding.batch_sharding(self.mesh)
-        detail = self.config.objective != "causal"
-        return sharding.jit(
-            make_eval_step(graphdef or self.graphdef, detail),
-            self.mesh_rules,
-            in_shardings=(self.param_shardings, batch_sh),
-        )
+            self._train_steps[key] = sharding.jit(
+                traced,
+                self.mesh_rules,
+                in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
+                out_shardings=(self.state_shardings, None),
+                donate_argnums=0,
+            )
+        return self._train_steps[key]
 
-    def abstract_batch(self) -> Batch:
-        """ShapeDtypeStructs of a global train batch, sharded as the step takes it: for
-        compiling without data."""
+    def jit_eval_step(self, stage: stages_lib.Stage | None = None) -> Callable:
+        """The jitted `eval_step(params, batch)` of `stage`'s model (default: the first): a dict
+        of on-device sums (`eval_sums`), added up by `evaluate` with one read at the end."""
+        stage = stage or self.plan.stages[0]
+        if stage.rope not in self._eval_steps:
+            detail = self.spec.objective != "causal"
+            self._eval_steps[stage.rope] = sharding.jit(
+                make_eval_step(self.graphdef_for(stage), detail),
+                self.mesh_rules,
+                in_shardings=(self.param_shardings, sharding.batch_sharding(self.mesh)),
+            )
+        return self._eval_steps[stage.rope]
+
+    def abstract_batch(self, stage: stages_lib.Stage | None = None) -> Batch:
+        """ShapeDtypeStructs of `stage`'s global train batch (default: the first stage's),
+        sharded as the step takes it: for compiling without data."""
+        stage = stage or self.plan.stages[0]
         rows_sharding = sharding.batch_sharding(self.mesh)
-        shape = (self.config.train.batch_size, self.config.train.seq_len)
+        shape = (stage.batch_size, stage.seq_len)
         batch = {
             k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows_sharding)
             for k in ("inputs", "targets", "segment_ids", "positions")
         }
         batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows_sharding)
-        if self.config.objective in objectives.BIDIRECTIONAL:
+        if self.spec.objective in objectives.BIDIRECTIONAL:
             batch["prefix"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows_sharding)
         return batch
 
-    def lower_train_step(self) -> jax.stages.Lowered:
-        """The train step lowered on abstract state and batch: compile it, or read its HLO."""
-        return self.jit_train_step().lower(self.abstract_state, self.abstract_batch())
-
-
-class StagedStep:
-    """One optimizer step of a staged run, for any stage: the step's rows are cut into
-    micro-batches of the plan's fixed size, whose gradients one jitted program per
-    (micro-batch shape, RoPE) adds up, then one jitted update applies them. A batch ramp only
-    changes how often the first runs; each sequence length compiles it once."""
-
-    def __init__(self, setup: Setup):
-        self.setup = setup
-        t = setup.config.train
-        mesh, params = setup.mesh, setup.abstract_state["params"]
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.acc_shardings = (replicated, replicated, setup.param_shardings)
-        self.batch_sharding = sharding.batch_sharding(mesh)
-        zeros = lambda: (  # noqa: E731
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32),
-            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params),
-        )
-        self.zeros = jax.jit(zeros, out_shardings=self.acc_shardings)
-        update = make_update(setup.tx, setup.schedule, t.spike_ratio, t.spike_warmup)
-        self.update = sharding.jit(
-            update,
-            setup.mesh_rules,
-            in_shardings=(setup.state_shardings, *self.acc_shardings),
-            out_shardings=(setup.state_shardings, None),
-            donate_argnums=0,
-        )
-        self.micro_grads: dict[tuple, Callable] = {}  # (rope_theta, rope_scaling) -> jitted
-
-    def __call__(
-        self, state: TrainState, host_batch: dict, stage: stages_lib.Stage
-    ) -> tuple[TrainState, dict]:
-        rope = (stage.rope_theta, stage.rope_scaling)
-        if rope not in self.micro_grads:
-            self.micro_grads[rope] = sharding.jit(
-                make_micro_grad(self.setup.graphdef_for(stage)),
-                self.setup.mesh_rules,
-                in_shardings=(self.setup.param_shardings, self.acc_shardings, self.batch_sharding),
-                out_shardings=self.acc_shardings,
-                donate_argnums=1,
-            )
-        micro_grad = self.micro_grads[rope]
-        acc = self.zeros()
-        rows = host_batch["inputs"].shape[0] // stage.grad_accum  # this host's micro rows
-        for j in range(stage.grad_accum):
-            micro = {k: v[j * rows : (j + 1) * rows] for k, v in host_batch.items()}
-            acc = micro_grad(state["params"], acc, sharding.host_to_global(micro, self.setup.mesh))
-        return self.update(state, *acc)
-
-    def compilations(self) -> int:
-        """Programs compiled so far for gradients and updates (the zero-init aside)."""
-        return sum(f._cache_size() for f in self.micro_grads.values()) + self.update._cache_size()
+    def lower_train_step(self, stage: stages_lib.Stage | None = None) -> jax.stages.Lowered:
+        """`stage`'s train step lowered on abstract state and batch: compile it, or read its
+        HLO."""
+        return self.jit_train_step(stage).lower(self.abstract_state, self.abstract_batch(stage))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -397,8 +341,7 @@ class StagedStep:
 def eval_sets(setup: Setup, manifest: dict, max_batches: int = 0) -> list[tuple[str, str, int]]:
     """(name, split, batches) of each held-out split and named validation set an evaluation
     reads, in order: what `evaluate` will do, for a progress line before it starts."""
-    cfg = setup.config
-    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    spec = setup.spec
     sets = [(n, "val") for n in sorted(manifest["datasets"])]
     sets += [(n, "validation") for n in manifest_lib.validation_sets(manifest)]
     return [
@@ -406,7 +349,7 @@ def eval_sets(setup: Setup, manifest: dict, max_batches: int = 0) -> list[tuple[
             name,
             split,
             pipeline.eval_num_batches(
-                manifest, name, setup.plan.max_seq_len, batch_size, max_batches, split=split
+                manifest, name, spec.eval_seq_len, spec.eval_batch_size, max_batches, split=split
             ),
         )
         for name, split in sets
@@ -419,27 +362,38 @@ def evaluate(
     eval_step: Callable,
     params: Any,
     manifest: dict,
-    max_batches: int = 0,
+    sets: list[tuple[str, str, int]],
     objective: objectives.Objective | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte for each dataset and for all together, and
     for each named validation set (`<name>/loss`, ...; not part of the held-out totals).
 
-    `max_batches` > 0 caps the batches per dataset (a cheaper estimate); 0 is the whole split.
+    `sets` are `eval_sets`' (name, split, batches): how much of each split to read. Each batch's
+    sums stay on the devices until every batch is dispatched, then all are read at once and
+    added on the host in float64 (float32 running sums on the device would round).
     A non-causal `objective` scores what it predicts (masked tokens, the text after the prefix,
     the FIM middle span) and adds its own metrics (`objectives.Objective.metrics`); bits per
     byte then count the bytes of the scored tokens only at the split's average bytes per token.
-    `progress`, if given, is called with the number of batches done so far (over all sets).
+    `progress`, if given, is called with the number of batches dispatched so far (over all
+    sets).
     """
-    out, total_nll, total_bytes, total_count = {}, 0.0, 0.0, 0.0
-    totals: dict[str, float] = {}
-    done = 0
-    for name, split, n in eval_sets(setup, manifest, max_batches):
-        sums = _eval_split(
+    per_batch, host_sums, done = [], [], 0
+    for name, split, n in sets:
+        on_device, on_host = _eval_split(
             setup, eval_step, params, manifest, name, split, n, objective, progress, done
         )
+        per_batch.append(on_device)
+        host_sums.append(on_host)
         done += n
+    # The one read of the evaluation: explicit, as the training loop guards against implicit ones.
+    fetched = jax.device_get(per_batch)
+    out, totals = {}, {}
+    for (name, split, _), batches, host in zip(sets, fetched, host_sums, strict=True):
+        sums = {"nll": 0.0, "count": 0.0}
+        for found in batches:
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in found.items()}
+        sums |= host
         nll, count = sums["nll"], sums["count"]
         loss = nll / max(count, 1)
         nbytes = count * pipeline.val_bytes_per_target(manifest, name, split)
@@ -447,13 +401,12 @@ def evaluate(
         out[f"{name}/perplexity"] = math.exp(min(loss, 50))
         out[f"{name}/bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
         if split == "val":
-            total_nll, total_bytes = total_nll + nll, total_bytes + nbytes
-            total_count += count
+            sums["bytes"] = nbytes
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-    if total_count:
-        out["loss"] = total_nll / total_count
+    if totals.get("count"):
+        out["loss"] = totals["nll"] / totals["count"]
         out["perplexity"] = math.exp(min(out["loss"], 50))
-        out["bits_per_byte"] = total_nll / math.log(2) / total_bytes
+        out["bits_per_byte"] = totals["nll"] / math.log(2) / totals["bytes"]
         if objective is not None:
             out.update(objective.metrics(totals))
     return out
@@ -470,19 +423,17 @@ def _eval_split(
     objective: objectives.Objective | None = None,
     progress: Callable[[int], None] | None = None,
     done_before: int = 0,
-) -> dict[str, float]:
-    """Summed nll and target count (and the objective's sums) over the first `n` batches of one
-    held-out split or validation set."""
-    cfg = setup.config
-    batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    seq_len = setup.plan.max_seq_len  # train.seq_len, or a staged run's longest length
-    local_rows = batch_size // jax.process_count()
-    sums: dict[str, float] = {"nll": 0.0, "count": 0.0}
+) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
+    """`eval_step`'s sums (on the devices, not read) for each of the first `n` batches of one
+    held-out split or validation set, and the objective's host-side sums."""
+    spec = setup.spec
+    local_rows = spec.eval_batch_size // jax.process_count()
+    device_sums, host_sums = [], {}
     for i, host_batch in enumerate(
         pipeline.eval_batches(
             manifest,
             name,
-            seq_len=seq_len,
+            seq_len=spec.eval_seq_len,
             batch_size=local_rows,
             num_batches=n,
             process_index=jax.process_index(),
@@ -491,17 +442,13 @@ def _eval_split(
             doc_transform=objective and objective.doc_transform(evaluation=True),
         )
     ):
-        if objective is not None and objective.name != "causal":
+        if objective is not None:
             host_batch = objective.apply(
                 host_batch, i, jax.process_index() * local_rows, evaluation=True
             )
-            found = dict(eval_step(params, sharding.host_to_global(host_batch, setup.mesh)))
-            found.update(objective.host_sums(host_batch))
-        else:
-            s, c = eval_step(params, sharding.host_to_global(host_batch, setup.mesh))
-            found = {"nll": s, "count": c}
-        found = jax.device_get(found)  # explicit: the training loop guards against implicit reads
-        sums = {k: sums.get(k, 0.0) + float(v) for k, v in found.items()}
+            for k, v in objective.host_sums(host_batch).items():
+                host_sums[k] = host_sums.get(k, 0.0) + v
+        device_sums.append(eval_step(params, sharding.host_to_global(host_batch, setup.mesh)))
         if progress is not None:
             progress(done_before + i + 1)
-    return sums
+    return device_sums, host_sums

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from jaxlm import attention, objectives, optim, sharding, stages
-from jaxlm import model as model_lib
+from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError, JaxlmError
 
 # key -> lowest allowed value (1: positive, 0: non-negative).
@@ -71,9 +71,6 @@ _AT_LEAST = {
     "data.num_proc": 0,
     "data.docs_per_shard": 1,
     "data.streams": 0,
-    "data.grain_workers": 0,
-    "data.read_threads": 0,
-    "data.read_buffer": 1,
     "tokenizer.vocab_size": 1,
     "tokenizer.sample_bytes": 1,
     "sample.max_tokens": 0,
@@ -84,20 +81,22 @@ _BELOW_ONE = ("optim.b1", "optim.b2", "optim.muon.beta")  # momentum decays: [0,
 _FRACTIONS = ("optim.decay_fraction", "optim.min_lr_ratio", "sample.top_p")  # [0, 1]
 
 
-def check(config: Any, workdir: str) -> None:
-    """Checks `config` and `workdir` without touching a device or reading the corpus.
+def check(config: Any, workdir: str) -> run_spec.RunSpec:
+    """Checks `config` and `workdir` without touching a device or reading the corpus, and
+    returns the run's spec (what the run builds from its config, built here once).
 
     Raises:
       ConfigError: the first problem found, in one sentence naming the key or the file.
     """
-    check_config(config)
+    spec = check_config(config)
     _check_data(config)
     _check_paths(config, workdir)
+    return spec
 
 
-def check_config(config: Any) -> None:
+def check_config(config: Any) -> run_spec.RunSpec:
     """The checks of `check` that need no files: values, and every object built from them
-    (what compiling a step without data, as `jaxlm.aot` does, relies on)."""
+    (what compiling a step without data, as `jaxlm.aot` does, relies on); returns the spec."""
     _check_finite(config, "")
     for key, low in _AT_LEAST.items():
         value = _get(config, key)
@@ -112,38 +111,40 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"{key}={_get(config, key)!r} must be in [0, 1].")
     _check_train(config)
     objectives.check(config)
-    _build_objects(config)
+    return _build_objects(config)
 
 
-def check_devices(config: Any) -> jax.sharding.Mesh:
+def check_devices(spec: run_spec.RunSpec) -> jax.sharding.Mesh:
     """The run's mesh, after checking that the batches split evenly over it.
 
     Call after `sharding.maybe_initialize_distributed`: it counts the devices of every process.
     """
-    # `auto` attention resolves against the platform, which needs the backend started.
-    model_lib.ModelConfig.from_config(config.model, config.tokenizer.vocab_size)
-    mesh = sharding.make_mesh(config.mesh.shape)
-    check_batches(config, mesh)
+    spec.model_for()  # `auto` attention resolves against the platform: the backend is up now
+    mesh = sharding.make_mesh(spec.config.mesh.shape)
+    check_batches(spec, mesh)
     return mesh
 
 
-def check_batches(config: Any, mesh: jax.sharding.Mesh) -> None:
+def check_batches(spec: run_spec.RunSpec, mesh: jax.sharding.Mesh) -> None:
     """Refuses train and eval batches that do not split evenly over `mesh`'s batch axes."""
-    t, split = config.train, sharding.batch_divisor(mesh)
-    if t.batch_size % (split * t.grad_accum):
+    split, micro = sharding.batch_divisor(mesh), spec.plan.micro_batch
+    if micro % split:
+        t = spec.config.train
         raise ConfigError(
             f"train.batch_size={t.batch_size} must divide by the batch mesh axes ({split}) "
             f"times train.grad_accum ({t.grad_accum})."
         )
-    eval_batch = config.eval.batch_size or t.batch_size
+    eval_batch = spec.eval_batch_size
     if eval_batch % split:
         raise ConfigError(
-            f"eval.batch_size={config.eval.batch_size} must divide by the batch mesh axes "
+            f"eval.batch_size={spec.config.eval.batch_size} must divide by the batch mesh axes "
             f"({split}); 0 uses train.batch_size."
         )
 
 
-def check_manifest(manifest: dict, manifest_path: str, config: Any = None) -> None:
+def check_manifest(
+    manifest: dict, manifest_path: str, spec: run_spec.RunSpec | None = None
+) -> None:
     """Refuses prepared data with a dataset that has no held-out documents (the run could not
     say how it does on that dataset: a held-out loss of `inf`), or without a validation set
     `config.data.validation` names."""
@@ -155,9 +156,9 @@ def check_manifest(manifest: dict, manifest_path: str, config: Any = None) -> No
                 f"data.datasets.{name}.split='8000' cuts it into pieces) or a larger "
                 "data.val_fraction."
             )
-    if config is not None and config.get("stages"):
-        stages.check_weights(stages.build(config), sorted(manifest["datasets"]), manifest_path)
-    wanted = dict(config.data.get("validation") or {}) if config is not None else {}
+    if spec is not None:
+        stages.check_weights(spec.plan, sorted(manifest["datasets"]), manifest_path)
+    wanted = dict(spec.config.data.get("validation") or {}) if spec is not None else {}
     missing = sorted(set(wanted) - set(manifest.get("validation", {})))
     if missing:
         raise ConfigError(
@@ -200,40 +201,19 @@ def _check_train(config: Any) -> None:
             raise ConfigError(f"train.{key}={steps!r} must be a tuple of positive batch numbers.")
 
 
-def _build_objects(config: Any) -> None:
-    """Builds what the run builds later from the config; their own errors name the key."""
+def _build_objects(config: Any) -> run_spec.RunSpec:
+    """Builds what the run builds from the config (the spec); their own errors name the key."""
     attention_choices = ("auto", *attention.IMPLEMENTATIONS)
     if config.model.attention not in attention_choices:
         raise ConfigError(
             f"model.attention must be one of {attention_choices}, not {config.model.attention!r}."
         )
-    # `auto` needs the platform, hence the backend; it is built for real in check_devices.
-    model_cfg = config.model.copy_and_resolve_references()
-    if model_cfg.attention == "auto":
-        with model_cfg.unlocked():
-            model_cfg.attention = "xla"
-    try:
-        run_model = model_lib.ModelConfig.from_config(model_cfg, config.tokenizer.vocab_size)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.model cannot build a model: {e}") from None
-    sharding.rules_for(config.mesh.preset)
     _check_mesh_shape(config.mesh.shape)
     if config.optim.schedule not in optim.SCHEDULES:
         raise ConfigError(
             f"optim.schedule must be one of {optim.SCHEDULES}, not {config.optim.schedule!r}."
         )
-    plan = stages.build(config)  # the whole stage plan, before any data work
-    if plan.staged and config.objective == "fim":
-        # The staged stream has no per-document hook yet: FIM would silently not happen.
-        raise ConfigError("objective='fim' does not run with config.stages yet; use one stage.")
-    try:
-        optim.make_optimizer(config.optim, plan.total_steps, plan.schedule)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.optim cannot build an optimizer: {e}") from None
+    spec = run_spec.build(config)  # the model config, the stage plan, the optimizer: once
     if config.get("branch") and not config.init_from.startswith("ckpt:"):
         raise ConfigError(
             "config.branch=True continues another run's checkpoint: set "
@@ -254,8 +234,9 @@ def _build_objects(config: Any) -> None:
         # The run takes its source's vocabulary (loop.run); every other shape must match now,
         # not after data preparation and the model build.
         init_from.check_shapes(
-            config.init_from, src, dataclasses.replace(run_model, vocab_size=src.vocab_size)
+            config.init_from, src, dataclasses.replace(spec.model, vocab_size=src.vocab_size)
         )
+    return spec
 
 
 def _check_mesh_shape(shape: Any) -> None:

@@ -6,6 +6,7 @@ torch, transformers and tokenizers (the [test] extra) are imported by the functi
 them, so a test that only needs a config does not pay for them.
 """
 
+import dataclasses
 import glob
 import inspect
 import json
@@ -23,6 +24,7 @@ from flax import nnx, traverse_util
 
 from configs import base
 from jaxlm import model as model_lib
+from jaxlm import objectives
 from jaxlm.convert import hf
 from jaxlm.data import curate, files, manifest, records, sources, tokenizer
 
@@ -261,6 +263,32 @@ def decoded_shards(manifest_path) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- packed streams
 
 PAD, BOS, EOS = 0, 1, 2
+
+
+@dataclasses.dataclass
+class FakeTokenizer:
+    """The tokenizer interface `objectives.Objective.build` reads, for synthetic ids (no text):
+    `[MASK]` is id vocab_size - 2, the FIM sentinels prefix, middle, suffix the last three."""
+
+    objective: str
+    vocab_size: int = 1000
+    bos_id: int = BOS
+    eos_id: int = EOS
+    pad_id: int = PAD
+    unk_id: int = 3
+    path: str = ""
+
+    def id_to_piece(self, i: int) -> str:
+        return f"w{i}"
+
+    def piece_to_id(self, piece: str) -> int | None:
+        v = self.vocab_size
+        ids = {objectives.MASK_PIECE: v - 2} if self.objective == "masked" else {}
+        if self.objective == "fim":
+            ids = dict(zip(objectives.FIM_PIECES, (v - 3, v - 2, v - 1), strict=True))
+        return ids.get(piece)
+
+
 BODY = (100, 997)  # document body token ids: never a tag, BOS, EOS or padding
 
 

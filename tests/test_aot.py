@@ -21,8 +21,9 @@ import pytest
 from jax import export
 
 from configs import llama_1b
-from jaxlm import aot, estimate, hardware, sharding, train
+from jaxlm import aot, aot_report, estimate, hardware, sharding, train
 from jaxlm import model as model_lib
+from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
 from tests.helpers import tiny_config
 
@@ -48,7 +49,9 @@ def small_config(preset="fsdp", **model):
 def setup_for(config, target):
     target = hardware.parse_target(target)
     mesh = sharding.make_mesh(config.mesh.shape, hardware.target_devices(target))
-    return train.Setup(config, config.tokenizer.vocab_size, mesh, platform=target.platform)
+    return train.Setup(
+        run_spec.build(config), config.tokenizer.vocab_size, mesh, platform=target.platform
+    )
 
 
 def shard_bytes(tree) -> int:
@@ -95,7 +98,7 @@ def test_each_preset_compiles_for_a_tpu_slice_with_the_state_split_as_declared(p
     assert state == pytest.approx(whole / expected_split, rel=0.02)
     assert report.model.attention == "splash"  # `auto` resolved for the TPU, not this CPU
     assert report.cost.flops > 0 and report.fits
-    table = aot.format_report(report)
+    table = aot_report.format_report(report)
     assert all(len(line) <= estimate.WIDTH for line in table.splitlines())
     assert estimate.format_bytes(report.memory["total"]) in table
 
@@ -148,7 +151,7 @@ def test_report_lines_fit_80_columns_without_cutting_a_word(recipe, fsdp_report)
     complete = dataclasses.replace(
         fsdp_report,
         name=config.name,
-        model=model_lib.ModelConfig.from_config(config.model, vocab, "tpu"),
+        model=model_lib.ModelConfig.from_config(config.model, vocab).for_platform("tpu"),
         preset=config.mesh.preset,
         batch_size=t.batch_size,
         seq_len=t.seq_len,
@@ -166,17 +169,17 @@ def test_report_lines_fit_80_columns_without_cutting_a_word(recipe, fsdp_report)
     timed = dataclasses.replace(complete, cost=dataclasses.replace(complete.cost, seconds=1e-3))
     assert not undercounted.cost_complete and timed.estimated_mfu
     for report in (complete, timed, undercounted):
-        table = aot.format_report(report)
+        table = aot_report.format_report(report)
         assert max(len(line) for line in table.splitlines()) <= estimate.WIDTH, table
         # Wrapping moves words to new lines and never cuts one: the words of the 80-column
         # table are the words of the table laid out on one unbounded line per row.
-        assert words(table) == words(aot.format_report(report, width=10_000))
-    table = " ".join(aot.format_report(undercounted).split())
+        assert words(table) == words(aot_report.format_report(report, width=10_000))
+    table = " ".join(aot_report.format_report(undercounted).split())
     assert "1,234 s" in table and "123 s" in table  # costing compiles and wall time apart
     assert f"under the {aot.MIN_COUNTED_SHARE:.0%} needed" in table
     assert "3 loop(s) the compiler made itself" in table
     if timed.model.attention == "splash":  # how the estimate and MFU treat the kernel's FLOPs
-        assert "Splash attention" in aot.format_report(timed)
+        assert "Splash attention" in aot_report.format_report(timed)
 
 
 def test_the_cost_threshold_is_one_constant_that_docs_quote():
@@ -317,7 +320,7 @@ def test_rows_of_a_report_are_consistent():
     )
     assert report.estimated_tokens_per_second == 8 * 256 / 0.5
     np.testing.assert_allclose(report.estimated_mfu, 1.8e12 / (0.5 * 4 * 459e12))
-    assert report.fits and "+10% vs compiler" in aot.format_report(report)
+    assert report.fits and "+10% vs compiler" in aot_report.format_report(report)
 
 
 def setup_model():

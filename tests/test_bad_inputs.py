@@ -240,10 +240,6 @@ CASES = [
         ["--config.objective=masked", "--config.tokenizer.path={plain}"],
         "objective=masked needs the pieces ['[MASK]'], which the tokenizer {plain} lacks",
     ),
-    (
-        ["--config.train.steps=0", "--config.objective=fim", "--config.stages=({{'steps': 2}},)"],
-        "objective='fim' does not run with config.stages yet",
-    ),
     (["--config.eval.task_files={bad_task}"], "{bad_task}:1"),
     (["--config.eval.task_files={root}"], "task file '{root}' is a directory"),
     # non-finite floats, anywhere in the config

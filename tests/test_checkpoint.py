@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint, sharding, train
+from jaxlm import spec as run_spec
 from tests.helpers import packed_batch, tiny_config
 
 
 def setup_for(config):
-    return train.Setup(config, vocab_size=62, mesh=sharding.make_mesh((1, -1, 1)))
+    return train.Setup(run_spec.build(config), vocab_size=62, mesh=sharding.make_mesh((1, -1, 1)))
 
 
 def test_round_trip_restores_a_state_that_differs_from_the_current_one(tmp_path):
@@ -67,7 +68,7 @@ def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(
 ):
     config = tiny_config()
     batches = [packed_batch(8, 16, seed=s, vocab=62) for s in range(3)]
-    source = train.Setup(config, vocab_size=62, mesh=sharding.make_mesh((1, 8, 1)))
+    source = train.Setup(run_spec.build(config), vocab_size=62, mesh=sharding.make_mesh((1, 8, 1)))
     step = source.jit_train_step()
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), config.checkpoint)
     state, _ = step(source.init_state(), sharding.host_to_global(batches[0], source.mesh))
@@ -80,7 +81,9 @@ def test_checkpoint_from_8_device_fsdp_continues_on_another_mesh(
 
     config.mesh.preset = preset
     target = train.Setup(
-        config, vocab_size=62, mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
+        run_spec.build(config),
+        vocab_size=62,
+        mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n_devices]),
     )
     _, state, _, _ = ckpt.restore(target.abstract_state)
     step = target.jit_train_step()

@@ -19,6 +19,7 @@ from flax import traverse_util
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding, train
+from jaxlm import spec as run_spec
 from jaxlm.convert import hf
 from jaxlm.convert import init_from as warm_start
 from jaxlm.errors import ConfigError
@@ -147,7 +148,9 @@ def trained_checkpoint(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     config = tiny_config(rope_theta=20000.0, tie_embeddings=False)
     config.checkpoint.async_save = False
-    setup = train.Setup(config, VOCAB, sharding.make_mesh((1, -1, 1), jax.devices()[:1]))
+    setup = train.Setup(
+        run_spec.build(config), VOCAB, sharding.make_mesh((1, -1, 1), jax.devices()[:1])
+    )
     state, step = setup.init_state(), setup.jit_train_step()
     for s in range(3):
         batch = sharding.host_to_global(packed_batch(8, 16, seed=s, vocab=VOCAB), setup.mesh)
@@ -257,7 +260,7 @@ def setup_for(init_from, mesh_shape=(1, -1, 1), preset="fsdp", **changes):
     for key, value in {**fields, **changes}.items():
         config.model[key] = value
     config.mesh.preset = preset
-    return train.Setup(config, vocab, sharding.make_mesh(mesh_shape))
+    return train.Setup(run_spec.build(config), vocab, sharding.make_mesh(mesh_shape))
 
 
 def test_init_from_hf_and_ckpt_place_the_same_params_in_shards(tmp_path):

@@ -152,16 +152,48 @@ def final_params(workdir, step):
     return restored["params"]
 
 
+# A sitecustomize module that counts the builds of stage plans and model configs in a run and
+# writes the counts to `path` when the process exits.
+COUNT_BUILDS = """
+import atexit, json
+from jaxlm import model, stages
+
+counts = {{"stage plans": 0, "model configs": 0}}
+build, from_config = stages.build, model.ModelConfig.from_config.__func__
+
+
+def counted_build(config):
+    counts["stage plans"] += 1
+    return build(config)
+
+
+def counted_from_config(cls, *args, **kwargs):
+    counts["model configs"] += 1
+    return from_config(cls, *args, **kwargs)
+
+
+stages.build = counted_build
+model.ModelConfig.from_config = classmethod(counted_from_config)
+atexit.register(lambda: open({path!r}, "w").write(json.dumps(counts)))
+"""
+
+
 def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     workdir = str(tmp_path / "run")
     extras = ("--config.eval.next_line_examples=16", "--config.sample.max_tokens=8")
-    first = run(config_file, workdir, "--config.train.steps=8", *extras)
+    counts = tmp_path / "builds.json"
+    env = patched_env(tmp_path, COUNT_BUILDS.format(path=str(counts)))
+    first = run(config_file, workdir, "--config.train.steps=8", *extras, env=env)
+    # The run's stage plan and model config are each built once (by validation, in its spec).
+    assert json.loads(counts.read_text()) == {"stage plans": 1, "model configs": 1}
     assert "final held-out:" in first.stdout and "sample (KV-cache decoding)" in first.stdout
     # Each long phase says what it does before it starts: no silent compile or final eval.
     lines = first.stdout.splitlines()
-    compiling = lines.index("compiling the training step (the first step waits for it)")
+    compiling = lines.index(
+        "compiling the training step for 4 x 64 tokens (the first step waits for it)"
+    )
     assert lines[compiling + 1].startswith("compiled in ")
     announce = next(x for x in lines if x.startswith("final evaluation at step 8: "))
     assert "batches (all held-out text), then next_line (16 examples)" in announce

@@ -19,6 +19,7 @@ from configs import base, llama_8b, tiny
 from jaxlm import estimate as est_lib
 from jaxlm import estimate_table, metrics, sharding, train
 from jaxlm import model as model_lib
+from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +219,9 @@ def test_cli_bad_input_is_one_error_line():
 
 def test_state_bytes_equal_train_setup_shards():
     config = larger_config()
-    setup = train.Setup(config, 4096, sharding.make_mesh(config.mesh.shape))  # 8 fake devices
+    setup = train.Setup(
+        run_spec.build(config), 4096, sharding.make_mesh(config.mesh.shape)
+    )  # 8 fake devices
     shard_bytes = lambda tree: sum(  # noqa: E731
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
     )
@@ -229,7 +232,7 @@ def test_state_bytes_equal_train_setup_shards():
 
 def _jax_saved_bytes(config, vocab, batch, seq_len):
     """Bytes of the residuals JAX saves for the backward pass, parameters excluded."""
-    cfg = model_lib.ModelConfig.from_config(config.model, vocab)
+    cfg = model_lib.ModelConfig.from_config(config.model, vocab).for_platform()
     graphdef, state = nnx.split(model_lib.abstract(cfg))
     shape = jax.ShapeDtypeStruct((batch, seq_len), "int32")
     data = {k: shape for k in ("inputs", "targets", "segment_ids", "positions")}

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import sharding, train
+from jaxlm import spec as run_spec
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import choices, scoring, tasks
 from tests.helpers import tiny_config
@@ -57,7 +58,9 @@ def setup():
     config.train.batch_size = 16
     config.train.seq_len = 24
     config.train.steps = 60
-    return train.Setup(config, TOK.vocab_size, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    return train.Setup(
+        run_spec.build(config), TOK.vocab_size, sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    )
 
 
 def memorization_batch(examples, seq_len):
@@ -198,7 +201,7 @@ def test_shared_context_scores_equal_one_pass_per_choice(setup, memorizing_run):
 def test_scoring_split_over_eight_devices_equals_one_device(setup, memorizing_run):
     _, trained, _, examples = memorizing_run
     mesh = sharding.make_mesh((1, -1, 1))  # 8 fake devices, fsdp
-    sharded_setup = train.Setup(setup.config, TOK.vocab_size, mesh)
+    sharded_setup = train.Setup(run_spec.build(setup.config), TOK.vocab_size, mesh)
     sharded = jax.device_put(trained, sharded_setup.param_shardings)
     packed = scoring.pack(choice_sequences(random_task(8, seed=5)), SEQ_LEN)
     rows = rows32(packed)

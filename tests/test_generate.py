@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import checkpoint, cli, generate, infill, model, objectives, sharding, train
+from jaxlm import spec as run_spec
 from jaxlm.errors import TokenizerMismatch
 from jaxlm.evaluate import trained as trained_lib
 from tests.helpers import tiny_config
@@ -163,7 +164,7 @@ def _workdir(tmp_path_factory, pieces=()):
     config = tiny_config()
     config.sample.max_tokens = 7
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-    setup = train.Setup(config, tok.vocab_size, sharding.make_mesh((1, -1, 1)))
+    setup = train.Setup(run_spec.build(config), tok.vocab_size, sharding.make_mesh((1, -1, 1)))
     params = numpy_params(setup.abstract_state["params"], 0.3, seed=6)
     params = jax.device_put(params, setup.param_shardings)
     state = {"params": params, "opt_state": setup.tx.init(params), "step": np.int32(5)}

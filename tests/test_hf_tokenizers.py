@@ -15,9 +15,10 @@ import pytest
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import sharding, train
+from jaxlm import spec as run_spec
 from jaxlm.convert import hf
 from jaxlm.convert import init_from as warm_start
-from jaxlm.data import hf_tokenizer
+from jaxlm.data import hf_tokenizer, stream
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256
 from tests.helpers import (
@@ -308,7 +309,7 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
 
     from configs import continue_pretraining
     from jaxlm.data import manifest as manifest_lib
-    from jaxlm.data import pipeline, prepare
+    from jaxlm.data import prepare
     from jaxlm.data import tokenizer as tokenizer_lib
 
     # A TinySolar-like base: Llama weights with tokenizer.model and tokenizer.json side by side.
@@ -353,19 +354,22 @@ def test_continued_pretraining_end_to_end(tokenizer_dirs, json_dispatch, tmp_pat
     assert manifest["tokenizer"]["sha256"] == file_sha256(str(base / "tokenizer.json"))
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (vocab, 1, 2)
 
-    setup = train.Setup(config, tok.vocab_size, sharding.make_mesh(config.mesh.shape))
+    setup = train.Setup(
+        run_spec.build(config), tok.vocab_size, sharding.make_mesh(config.mesh.shape)
+    )
     state = setup.init_state()
     state["params"] = warm_start.load_params(
         config.init_from, setup, manifest["tokenizer"]["sha256"]
     )
     train_step, eval_step = setup.jit_train_step(), setup.jit_eval_step()
-    before = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
-    it = iter(pipeline.train_dataset(manifest, seq_len=64, batch_size=8, seed=0))
+    sets = train.eval_sets(setup, manifest)
+    before = train.evaluate(setup, eval_step, state["params"], manifest, sets)["loss"]
+    it = stream.training_batches(setup.spec, manifest, 0, 1, 1)
     history = []
     for _ in range(config.train.steps):
         state, m = train_step(state, sharding.host_to_global(next(it), setup.mesh))
         history.append({k: float(v) for k, v in jax.device_get(m).items()})
-    after = train.evaluate(setup, eval_step, state["params"], manifest)["loss"]
+    after = train.evaluate(setup, eval_step, state["params"], manifest, sets)["loss"]
     print(f"held-out domain loss {before:.3f} -> {after:.3f} after {len(history)} steps")
     assert after < before - 0.5, (before, after)
     lrs = [h["lr"] for h in history]

@@ -115,9 +115,9 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_known_edges_of_every_kind(graph):
     # Guards the two tests below against passing on an empty or half-read graph.
-    assert {"jaxlm.data.pipeline", "jaxlm.data.prepare", "jaxlm.loop"} <= set(graph)
-    assert "jaxlm.errors" in graph["jaxlm.data.pipeline"]  # from jaxlm.errors import ConfigError
-    assert "jaxlm.data.staged" in graph["jaxlm.loop"]  # from jaxlm.data import staged
+    assert {"jaxlm.data.stream", "jaxlm.data.prepare", "jaxlm.loop"} <= set(graph)
+    assert "jaxlm.errors" in graph["jaxlm.data.stream"]  # from jaxlm.errors import ConfigError
+    assert "jaxlm.data.stream" in graph["jaxlm.loop"]  # from jaxlm.data import stream as ...
     assert "jaxlm.data.prepare" in graph["jaxlm.loop"]  # imported inside run()
     assert "jaxlm.data.tokenizer" in graph["jaxlm.data.records"]  # inside _init_worker
 

@@ -11,6 +11,7 @@ import pytest
 from flax.core import spmd as flax_spmd
 
 from jaxlm import generate, infill, sharding, train
+from jaxlm import spec as run_spec
 from jaxlm.evaluate import choices, scoring
 from tests.helpers import tiny_config
 
@@ -25,7 +26,9 @@ HEADS_SPLIT = '<@mesh, [{"data", "fsdp"}, {}, {"tensor"}, {}]>'
 def setup():
     config = tiny_config()
     config.mesh.preset = "fsdp_tp"
-    return train.Setup(config, VOCAB, sharding.make_mesh((1, 4, 2)))  # 8 fake devices
+    return train.Setup(
+        run_spec.build(config), VOCAB, sharding.make_mesh((1, 4, 2))
+    )  # 8 fake devices
 
 
 def _int32(*shape):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint, optim, sharding, train
+from jaxlm import spec as run_spec
 from tests.helpers import packed_batch, tiny_config
 
 
@@ -13,7 +14,9 @@ def make_setup(name, mesh_shape=(1, -1, 1), devices=None, scan_layers=False, pre
     config = tiny_config(scan_layers=scan_layers)
     config.optim.name = name
     config.mesh.preset = preset
-    return train.Setup(config, vocab_size=62, mesh=sharding.make_mesh(mesh_shape, devices))
+    return train.Setup(
+        run_spec.build(config), vocab_size=62, mesh=sharding.make_mesh(mesh_shape, devices)
+    )
 
 
 def batch(setup, seed):
@@ -85,7 +88,7 @@ def test_group_lr_scale_and_wd_scale_apply_to_their_group_only():
     base = make_setup("adamw", devices=jax.devices()[:1])
     config = base.config.copy_and_resolve_references()
     config.optim.groups.embedding.lr_scale = 0.0
-    frozen = train.Setup(config, vocab_size=62, mesh=base.mesh)
+    frozen = train.Setup(run_spec.build(config), vocab_size=62, mesh=base.mesh)
     state = frozen.init_state()
     old = jax.device_get(state["params"])  # the step donates its input state
     new, _ = steps(frozen, state, [0])

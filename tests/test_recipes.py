@@ -13,6 +13,7 @@ import pytest
 
 from configs import gpt2_124m, llama_1b, tinysolar_248m
 from jaxlm import model, sharding, train
+from jaxlm import spec as run_spec
 
 LLAMA_3_2_1B_HF = {
     "architectures": ["LlamaForCausalLM"],
@@ -117,7 +118,7 @@ def test_parameter_count_is_independent_of_sequence_length(gpt2_params):
         config = gpt2_124m.get_config()
         config.model.max_seq_len = seq_len
         config.train.seq_len = seq_len
-        setup = train.Setup(config, config.tokenizer.vocab_size, mesh)
+        setup = train.Setup(run_spec.build(config), config.tokenizer.vocab_size, mesh)
         counts.append(setup.n_params)
         shapes.append(jax.tree.map(lambda x: x.shape, setup.abstract_state["params"]))
     assert counts == [gpt2_params, gpt2_params]

@@ -18,9 +18,18 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import loop, sharding, stages, train
-from jaxlm.data import staged
+from jaxlm import spec as run_spec
+from jaxlm.data import stream as stream_lib
 from jaxlm.errors import ConfigError
-from tests.helpers import BOS, EOS, batch_rows, packed_documents, tiny_config, write_manifest
+from tests.helpers import (
+    BOS,
+    EOS,
+    FakeTokenizer,
+    batch_rows,
+    packed_documents,
+    tiny_config,
+    write_manifest,
+)
 
 VOCAB = 61
 
@@ -137,8 +146,8 @@ def test_without_lr_segments_the_run_follows_optim_schedule_over_all_stages():
     c.stages = (dict(steps=5), dict(tokens=6 * 4 * 16))  # 6 steps of 4 x 16 tokens
     plan = stages.build(c)
     c2 = _config(steps=11)
-    reference = stages.build(c2)  # no stages: optim.make_schedule over 11 steps
-    assert plan.total_steps == 11 and not reference.staged
+    reference = stages.build(c2)  # no stages: optim.* as one segment over 11 steps
+    assert plan.total_steps == 11 and len(reference.stages) == 1
     for n in range(12):
         assert float(plan.schedule(n)) == float(reference.schedule(n))
 
@@ -147,7 +156,9 @@ def test_without_lr_segments_the_run_follows_optim_schedule_over_all_stages():
 
 
 def _stream(m, plan, stream=0, streams=1):
-    return staged.StagedBatches(m, plan, seed=3, streams=streams, process_index=0, process_count=1)
+    return stream_lib.TrainBatches(
+        m, plan, seed=3, streams=streams, process_index=0, process_count=1
+    )
 
 
 def test_each_stages_mixture_matches_its_weights_within_2_points_over_10k_documents(tmp_path):
@@ -212,24 +223,20 @@ def test_bad_stage_plans_are_one_sentence_errors():
     c.stages = (dict(steps=2),)
     with pytest.raises(ConfigError, match="train.steps=10 and config.stages"):
         stages.build(c)
-    c = _config()
-    c.stages, c.data.grain_workers = (dict(steps=2),), 2
-    with pytest.raises(ConfigError, match="data.grain_workers=2: a run with config.stages"):
-        stages.build(c)
 
 
 # --------------------------------------------------------------------------- whole runs
 
 
-def _run(config, manifest, workdir, stop_at=None):
+def _run(config, manifest, workdir, stop_at=None, tokenizer=None):
     """Trains (or resumes) in `workdir`; returns the trainer (closed) and its summary."""
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    setup = train.Setup(config, VOCAB, mesh)
+    setup = train.Setup(run_spec.build(config), VOCAB, mesh)
     with pytest.MonkeyPatch.context() as mp:
         # A stop at `stop_at` takes the preemption path (save, then return), without a signal.
         mp.setattr(loop.Trainer, "_should_stop", lambda self: self.step == stop_at)
-        trainer = loop.Trainer(config, setup, str(workdir), manifest, tokenizer=None)
+        trainer = loop.Trainer(setup, str(workdir), manifest, tokenizer)
         try:
             summary = trainer.train()
         finally:
@@ -284,9 +291,9 @@ def test_resume_mid_stage_and_at_the_boundary_is_bitwise_and_compiles_once_per_s
     plan = stages.build(c)
     straight, summary, workdir = straight(optimizer)
     assert summary["final_step"] == 8
-    # One gradient program per (micro-batch, length[, RoPE]): (2, 16) and (2, 32, theta 4e4),
-    # run 1 and 2 times per step across the batch ramp; one update program.
-    assert straight.staged_step.compilations() == 3
+    # One step program per stage shape: 2 x 16 in one micro-batch, then 4 x 32 in two of 2
+    # rows (and RoPE theta 4e4), each compiled once although the run resumed three times.
+    assert straight.setup.programs == [(2, 16, 1), (4, 32, 2)]
     losses = _logged(workdir, "train/loss")
     assert len(set(losses.values())) == 8
     # The logged learning rate is the plan's at every step (warmup, hold, WSD cool-down).
@@ -301,8 +308,9 @@ def test_resume_mid_stage_and_at_the_boundary_is_bitwise_and_compiles_once_per_s
     setup, params = straight.setup, straight.state["params"]
     extended = setup.graphdef_for(plan.stages[1])
     assert nnx.merge(extended, params).cfg.rope_theta == 40_000.0
-    at_new = train.evaluate(setup, setup.jit_eval_step(extended), params, data)["loss"]
-    at_old = train.evaluate(setup, setup.jit_eval_step(), params, data)["loss"]
+    sets = train.eval_sets(setup, data)
+    at_new = train.evaluate(setup, setup.jit_eval_step(plan.stages[1]), params, data, sets)["loss"]
+    at_old = train.evaluate(setup, setup.jit_eval_step(plan.stages[0]), params, data, sets)["loss"]
     final = _logged(workdir, "eval/loss")[8]
     assert final == at_new != at_old and setup.plan.max_seq_len == 32
 
@@ -335,3 +343,36 @@ def test_a_cool_down_branched_from_a_stable_checkpoint_equals_the_planned_one(
     branched_losses = _logged(tmp_path / "branched", "train/loss")
     assert branched_losses == {s: planned_losses[s] for s in (5, 6, 7, 8)}
     _assert_same_params(planned.state["params"], branched.state["params"])
+
+
+@pytest.mark.slow
+def test_compile_tool_plans_exactly_the_programs_the_run_compiled(straight):
+    """tools/compile.py's programs (`aot.compile_run`, through the TPU compiler) are the shapes
+    the loop compiled in a real run of the same config: one per distinct stage shape and RoPE."""
+    from jaxlm import aot
+
+    trainer, _, _ = straight("adamw")
+    reports = aot.compile_run(_staged_config("adamw"), "v5e-1", VOCAB, with_cost=False)
+    planned = [(r.batch_size, r.seq_len, r.grad_accum) for r in reports]
+    assert planned == trainer.setup.programs == [(2, 16, 1), (4, 32, 2)]
+    assert [r.stage for r in reports] == ["stage 0 (short)", "stage 1 (long)"]
+    assert all(r.memory["total"] > 0 for r in reports)
+
+
+@pytest.mark.slow
+def test_fim_with_stages_trains_and_resumes_bitwise(data, straight, tmp_path):
+    """FIM rewrites documents in the one stream every run reads, stages or not: a staged FIM
+    run trains on rearranged documents and resumes bitwise, mid stage and at the boundary."""
+    c = _staged_config("adamw")
+    c.objective = "fim"
+    tokenizer = FakeTokenizer("fim", vocab_size=VOCAB)
+    whole, _ = _run(c, data, tmp_path / "whole", tokenizer=tokenizer)
+    assert whole.batches.iterators[0].doc_transform is not None
+    causal = _logged(straight("adamw")[2], "train/loss")
+    fim = _logged(tmp_path / "whole", "train/loss")
+    assert len(fim) == 8 and fim[1] != causal[1], "the same run on rearranged documents"
+    for stop in (3, 4):
+        _run(c, data, tmp_path / "cut", stop_at=stop, tokenizer=tokenizer)
+    resumed, _ = _run(c, data, tmp_path / "cut", tokenizer=tokenizer)
+    assert _logged(tmp_path / "cut", "train/loss") == fim
+    _assert_same_params(whole.state["params"], resumed.state["params"])

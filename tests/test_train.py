@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm import faults, sharding, train
+from jaxlm import spec as run_spec
 from tests.helpers import packed_batch, tiny_config
 
 
@@ -15,7 +16,7 @@ def make_setup(preset="fsdp", mesh_shape=(1, -1, 1), devices=None, **overrides):
         section, name = key.split("__")
         setattr(config[section], name, value)
     mesh = sharding.make_mesh(mesh_shape, devices)
-    return train.Setup(config, vocab_size=62, mesh=mesh)
+    return train.Setup(run_spec.build(config), vocab_size=62, mesh=mesh)
 
 
 def run_steps(setup, batches):

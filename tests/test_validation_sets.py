@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxlm import spec as run_spec
 from jaxlm import validate
-from jaxlm.data import content_split, pipeline, prepare, records
+from jaxlm.data import content_split, prepare, records, stream
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.errors import ConfigError
 from tests.helpers import copy_stdlib_subset, data_configs, tiny_config
@@ -65,9 +66,10 @@ def windows(rows, k=8):
 
 def training_windows(m, n_batches):
     """The 8-token runs of every target row of the first `n_batches` training batches."""
-    batches = pipeline.HostBatches(
-        m, seq_len=64, global_batch=4, seed=0, streams=1, process_index=0, process_count=1
-    )
+    config = tiny_config()
+    config.model.max_seq_len, config.train.seq_len, config.train.batch_size = 64, 64, 4
+    config.data.datasets = {n: dict(paths="-", weight=1.0) for n in m["datasets"]}
+    batches = stream.training_batches(run_spec.build(config), m, 0, 1, 1)
     return windows(row for _ in range(n_batches) for row in next(batches)["targets"].tolist())
 
 
@@ -188,6 +190,7 @@ def test_a_bad_validation_set_is_one_sentence_before_any_work(tmp_path, validati
 def test_a_manifest_without_the_named_set_is_one_sentence(prepared):
     plain = prepared[1]
     config = tiny_config()
+    config.data.datasets = {"code": dict(paths="-", weight=1.0)}
     config.data.validation.wiki = ml_collections.ConfigDict({"paths": prepared[2]})
     with pytest.raises(ConfigError, match=r"data.validation.wiki is not in .*; prepare the data"):
-        validate.check_manifest(plain, "m.json", config)
+        validate.check_manifest(plain, "m.json", run_spec.build(config))

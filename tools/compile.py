@@ -7,8 +7,10 @@
     python tools/compile.py --config=configs/llama_8b.py --target=v5e-16 \\
         --config.train.grad_accum=16 --json=/tmp/llama_8b_v5e.json
 
-Builds exactly the step `python -m jaxlm.main` runs (same shardings, donation, gradient
-accumulation, remat; `model.attention=auto` resolves for the target) and prints one table:
+Builds exactly the steps `python -m jaxlm.main` runs (same shardings, donation, gradient
+accumulation, remat; `model.attention=auto` resolves for the target): one program per distinct
+stage shape and RoPE of a staged run (a row each, and the largest decides whether the run
+fits), and prints one table for the largest:
 per-device memory from the TPU compiler against the chip's HBM and the planner's estimate,
 compile time, FLOPs per step, and the compiler's *estimated* step time with the tokens/s and
 MFU it implies (estimates, not measurements), and the time spent here: the main compile, the
@@ -49,7 +51,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from jaxlm import aot, hardware
+    from jaxlm import aot, aot_report, hardware
     from jaxlm.errors import JaxlmError
 
     logging.set_verbosity(logging.WARNING)
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> None:
         if target.platform != "tpu":  # a CUDA export lays the mesh over that many host devices
             jax.config.update("jax_num_cpu_devices", target.chips)
         print(f"compiling {name} for {target.name} ...", flush=True)
-        report = aot.compile_step(_CONFIG.value, target, _VOCAB.value)
+        reports = aot.compile_run(_CONFIG.value, target, _VOCAB.value)
     except JaxlmError as e:
         # A sweep keeps every row: a refusal with its remedy, any other error as its sentence.
         data = (
@@ -71,9 +73,16 @@ def main(argv: list[str]) -> None:
         )
         _write_json(dict(data, wall_seconds=time.perf_counter() - _STARTED))
         raise  # cli.run_cli prints it as one error line
-    report = dataclasses.replace(report, wall_seconds=time.perf_counter() - _STARTED)
-    print(aot.format_report(report))
-    _write_json(aot.report_dict(report))
+    wall = time.perf_counter() - _STARTED
+    reports = [dataclasses.replace(r, wall_seconds=wall) for r in reports]
+    worst = max(reports, key=lambda r: r.total_memory)
+    if len(reports) > 1:  # a staged run: every program it executes, then the largest in full
+        print(aot_report.format_programs(reports))
+    print(aot_report.format_report(worst))
+    data = aot_report.report_dict(worst)
+    if len(reports) > 1:
+        data["programs"] = [aot_report.report_dict(r) for r in reports]
+    _write_json(data)
 
 
 def _write_json(data: dict) -> None:

@@ -9,30 +9,27 @@ attention inside a document.
 Batch contract (host-local numpy): inputs, targets, segment_ids, positions int32 (B, L) and
 loss_mask float32 (B, L).
 
-A run with `config.stages` trains on `staged.py`'s stream instead (per-stage mixture, length and
-batch); both turn documents into pairs with `to_pair`, and evaluation always runs here.
+Training reads `stream.py`'s stream (per-stage mixture, length and batch); evaluation runs
+here; both turn documents into pairs with `to_pair`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grain
 import numpy as np
 
 from jaxlm.data import manifest as manifest_lib
-from jaxlm.errors import ConfigError
 
 
 def to_pair(record: bytes, bos_id: int) -> dict[str, np.ndarray]:
     """One document's record -> its next-token pair: inputs [BOS]+ids, targets ids+[EOS].
 
     The one place a document's ids become training tokens (the record already ends in EOS):
-    every training stream, staged or not, and every held-out pass goes through here.
+    the training stream and every held-out pass go through here.
     """
     ids = np.frombuffer(record, dtype="<i4").astype(np.int32)  # (n,) ending in EOS
     return {
@@ -90,163 +87,6 @@ def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
         docs, length_struct={"inputs": seq_len, "targets": seq_len}
     )
     return packed.map(_to_batch)
-
-
-def train_dataset(
-    manifest: dict,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    weights: dict[str, float] | None = None,
-    worker_count: int = 0,
-    read_options: tuple[int, int] = (0, 500),
-    doc_transform: Callable | None = None,
-) -> grain.IterDataset:
-    """Endless stream of packed batches over a weighted mixture of datasets.
-
-    Args:
-      manifest: from `jaxlm.data.manifest.load`.
-      seq_len: L, tokens per row.
-      batch_size: rows per batch.
-      seed: shuffle seed; each dataset reshuffles every epoch.
-      shard_index, shard_count: which slice of the documents this stream reads.
-      weights: mixture weights by dataset name (default: the manifest's); normalised here.
-      worker_count: grain worker processes for decoding and packing (0 = in-process).
-      read_options: grain's read-ahead (threads, buffered documents); the data is the same.
-      doc_transform: `(ids, key) -> ids`, applied to each document before packing, or None.
-    """
-    names = sorted(manifest["datasets"])
-    weights = weights or {n: manifest["datasets"][n].get("weight", 1.0) for n in names}
-    names = [n for n in names if weights.get(n, 0) > 0]
-    if not names:
-        raise ConfigError(
-            "every dataset has mixture weight 0 (data.datasets.<name>.weight); "
-            "give at least one a positive weight."
-        )
-    bos = manifest["tokenizer"]["bos_id"]
-    streams = []
-    for i, name in enumerate(names):
-        docs = _documents(manifest, name, "train", shard_index, shard_count)
-        if len(docs) == 0:
-            raise ConfigError(
-                f"dataset {name!r} has no training documents for stream {shard_index} of "
-                f"data.streams={shard_count}; add documents or lower data.streams."
-            )
-        # Each stream gets its own order, or streams would read neighbouring documents in step.
-        shuffle_seed = seed + i + 7919 * shard_index
-        docs = docs.shuffle(seed=shuffle_seed).repeat()
-        if doc_transform is not None:
-            docs = docs.map_with_index(_Rewrite(doc_transform, shuffle_seed))
-        streams.append(docs.map(_ToPair(bos)))
-    mixed = (
-        grain.MapDataset.mix(streams, [weights[n] for n in names])
-        if len(streams) > 1
-        else streams[0]
-    )
-    threads, buffer = read_options
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
-    ds = _packed_rows(mixed.to_iter_dataset(read), seq_len).batch(batch_size, drop_remainder=True)
-    if worker_count > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return ds
-
-
-class HostStreams:
-    """This host's rows of the global batch: its share of `streams` independent streams.
-
-    The global batch is the row-wise concatenation of `streams` streams, each reading a disjoint
-    slice of the documents. A host reads streams `[p * k, (p + 1) * k)` for k = streams / hosts,
-    so the data a run sees depends on `streams` alone, not on how many processes read it: two
-    hosts with two streams produce exactly the batches of one host with two streams.
-    Subclasses say how one stream is made (`make_stream`) and how its saved state is restored.
-    """
-
-    def __init__(self, streams: int, process_index: int, process_count: int, make_stream: Callable):
-        per_host = streams // process_count
-        first = process_index * per_host
-        self.iterators = [make_stream(s) for s in range(first, first + per_host)]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def set_state(self, states: list[dict]) -> None:
-        if len(states) != len(self.iterators):
-            raise ConfigError(
-                f"the data state has {len(states)} streams but this host reads "
-                f"{len(self.iterators)}; set data.streams to what the state was saved with."
-            )
-        for it, state in zip(self.iterators, states, strict=True):
-            self._restore_stream(it, state)
-
-    def _restore_stream(self, stream: Any, state: dict) -> None:
-        raise NotImplementedError
-
-
-class HostBatches(HostStreams):
-    """`HostStreams` of single-stage grain pipelines (`train_dataset`)."""
-
-    def __init__(
-        self,
-        manifest: dict,
-        *,
-        seq_len: int,
-        global_batch: int,
-        seed: int,
-        streams: int,
-        process_index: int,
-        process_count: int,
-        weights: dict[str, float] | None = None,
-        worker_count: int = 0,
-        read_options: tuple[int, int] = (0, 500),
-        doc_transform: Callable | None = None,
-    ):
-        if streams % process_count or global_batch % streams:
-            raise ConfigError(
-                f"data.streams={streams} must be a multiple of the process count ({process_count}) "
-                f"and divide train.batch_size={global_batch}."
-            )
-
-        def make_stream(s: int):
-            return iter(
-                train_dataset(
-                    manifest,
-                    seq_len=seq_len,
-                    batch_size=global_batch // streams,
-                    seed=seed,
-                    shard_index=s,
-                    shard_count=streams,
-                    weights=weights,
-                    worker_count=worker_count,
-                    read_options=read_options,
-                    doc_transform=doc_transform,
-                )
-            )
-
-        super().__init__(streams, process_index, process_count, make_stream)
-
-    def get_state(self) -> list[dict]:
-        """JSON-safe states of this host's streams."""
-        return [json.loads(json.dumps(it.get_state())) for it in self.iterators]
-
-    def _restore_stream(self, stream: Any, state: dict) -> None:
-        stream.set_state(_from_json(state))
-
-
-def _from_json(state):
-    """Undoes JSON's tuple-to-list change: grain's packer compares its slices with tuples, and a
-    list there would silently drop a document on resume."""
-    if isinstance(state, dict):
-        return {k: _from_json(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return tuple(_from_json(v) for v in state)
-    return state
 
 
 def eval_batches(

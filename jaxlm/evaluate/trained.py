@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxlm import model as model_lib
 from jaxlm import sharding
+from jaxlm import spec as run_spec
 from jaxlm.errors import JaxlmError
 
 
@@ -106,7 +107,7 @@ def load_trained(
     tokenizer = _tokenizer_of(workdir, config, meta, step)
     # The checkpoint's embedding fixes the vocab (it may be padded beyond the tokenizer's).
     vocab_size = (meta.get("param_shapes") or {}).get("embed", [tokenizer.vocab_size])[0]
-    setup = train.Setup(config, vocab_size, mesh)
+    setup = train.Setup(run_spec.build(config), vocab_size, mesh)
     ckpt_lib.check_compatible(meta, setup.abstract_state)
     abstract = traverse_util.flatten_dict(setup.abstract_state["params"])
     shardings = {path: leaf.sharding for path, leaf in abstract.items()}

@@ -1,8 +1,8 @@
-"""The training stream of a staged run: per-stage mixtures, lengths and batch sizes, resumable
-exactly anywhere, across stage boundaries included.
+"""The training stream of every run: per-stage mixtures, lengths and batch sizes, resumable
+exactly anywhere, across stage boundaries included (a run without `config.stages` is a plan of
+one stage).
 
-Unlike the single-stage grain pipeline (`pipeline.train_dataset`), whose mixture is fixed when it
-is built, a stream here is made of three small pieces whose whole state is a JSON dict:
+A stream is made of three small pieces whose whole state is a JSON dict:
 
 - one document stream per dataset (grain's ArrayRecordDataSource read by index, this stream's
   slice in a new seeded order each epoch): its state is how many documents it has handed out;
@@ -13,8 +13,13 @@ is built, a stream here is made of three small pieces whose whole state is a JSO
   split at a row end wait in the state and open the next row (positions restart at 0, as in
   grain's ConcatThenSplit), so at a stage change no document is replayed or skipped.
 
+Two hooks make the objectives' data: a per-document rewrite before packing (FIM, keyed by the
+document's place in its stream, so a resumed stream rewrites it the same way) and a per-batch
+rewrite of this host's rows (masked and prefix LM, keyed by the step and global row).
+
 Batch contract as in `pipeline`: inputs, targets, segment_ids, positions int32 (B, L) and
-loss_mask float32 (B, L); rows are always full, so loss_mask is all ones.
+loss_mask float32 (B, L); rows are always full, so loss_mask is all ones (before the batch
+rewrite).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.stages import Plan, Stage
+
+DocTransform = Callable[[np.ndarray, tuple], np.ndarray]  # (ids ending in EOS, key) -> ids
+BatchRewrite = Callable[[dict, int, int], dict]  # (host batch, step, first global row) -> batch
 
 _BLOCK = 4096  # mixing draws generated per (seed, stream, stage, block) at once
 
@@ -61,8 +69,18 @@ class _Documents:
 class StageStream:
     """One stream's batches (`stage.batch_size / streams` rows each), step after step."""
 
-    def __init__(self, manifest: dict, plan: Plan, *, seed: int, stream: int, streams: int):
+    def __init__(
+        self,
+        manifest: dict,
+        plan: Plan,
+        *,
+        seed: int,
+        stream: int,
+        streams: int,
+        doc_transform: DocTransform | None = None,
+    ):
         self.plan, self.seed, self.stream, self.streams = plan, seed, stream, streams
+        self.doc_transform = doc_transform
         self.bos = manifest["tokenizer"]["bos_id"]
         names = sorted(manifest["datasets"])
         used = {n for s in plan.stages for n, w in s.weights.items() if w > 0}
@@ -120,7 +138,12 @@ class StageStream:
         self.state["drawn"] += 1
         index = self.state["read"][name]
         self.state["read"][name] += 1
-        return pipeline.to_pair(self.docs[name][index], self.bos)
+        record = self.docs[name][index]
+        if self.doc_transform is not None:
+            ids = np.frombuffer(record, dtype="<i4")  # (n,) ending in EOS
+            key = (*self.docs[name].seed, index)  # (seed, dataset, stream, place in stream)
+            record = self.doc_transform(ids, key).astype("<i4").tobytes()
+        return pipeline.to_pair(record, self.bos)
 
     def _choose(self, stage: Stage, k: int) -> str:
         """The dataset of the k-th document of `stage`: a function of (seed, stream, stage, k,
@@ -135,9 +158,14 @@ class StageStream:
         return names[min(i, len(names) - 1)]
 
 
-class StagedBatches(pipeline.HostStreams):
-    """This host's rows of a staged run's global batch: `pipeline.HostStreams` of
-    `StageStream`s."""
+class TrainBatches:
+    """This host's rows of the global batch: its share of `streams` independent `StageStream`s.
+
+    The global batch is the row-wise concatenation of `streams` streams, each reading a disjoint
+    slice of the documents. A host reads streams `[p * k, (p + 1) * k)` for k = streams / hosts,
+    so the data a run sees depends on `streams` alone, not on how many processes read it: two
+    hosts with two streams produce exactly the batches of one host with two streams.
+    """
 
     def __init__(
         self,
@@ -148,6 +176,8 @@ class StagedBatches(pipeline.HostStreams):
         streams: int,
         process_index: int,
         process_count: int,
+        doc_transform: DocTransform | None = None,
+        batch_rewrite: BatchRewrite | None = None,
     ):
         for stage in plan.stages:
             if streams % process_count or stage.batch_size % streams:
@@ -156,12 +186,28 @@ class StagedBatches(pipeline.HostStreams):
                     f"({process_count}) and divide stages[{stage.index}].batch_size="
                     f"{stage.batch_size}."
                 )
-        super().__init__(
-            streams,
-            process_index,
-            process_count,
-            lambda s: StageStream(manifest, plan, seed=seed, stream=s, streams=streams),
-        )
+        per_host = streams // process_count
+        first = process_index * per_host
+        self.iterators = [
+            StageStream(
+                manifest, plan, seed=seed, stream=s, streams=streams, doc_transform=doc_transform
+            )
+            for s in range(first, first + per_host)
+        ]
+        self.first_stream = first
+        self.batch_rewrite = batch_rewrite
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        step = self.iterators[0].state["step"]  # every stream moves in step
+        parts = [next(it) for it in self.iterators]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if self.batch_rewrite is not None:
+            first_row = self.first_stream * parts[0]["inputs"].shape[0]
+            batch = self.batch_rewrite(batch, step, first_row)
+        return batch
 
     def get_state(self) -> list[dict]:
         """JSON-safe states of this host's streams (copies: the streams keep moving)."""
@@ -170,52 +216,46 @@ class StagedBatches(pipeline.HostStreams):
             for it in self.iterators
         ]
 
-    def _restore_stream(self, stream: StageStream, state: dict) -> None:
-        if "leftover" not in state:
+    def set_state(self, states: list[dict]) -> None:
+        """Continues from `get_state`'s states (of this host's streams, in order)."""
+        if len(states) != len(self.iterators):
             raise ConfigError(
-                "the checkpoint's data state is a single-stage run's; a run with "
-                "config.stages cannot continue it (start it with config.init_from=ckpt:)."
+                f"the data state has {len(states)} streams but this host reads "
+                f"{len(self.iterators)}; set data.streams to what the state was saved with."
             )
-        stream.state = {
-            **state,
-            "read": {n: int(state["read"].get(n, 0)) for n in stream.docs},
-            "leftover": {k: list(v) for k, v in state["leftover"].items()},
-        }
+        for stream, state in zip(self.iterators, states, strict=True):
+            if "leftover" not in state:
+                raise ConfigError(
+                    "the checkpoint's data state was written by an older jaxlm's single-stage "
+                    "stream, which this one cannot continue; start a new --workdir with "
+                    "config.init_from=ckpt:<that workdir>."
+                )
+            stream.state = {
+                **state,
+                "read": {n: int(state["read"].get(n, 0)) for n in stream.docs},
+                "leftover": {k: list(v) for k, v in state["leftover"].items()},
+            }
 
 
 def training_batches(
-    config: Any,
+    spec: Any,
     manifest: dict,
-    plan: Plan,
     process_index: int,
     process_count: int,
     streams: int,
-    doc_transform: Callable | None = None,
-) -> pipeline.HostBatches | StagedBatches:
-    """This host's training batches for a run, read from `streams` document streams: the
-    single-stage grain pipeline it has always used without `config.stages`, else a staged
-    stream over `plan`. `doc_transform` is the objective's per-document rewrite (FIM), which
-    only the single-stage pipeline has (validate refuses FIM with stages)."""
-    if plan.staged:
-        stages.check_weights(plan, sorted(manifest["datasets"]), "the prepared data")
-        return StagedBatches(
-            manifest,
-            plan,
-            seed=config.seed,
-            streams=streams,
-            process_index=process_index,
-            process_count=process_count,
-        )
-    return pipeline.HostBatches(
+    doc_transform: DocTransform | None = None,
+    batch_rewrite: BatchRewrite | None = None,
+) -> TrainBatches:
+    """This host's training batches for the run of `spec` (`jaxlm.spec.RunSpec`), read from
+    `streams` document streams, with the objective's per-document and per-batch rewrites."""
+    stages.check_weights(spec.plan, sorted(manifest["datasets"]), "the prepared data")
+    return TrainBatches(
         manifest,
-        seq_len=config.train.seq_len,
-        global_batch=config.train.batch_size,
-        seed=config.seed,
+        spec.plan,
+        seed=spec.seed,
         streams=streams,
         process_index=process_index,
         process_count=process_count,
-        weights={n: d.weight for n, d in config.data.datasets.items()},
-        worker_count=config.data.grain_workers,
-        read_options=(config.data.read_threads, config.data.read_buffer),
         doc_transform=doc_transform,
+        batch_rewrite=batch_rewrite,
     )

@@ -1,0 +1,86 @@
+"""Where a run starts: its own newest checkpoint, another run's checkpoint it branches from,
+base-model weights (`config.init_from`), or a fresh initialisation.
+
+`start` decides and returns the state with the data position saved beside it; the loop gives
+that position to its stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlm import checkpoint as ckpt_lib
+from jaxlm import train
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import ConfigError
+
+
+def start(
+    checkpointer: ckpt_lib.Checkpointer, setup: train.Setup, tokenizer_sha256: str, out: Any
+) -> tuple[int, train.TrainState, dict | None]:
+    """(step, state, saved data position or None) the run of `setup` starts from.
+
+    `checkpointer` holds the run's own checkpoints (the newest is resumed); without any, a
+    `config.branch` run continues init_from's checkpoint, else the state is fresh (with
+    init_from's weights, if any). `out` (`metrics.Writer`) logs, and forgets the metrics past a
+    resumed step.
+    """
+    config = setup.config
+    if not checkpointer.steps() and config.branch:
+        return _branch(setup, tokenizer_sha256, out)
+    if not checkpointer.steps():
+        state = setup.init_state()
+        if config.init_from:
+            from jaxlm.convert import init_from
+
+            state["params"] = init_from.load_params(
+                config.init_from, setup, tokenizer_sha256, log=out.print
+            )
+        return 0, state, None
+    if checkpointer.read_meta(checkpointer.steps()[-1]).get("params_only"):
+        raise ConfigError(
+            f"{checkpointer.directory} holds imported weights, not a training run; train in "
+            "a new --workdir with --config.init_from=ckpt:<this workdir>."
+        )
+    step, state, data_state, saved_meta = checkpointer.restore(setup.abstract_state)
+    tokenizer_lib.check_same(
+        tokenizer_sha256,
+        saved_meta.get("tokenizer_sha256"),
+        "the data",
+        f"the checkpoint at step {step} was trained with",
+        "use the original data and tokenizer config",
+    )
+    out.trim(step)
+    out.print(f"resuming from checkpoint at step {step} in {checkpointer.directory}")
+    return step, state, data_state
+
+
+def _branch(
+    setup: train.Setup, tokenizer_sha256: str, out: Any
+) -> tuple[int, train.TrainState, dict | None]:
+    """config.branch: the whole state of init_from's checkpoint (parameters, optimizer state,
+    step, data position), continued under this run's plan: a cool-down branched from a
+    stable-phase checkpoint trains exactly as if the decay had been planned from the start."""
+    from jaxlm.convert import init_from
+
+    config = setup.config
+    ckpt_dir, step = ckpt_lib.resolve(init_from.parse(config.init_from)[1])
+    source = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+    try:
+        step, state, data_state, meta = source.restore(setup.abstract_state, step)
+    finally:
+        source.close()
+    tokenizer_lib.check_same(
+        tokenizer_sha256,
+        meta.get("tokenizer_sha256"),
+        "this run's data",
+        f"config.init_from={config.init_from!r} was trained with",
+        "branch with the data it was trained on",
+    )
+    if step > setup.plan.total_steps:
+        raise ConfigError(
+            f"config.init_from's checkpoint is at step {step}, past this run's last step "
+            f"({setup.plan.total_steps}); branch from an earlier checkpoint or add stages."
+        )
+    out.print(f"branching from step {step} of {ckpt_dir} (state, optimizer, data)")
+    return step, state, data_state
