@@ -201,11 +201,8 @@ def node_pool(target: hardware.Target) -> NodePool:
     return NodePool(target.chips // per_host, per_host, selector, "nvidia.com/gpu")
 
 
-def check_run_fits(config: Any, target: hardware.Target, pool: NodePool) -> None:
-    """Refuses, before anything is submitted, a config that cannot run on the target."""
-    from jaxlm import sharding
-
-    sharding.resolve_mesh_shape(config.mesh.shape, target.chips)
+def check_streams(config: Any, target: hardware.Target, pool: NodePool) -> None:
+    """Refuses, before anything is submitted, data streams the target's processes cannot share."""
     streams = int(config.data.streams)
     if streams and streams % pool.hosts:
         raise ConfigError(

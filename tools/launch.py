@@ -40,13 +40,14 @@ for _flag in ("target", "image", "workdir"):
 
 def main(argv: list[str]) -> None:
     del argv
-    from jaxlm import hardware, launch
+    from jaxlm import hardware, launch, sharding
     from jaxlm.errors import ConfigError
 
     config = _CONFIG.value
     target = hardware.parse_target(_TARGET.value)
     pool = launch.node_pool(target)
-    launch.check_run_fits(config, target, pool)
+    sharding.resolve_mesh_shape(config.mesh.shape, target.chips)  # the mesh covers the slice
+    launch.check_streams(config, target, pool)
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     for override in overrides:
         if "=" not in override:
