@@ -28,6 +28,7 @@ the pod's job completion index. docs/launch.md has the commands.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +40,7 @@ COORDINATOR_PORT = 8482  # jax's choice on TPU VMs; the manifests use it for GPU
 REPLICATED_JOB = "workers"  # the JobSet's one replicated job: pods are <name>-workers-0-<i>
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
-# GKE's node labels and chips per host (machine) for each chip of hardware.CHIPS.
+# GKE's accelerator node labels for the chips of hardware.CHIPS.
 _GKE_TPU_ACCELERATOR = {
     "tpu-v4": "tpu-v4-podslice",
     "tpu-v5e": "tpu-v5-lite-podslice",
@@ -119,19 +120,19 @@ def _explicit(
     return Cluster(source, {**kwargs, "cluster_detection_method": "deactivate"})
 
 
-# What jax's SlurmCluster requires; srun sets them for each task of a step.
-_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+# What jax's SlurmCluster requires besides SLURM_NTASKS; srun sets them for each task of a step.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 def _slurm(environ: Mapping[str, str]) -> Cluster | None:
     if "SLURM_NTASKS" not in environ or _int(environ["SLURM_NTASKS"], "SLURM_NTASKS") < 2:
         return None
-    missing = [v for v in (*_SLURM_STEP, "SLURM_LOCALID") if v not in environ]
+    missing = [v for v in _SLURM_STEP if v not in environ]
     if missing:
         raise ConfigError(
             f"SLURM_NTASKS={environ['SLURM_NTASKS']} but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not set: start "
-            "every task with srun (as launch/slurm.sbatch does), not the batch script alone."
+            f"{'is' if len(missing) == 1 else 'are'} not set: start every task with srun (as "
+            "launch/slurm.sbatch does), or unset SLURM_NTASKS to run a single process."
         )
     # jax derives the coordinator (first node of the step, port 61440 + job id % 4096, or
     # JAX_COORDINATOR_PORT) and gives each task the GPU numbered SLURM_LOCALID.
@@ -208,6 +209,18 @@ def check_streams(config: Any, target: hardware.Target, pool: NodePool) -> None:
         raise ConfigError(
             f"data.streams={streams} cannot be split over {pool.hosts} processes (one per "
             f"host of {target.name}); use a multiple of {pool.hosts}, or 0 for one each."
+        )
+
+
+def check_shared_workdir(workdir: str, claim: str, mount_path: str, pool: NodePool) -> None:
+    """Refuses a multi-host workdir on each pod's own disk: the processes write one checkpoint."""
+    if pool.hosts == 1 or "://" in workdir:  # one pod, or a bucket every pod reads
+        return
+    mount, path = os.path.normpath(mount_path), os.path.normpath(workdir)
+    if not claim or not os.path.isabs(path) or os.path.commonpath([mount, path]) != mount:
+        raise ConfigError(
+            f"--workdir={workdir} would be on each of the {pool.hosts} pods' own disks: give "
+            f"--claim=PVC (mounted at --mount_path={mount_path}) and a workdir under it."
         )
 
 

@@ -377,6 +377,22 @@ def test_a_run_that_cannot_fit_the_target_is_one_sentence(target, overrides, wor
     assert words in one_sentence(e)
 
 
+def test_a_multi_host_workdir_must_be_on_the_shared_volume():
+    from jaxlm import hardware, launch
+    from jaxlm.errors import ConfigError
+
+    pool = launch.node_pool(hardware.parse_target("h100-16"))
+    launch.check_shared_workdir("/shared/runs/a", "pvc", "/shared", pool)
+    launch.check_shared_workdir("/shared", "pvc", "/shared/", pool)
+    launch.check_shared_workdir(
+        "runs/a", "", "/shared", launch.node_pool(hardware.parse_target("h100-8"))
+    )
+    for workdir, claim in [("/shared/runs/a", ""), ("/sharedx/a", "pvc"), ("runs", "pvc")]:
+        with pytest.raises(ConfigError) as e:
+            launch.check_shared_workdir(workdir, claim, "/shared", pool)
+        assert "pods' own disks" in one_sentence(e)
+
+
 def test_the_tool_refuses_a_bad_run_in_one_line_before_printing_a_manifest():
     argv = ["tools/launch.py", "--config=configs/llama_1b.py", "--target=v5p-32", "--image=i"]
     argv += ["--workdir=/w", "--config.mesh.shape=(3,-1,1)"]

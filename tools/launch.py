@@ -10,8 +10,9 @@ One pod per host (TPU VM or 8-GPU node), one jax process per pod: pod i runs
 `python -m jaxlm.main --config=... --workdir=...` (with the `--config.KEY=VALUE` overrides
 given here) and finds the others through JAX_COORDINATOR_ADDRESS (pod 0's DNS name under the
 JobSet's headless service), JAX_NUM_PROCESSES and JAX_PROCESS_ID (its job completion index).
-The config is loaded here, so a bad key, a mesh that does not fit the target or data streams
-that do not split over its hosts are one `error:` line before anything is submitted. Prints the
+The config is loaded here, so a bad key, a mesh that does not fit the target, data streams
+that do not split over its hosts or a multi-host workdir outside the shared volume (`--claim`)
+are one `error:` line before anything is submitted. Prints the
 YAML (or writes `--out`); a summary goes to stderr. docs/launch.md has the whole recipe.
 """
 
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> None:
     pool = launch.node_pool(target)
     sharding.resolve_mesh_shape(config.mesh.shape, target.chips)  # the mesh covers the slice
     launch.check_streams(config, target, pool)
+    launch.check_shared_workdir(_WORKDIR.value, _CLAIM.value, _MOUNT.value, pool)
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     for override in overrides:
         if "=" not in override:
