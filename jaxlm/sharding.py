@@ -262,28 +262,27 @@ def per_device(
 def maybe_initialize_distributed(mesh_cfg: Any) -> None:
     """Joins a multi-process JAX runtime when the config or the environment asks for it.
 
-    Explicit `coordinator`/`num_processes`/`process_id` win; otherwise `multihost=True`, or the
-    variables that TPU pods and SLURM set, let `jax.distributed.initialize()` discover the rest.
+    `launch.detect` decides from the config and the environment (explicit flags, the JAX_*
+    variables of the Kubernetes manifests, Slurm, a TPU slice's worker variables, or
+    `mesh.multihost=True`), in one sentence when a launcher left something out; each process
+    then prints one line saying which process it is and how it joined.
     """
-    cluster_env = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
-    env_multihost = any(v in os.environ for v in cluster_env) and (
-        int(os.environ.get("SLURM_NTASKS", "2")) > 1
-    )
-    if mesh_cfg.get("coordinator"):
-        jax.distributed.initialize(
-            coordinator_address=mesh_cfg.coordinator,
-            num_processes=mesh_cfg.num_processes,
-            process_id=mesh_cfg.process_id,
-        )
-    elif mesh_cfg.get("multihost") or env_multihost:
-        jax.distributed.initialize()
-    else:
+    from jaxlm import launch
+
+    cluster = launch.detect(mesh_cfg, os.environ)
+    if cluster is None:
         return
+    jax.distributed.initialize(**cluster.initialize_kwargs)
     # The first collective also sets up the CPU (gloo) communicator, which gives up if processes
     # arrive far apart; here they have just met in initialize(), so do it now.
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("jaxlm: all processes joined")
+    print(
+        f"jax.distributed: process {jax.process_index()} of {jax.process_count()} "
+        f"({cluster.source}), {jax.local_device_count()} of {jax.device_count()} devices here",
+        flush=True,
+    )
 
 
 def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
