@@ -107,8 +107,9 @@ class RouterBias(nnx.Variable):
 
 def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
     """DeepSeek-V3's bias step: raise underloaded experts' bias and lower overloaded ones' by
-    `rate`. `load` (X,) is the block's `aux["load"]` (fractions of assignments)."""
-    return bias + rate * jnp.sign(jnp.mean(load) - load)
+    `rate`. `load` (..., X) is the block's `aux["load"]` (fractions of assignments), stacked
+    over layers or not, like `bias`."""
+    return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float):

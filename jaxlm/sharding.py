@@ -11,7 +11,8 @@ few named presets:
   XLA all-gathers them per layer.
 - `fsdp_tp`: `fsdp` plus tensor parallelism: heads, MLP and vocab split over `tensor`.
 - `ep_fsdp`: `fsdp`, but MoE expert weights split over `fsdp` along `expert` (whole experts
-  per device); capacity-mode tokens reach their experts' devices by all-to-all.
+  per device, never gathered): dropless MoE all-gathers the tokens of each expert group and
+  reduce-scatters the outputs; capacity MoE moves its fixed buffers by all-to-all.
 
 The batch is always split over `data` x `fsdp`.
 

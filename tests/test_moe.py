@@ -202,22 +202,25 @@ def collectives(hlo: str) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity"])
-def test_expert_parallel_equals_one_device(capacity_factor):
+@pytest.mark.parametrize(
+    "preset, mesh_shape, capacity_factor",
+    [("ep_fsdp", (4, 2, 1), 0.0), ("ep_fsdp", (4, 2, 1), 1.0), ("fsdp", (2, 4, 1), 0.0)],
+    ids=["ep_fsdp-dropless", "ep_fsdp-capacity", "fsdp-dropless"],
+)
+def test_sharded_equals_one_device(preset, mesh_shape, capacity_factor):
     cfg = dataclasses.replace(BASE, capacity_factor=capacity_factor)
     block = make_block(cfg)
     x, probe = inputs((8, 13, D), 6), inputs((8, 13, D), 7)
     y_one, grads_one, dx_one = loss_and_grads(lambda b, x: b(x), block, x, probe)
 
-    mesh = sharding.make_mesh((4, 2, 1))  # experts split 2 ways over fsdp, batch 8 ways
-    rules = sharding.MeshRules.of(mesh, "ep_fsdp")
+    mesh = sharding.make_mesh(mesh_shape)  # ep_fsdp: experts split 2 ways, batch 8 ways
+    rules = sharding.MeshRules.of(mesh, preset)
     graphdef, state = nnx.split(block)
     axes = traverse_util.unflatten_dict(
         {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(state)}
     )
     params = nnx.to_pure_dict(state)
     param_shardings = sharding.tree_shardings(mesh, axes, params, rules.mapping)
-    assert param_shardings["w_gate"].spec == jax.P("fsdp", None, None)  # whole experts
     batch = jax.NamedSharding(mesh, jax.P(sharding.BATCH))
 
     def loss(params, x):
@@ -236,6 +239,9 @@ def test_expert_parallel_equals_one_device(capacity_factor):
     assert_trees_close(grads_one, grads)
     assert_trees_close({"x": dx_one}, {"x": dx})
 
+    if preset != "ep_fsdp":
+        return
+    assert param_shardings["w_gate"].spec == jax.P("fsdp", None, None)  # whole experts
     # The token exchange XLA compiled: expert weights never move (no all-gather has a whole
     # expert tensor's shape); capacity reshards its (X, B, C, D) buffers by all-to-all, forward
     # and backward; dropless all-gathers tokens within the expert group and reduce-scatters
