@@ -4,7 +4,8 @@ A router (fp32, softmax or sigmoid scores) sends each token to its top-k of X Sw
 optional shared experts see every token. Two dispatches compute the same function:
 
 - dropless (`capacity_factor == 0`): the token-expert assignments are sorted by expert and the
-  experts run as grouped matmuls (`jax.lax.ragged_dot`), so no assignment is ever dropped;
+  experts run as grouped matmuls (`jax.lax.ragged_dot`, or on CPU a loop over row tiles), so
+  no assignment is ever dropped;
 - capacity (`capacity_factor > 0`): each batch row gives every expert C slots; assignments past
   an expert's C-th (in position order) are dropped and counted. Fixed (X, B, C, D) buffers are
   what expert parallelism exchanges with an all-to-all.
@@ -35,6 +36,8 @@ from jaxlm import sharding
 from jaxlm.errors import ConfigError
 
 ROUTERS = ("softmax", "sigmoid")
+GROUPED_MATMULS = ("ragged", "tiled")
+TILE = 128  # rows per matmul of the tiled grouped matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,9 @@ class MoEConfig:
     # this much toward balance (`update_bias`); 0 keeps no bias.
     bias_update_rate: float = 0.0
     capacity_factor: float = 0.0  # 0: dropless; else slots per expert = factor * L * k / X
+    # Dropless grouped matmul: ragged (jax.lax.ragged_dot) | tiled (a loop over row tiles) |
+    # auto: tiled on CPU, where XLA runs ragged_dot densely (X times the FLOPs), else ragged.
+    grouped_matmul: str = "auto"
     first_dense_layers: int = 0  # the first n layers keep the dense MLP
     every: int = 1  # after those, every k-th layer is sparse (1: all of them)
 
@@ -66,6 +72,11 @@ class MoEConfig:
             raise ConfigError(
                 f"model.moe.expert_d_ff={self.expert_d_ff} must be positive and "
                 f"model.moe.n_shared_experts={self.n_shared_experts} not negative."
+            )
+        if self.grouped_matmul not in ("auto", *GROUPED_MATMULS):
+            raise ConfigError(
+                f"model.moe.grouped_matmul must be auto or one of {GROUPED_MATMULS}, "
+                f"not {self.grouped_matmul!r}."
             )
         if self.router not in ROUTERS:
             raise ConfigError(f"model.moe.router must be one of {ROUTERS}, not {self.router!r}.")
@@ -152,7 +163,11 @@ class MoEBlock(nnx.Module):
         if self.moe.capacity_factor:
             y, dropped = _capacity(x, experts, weights, self.expert_weights(), self.moe)
         else:
-            y, dropped = _dropless(x, experts, weights, self.expert_weights()), jnp.float32(0)
+            matmul = self.moe.grouped_matmul
+            if matmul == "auto":
+                matmul = "tiled" if sharding.platform() == "cpu" else "ragged"
+            y = _dropless(x, experts, weights, self.expert_weights(), matmul)
+            dropped = jnp.float32(0)
         if self.moe.n_shared_experts:
             y = y + self.shared(x)
         return sharding.constrain(y, ("batch", "seq", "embed")), dict(aux, dropped=dropped)
@@ -215,7 +230,7 @@ class SharedExperts(nnx.Module):
         return _swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 
-def _dropless(x, experts, weights, w) -> jax.Array:
+def _dropless(x, experts, weights, w, matmul: str) -> jax.Array:
     """Every assignment computed, experts as grouped matmuls, each device running its own experts.
 
     Expert parallel (a preset maps `expert` to mesh axes): each device all-gathers the tokens
@@ -224,7 +239,7 @@ def _dropless(x, experts, weights, w) -> jax.Array:
     device runs every expert on its own tokens.
     """
     ep_axes = sharding.mesh_axes("expert")
-    local = functools.partial(_dropless_local, ep_axes=ep_axes)
+    local = functools.partial(_dropless_local, ep_axes=ep_axes, matmul=matmul)
     tokens, routed = ("batch", "seq", "embed"), ("batch", "seq", None)
     whole_experts = ("expert", None, None)  # any other split of the weights is gathered first
     in_axes = (tokens, routed, routed, whole_experts, whole_experts, whole_experts)
@@ -232,7 +247,7 @@ def _dropless(x, experts, weights, w) -> jax.Array:
     return local(x, experts, weights, *w)
 
 
-def _dropless_local(x, experts, weights, w_gate, w_up, w_down, ep_axes) -> jax.Array:
+def _dropless_local(x, experts, weights, w_gate, w_up, w_down, ep_axes, matmul) -> jax.Array:
     """`_dropless` on one device: x (B, L, D), routing (B, L, k), this device's X' experts."""
     if ep_axes:
         x, experts, weights = (
@@ -248,14 +263,41 @@ def _dropless_local(x, experts, weights, w_gate, w_up, w_down, ep_axes) -> jax.A
     group_sizes = jnp.bincount(mine, length=X + 1)[:X].astype(jnp.int32)  # (X,)
     w_gate, w_up, w_down = (v.astype(x.dtype) for v in (w_gate, w_up, w_down))
     xs = jnp.take(x.reshape(B * L, D), order // k, axis=0)  # (A, D), sorted
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes))
-    h = h * jax.lax.ragged_dot(xs, w_up, group_sizes)  # (A, F)
-    ys = jax.lax.ragged_dot(h, w_down, group_sizes)  # (A, D), sorted
+    h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, matmul))
+    h = h * grouped_matmul(xs, w_up, group_sizes, matmul)  # (A, F)
+    ys = grouped_matmul(h, w_down, group_sizes, matmul)  # (A, D), sorted
     y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(B, L, k, D)  # back in token order
     y = jnp.einsum("BLKD,BLK->BLD", y, weights.astype(x.dtype))
     if ep_axes:
         y = jax.lax.psum_scatter(y, ep_axes, scatter_dimension=0, tiled=True)
     return y
+
+
+def grouped_matmul(
+    xs: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str, tile: int = TILE
+) -> jax.Array:
+    """Rows (A, D) sorted by group times each group's (D, F) of w (X, D, F) -> (A, F); rows
+    past sum(group_sizes) come out zero.
+
+    ragged: `jax.lax.ragged_dot`, one grouped-matmul instruction on TPU and GPU. tiled: each
+    group's rows padded to whole tiles and one (tile, D) x (D, F) matmul per tile in a loop;
+    at most A / tile + X tiles, so at most X * (tile - 1) rows of wasted work.
+    """
+    if implementation == "ragged":
+        return jax.lax.ragged_dot(xs, w, group_sizes)
+    A, D = xs.shape
+    X = w.shape[0]
+    n_tiles = -(-(A + X * (tile - 1)) // tile)  # enough for any group sizes
+    padded = -(-group_sizes // tile) * tile  # (X,) each group rounded up to whole tiles
+    ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded)
+    group = jnp.searchsorted(ends, jnp.arange(A), side="right")  # (A,); X past the groups
+    shift = (padded_ends - padded) - (ends - group_sizes)  # (X,) padded start - start
+    dest = jnp.where(group < X, jnp.arange(A) + shift[jnp.minimum(group, X - 1)], n_tiles * tile)
+    tiles = jnp.zeros((n_tiles * tile, D), xs.dtype).at[dest].set(xs, mode="drop")
+    tile_group = jnp.searchsorted(padded_ends, jnp.arange(n_tiles) * tile, side="right")
+    tile_group = jnp.minimum(tile_group, X - 1)  # tiles past the groups hold zeros
+    out = jax.lax.map(lambda t: t[0] @ w[t[1]], (tiles.reshape(n_tiles, tile, D), tile_group))
+    return out.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
 
 
 def _capacity(x, experts, weights, w, moe: MoEConfig) -> tuple[jax.Array, jax.Array]:

@@ -20,7 +20,12 @@ from jaxlm.errors import ConfigError
 D, F, X, K, L = 96, 19, 6, 2, 37
 BASE = moe.MoEConfig(n_experts=X, top_k=K, expert_d_ff=F, n_shared_experts=1, z_loss_coef=1e-3)
 SIGMOID = dataclasses.replace(
-    BASE, router="sigmoid", normalize_top_k=False, n_shared_experts=0, bias_update_rate=1e-3
+    BASE,
+    router="sigmoid",
+    normalize_top_k=False,
+    n_shared_experts=0,
+    bias_update_rate=1e-3,
+    grouped_matmul="ragged",  # BASE's auto is tiled on CPU: both run
 )
 
 
@@ -63,7 +68,7 @@ def assert_trees_close(a, b, tol=1e-5):
         np.testing.assert_allclose(x, y, rtol=0, atol=tol * np.abs(x).max(), err_msg=str(path))
 
 
-@pytest.mark.parametrize("cfg", [BASE, SIGMOID], ids=["softmax_shared", "sigmoid_bias"])
+@pytest.mark.parametrize("cfg", [BASE, SIGMOID], ids=["softmax_tiled", "sigmoid_ragged"])
 def test_dropless_equals_dense_reference_in_outputs_and_gradients(cfg):
     block = make_block(cfg)
     if cfg.bias_update_rate:  # a bias that changes the selection, so that path is exercised
@@ -78,6 +83,28 @@ def test_dropless_equals_dense_reference_in_outputs_and_gradients(cfg):
     assert_trees_close({"x": dx_ref}, {"x": dx})
     if cfg.bias_update_rate:  # state, not a parameter: no gradient reaches it
         np.testing.assert_array_equal(grads["router_bias"], 0)
+
+
+def test_tiled_grouped_matmul_equals_ragged_dot():
+    # 41 rows, tile 8: a group spanning tiles, an empty group, rows past the groups (zero).
+    group_sizes = jnp.array([9, 0, 17, 1, 5, 3], jnp.int32)  # 35 of 41 rows
+    xs, w = inputs((41, D), 8), inputs((X, D, F), 9)
+    probe = inputs((41, F), 10)
+
+    def run(implementation):
+        def loss(xs, w):
+            out = moe.grouped_matmul(xs, w, group_sizes, implementation, tile=8)
+            return jnp.sum(out * probe), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(xs, w)
+
+    (_, out), grads = run("tiled")
+    (_, out_ref), grads_ref = run("ragged")
+    np.testing.assert_array_equal(out[35:], 0.0)
+    assert_trees_close(
+        {"out": out_ref, "dxs": grads_ref[0], "dw": grads_ref[1]},
+        {"out": out, "dxs": grads[0], "dw": grads[1]},
+    )
 
 
 def kept_by_hand(experts: np.ndarray, capacity: int) -> np.ndarray:
@@ -185,7 +212,13 @@ def test_parameter_counts_and_sparse_layers():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("top_k", 7), ("router", "relu"), ("capacity_factor", -1.0), ("every", 0)],
+    [
+        ("top_k", 7),
+        ("router", "relu"),
+        ("capacity_factor", -1.0),
+        ("every", 0),
+        ("grouped_matmul", "gmm"),
+    ],
 )
 def test_bad_config_is_one_sentence(field, value):
     with pytest.raises(ConfigError, match=rf"model\.moe\.{field}"):
@@ -205,10 +238,11 @@ def collectives(hlo: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     "preset, mesh_shape, capacity_factor",
     [("ep_fsdp", (4, 2, 1), 0.0), ("ep_fsdp", (4, 2, 1), 1.0), ("fsdp", (2, 4, 1), 0.0)],
-    ids=["ep_fsdp-dropless", "ep_fsdp-capacity", "fsdp-dropless"],
+    ids=["ep_fsdp-dropless", "ep_fsdp-capacity", "fsdp-dropless_ragged"],
 )
 def test_sharded_equals_one_device(preset, mesh_shape, capacity_factor):
-    cfg = dataclasses.replace(BASE, capacity_factor=capacity_factor)
+    matmul = "auto" if preset == "ep_fsdp" else "ragged"
+    cfg = dataclasses.replace(BASE, capacity_factor=capacity_factor, grouped_matmul=matmul)
     block = make_block(cfg)
     x, probe = inputs((8, 13, D), 6), inputs((8, 13, D), 7)
     y_one, grads_one, dx_one = loss_and_grads(lambda b, x: b(x), block, x, probe)
