@@ -1,7 +1,8 @@
 """Device mesh, logical-to-mesh axis rules, and multi-host start-up.
 
 Model code names the axes of its parameters and activations logically (`batch, seq, embed, heads,
-kv_heads, head_dim, mlp, vocab, norm`, and `layers`, the stacking axis of a scanned model, which
+kv_heads, head_dim, mlp, vocab, norm`, `expert` and `router` (an MoE block's experts and
+its router's output), and `layers`, the stacking axis of a scanned model, which
 no preset splits). This module alone decides which mesh axis each name is split over, through a
 few named presets:
 
@@ -9,6 +10,9 @@ few named presets:
 - `fsdp`: parameters (and so gradients and optimizer state) split over `fsdp` along `embed`;
   XLA all-gathers them per layer.
 - `fsdp_tp`: `fsdp` plus tensor parallelism: heads, MLP and vocab split over `tensor`.
+- `ep_fsdp`: `fsdp`, but MoE expert weights split over `fsdp` along `expert` (whole experts
+  per device, never gathered): dropless MoE all-gathers the tokens of each expert group and
+  reduce-scatters the outputs; capacity MoE moves its fixed buffers by all-to-all.
 
 The batch is always split over `data` x `fsdp`.
 
@@ -49,6 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mlp": "tensor",
         "vocab": "tensor",
     },
+    # fsdp, with the experts of MoE blocks split over `fsdp` (expert parallelism) instead of
+    # along `embed`: each device holds X / fsdp whole experts and their optimizer state.
+    "ep_fsdp": {"batch": BATCH, "embed": "fsdp", "expert": "fsdp"},
 }
 
 
@@ -237,6 +244,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = traced
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes the traced rules split logical axis `name` over; () when traced without a
+    mesh or when no rule splits it. Collectives inside `per_device` functions name these."""
+    traced = _traced()
+    if traced is None:
+        return ()
+    spec = logical_to_spec((name,), traced[1])[0]
+    return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
 
 
 def per_device(

@@ -1,0 +1,289 @@
+"""The MoE block: both dispatches equal the dense per-expert oracle, capacity drops exactly the
+overflow, the router's losses match a hand computation, and expert parallelism equals one device.
+
+Odd sizes throughout (6 experts, top-2, D 96, F 19, 37 tokens a row) so a swapped axis or an
+off-by-one in a group boundary cannot pass by accident.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from jaxlm import moe, sharding
+from jaxlm.errors import ConfigError
+
+D, F, X, K, L = 96, 19, 6, 2, 37
+BASE = moe.MoEConfig(n_experts=X, top_k=K, expert_d_ff=F, n_shared_experts=1, z_loss_coef=1e-3)
+SIGMOID = dataclasses.replace(
+    BASE,
+    router="sigmoid",
+    normalize_top_k=False,
+    n_shared_experts=0,
+    bias_update_rate=1e-3,
+    grouped_matmul="ragged",  # BASE's auto is tiled on CPU: both run
+)
+
+
+def make_block(cfg: moe.MoEConfig, seed: int = 0) -> moe.MoEBlock:
+    with nnx.use_eager_sharding(False):
+        return moe.MoEBlock(cfg, D, D**-0.5, F**-0.5, nnx.Rngs(params=seed))
+
+
+def with_cfg(block: moe.MoEBlock, cfg: moe.MoEConfig) -> moe.MoEBlock:
+    """The same weights under another routing config (the config is static, not state)."""
+    graphdef, state = nnx.split(block)
+    twin = nnx.merge(graphdef, state)
+    twin.moe = cfg
+    return twin
+
+
+def inputs(shape, seed):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def loss_and_grads(fn, block, x, probe):
+    """d/d(params, x) of sum(y * probe) / T + aux loss, fn(block, x) -> (y, aux)."""
+    graphdef, state = nnx.split(block)
+
+    def loss(state, x):
+        y, aux = fn(nnx.merge(graphdef, state), x)
+        return jnp.sum(y * probe) / probe[..., 0].size + aux["loss"], y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+    return y, nnx.to_pure_dict(grads[0]), grads[1]
+
+
+def assert_trees_close(a, b, tol=1e-5):
+    """Each leaf equal within tol of its own scale (max |a|), leaf paths named on failure."""
+    flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    assert flat_a.keys() == flat_b.keys()
+    for path in flat_a:
+        x, y = np.asarray(flat_a[path]), np.asarray(flat_b[path])
+        assert np.abs(x).max() > 0, path  # a zero gradient would compare equal trivially
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol * np.abs(x).max(), err_msg=str(path))
+
+
+@pytest.mark.parametrize("cfg", [BASE, SIGMOID], ids=["softmax_tiled", "sigmoid_ragged"])
+def test_dropless_equals_dense_reference_in_outputs_and_gradients(cfg):
+    block = make_block(cfg)
+    if cfg.bias_update_rate:  # a bias that changes the selection, so that path is exercised
+        block.router_bias[...] = jnp.linspace(-0.3, 0.3, X)
+    x, probe = inputs((1, L, D), 1), inputs((1, L, D), 2)
+    y, grads, dx = loss_and_grads(lambda b, x: b(x), block, x, probe)
+    y_ref, grads_ref, dx_ref = loss_and_grads(moe.dense_reference, block, x, probe)
+    assert np.abs(y_ref).max() > 0.1
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * np.abs(y_ref).max())
+    params_ref = {k: v for k, v in grads_ref.items() if k != "router_bias"}
+    assert_trees_close(params_ref, {k: v for k, v in grads.items() if k != "router_bias"})
+    assert_trees_close({"x": dx_ref}, {"x": dx})
+    if cfg.bias_update_rate:  # state, not a parameter: no gradient reaches it
+        np.testing.assert_array_equal(grads["router_bias"], 0)
+
+
+def test_tiled_grouped_matmul_equals_ragged_dot():
+    # 41 rows, tile 8: a group spanning tiles, an empty group, rows past the groups (zero).
+    group_sizes = jnp.array([9, 0, 17, 1, 5, 3], jnp.int32)  # 35 of 41 rows
+    xs, w = inputs((41, D), 8), inputs((X, D, F), 9)
+    probe = inputs((41, F), 10)
+
+    def run(implementation):
+        def loss(xs, w):
+            out = moe.grouped_matmul(xs, w, group_sizes, implementation, tile=8)
+            return jnp.sum(out * probe), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(xs, w)
+
+    (_, out), grads = run("tiled")
+    (_, out_ref), grads_ref = run("ragged")
+    np.testing.assert_array_equal(out[35:], 0.0)
+    assert_trees_close(
+        {"out": out_ref, "dxs": grads_ref[0], "dw": grads_ref[1]},
+        {"out": out, "dxs": grads[0], "dw": grads[1]},
+    )
+
+
+def kept_by_hand(experts: np.ndarray, capacity: int) -> np.ndarray:
+    """(B, L, k) bool: walk each row in order, keeping an assignment while its expert has room."""
+    kept = np.zeros(experts.shape, bool)
+    for b, row in enumerate(experts):
+        used = np.zeros(X, int)
+        for t, choices in enumerate(row):
+            for j, e in enumerate(choices):
+                kept[b, t, j] = used[e] < capacity
+                used[e] += 1
+    return kept
+
+
+def test_capacity_drops_exactly_the_tokens_over_capacity():
+    cfg = dataclasses.replace(BASE, capacity_factor=1.0)
+    C = cfg.capacity(L)
+    assert C == 13  # ceil(37 * 2 / 6)
+    block = make_block(cfg)
+    # Router reads only features 0..5: every token of row 0 picks experts 3 and 4 (74
+    # assignments, 26 slots: the last 24 tokens lose both), row 1 spreads out at random.
+    w_router = np.zeros((D, X), np.float32)
+    w_router[np.arange(X), np.arange(X)] = 1.0
+    block.w_router[...] = jnp.asarray(w_router)
+    x = np.asarray(inputs((2, L, D), 3)).copy()
+    x[0, :, :X] = 0.0
+    x[0, :, 3], x[0, :, 4] = 5.0, 4.0
+    x = jnp.asarray(x)
+    bare = with_cfg(block, dataclasses.replace(cfg, n_shared_experts=0))
+    dropless = with_cfg(block, BASE)
+
+    @jax.jit
+    def run(x):  # one program for every view of the same routing
+        experts = block.route(x)[0]
+        return block(x), experts, block.shared(x), bare(x)[0], dropless(x)
+
+    (y, aux), experts, shared, y_bare, (y_dropless, aux_dropless) = run(x)
+    experts = np.asarray(experts)
+    assert (experts[0] == [3, 4]).all()
+    kept = kept_by_hand(experts, C)
+    assert kept[0].sum() == 2 * C and not kept[0, C:].any()  # the first 13 tokens keep both
+    np.testing.assert_array_equal(np.asarray(moe.capacity_kept(jnp.asarray(experts), cfg)), kept)
+    np.testing.assert_allclose(float(aux["dropped"]), 1 - kept.mean(), rtol=1e-6)
+    # The dropped tokens' outputs are the shared expert's alone (exactly zero without one); the
+    # rest equal the oracle with only the kept assignments weighted.
+    np.testing.assert_array_equal(np.asarray(y[0, C:]), np.asarray(shared[0, C:]))
+    np.testing.assert_array_equal(np.asarray(y_bare[0, C:]), 0.0)
+    y_ref, _ = jax.jit(moe.dense_reference)(block, x, jnp.asarray(kept))
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * np.abs(y_ref).max())
+    # Dropless on the same routing drops nothing and differs exactly there.
+    assert float(aux_dropless["dropped"]) == 0.0
+    np.testing.assert_allclose(y_dropless[0, :C], y[0, :C], rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(y_dropless[0, C:] - y[0, C:])).min() > 0
+
+
+def test_router_losses_and_load_equal_a_hand_computation():
+    block = make_block(BASE)
+    x = inputs((3, L, D), 4)
+    _, aux = jax.jit(lambda x: block(x))(x)
+    logits = np.asarray(x, np.float64).reshape(-1, D) @ np.asarray(block.w_router[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :K]  # (T, k)
+    T = logits.shape[0]
+    counts = np.bincount(top.ravel(), minlength=X)
+    # Switch/OLMoE: X * sum_x (tokens sent to x / T) * mean probability of x.
+    balance = X * np.sum(counts / T * probs.mean(0))
+    z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+    np.testing.assert_allclose(float(aux["balance_loss"]), balance, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["z_loss"]), z, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(aux["loss"]), BASE.aux_loss_coef * balance + BASE.z_loss_coef * z, rtol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(aux["load"]), counts / (T * K), rtol=1e-6)
+    assert abs(float(jnp.sum(aux["load"])) - 1.0) < 1e-6
+
+
+def test_router_bias_selects_experts_but_never_weights_them():
+    block = make_block(SIGMOID)
+    x = inputs((1, L, D), 5)
+    block.router_bias[...] = jnp.zeros(X).at[5].set(10.0)  # expert 5 wins every token
+    scores = jax.nn.sigmoid(x @ block.w_router[...])  # (1, L, X)
+    experts, weights, aux = jax.jit(lambda x: block.route(x))(x)
+    assert (np.asarray(experts[..., 0]) == 5).all()
+    np.testing.assert_allclose(weights[..., 0], scores[..., 5], rtol=1e-6)  # unbiased score
+    assert float(aux["load"][5]) == pytest.approx(1 / K)
+    # The bias step moves toward balance: down for the overloaded expert, up for the idle.
+    new = np.asarray(moe.update_bias(block.router_bias[...], aux["load"], 0.01))
+    assert new[5] == pytest.approx(10.0 - 0.01)
+    unused = np.asarray(aux["load"]) == 0
+    np.testing.assert_allclose(new[unused], 0.01)
+
+
+def test_parameter_counts_and_sparse_layers():
+    cfg = dataclasses.replace(BASE, n_shared_experts=2, first_dense_layers=1, every=2)
+    block = make_block(cfg)
+    params = nnx.state(block, nnx.Param)
+    assert moe.total_params(cfg, D) == sum(v.size for v in jax.tree.leaves(params))
+    expert = 3 * D * F
+    assert moe.total_params(cfg, D) - moe.active_params(cfg, D) == (X - K) * expert
+    assert moe.active_params(cfg, D) == D * X + (K + 2) * expert
+    assert [cfg.is_sparse(i) for i in range(6)] == [False, False, True, False, True, False]
+    assert [BASE.is_sparse(i) for i in range(3)] == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_k", 7),
+        ("router", "relu"),
+        ("capacity_factor", -1.0),
+        ("every", 0),
+        ("grouped_matmul", "gmm"),
+    ],
+)
+def test_bad_config_is_one_sentence(field, value):
+    with pytest.raises(ConfigError, match=rf"model\.moe\.{field}"):
+        dataclasses.replace(BASE, **{field: value})
+
+
+def collectives(hlo: str) -> dict[str, list[str]]:
+    """Result shapes of each collective in a compiled HLO text, by kind."""
+    kinds = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+    found = {kind: [] for kind in kinds}
+    pattern = r"= (\(.*?\)|\S+) (" + "|".join(kinds) + r")(?:-start)?\("  # tuple or one shape
+    for shape, kind in re.findall(pattern, hlo):
+        found[kind].append(shape)
+    return found
+
+
+@pytest.mark.parametrize(
+    "preset, mesh_shape, capacity_factor",
+    [("ep_fsdp", (4, 2, 1), 0.0), ("ep_fsdp", (4, 2, 1), 1.0), ("fsdp", (2, 4, 1), 0.0)],
+    ids=["ep_fsdp-dropless", "ep_fsdp-capacity", "fsdp-dropless_ragged"],
+)
+def test_sharded_equals_one_device(preset, mesh_shape, capacity_factor):
+    matmul = "auto" if preset == "ep_fsdp" else "ragged"
+    cfg = dataclasses.replace(BASE, capacity_factor=capacity_factor, grouped_matmul=matmul)
+    block = make_block(cfg)
+    x, probe = inputs((8, 13, D), 6), inputs((8, 13, D), 7)
+    y_one, grads_one, dx_one = loss_and_grads(lambda b, x: b(x), block, x, probe)
+
+    mesh = sharding.make_mesh(mesh_shape)  # ep_fsdp: experts split 2 ways, batch 8 ways
+    rules = sharding.MeshRules.of(mesh, preset)
+    graphdef, state = nnx.split(block)
+    axes = traverse_util.unflatten_dict(
+        {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(state)}
+    )
+    params = nnx.to_pure_dict(state)
+    param_shardings = sharding.tree_shardings(mesh, axes, params, rules.mapping)
+    batch = jax.NamedSharding(mesh, jax.P(sharding.BATCH))
+
+    def loss(params, x):
+        y, aux = nnx.merge(graphdef, params)(x)
+        return jnp.sum(y * probe) / probe[..., 0].size + aux["loss"], y
+
+    step = sharding.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+        rules,
+        in_shardings=(param_shardings, batch),
+        out_shardings=((None, batch), (param_shardings, batch)),
+    )
+    args = jax.device_put(params, param_shardings), jax.device_put(x, batch)
+    (_, y), (grads, dx) = step(*args)
+    np.testing.assert_allclose(y, y_one, rtol=0, atol=1e-5 * np.abs(y_one).max())
+    assert_trees_close(grads_one, grads)
+    assert_trees_close({"x": dx_one}, {"x": dx})
+
+    if preset != "ep_fsdp":
+        return
+    assert param_shardings["w_gate"].spec == jax.P("fsdp", None, None)  # whole experts
+    # The token exchange XLA compiled: expert weights never move (no all-gather has a whole
+    # expert tensor's shape); capacity reshards its (X, B, C, D) buffers by all-to-all, forward
+    # and backward; dropless all-gathers tokens within the expert group and reduce-scatters
+    # the partial outputs back.
+    found = collectives(step.lower(*args).compile().as_text())
+    whole = {f"f32[{X},{D},{F}]", f"f32[{X},{F},{D}]"}
+    assert not whole & {s.split("{")[0] for s in found["all-gather"]}
+    if capacity_factor:
+        assert len(found["all-to-all"]) == 4
+    else:
+        assert not found["all-to-all"] and found["reduce-scatter"]
