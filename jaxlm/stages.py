@@ -38,7 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from jaxlm import optim
+from jaxlm import optim, rope
 from jaxlm.errors import ConfigError
 
 STAGE_KEYS = (
@@ -238,14 +238,7 @@ def _positive(value: Any, key: str, kind: type = int) -> Any:
 
 
 def _scaling(value: Any, key: str = "model.rope_scaling") -> tuple | None:
-    if value is None:
-        return None
-    if not isinstance(value, (tuple, list)) or len(value) != 4:
-        raise ConfigError(
-            f"{key}={value!r} must be (factor, low_freq_factor, high_freq_factor, "
-            "original_max_pos) or None."
-        )
-    return (float(value[0]), float(value[1]), float(value[2]), int(value[3]))
+    return rope.parse_scaling(value, key)
 
 
 def _normalised(weights: dict[str, float], key: str) -> dict[str, float]:
