@@ -377,6 +377,16 @@ class Transformer(nnx.Module):
         `prefix` (no cache) marks, per token, the bidirectional part of its document: all of it
         for an encoder, the prefix of a prefix-LM; None is causal attention throughout.
         """
+        x, head, cache = self.hidden_and_head(tokens, positions, segment_ids, cache, prefix)
+        logits = jnp.einsum("BLD,DV->BLV", x, head).astype(jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def hidden_and_head(
+        self, tokens, positions=None, segment_ids=None, cache=None, prefix=None
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any] | None]:
+        """(final hidden states (B, L, D), output head (D, V), new cache or None), both arrays
+        in the compute dtype: the logits are their product, which `jaxlm.loss` takes in tiles."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L = tokens.shape
@@ -408,11 +418,9 @@ class Transformer(nnx.Module):
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
-        logits = jnp.einsum("BLD,DV->BLV", x, head.astype(dtype)).astype(jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
-        if cache is None:
-            return logits
-        return logits, dict(cache, layers=new_layers, index=cache["index"] + L)
+        if cache is not None:
+            cache = dict(cache, layers=new_layers, index=cache["index"] + L)
+        return x, head.astype(dtype), cache
 
     def _loop_blocks(self, x, positions, mask, segment_ids, rope, cache):
         """The blocks one after another (a Python loop: one copy of each in the program)."""
