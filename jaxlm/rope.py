@@ -87,20 +87,20 @@ def parse_scaling(value: Any, key: str = "model.rope_scaling") -> tuple | None:
 
 
 def _number(value: Any, key: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if not _finite(value) or not value > 0:
         raise ConfigError(f"{key}: {name}={value!r} must be a positive number.")
     return float(value)
 
 
 def _whole(value: Any, key: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or value != int(value)
-        or value <= 0
-    ):
+    if not _finite(value) or value != int(value) or value <= 0:
         raise ConfigError(f"{key}: original_max_pos={value!r} must be a positive whole number.")
     return int(value)
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, a string or None), neither infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def scaling_from_hf(
