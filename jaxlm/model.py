@@ -43,9 +43,8 @@ class ModelConfig:
     d_ff: int  # F, SwiGLU hidden size
     max_seq_len: int = 2048  # longest position the model is meant for (RoPE scaling, checks)
     rope_theta: float = 10000.0
-    # Llama-3 style frequency scaling: (factor, low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings), or None.
-    rope_scaling: tuple[float, float, float, int] | None = None
+    # RoPE scaling (Llama 3, linear, YaRN) in rope.parse_scaling's canonical tuple, or None.
+    rope_scaling: tuple | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
@@ -57,6 +56,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        object.__setattr__(self, "rope_scaling", rope_lib.parse_scaling(self.rope_scaling))
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} must be a multiple of "
@@ -99,10 +99,7 @@ class ModelConfig:
         """Builds the config from its JSON form (`model_config.json`, checkpoint metadata);
         keys that are not fields (a run config's other settings) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in fields.items() if k in known}
-        if kwargs.get("rope_scaling") is not None:
-            kwargs["rope_scaling"] = tuple(kwargs["rope_scaling"]) or None
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in fields.items() if k in known})
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -155,16 +152,6 @@ class ModelConfig:
         self, dtype: str = "float32", special_ids: dict[str, int | None] | None = None
     ) -> dict[str, Any]:
         """A `config.json` for transformers' LlamaForCausalLM (read by transformers 4.43+ and 5)."""
-        scaling = None
-        if self.rope_scaling is not None:
-            factor, low, high, original = self.rope_scaling
-            scaling = {
-                "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low,
-                "high_freq_factor": high,
-                "original_max_position_embeddings": original,
-            }
         ids = special_ids or {}
         return {
             "architectures": list(HF_ARCHITECTURES),
@@ -181,7 +168,7 @@ class ModelConfig:
             "initializer_range": self.init_std,
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": scaling,
+            "rope_scaling": rope_lib.scaling_to_hf(self.rope_scaling),
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": False,
             "mlp_bias": False,
@@ -219,7 +206,7 @@ REMAT_POLICIES = {
 
 
 def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
-    """(rope_theta, Llama-3 rope_scaling or None) from either transformers config format."""
+    """(rope_theta, rope_scaling or None) from either transformers config format."""
     # transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters.
     key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     params = hf.get(key) or {}
@@ -229,24 +216,9 @@ def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ConvertError(f"{where}: partial_rotary_factor={partial} is not supported (only 1).")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        raise ConvertError(
-            f"{where}: {key}.rope_type={rope_type!r} is not supported; only "
-            "Llama-3 ('llama3') RoPE scaling or none."
-        )
-    try:
-        original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        return theta, (
-            float(params["factor"]),
-            float(params["low_freq_factor"]),
-            float(params["high_freq_factor"]),
-            int(original),
-        )
-    except (KeyError, TypeError) as e:
-        raise ConvertError(f"{where}: {key} of type llama3 lacks the field {e}.") from None
+    return theta, rope_lib.scaling_from_hf(
+        params, hf.get("max_position_embeddings"), where + ": " + key
+    )
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
@@ -405,6 +377,16 @@ class Transformer(nnx.Module):
         `prefix` (no cache) marks, per token, the bidirectional part of its document: all of it
         for an encoder, the prefix of a prefix-LM; None is causal attention throughout.
         """
+        x, head, cache = self.hidden_and_head(tokens, positions, segment_ids, cache, prefix)
+        logits = jnp.einsum("BLD,DV->BLV", x, head).astype(jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def hidden_and_head(
+        self, tokens, positions=None, segment_ids=None, cache=None, prefix=None
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any] | None]:
+        """(final hidden states (B, L, D), output head (D, V), new cache or None), both arrays
+        in the compute dtype: the logits are their product, which `jaxlm.loss` takes in tiles."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L = tokens.shape
@@ -423,7 +405,8 @@ class Transformer(nnx.Module):
             # Keys are every cache slot; the cache's segment row marks which hold real tokens.
             mask = attention_mask(segment_ids, cache["segment_ids"], cache["index"])
         inv_freq = rope_lib.frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        rope = rope_lib.cos_sin(positions, inv_freq)  # once, shared by all layers
+        scale = rope_lib.attention_factor(cfg.rope_scaling)
+        rope = rope_lib.cos_sin(positions, inv_freq, scale)  # once, shared by all layers
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)  # (B, L, D)
         x = sharding.constrain(x, ("batch", "seq", "embed"))
@@ -435,11 +418,9 @@ class Transformer(nnx.Module):
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
-        logits = jnp.einsum("BLD,DV->BLV", x, head.astype(dtype)).astype(jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
-        if cache is None:
-            return logits
-        return logits, dict(cache, layers=new_layers, index=cache["index"] + L)
+        if cache is not None:
+            cache = dict(cache, layers=new_layers, index=cache["index"] + L)
+        return x, head.astype(dtype), cache
 
     def _loop_blocks(self, x, positions, mask, segment_ids, rope, cache):
         """The blocks one after another (a Python loop: one copy of each in the program)."""

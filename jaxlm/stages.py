@@ -12,7 +12,9 @@
                                 # multiple of the micro-batch train.batch_size / train.grad_accum
         lr=dict(...),           # learning-rate segment (below); default: see `Plan.schedule`
         rope_theta=5e5,         # RoPE base from this stage on (default: the previous stage's)
-        rope_scaling=(8.0, 1.0, 4.0, 128),  # Llama-3 scaling from this stage on, or None
+        rope_scaling=("yarn", 4.0, 2048),  # RoPE scaling from this stage on (rope.parse_scaling:
+                                # Llama 3's 4-tuple, ("linear", f), ("yarn", f, original, ...)),
+                                # or None
     )
 
 A learning-rate segment, in multiples of `optim.lr` (Muon's matrices follow the same shape
@@ -36,7 +38,7 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxlm import optim
+from jaxlm import optim, rope
 from jaxlm.errors import ConfigError
 
 STAGE_KEYS = (
@@ -267,14 +269,7 @@ def _positive(value: Any, key: str, kind: type = int) -> Any:
 
 
 def _scaling(value: Any, key: str = "model.rope_scaling") -> tuple | None:
-    if value is None:
-        return None
-    if not isinstance(value, (tuple, list)) or len(value) != 4:
-        raise ConfigError(
-            f"{key}={value!r} must be (factor, low_freq_factor, high_freq_factor, "
-            "original_max_pos) or None."
-        )
-    return (float(value[0]), float(value[1]), float(value[2]), int(value[3]))
+    return rope.parse_scaling(value, key)
 
 
 def _normalised(weights: dict[str, float], key: str) -> dict[str, float]:

@@ -359,7 +359,11 @@ def test_missing_shard(tmp_path):
 @pytest.mark.parametrize(
     "field,value,expected",
     [
-        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling.rope_type='linear'"),
+        (
+            "rope_scaling",
+            {"rope_type": "dynamic", "factor": 2.0},
+            "rope_scaling.rope_type='dynamic'",
+        ),
         ("attention_bias", True, "attention_bias=true"),
         ("hidden_act", "gelu", "hidden_act='gelu'"),
         ("hidden_size", 44, "tensor model.embed_tokens.weight has shape (67, 40)"),
