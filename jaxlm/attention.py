@@ -68,11 +68,13 @@ def attend(
     if implementation == "splash":
         if segment_ids is not None and splash_tiles(q.shape[1], k.shape[1]):
             scale = q.shape[-1] ** -0.5 if scale is None else scale
-            kernels = [functools.partial(_splash, window=w) for w in windows]
+            kernels = [  # static settings bound here: lax.switch traces its operands
+                functools.partial(_splash, scale=scale, softcap=softcap, window=w) for w in windows
+            ]
             if isinstance(window, int):
-                return kernels[windows.index(window)](q, k, v, segment_ids, scale, softcap)
+                return kernels[windows.index(window)](q, k, v, segment_ids)
             branch = jnp.argmax(jnp.asarray(windows) == window)
-            return jax.lax.switch(branch, kernels, q, k, v, segment_ids, scale, softcap)
+            return jax.lax.switch(branch, kernels, q, k, v, segment_ids)
         implementation = "xla"
     if softcap:
         return _softcapped(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
@@ -130,7 +132,7 @@ def _splash_kernel(n_heads: int, seq_len: int, interpret: bool, window: int, sof
     )
 
 
-def _splash(q, k, v, segment_ids, scale: float, softcap: float, window: int = 0):
+def _splash(q, k, v, segment_ids, *, scale: float, softcap: float, window: int):
     # Pallas kernels are not partitioned by XLA: run one per device on its own batch rows and
     # heads. Off TPU the kernel runs in interpret mode (slow; for tests).
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
