@@ -264,3 +264,56 @@ def test_a_switch_the_family_lacks_is_refused_on_export():
         cfg.to_hf()
     assert "model.qkv_bias=True cannot be exported as MistralForCausalLM" in one_sentence(e)
     assert dataclasses.replace(cfg, family="").to_hf()["architectures"] == ["Qwen2ForCausalLM"]
+
+
+# --------------------------------------------------------------------------- from scratch
+
+SWITCHED = model_lib.ModelConfig(
+    vocab_size=62,  # even, and d_model, heads, d_ff too: fsdp_tp splits them over tensor=2
+    d_model=28,
+    n_layers=3,
+    n_heads=6,
+    n_kv_heads=2,
+    head_dim=10,
+    d_ff=44,
+    scan_layers=True,
+    qkv_bias=True,
+    qk_norm="full",
+    norm_placement="both",
+    norm_plus_one=True,
+    embed_scale=True,
+    mlp_act="gelu_tanh",
+    sliding_window=5,
+    global_every=3,
+    rope_local_theta=500.0,
+    attn_softcap=4.0,
+    final_softcap=6.0,
+    query_scale_dim=7,
+)
+
+
+@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+def test_every_switch_on_gives_the_same_logits_under_each_sharding_preset(preset):
+    from jaxlm import sharding
+
+    net = model_lib.create(SWITCHED, seed=1)
+    graphdef, state = nnx.split(net)
+    params = nnx.to_pure_dict(state)
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 62, (8, 16)))
+    single = np.asarray(_apply(graphdef, params, tokens))
+    mesh = sharding.make_mesh((1, 4, 2) if preset == "fsdp_tp" else (2, 4, 1))
+    rules = sharding.MeshRules.of(mesh, preset)
+    shardings = sharding.tree_shardings(mesh, model_lib.logical_axes(state), params, rules.mapping)
+    placed = jax.device_put(params, shardings)
+    forward = sharding.jit(lambda p, t: nnx.merge(graphdef, p)(t), rules)
+    np.testing.assert_allclose(forward(placed, tokens), single, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_per_token_counts_the_switched_weights_and_windows():
+    """Biases, QK-norms and the extra norms are in the shape formula; windowed layers attend to
+    at most W keys (so count 2W of the causal L)."""
+    n_params = model_lib.count_params(nnx.state(model_lib.abstract(SWITCHED), nnx.Param))
+    V, D, H, E, L = 62, 28, 6, 10, 37
+    attention_flops = 6 * H * E * (2 * min(L, 2 * 5) + L)  # layers: window 5, window 5, global
+    matmul = n_params - V * D  # every weight but the embedding lookup (the head is counted)
+    assert SWITCHED.flops_per_token(L) == 6 * matmul + attention_flops
