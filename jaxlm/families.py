@@ -318,7 +318,8 @@ def hf_config(cfg: Any, dtype: str, special_ids: dict[str, int | None] | None) -
             hidden_activation="gelu_pytorch_tanh",
             attention_bias=False,
             query_pre_attn_scalar=cfg.query_scale_dim or cfg.head_dim,
-            sliding_window=cfg.sliding_window or None,
+            # transformers builds a Gemma's windowed mask even when no layer uses it
+            sliding_window=cfg.sliding_window or cfg.max_seq_len,
             layer_types=types,
             attn_logit_softcapping=cfg.attn_softcap or None,
             final_logit_softcapping=cfg.final_softcap or None,
