@@ -109,7 +109,7 @@ def fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         n_layers = int(hf["num_hidden_layers"])
         fields = dict(
             FIXED[family],
-            family=family,
+            family="" if family == "llama" else family,  # "": no switch set, which is Llama
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,
             n_layers=n_layers,
