@@ -1,5 +1,5 @@
 """Decoder-only transformer in Flax NNX: the Llama block and the switches of the families in
-`families.py` (Qwen2/3, Mistral, OLMo-2, Gemma-3).
+`families.py` (Qwen2/3, Mistral, OLMo-2, Gemma-2/3).
 
 RMSNorm, rotary position embeddings (Hugging Face "rotate half" layout, so imported weights need
 no permutation), grouped-query attention and a gated MLP (`layers.py`). Parameters are stored in
