@@ -239,6 +239,35 @@ def test_scanned_cached_decoding_equals_the_full_forward(built):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_init_from_places_the_same_weights_in_a_scanned_fsdp_run(built):
+    """config.init_from='hf:<dir>' (the continued-pretraining path): the family's switches
+    copied into a run, its weights stacked and sharded, bit for bit."""
+    from jaxlm import sharding, train
+    from jaxlm.convert import init_from as warm_start
+    from tests.helpers import tiny_config
+
+    init_from = f"hf:{built.hf_dir}"
+    config = tiny_config()
+    fields = warm_start.model_fields(init_from)
+    vocab = fields.pop("vocab_size")
+    for key, value in {**fields, "scan_layers": True}.items():
+        config.model[key] = value
+    config.mesh.preset = "fsdp"
+    setup = train.Setup(config, vocab, sharding.make_mesh((2, 4, 1)))
+    assert setup.model_cfg.family == built.cfg.family
+    params = warm_start.load_params(init_from, setup, log=lambda _: None)
+    want = model_lib.stack_layers(built.params)
+    placed = jax.tree_util.tree_leaves_with_path(setup.param_shardings)
+    for (path, x), (_, w), (_, where) in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree_util.tree_leaves_with_path(want),
+        placed,
+        strict=True,
+    ):
+        assert np.asarray(x).tobytes() == np.asarray(w).tobytes(), path
+        assert x.sharding == where, path
+
+
 # --------------------------------------------------------------------------- refusals
 
 
