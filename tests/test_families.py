@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,7 +22,7 @@ from flax import nnx
 from jaxlm import generate
 from jaxlm import model as model_lib
 from jaxlm.convert import hf
-from jaxlm.errors import ConvertError
+from jaxlm.errors import ConfigError, ConvertError
 from tests.helpers import one_sentence, read_params
 
 VOCAB, WINDOW = 333, 7
@@ -347,3 +348,15 @@ def test_flops_per_token_counts_the_switched_weights_and_windows():
     attention_flops = 6 * H * E * (2 * min(L, 2 * 5) + L)  # layers: window 5, window 5, global
     matmul = n_params - V * D  # every weight but the embedding lookup (the head is counted)
     assert SWITCHED.flops_per_token(L) == 6 * matmul + attention_flops
+
+
+def test_soft_capping_is_refused_on_cudnn_and_auto_picks_xla():
+    with pytest.raises(ConfigError) as e:
+        dataclasses.replace(SWITCHED, attention="cudnn")
+    assert "model.attn_softcap cannot run on cuDNN attention" in one_sentence(e)
+    fields = dict(dataclasses.asdict(SWITCHED), attention="auto", dtype="bfloat16", head_dim=16)
+    fields.pop("vocab_size")
+    for softcap, expected in ((4.0, "xla"), (0.0, "cudnn")):
+        model_cfg = ml_collections.ConfigDict(dict(fields, attn_softcap=softcap))
+        cfg = model_lib.ModelConfig.from_config(model_cfg, 62, platform="gpu")
+        assert cfg.attention == expected
