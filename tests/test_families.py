@@ -222,22 +222,27 @@ def test_export_reloads_in_transformers_bit_for_bit(built, tmp_path):
 
 
 def test_scanned_cached_decoding_equals_the_full_forward(built):
-    """Prefill 4 tokens, then decode one at a time past the window, on the scanned layout."""
+    """On the scanned layout, the padded batch: the forward equals the unrolled one, and a
+    4-token prefill then 15 single-token steps (past the window) give the same logits."""
+    tokens, mask, positions = _padded_batch()
+    unrolled, _ = nnx.split(model_lib.abstract(built.cfg))
+    full = np.asarray(_apply(unrolled, built.params, tokens, positions, mask))  # compiled above
     cfg = dataclasses.replace(built.cfg, scan_layers=True)
     graphdef, _ = nnx.split(model_lib.abstract(cfg))
     params = model_lib.stack_layers(built.params)
-    tokens = jnp.asarray(ROWS[:1])
-    full = np.asarray(_apply(nnx.split(model_lib.abstract(built.cfg))[0], built.params, tokens))
-    np.testing.assert_allclose(_apply(graphdef, params, tokens), full, atol=1e-5, rtol=1e-5)
-    cache = model_lib.init_cache(cfg, jnp.ones((1, 19), jnp.int32))
-    one = jnp.ones((1, 1), jnp.int32)
-    four = jnp.ones((1, 4), jnp.int32)
-    logits, cache = _apply(graphdef, params, tokens[:, :4], jnp.arange(4)[None], four, cache)
-    steps = [logits]
-    for t in range(4, 19):
-        logits, cache = _apply(graphdef, params, tokens[:, t : t + 1], jnp.array([[t]]), one, cache)
+    real = mask.astype(bool)
+    scanned = np.asarray(_apply(graphdef, params, tokens, positions, mask))
+    np.testing.assert_allclose(scanned[real], full[real], atol=1e-5, rtol=1e-5)
+    cache = model_lib.init_cache(cfg, jnp.asarray(mask))
+    steps = []
+    for start, end in [(0, 4), *((t, t + 1) for t in range(4, 19))]:
+        cols = slice(start, end)
+        logits, cache = _apply(
+            graphdef, params, tokens[:, cols], positions[:, cols], mask[:, cols], cache
+        )
         steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+    decoded = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(decoded[real], full[real], atol=1e-5, rtol=1e-5)
 
 
 def test_init_from_places_the_same_weights_in_a_scanned_fsdp_run(built):
