@@ -215,8 +215,8 @@ def test_export_reloads_in_transformers_bit_for_bit(built, tmp_path):
     for name, tensor in theirs.items():
         assert torch.equal(tensor, ours[name]), name
     source = built.torch_model.config
-    keys = ("sliding_window", "layer_types", "query_pre_attn_scalar", "head_dim", "eos_token_id")
-    for key in (*keys, "bos_token_id", "pad_token_id"):
+    keys = ("sliding_window", "layer_types", "query_pre_attn_scalar", "head_dim", "rope_parameters")
+    for key in (*keys, "bos_token_id", "eos_token_id", "pad_token_id"):
         if hasattr(source, key):  # the settings that shape the function, read back the same
             assert getattr(reloaded.config, key) == getattr(source, key), key
 
