@@ -39,6 +39,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # auto (GPU cudnn, TPU splash, else xla) | xla | cudnn | splash
     c.model.scan_layers = False  # run the blocks under one lax.scan: compile time flat in depth
     c.model.init_std = 0.02  # std of the normal init of weight matrices
+    # Architecture switches, all off: the Llama block (docs/families.md; set by init_from=hf:...).
+    c.model.qkv_bias = False  # biases on the q, k, v projections (Qwen2)
+    c.model.qk_norm = "none"  # none | head (RMSNorm per head: Qwen3, Gemma-3) | full (OLMo-2)
+    c.model.norm_placement = "pre"  # pre | post (on sublayer outputs: OLMo-2) | both (Gemma)
+    c.model.norm_plus_one = False  # RMSNorm scales by (1 + w), w starts at 0 (Gemma)
+    c.model.embed_scale = False  # multiply embeddings by sqrt(d_model) (Gemma)
+    c.model.mlp_act = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    c.model.sliding_window = 0  # W tokens (the query's own and W - 1 before); 0: none
+    c.model.global_every = 0  # with a window: every Nth layer attends globally; 0: none does
+    c.model.rope_local_theta = 0.0  # RoPE base of windowed layers (Gemma-3); 0: rope_theta
+    c.model.attn_softcap = 0.0  # attention logits -> c * tanh(logits / c); 0: off
+    c.model.final_softcap = 0.0  # output logits -> c * tanh(logits / c); 0: off
+    c.model.query_scale_dim = 0  # attention scale is this**-0.5 (Gemma-3); 0: head_dim
+    c.model.family = ""  # HF family to export as (llama, qwen2, ...); "": implied by switches
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ""  # a prepared manifest.json to train on; '' = prepare/reuse from datasets

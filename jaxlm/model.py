@@ -1,8 +1,9 @@
-"""Decoder-only Llama-family transformer in Flax NNX.
+"""Decoder-only transformer in Flax NNX: the Llama block and the switches of the families in
+`families.py` (Qwen2/3, Mistral, OLMo-2, Gemma-2/3).
 
 RMSNorm, rotary position embeddings (Hugging Face "rotate half" layout, so imported weights need
-no permutation), grouped-query attention and a SwiGLU MLP. Parameters are stored in fp32 and cast
-to `ModelConfig.dtype` for compute; logits come back in fp32.
+no permutation), grouped-query attention and a gated MLP (`layers.py`). Parameters are stored in
+fp32 and cast to `ModelConfig.dtype` for compute; logits come back in fp32.
 
 Every parameter carries logical axis names in its `axes` metadata and activations are constrained
 at block boundaries with `sharding.constrain`; which mesh axes those names map to is decided in
@@ -23,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxlm import attention, sharding
+from jaxlm import attention, families, layers, sharding
 from jaxlm import rope as rope_lib
 from jaxlm.errors import ConfigError, ConvertError
 
-HF_ARCHITECTURES = ("LlamaForCausalLM",)  # the Hugging Face models from_hf accepts
+QK_NORMS = ("none", "head", "full")
+NORM_PLACEMENTS = ("pre", "post", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,20 @@ class ModelConfig:
     # size stay flat in depth. Parameters then have a (n_layers, ...) shape; see stack_layers.
     scan_layers: bool = False
     init_std: float = 0.02
+    # Architecture switches (all off: the Llama block). See docs/families.md.
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: str = "none"  # none | head (RMSNorm per head over E: Qwen3, Gemma-3) | full (OLMo-2)
+    norm_placement: str = "pre"  # pre (Llama) | post (sublayer outputs: OLMo-2) | both (Gemma)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialised to 0 (Gemma)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(d_model) (Gemma)
+    mlp_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    sliding_window: int = 0  # W > 0: a query sees itself and the W - 1 tokens before it
+    global_every: int = 0  # with a window, layers N-1, 2N-1, ... attend globally; 0: none do
+    rope_local_theta: float = 0.0  # RoPE base of the windowed layers (Gemma-3); 0: rope_theta
+    attn_softcap: float = 0.0  # attention logits -> c * tanh(logits / c); 0: off
+    final_softcap: float = 0.0  # output logits -> c * tanh(logits / c); 0: off
+    query_scale_dim: int = 0  # attention logits scaled by this**-0.5 (Gemma-3); 0: head_dim
+    family: str = ""  # Hugging Face family to export as; "": the first whose switches these are
 
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", rope_lib.parse_scaling(self.rope_scaling))
@@ -75,6 +91,27 @@ class ModelConfig:
                 f"model.attention must be auto or one of {attention.IMPLEMENTATIONS}, "
                 f"not {self.attention!r}."
             )
+        choices = {
+            "qk_norm": QK_NORMS,
+            "norm_placement": NORM_PLACEMENTS,
+            "mlp_act": tuple(layers.ACTIVATIONS),
+            "family": ("", *families.FAMILIES),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"model.{key} must be one of {allowed}, not {getattr(self, key)!r}."
+                )
+        for key in ("sliding_window", "global_every", "query_scale_dim"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be 0 (off) or more.")
+        if self.global_every and not self.sliding_window:
+            raise ConfigError("model.global_every needs model.sliding_window > 0.")
+        if self.attention == "cudnn" and self.attn_softcap:
+            raise ConfigError(
+                "model.attn_softcap cannot run on cuDNN attention (jax's cuDNN call has no "
+                "soft-cap); use model.attention=xla."
+            )
 
     @classmethod
     def from_config(cls, model_cfg: Any, vocab_size: int) -> ModelConfig:
@@ -92,6 +129,8 @@ class ModelConfig:
         resolved = attention.default_for(
             platform or jax.default_backend(), self.dtype, self.head_dim
         )
+        if resolved == "cudnn" and self.attn_softcap:
+            resolved = "xla"  # jax's cuDNN attention has no soft-cap
         return dataclasses.replace(self, attention=resolved)
 
     @classmethod
@@ -103,82 +142,35 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-        """Builds the config of a Hugging Face Llama `config.json` (`where` names it in errors).
+        """Builds the config of a Hugging Face `config.json` of one of `families.FAMILIES`
+        (`where` names it in errors).
 
         Raises:
-          ConvertError: not a Llama model, or an option jaxlm does not implement.
+          ConvertError: another architecture, or an option jaxlm does not implement.
         """
-        arch, model_type = hf.get("architectures") or [], hf.get("model_type")
-        if model_type != "llama" or any(a not in HF_ARCHITECTURES for a in arch):
-            raise ConvertError(
-                f"{where} has architectures={arch} (model_type {model_type!r}); only "
-                f"Llama-architecture causal LMs ({', '.join(HF_ARCHITECTURES)}) import."
-            )
-        if hf.get("quantization_config"):
-            raise ConvertError(f"{where}: quantization_config is set; import an unquantized model.")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConvertError(
-                f"{where}: hidden_act={hf['hidden_act']!r} is unsupported (only silu)."
-            )
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise ConvertError(f"{where}: {flag}=true is not supported (jaxlm has no biases).")
-        theta, scaling = _hf_rope(hf, where)
+        fields = families.fields_from_hf(hf, where)
         try:
-            d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-            return cls(
-                vocab_size=int(hf["vocab_size"]),
-                d_model=d_model,
-                n_layers=int(hf["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                head_dim=int(hf.get("head_dim") or d_model // n_heads),
-                d_ff=int(hf["intermediate_size"]),
-                max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                init_std=float(hf.get("initializer_range", 0.02)),
-            )
-        except KeyError as e:
-            raise ConvertError(
-                f"{where} lacks the field {e.args[0]!r} a Llama config needs."
-            ) from None
+            return cls(**fields)
         except ConfigError as e:
             raise ConvertError(f"{where} describes a model jaxlm cannot build: {e}") from None
 
     def to_hf(
         self, dtype: str = "float32", special_ids: dict[str, int | None] | None = None
     ) -> dict[str, Any]:
-        """A `config.json` for transformers' LlamaForCausalLM (read by transformers 4.43+ and 5)."""
-        ids = special_ids or {}
-        return {
-            "architectures": list(HF_ARCHITECTURES),
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.d_model,
-            "intermediate_size": self.d_ff,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_seq_len,
-            "initializer_range": self.init_std,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope_lib.scaling_to_hf(self.rope_scaling),
-            "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "attention_dropout": 0.0,
-            "pretraining_tp": 1,
-            "use_cache": True,
-            **{k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-            "torch_dtype": dtype,
-            "dtype": dtype,  # transformers 4 reads torch_dtype, 5 dtype
-        }
+        """A `config.json` for transformers' class of this model's family (`families.py`)."""
+        return families.hf_config(self, dtype, special_ids)
+
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's sliding window (0: attends to the whole sequence)."""
+        every = self.global_every
+        return tuple(
+            0 if every and (i + 1) % every == 0 else self.sliding_window
+            for i in range(self.n_layers)
+        )
+
+    def window_sizes(self) -> tuple[int, ...]:
+        """The distinct windows of the layers, sorted (0: global)."""
+        return tuple(sorted(set(self.layer_windows())))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N for the matmuls plus causal attention.
@@ -189,13 +181,21 @@ class ModelConfig:
         work, and training is 3x forward: 6 L H E per token per layer, the way MaxText counts it.
         """
         D, H, K, E, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
-        per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F + 2 * D  # + 2 norms
+        per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F
+        per_layer += D * (4 if self.norm_placement == "both" else 2)  # block norms
+        per_layer += (H + 2 * K) * E if self.qkv_bias else 0
+        per_layer += {"none": 0, "head": 2 * E, "full": (H + K) * E}[self.qk_norm]
         matmul_params = self.n_layers * per_layer + D + self.vocab_size * D  # + final norm
         return 6 * matmul_params + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> int:
-        """The attention scores' and values' part of `flops_per_token`: 6 L H E per layer."""
-        return 6 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        """The attention scores' and values' part of `flops_per_token`: 6 L H E per layer.
+
+        A query sees L / 2 keys on average under a causal mask; in a layer with a sliding
+        window W it sees at most W, so such a layer counts 6 min(L, 2 W) H E.
+        """
+        keys = [min(seq_len, 2 * w) if w else seq_len for w in self.layer_windows()]
+        return 6 * self.n_heads * self.head_dim * sum(keys)
 
 
 REMAT_POLICIES = {
@@ -203,41 +203,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
-    """(rope_theta, rope_scaling or None) from either transformers config format."""
-    # transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters.
-    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    params = hf.get(key) or {}
-    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise ConvertError(f"{where}: a per-layer {key} is not supported (one RoPE for all).")
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ConvertError(f"{where}: partial_rotary_factor={partial} is not supported (only 1).")
-    return theta, rope_lib.scaling_from_hf(
-        params, hf.get("max_position_embeddings"), where + ": " + key
-    )
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
-    """A normally initialised fp32 parameter tagged with its logical axis names."""
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, axes=axes)
-
-
-class RMSNorm(nnx.Module):
-    """Root-mean-square layer norm, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...]).astype(x.dtype)
 
 
 def attention_mask(
@@ -266,86 +231,79 @@ def attention_mask(
     return ((causal[None] | both_ways) & same_segment)[:, None]
 
 
-class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE."""
+class Block(nnx.Module):
+    """Transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (`norm_placement="pre"`).
+
+    "post" normalises the sublayer's output instead (x + norm(attn(x)), OLMo-2), "both" does
+    both (x + norm(attn(norm(x))), Gemma).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # keeps the residual stream's scale
-        self.wq = _param(rngs, (D, H, E), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wk = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
-        self.wv = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
-        self.wo = _param(rngs, (H, E, D), ("heads", "head_dim", "embed"), out_std)
-        self.cfg = cfg
+        pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
+        if pre:
+            self.attn_norm = layers.norm(cfg, cfg.d_model)
+        self.attn = layers.Attention(cfg, rngs)
+        if post:
+            self.attn_post_norm = layers.norm(cfg, cfg.d_model)
+        if pre:
+            self.mlp_norm = layers.norm(cfg, cfg.d_model)
+        self.mlp = layers.MLP(cfg, rngs)
+        if post:
+            self.mlp_post_norm = layers.norm(cfg, cfg.d_model)
+        self.pre, self.post = pre, post
 
     def __call__(
         self,
         x: jax.Array,  # (B, L, D)
-        positions: jax.Array,  # (B, L)
-        mask: jax.Array,  # (B, 1, L, S)
-        segment_ids: jax.Array | None,  # (B, L); None when the mask is not causal
-        rope: tuple[jax.Array, jax.Array],  # rope.cos_sin(positions): (B, L, E/2) each
+        inputs: LayerInputs,
+        window: int | jax.Array,  # this layer's sliding window (0: none); traced under scan
         cache: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        dtype = x.dtype
-        q = jnp.einsum("BLD,DHE->BLHE", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("BLD,DKE->BLKE", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("BLD,DKE->BLKE", x, self.wv[...].astype(dtype))
-        q = sharding.constrain(rope_lib.apply(q, rope), ("batch", "seq", "heads", "head_dim"))
-        k = rope_lib.apply(k, rope)
-        if cache is not None:
-            # Write this step's keys/values at `index` and attend over the whole cache (B, S, K, E).
-            index = cache["index"]
-            k = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), index, axis=1
-            )
-            v = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), index, axis=1
-            )
-            cache = {"k": k, "v": v, "index": index + x.shape[1]}
-            k, v = k.astype(dtype), v.astype(dtype)
-        out = attention.attend(q, k, v, mask, segment_ids, self.cfg.attention)
-        out = sharding.constrain(out, ("batch", "seq", "heads", "head_dim"))  # (B, L, H, E)
-        return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
-
-
-class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.d_ff
-        self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
-        self.w_up = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
-        self.w_down = _param(
-            rngs, (F, D), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D)
-        dtype = x.dtype
-        # One matmul for gate and up: on XLA:CPU two separate ones make the backward pass fuse
-        # the SiLU gradient into a strided transposing copy (~15% of the tiny step). Stacking
-        # on a new axis keeps the "mlp" axis, and so its sharding, intact.
-        w_gate_up = jnp.stack([self.w_gate[...], self.w_up[...]], axis=1).astype(dtype)
-        gate_up = jnp.einsum("BLD,DCF->BLCF", x, w_gate_up)  # (B, L, 2, F)
-        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
-        h = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("BLF,FD->BLD", h, self.w_down[...].astype(dtype))
-
-
-class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x, positions, mask, segment_ids, rope, cache=None):
-        h, cache = self.attn(self.attn_norm(x), positions, mask, segment_ids, rope, cache)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        mask, rope = inputs.for_window(window)
+        h = self.attn_norm(x) if self.pre else x
+        h, cache = self.attn(h, mask, inputs.segment_ids, rope, cache, window)
+        x = x + (self.attn_post_norm(h) if self.post else h)
+        h = self.mlp(self.mlp_norm(x) if self.pre else x)
+        x = x + (self.mlp_post_norm(h) if self.post else h)
         return sharding.constrain(x, ("batch", "seq", "embed")), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What every block reads besides the residual stream, built once per forward pass.
+
+    `masks` and `ropes` hold one entry per distinct layer window (`windows`, 0 first when some
+    layer is global): the windowed layers' mask keeps only keys less than W slots away, and
+    their RoPE may have its own base (`rope_local_theta`).
+    """
+
+    windows: tuple[int, ...]
+    masks: tuple[jax.Array, ...]  # (B, 1, L, S) bool each
+    ropes: tuple[tuple[jax.Array, jax.Array], ...]  # (cos, sin), (B, L, E/2) each
+    segment_ids: jax.Array | None  # (B, L); None when the mask is not causal
+
+    def for_window(self, window: int | jax.Array) -> tuple[jax.Array, tuple]:
+        """(mask, rope) of a layer: picked in Python for a static window, by value for a
+        traced one (one scanned program for all layers)."""
+        if len(self.windows) == 1:
+            return self.masks[0], self.ropes[0]
+        if isinstance(window, int):
+            i = self.windows.index(window)
+            return self.masks[i], self.ropes[i]
+        picks = [window == w for w in self.windows]
+        pick = lambda *options: jnp.select(picks, options, options[0])  # noqa: E731
+        return pick(*self.masks), jax.tree.map(pick, *self.ropes)
+
+
+def _windowed(mask: jax.Array, window: int, q_offset: jax.Array | int) -> jax.Array:
+    """`mask` (B, 1, L, S) keeping only keys fewer than `window` slots from the query.
+
+    Slots, not positions, as transformers counts: the query's own and the W - 1 before it (and,
+    in a bidirectional prefix, after it). Padding slots inside the window stay masked.
+    """
+    L, S = mask.shape[-2:]
+    distance = jnp.arange(L)[:, None] + q_offset - jnp.arange(S)[None, :]  # (L, S)
+    return mask & (jnp.abs(distance) < window)
 
 
 class Transformer(nnx.Module):
@@ -353,14 +311,16 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.embed = layers.param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std
+        )
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.final_norm = layers.norm(cfg, cfg.d_model)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(
+            self.lm_head = layers.param(
                 rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
             )
 
@@ -379,6 +339,8 @@ class Transformer(nnx.Module):
         """
         x, head, cache = self.hidden_and_head(tokens, positions, segment_ids, cache, prefix)
         logits = jnp.einsum("BLD,DV->BLV", x, head).astype(jnp.float32)
+        if self.cfg.final_softcap:
+            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, cache)
 
@@ -394,6 +356,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
+        q_offset = 0
         if prefix is not None:
             mask = attention_mask(segment_ids, segment_ids, prefix=prefix)
             # Splash reads segment ids and assumes causal attention: without them attention
@@ -403,18 +366,32 @@ class Transformer(nnx.Module):
             mask = attention_mask(segment_ids, segment_ids)
         else:
             # Keys are every cache slot; the cache's segment row marks which hold real tokens.
-            mask = attention_mask(segment_ids, cache["segment_ids"], cache["index"])
+            q_offset = cache["index"]
+            mask = attention_mask(segment_ids, cache["segment_ids"], q_offset)
         inv_freq = rope_lib.frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         scale = rope_lib.attention_factor(cfg.rope_scaling)
         rope = rope_lib.cos_sin(positions, inv_freq, scale)  # once, shared by all layers
+        windows = cfg.window_sizes()
+        local_rope = rope
+        if cfg.rope_local_theta:  # Gemma-3: the windowed layers' own base, without scaling
+            local_freq = rope_lib.frequencies(cfg.head_dim, cfg.rope_local_theta, None)
+            local_rope = rope_lib.cos_sin(positions, local_freq)
+        inputs = LayerInputs(
+            windows=windows,
+            masks=tuple(_windowed(mask, w, q_offset) if w else mask for w in windows),
+            ropes=tuple(local_rope if w else rope for w in windows),
+            segment_ids=segment_ids,
+        )
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)  # (B, L, D)
+        if cfg.embed_scale:  # in the compute dtype, as transformers' Gemma rounds it
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         x = sharding.constrain(x, ("batch", "seq", "embed"))
 
         if cfg.scan_layers:
-            x, new_layers = self._scan_blocks(x, positions, mask, segment_ids, rope, cache)
+            x, new_layers = self._scan_blocks(x, inputs, cache)
         else:
-            x, new_layers = self._loop_blocks(x, positions, mask, segment_ids, rope, cache)
+            x, new_layers = self._loop_blocks(x, inputs, cache)
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
@@ -422,38 +399,42 @@ class Transformer(nnx.Module):
             cache = dict(cache, layers=new_layers, index=cache["index"] + L)
         return x, head.astype(dtype), cache
 
-    def _loop_blocks(self, x, positions, mask, segment_ids, rope, cache):
+    def _loop_blocks(self, x, inputs, cache):
         """The blocks one after another (a Python loop: one copy of each in the program)."""
         new_layers = []
-        for i, block in enumerate(self.blocks):
+        windows = self.cfg.layer_windows()
+        for i, (block, window) in enumerate(zip(self.blocks, windows, strict=True)):
             if cache is not None:
                 layer_cache = dict(cache["layers"][i], index=cache["index"])
-                x, layer_cache = block(x, positions, mask, segment_ids, rope, layer_cache)
+                x, layer_cache = block(x, inputs, window, layer_cache)
                 new_layers.append({"k": layer_cache["k"], "v": layer_cache["v"]})
             elif self.cfg.remat != "none":
                 remat_block = nnx.remat(
-                    lambda blk, x: blk(x, positions, mask, segment_ids, rope)[0],
-                    policy=REMAT_POLICIES[self.cfg.remat],
+                    _block_call(inputs, window), policy=REMAT_POLICIES[self.cfg.remat]
                 )
                 x = remat_block(block, x)
             else:
-                x, _ = block(x, positions, mask, segment_ids, rope)
+                x, _ = block(x, inputs, window)
         return x, new_layers
 
-    def _scan_blocks(self, x, positions, mask, segment_ids, rope, cache):
+    def _scan_blocks(self, x, inputs, cache):
         """The stacked blocks under one `lax.scan`: one copy of a block in the program.
 
         The scan slices each stacked parameter (and, when decoding, each stacked cache entry)
-        along its leading `layers` axis; the residual stream is the carry.
+        along its leading `layers` axis; the residual stream is the carry. With windowed and
+        global layers mixed, each layer's window is scanned too, and picks its mask and RoPE.
         """
         graphdef, stacked = nnx.split(self.blocks)
+        windows = inputs.windows
+        per_layer = jnp.asarray(self.cfg.layer_windows(), jnp.int32) if len(windows) > 1 else None
 
         def body(x, layer):
-            block_state, layer_cache = layer
+            block_state, layer_cache, window = layer
             block = nnx.merge(graphdef, block_state)
             if layer_cache is not None:
                 layer_cache = dict(layer_cache, index=cache["index"])
-            x, layer_cache = block(x, positions, mask, segment_ids, rope, layer_cache)
+            window = windows[0] if window is None else window
+            x, layer_cache = block(x, inputs, window, layer_cache)
             if layer_cache is not None:
                 layer_cache = {"k": layer_cache["k"], "v": layer_cache["v"]}
             return sharding.constrain(x, ("batch", "seq", "embed")), layer_cache
@@ -461,8 +442,14 @@ class Transformer(nnx.Module):
         if cache is None and self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
         layer_caches = None if cache is None else cache["layers"]
-        x, new_layers = jax.lax.scan(body, x, (stacked, layer_caches))
+        x, new_layers = jax.lax.scan(body, x, (stacked, layer_caches, per_layer))
         return x, new_layers
+
+
+def _block_call(inputs: LayerInputs, window: int):
+    """block, x -> block's output, for `nnx.remat`; the window is closed over, not an argument,
+    so that it stays a Python int (remat traces every argument, defaults too)."""
+    return lambda block, x: block(x, inputs, window)[0]
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:

@@ -131,6 +131,42 @@ def test_splash_attention_equals_xla_in_logits_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_windowed_soft_capped_splash_under_scan_equals_xla_unrolled():
+    """Splash's local and causal kernels, picked per layer inside one scan, with soft-capping
+    and a query scale, against the XLA mask path: logits and gradients."""
+    switches = dict(sliding_window=5, global_every=2, attn_softcap=2.0, query_scale_dim=7)
+    cfg = dataclasses.replace(CFG, max_seq_len=attention.SPLASH_LANES, **switches)
+    xla_net = model.create(cfg, seed=3)
+    splash_cfg = dataclasses.replace(cfg, attention="splash", scan_layers=True)
+    graphdef, _ = nnx.split(model.abstract(splash_cfg))
+    L = attention.SPLASH_LANES
+    rng = np.random.RandomState(5)
+    tokens = jnp.asarray(rng.randint(0, 61, (1, L)))
+    segment_ids = np.ones((1, L), np.int32)
+    segment_ids[0, 50:] = 2
+    positions = np.concatenate([np.arange(50), np.arange(L - 50)])[None]
+    args = (tokens, jnp.asarray(positions), jnp.asarray(segment_ids))
+    params = nnx.to_pure_dict(nnx.state(xla_net))
+
+    def loss_and_grads(forward, params):
+        loss = lambda p: jnp.mean(forward(p) ** 2)  # noqa: E731
+        return forward(params), jax.grad(loss)(params)
+
+    xla_logits, xla_grads = loss_and_grads(
+        lambda p: nnx.merge(*nnx.split(xla_net)[:1], p)(*args), params
+    )
+    splash_logits, splash_grads = loss_and_grads(
+        lambda p: nnx.merge(graphdef, p)(*args), model.stack_layers(params)
+    )
+    np.testing.assert_allclose(splash_logits, xla_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(model.unstack_layers(splash_grads)), jax.tree.leaves(xla_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    no_window = model.create(dataclasses.replace(cfg, sliding_window=0, global_every=0), seed=3)
+    assert not np.allclose(no_window(*args), xla_logits, atol=1e-3)  # the window matters here
+
+
 def test_auto_attention_picks_the_fused_kernel_each_platform_can_run():
     assert attention.default_for("tpu", "float32", 64) == "splash"
     assert attention.default_for("gpu", "bfloat16", 128) == "cudnn"

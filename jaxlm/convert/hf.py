@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family safetensors <-> jaxlm checkpoints.
+"""Hugging Face safetensors <-> jaxlm checkpoints, for the families of `jaxlm/families.py`
+(Llama, Qwen2/2.5, Qwen3, Mistral, OLMo-2, Gemma-3 text).
 
 - `import_hf(hf_dir, workdir)`: `config.json` + `*.safetensors` (one file, or shards with
   `model.safetensors.index.json`) -> `workdir/checkpoints/0/` (a params-only state),
@@ -18,7 +19,9 @@ Layouts (HF Linear weights are (out, in)):
   q_proj (H*E, D) <-> wq (D, H, E);  k_proj, v_proj (K*E, D) <-> wk, wv (D, K, E)
   o_proj (D, H*E) <-> wo (H, E, D);  gate/up_proj (F, D) <-> w_gate/w_up (D, F)
   down_proj (D, F) <-> w_down (F, D); embed_tokens (V, D) = embed; lm_head (V, D) <-> (D, V)
-RoPE needs no permutation: jaxlm uses transformers' "rotate half" layout.
+  q/k/v_proj.bias (N*E,) <-> bq, bk, bv (N, E);  OLMo-2's q_norm/k_norm (N*E,) <-> (N, E)
+Block norms are named by place (`block_tensors`). RoPE needs no permutation: jaxlm uses
+transformers' "rotate half" layout.
 """
 
 from __future__ import annotations
@@ -72,18 +75,53 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- parameter layout
 
-# (path in a block, name after 'model.layers.<i>.', how the array is laid out in HF)
-_BLOCK = (
-    (("attn_norm", "scale"), "input_layernorm.weight", "same"),
-    (("attn", "wq"), "self_attn.q_proj.weight", "in_heads"),
-    (("attn", "wk"), "self_attn.k_proj.weight", "in_heads"),
-    (("attn", "wv"), "self_attn.v_proj.weight", "in_heads"),
-    (("attn", "wo"), "self_attn.o_proj.weight", "out_heads"),
-    (("mlp_norm", "scale"), "post_attention_layernorm.weight", "same"),
-    (("mlp", "w_gate"), "mlp.gate_proj.weight", "linear"),
-    (("mlp", "w_up"), "mlp.up_proj.weight", "linear"),
-    (("mlp", "w_down"), "mlp.down_proj.weight", "linear"),
-)
+
+def block_tensors(cfg: model_lib.ModelConfig) -> list[tuple[tuple[str, ...], str, str]]:
+    """(path in a block, name after 'model.layers.<i>.', how HF lays it out) for `cfg`'s block.
+
+    transformers names a block's norms by their place: a pre-norm model's second norm is
+    `post_attention_layernorm` (before the MLP); OLMo-2 and Gemma use that name for the norm
+    on the attention's output.
+    """
+    attn = [
+        (("attn", "wq"), "self_attn.q_proj.weight", "in_heads"),
+        (("attn", "wk"), "self_attn.k_proj.weight", "in_heads"),
+        (("attn", "wv"), "self_attn.v_proj.weight", "in_heads"),
+    ]
+    if cfg.qkv_bias:
+        attn += [((("attn", f"b{x}")), f"self_attn.{x}_proj.bias", "flat") for x in "qkv"]
+    if cfg.qk_norm != "none":  # a per-head norm is (E,) in both; a full-width one (N*E,) in HF
+        kind = "same" if cfg.qk_norm == "head" else "flat"
+        attn += [(("attn", f"{x}_norm", "scale"), f"self_attn.{x}_norm.weight", kind) for x in "qk"]
+    attn.append((("attn", "wo"), "self_attn.o_proj.weight", "out_heads"))
+    mlp = [
+        (("mlp", "w_gate"), "mlp.gate_proj.weight", "linear"),
+        (("mlp", "w_up"), "mlp.up_proj.weight", "linear"),
+        (("mlp", "w_down"), "mlp.down_proj.weight", "linear"),
+    ]
+    norm = lambda path, name: ((path, "scale"), f"{name}.weight", "same")  # noqa: E731
+    if cfg.norm_placement == "pre":
+        return [
+            norm("attn_norm", "input_layernorm"),
+            *attn,
+            norm("mlp_norm", "post_attention_layernorm"),
+            *mlp,
+        ]
+    if cfg.norm_placement == "post":
+        return [
+            *attn,
+            norm("attn_post_norm", "post_attention_layernorm"),
+            *mlp,
+            norm("mlp_post_norm", "post_feedforward_layernorm"),
+        ]
+    return [
+        norm("attn_norm", "input_layernorm"),
+        *attn,
+        norm("attn_post_norm", "post_attention_layernorm"),
+        norm("mlp_norm", "pre_feedforward_layernorm"),
+        *mlp,
+        norm("mlp_post_norm", "post_feedforward_layernorm"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +130,7 @@ class Tensor:
 
     path: tuple  # key path in the jaxlm pure dict, e.g. ('blocks', 0, 'attn', 'wq')
     hf_name: str
-    kind: str  # same | linear (transposed) | in_heads | out_heads
+    kind: str  # same | linear (transposed) | in_heads | out_heads | flat (N*E) <-> (N, E)
     shape: tuple[int, ...]  # jaxlm shape
 
     @property
@@ -102,6 +140,8 @@ class Tensor:
             return (s[1] * s[2], s[0])  # (D, N, E) -> (N*E, D)
         if self.kind == "out_heads":
             return (s[2], s[0] * s[1])  # (H, E, D) -> (D, H*E)
+        if self.kind == "flat":
+            return (math.prod(s),)  # (N, E) -> (N*E,)
         return s[::-1] if self.kind == "linear" else s
 
     @property
@@ -117,7 +157,7 @@ def layout(cfg: model_lib.ModelConfig) -> list[Tensor]:
     shape = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(pure).items()}
     out = [Tensor(("embed",), "model.embed_tokens.weight", "same", shape[("embed",)])]
     for i in range(cfg.n_layers):
-        for tail, name, kind in _BLOCK:
+        for tail, name, kind in block_tensors(cfg):
             path = ("blocks", i, *tail)
             out.append(Tensor(path, f"model.layers.{i}.{name}", kind, shape[path]))
     path = ("final_norm", "scale")
@@ -132,7 +172,9 @@ def layout(cfg: model_lib.ModelConfig) -> list[Tensor]:
 def to_jaxlm(t: Tensor, w: np.ndarray) -> np.ndarray:
     """A Hugging Face tensor in jaxlm's layout, fp32 and C-contiguous."""
     w = np.asarray(w, np.float32)
-    if t.kind != "same":
+    if t.kind == "flat":
+        w = w.reshape(t.shape)
+    elif t.kind != "same":
         w = w.T.reshape(t.shape)  # (out, in) -> (in, out), then split the head axis
     return np.ascontiguousarray(w)
 
@@ -146,6 +188,8 @@ def to_hf(t: Tensor, x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
         x = x.reshape(-1, t.shape[-1]).T  # (H, E, D) -> (D, H*E)
     elif t.kind == "linear":
         x = x.T
+    elif t.kind == "flat":
+        x = x.reshape(-1)
     return np.ascontiguousarray(x.astype(dtype))
 
 
@@ -241,7 +285,7 @@ def iter_hf_params(
     if extra:  # (a tied model may still carry a copy of lm_head.weight: ignored)
         raise ConvertError(
             f"{hf_dir}: tensor {extra[0]} (and {len(extra) - 1} more) has no place "
-            "in a Llama model; the checkpoint is of another architecture."
+            "in this model; the checkpoint is of another architecture."
         )
     nbytes = sum(t.size for t in tensors) * 4
     bar = Progress("import", nbytes, "GB", scale=1e9, enabled=progress)
@@ -256,7 +300,7 @@ def iter_hf_params(
 
 
 def import_hf(hf_dir: str, workdir: str, progress: bool = True) -> model_lib.ModelConfig:
-    """Converts a Hugging Face Llama directory into a jaxlm checkpoint in `workdir`.
+    """Converts a Hugging Face model directory into a jaxlm checkpoint in `workdir`.
 
     Writes `workdir/checkpoints/0/` (state = {'params'} only; `init_from.load_params` reads it),
     `workdir/model_config.json` and `workdir/tokenizer/` (the model's tokenizer files).
@@ -311,7 +355,8 @@ def export_hf(
     max_shard_bytes: int = 2 * 10**9,
     progress: bool = True,
 ) -> str:
-    """Writes a jaxlm checkpoint as a Hugging Face Llama model directory; returns `out_dir`.
+    """Writes a jaxlm checkpoint as a Hugging Face model directory of its family
+    (`families.family_for`); returns `out_dir`.
 
     Args:
       ckpt: a workdir, its `checkpoints/` folder, or one step folder.
@@ -333,6 +378,7 @@ def export_hf(
             f"transformers requires hidden_size divisible by num_attention_heads, "
             f"and this model has d_model={cfg.d_model}, n_heads={cfg.n_heads}."
         )
+    cfg.to_hf(dtype)  # a model no Hugging Face family expresses is refused before any work
     np_dtype = np.dtype(jax.numpy.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     generation_path = os.path.join(out_dir, "generation_config.json")
     if os.path.isfile(generation_path):  # an earlier export's: the tokenizer files may bring one

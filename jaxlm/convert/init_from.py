@@ -35,8 +35,25 @@ SHAPE_FIELDS = (
     "head_dim",
     "d_ff",
     "tie_embeddings",
+    # the architecture switches: the same weights mean another function under each
+    "qkv_bias",
+    "qk_norm",
+    "norm_placement",
+    "norm_plus_one",
+    "embed_scale",
+    "mlp_act",
 )
-NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
+NUMERIC_FIELDS = (
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+    "sliding_window",
+    "global_every",
+    "rope_local_theta",
+    "attn_softcap",
+    "final_softcap",
+    "query_scale_dim",
+)
 
 
 def parse(init_from: str) -> tuple[str, str]:
