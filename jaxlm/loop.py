@@ -20,7 +20,18 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import faults, finish, objectives, peers, sharding, stages, train, validate
+from jaxlm import (
+    faults,
+    finish,
+    goodput,
+    hang,
+    objectives,
+    peers,
+    sharding,
+    stages,
+    train,
+    validate,
+)
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import staged
@@ -118,6 +129,8 @@ class Trainer:
         self.objective = objectives.Objective.build(config, tokenizer, manifest)
         self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
         self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
+        self.goodput = goodput.Accountant(workdir, writes=jax.process_index() == 0)  # goodput
+        self.hang = hang.Watchdog.from_config(config.train)  # hang
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
         )
@@ -135,13 +148,16 @@ class Trainer:
             f"{jax.process_count()} process(es)"
         )
         self.step, self.state = self._restore_or_init()
+        self.goodput.resumed_at(self.step)  # goodput
+        self.hang.start()  # hang
         self.stream: Iterator[dict[str, np.ndarray]] = self.batches
         t = config.train
-        if t.inject_nan_at or t.inject_spike_at:  # fault tests, wrapped once here
+        if t.inject_nan_at or t.inject_spike_at or t.inject_hang_at:  # fault tests, wrapped once
             self.stream = faults.FaultyBatches(
                 self.batches,
                 nan_at=t.inject_nan_at,
                 spike_at=t.inject_spike_at,
+                hang_at=t.inject_hang_at,
                 vocab_size=setup.model_cfg.vocab_size,
                 drawn=self.step,
             )
@@ -293,7 +309,9 @@ class Trainer:
                 stage = self.plan.stage_at(self.step)
                 if stage is not self.stage:
                     self._enter_stage(stage)
+                self.goodput.enter("data")  # goodput
                 host_batch = self._next_batch()
+                self.goodput.enter("compile" if self.step == start_step else "productive")
                 if self.step == start_step:  # the call returns once the program is compiled
                     self.out.print("compiling the training step (the first step waits for it)")
                     compile_start = time.perf_counter()
@@ -308,6 +326,7 @@ class Trainer:
                         f"compiled in {time.perf_counter() - compile_start:.1f}s; training, "
                         f"one line every {cfg.train.log_every} steps"
                     )
+                    self.goodput.enter("productive")  # goodput
                 self.step += 1
                 self.pending.append(step_metrics)
                 if previous_skip is not None:
@@ -320,10 +339,14 @@ class Trainer:
                     bad_steps, previous_skip = [], None
                     continue
                 self._after_step(total)
+                self.goodput.step_done(self.step)  # goodput
+                self.hang.step_done()  # hang
 
             final_eval = self._eval(total, final=True)
 
-        self.checkpointer.wait()
+        with self.goodput.during("checkpoint"):  # goodput
+            self.checkpointer.wait()
+        goodput.report(self.goodput, self.out, self.step)  # goodput
         if final_eval is None:
             self.out.print(
                 f"stopped by {self.stop_signal} during the final evaluation: training is complete "
@@ -418,7 +441,8 @@ class Trainer:
             return None
         self.in_eval = True  # only while computing: a write to the logs is never cut in half
         try:
-            result = self._compute_eval(final)
+            with self.goodput.during("eval"), self.hang.slow():  # goodput, hang
+                result = self._compute_eval(final)
         except _EvalInterrupted:
             return None
         finally:
@@ -488,9 +512,10 @@ class Trainer:
     def _save(self, force: bool = False) -> None:
         # Meant copies, let through the loop's transfer guard: orbax reads the state to the host
         # with np.asarray, and the hosts' data positions are gathered through the devices.
-        with jax.transfer_guard("allow"):
+        with jax.transfer_guard("allow"), self.goodput.during("checkpoint"), self.hang.slow():
             data_state = ckpt_lib.gather_host_states(self.batches.get_state())
             self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+        self.goodput.saved_at(self.step)  # goodput
         _return_freed_memory()
 
     def _should_stop(self) -> bool:
@@ -508,7 +533,9 @@ class Trainer:
     def _preempt(self, start_step: int, start: float) -> dict[str, Any]:
         if self.step not in self.checkpointer.steps():
             self._save(force=True)
-        self.checkpointer.wait()
+        with self.goodput.during("checkpoint"):  # goodput
+            self.checkpointer.wait()
+        goodput.report(self.goodput, self.out, self.step)  # goodput
         self.out.print(
             f"stopped by {self.stop_signal} at step {self.step}: checkpoint saved in "
             f"{self.checkpointer.directory}; run the same command to resume."
@@ -534,6 +561,7 @@ class Trainer:
             self.step, self.state, _, _ = self.checkpointer.restore(
                 self.setup.abstract_state, good[-1]
             )
+        self.goodput.resumed_at(self.step)  # goodput
         self.pending = []
         self.out.print(
             f"rollback: steps {bad_steps} were skipped in a row; back to step {self.step}, "
@@ -552,6 +580,7 @@ class Trainer:
 
     def close(self) -> None:
         """Waits for the last save and gives the signals back to their previous handlers."""
+        self.hang.stop()  # hang
         try:
             self.checkpointer.close()
         finally:

@@ -270,11 +270,9 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
         int(os.environ.get("SLURM_NTASKS", "2")) > 1
     )
     if mesh_cfg.get("coordinator"):
-        jax.distributed.initialize(
-            coordinator_address=mesh_cfg.coordinator,
-            num_processes=mesh_cfg.num_processes,
-            process_id=mesh_cfg.process_id,
-        )
+        from jaxlm import peers  # its relay makes process 0's death one sentence
+
+        peers.initialize(mesh_cfg.coordinator, mesh_cfg.num_processes, mesh_cfg.process_id)
     elif mesh_cfg.get("multihost") or env_multihost:
         jax.distributed.initialize()
     else:
