@@ -79,8 +79,10 @@ class CoordinatorLink:
     """A byte relay on 127.0.0.1 between jax's client and the coordination service.
 
     The relay sees the service's side close before jax's client can (the client's side stays
-    open), and then stops the process with one sentence naming process 0. A connection the
-    client closes first, or any after this process began to leave, ends quietly.
+    open), and then stops the process with one sentence naming process 0; once this process is
+    leaving anyway (a normal exit, a hang), it says nothing and still keeps the client's side
+    open, since jax's client aborts with its dump when that closes. A connection the client
+    closes first ends quietly.
     """
 
     def __init__(self, coordinator: str):
@@ -121,7 +123,9 @@ class CoordinatorLink:
             pass
         if not from_service:
             client_left.set()
-        elif not (client_left.is_set() or _leaving.is_set()):
+        elif not client_left.is_set():
+            if _leaving.is_set():
+                return  # this process is ending anyway: its client must not see the close
             stop_process(
                 "process 0 (the jax.distributed coordinator) is gone: its connection closed; "
                 f"process {jax.process_index()} of {jax.process_count()} stops too. {_RESUME}"
