@@ -117,3 +117,19 @@ def test_killed_and_resumed_run_accounts_for_its_wall_time_and_lost_work(stdlib_
     # measured from outside: both processes, from their start to the kill and to the report
     assert final["goodput/wall_s"] == pytest.approx(total_wall, rel=0.02), (parts, total_wall)
     assert stdout.count("goodput: productive steps ") == 1
+
+
+def test_the_dashboard_draws_each_runs_breakdown_as_one_bar(tmp_path):
+    from tools import plot_metrics
+
+    seconds = dict(zip(goodput.CATEGORIES, [13.0, 5.0, 2.0, 3.0, 7.0, 11.0, 17.0], strict=True))
+    rows = [{"step": s, "train/loss": 5.0 - s / 10} for s in range(1, 4)]
+    rows.append({"step": 3, **{f"goodput/{c}_s": v for c, v in seconds.items()}})
+    rows[-1].update({"goodput/wall_s": sum(seconds.values()), "goodput/goodput": 13 / 58})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot_metrics.dashboard([str(tmp_path)])
+    ax = next(a for a in fig.axes if a.get_title().startswith("goodput"))
+    bars = ax.patches
+    assert [b.get_width() for b in bars] == list(seconds.values())
+    assert [b.get_x() for b in bars][-1] == sum(seconds.values()) - seconds["lost"]  # stacked
+    assert "22%" in [t.get_text() for t in ax.texts]  # productive: 13 of 58 s
