@@ -15,6 +15,11 @@ fails converting the status for it and terminates). `initialize` therefore joins
 processes to the service through `CoordinatorLink`, a byte relay in this process: it sees the
 service's connection close first, and ends the process with one sentence before jax's client
 can notice anything.
+
+Not covered: a run joined by discovery (`mesh.multihost`, TPU pod or SLURM variables) calls
+`jax.distributed.initialize()` itself, without the link; and a coordinator host that vanishes
+without closing its connections (power loss, a cut network) is seen by jax's own heartbeat
+timeout only.
 """
 
 from __future__ import annotations
