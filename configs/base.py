@@ -125,6 +125,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.max_rollbacks = 3  # rollbacks before the run stops with an error
     c.train.inject_nan_at = ()  # n-th batches drawn that are poisoned with NaN (fault tests)
     c.train.inject_spike_at = ()  # n-th batches drawn whose targets are scrambled (fault tests)
+    c.train.inject_hang_at = 0  # the last process sleeps for good at this n-th batch (hang tests)
+    c.train.hang_watchdog = True  # stop a run where no step finishes in time (jaxlm/hang.py)
+    c.train.hang_factor = 10.0  # ... in this many times the median recent step time
+    c.train.hang_min_s = 600.0  # ... and at least this many seconds (a later stage may compile)
+    c.train.hang_slow_s = 3600.0  # extra seconds while a checkpoint saves or an evaluation runs
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 200  # steps between held-out evaluations; 0 = only at the end

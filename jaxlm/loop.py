@@ -21,7 +21,19 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import faults, finish, objectives, peers, resume, sharding, stages, train, validate
+from jaxlm import (
+    faults,
+    finish,
+    goodput,
+    hang,
+    objectives,
+    peers,
+    resume,
+    sharding,
+    stages,
+    train,
+    validate,
+)
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import stream as stream_lib
@@ -138,6 +150,8 @@ class Trainer:
         ]
         self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
         self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
+        self.goodput = goodput.Accountant(workdir, writes=jax.process_index() == 0)
+        self.hang = hang.Watchdog.from_config(config.train)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
         )
@@ -159,13 +173,16 @@ class Trainer:
         )
         if data_state is not None:
             self._set_data_state(self.step, data_state)
+        self.goodput.resumed_at(self.step)
+        self.hang.start()
         self.stream: Iterator[dict[str, np.ndarray]] = self.batches
         t = config.train
-        if t.inject_nan_at or t.inject_spike_at:  # fault tests, wrapped once here
+        if t.inject_nan_at or t.inject_spike_at or t.inject_hang_at:  # fault tests, wrapped once
             self.stream = faults.FaultyBatches(
                 self.batches,
                 nan_at=t.inject_nan_at,
                 spike_at=t.inject_spike_at,
+                hang_at=t.inject_hang_at,
                 vocab_size=setup.model_cfg.vocab_size,
                 drawn=self.step,
             )
@@ -252,8 +269,10 @@ class Trainer:
                 stage = self.plan.stage_at(self.step)
                 if stage is not self.stage:
                     self._enter_stage(stage)
+                self.goodput.enter("data")
                 host_batch = self._next_batch()
                 compiles = stage.program_key not in self.programs_run
+                self.goodput.enter("compile" if compiles else "productive")
                 if compiles:  # the call returns once the program is compiled
                     self.out.print(
                         f"compiling the training step for {stage.batch_size} x {stage.seq_len} "
@@ -269,6 +288,7 @@ class Trainer:
                         f"compiled in {time.perf_counter() - compile_start:.1f}s; training, "
                         f"one line every {cfg.train.log_every} steps"
                     )
+                    self.goodput.enter("productive")
                 self.step += 1
                 self.pending.append(step_metrics)
                 if previous_skip is not None:
@@ -284,10 +304,14 @@ class Trainer:
                 for hook in self.hooks:
                     if hook.due(self.step, total):
                         hook.fn(self.step)
+                self.goodput.step_done(self.step)
+                self.hang.step_done()
 
             final_eval = self._eval(total, final=True)
 
-        self.checkpointer.wait()
+        with self.goodput.during("checkpoint"):
+            self.checkpointer.wait()
+        goodput.report(self.goodput, self.out, self.step)
         if final_eval is None:
             self.out.print(
                 f"stopped by {self.stop_signal} during the final evaluation: training is complete "
@@ -369,7 +393,8 @@ class Trainer:
             return None
         self.in_eval = True  # only while computing: a write to the logs is never cut in half
         try:
-            result = self._compute_eval(final)
+            with self.goodput.during("eval"), self.hang.slow():
+                result = self._compute_eval(final)
         except _EvalInterrupted:
             return None
         finally:
@@ -442,9 +467,10 @@ class Trainer:
         force = done is None or done == self.plan.total_steps
         # Meant copies, let through the loop's transfer guard: orbax reads the state to the host
         # with np.asarray, and the hosts' data positions are gathered through the devices.
-        with jax.transfer_guard("allow"):
+        with jax.transfer_guard("allow"), self.goodput.during("checkpoint"), self.hang.slow():
             data_state = ckpt_lib.gather_host_states(self.batches.get_state())
             self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+        self.goodput.saved_at(self.step)
         _return_freed_memory()
 
     def _should_stop(self) -> bool:
@@ -462,7 +488,9 @@ class Trainer:
     def _preempt(self, start_step: int, start: float) -> dict[str, Any]:
         if self.step not in self.checkpointer.steps():
             self._save()
-        self.checkpointer.wait()
+        with self.goodput.during("checkpoint"):
+            self.checkpointer.wait()
+        goodput.report(self.goodput, self.out, self.step)
         self.out.print(
             f"stopped by {self.stop_signal} at step {self.step}: checkpoint saved in "
             f"{self.checkpointer.directory}; run the same command to resume."
@@ -488,6 +516,7 @@ class Trainer:
             self.step, self.state, _, _ = self.checkpointer.restore(
                 self.setup.abstract_state, good[-1]
             )
+        self.goodput.resumed_at(self.step)
         self.pending = []
         self.out.print(
             f"rollback: steps {bad_steps} were skipped in a row; back to step {self.step}, "
@@ -506,6 +535,7 @@ class Trainer:
 
     def close(self) -> None:
         """Waits for the last save and gives the signals back to their previous handlers."""
+        self.hang.stop()
         try:
             self.checkpointer.close()
         finally:

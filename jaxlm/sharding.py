@@ -289,7 +289,12 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
     cluster = launch.detect(mesh_cfg, os.environ)
     if cluster is None:
         return
-    jax.distributed.initialize(**cluster.initialize_kwargs)
+    if "coordinator_address" in cluster.initialize_kwargs:
+        from jaxlm import peers  # its relay makes process 0's death one sentence
+
+        peers.initialize(**cluster.initialize_kwargs)
+    else:
+        jax.distributed.initialize(**cluster.initialize_kwargs)
     # The first collective also sets up the CPU (gloo) communicator, which gives up if processes
     # arrive far apart; here they have just met in initialize(), so do it now.
     from jax.experimental import multihost_utils

@@ -398,3 +398,32 @@ def one_sentence(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg and msg.endswith("."), msg
     return msg
+
+
+# A run of `python -m jaxlm.main` on prepared data that compiles in seconds (subprocess tests).
+RUN_CONFIG = """
+from configs import tiny
+
+
+def get_config():
+    c = tiny.get_config()
+    c.data.manifest = {manifest!r}
+    c.data.datasets.code = c.data.datasets.stdlib  # the name data_configs prepares under
+    del c.data.datasets["stdlib"]
+    c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+    c.model.max_seq_len = 32
+    c.train.update(seq_len=32, batch_size=8, steps={steps}, log_every=1)
+    c.optim.warmup_steps = 2
+    c.eval.update(every=0, max_batches=2, next_line_examples=0)
+    c.checkpoint.every = {checkpoint_every}
+    c.sample.max_tokens = 0
+    return c
+"""
+
+
+def write_run_config(path, manifest: str, steps: int, checkpoint_every: int) -> str:
+    """Writes a config file (RUN_CONFIG) training on `manifest`; returns its path."""
+    path.write_text(
+        RUN_CONFIG.format(manifest=manifest, steps=steps, checkpoint_every=checkpoint_every)
+    )
+    return str(path)

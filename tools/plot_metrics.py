@@ -10,7 +10,9 @@ run has one dataset) and gzip -9 on the same held-out text (`eval/gzip_bits_per_
 the x axis is tokens seen (step x train.batch_size x train.seq_len from each run's config.json,
 or steps when a config is missing). A run with `config.stages` also gets its stage boundaries
 marked (dotted lines) on every panel and a row of its planned schedules: batch size, sequence
-length and mixture weights per step. Needs matplotlib: pip install 'jaxlm[plot]'.
+length and mixture weights per step. A run that wrote a goodput breakdown (`goodput/<category>_s`,
+at its end) gets a last row: where its wall time went, one stacked bar per run, cumulative over
+its restarts. Needs matplotlib: pip install 'jaxlm[plot]'.
 Default output: <first workdir>/metrics.png.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from jaxlm import cli
+from jaxlm import cli, goodput
 from jaxlm.errors import JaxlmError
 
 FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
@@ -171,8 +173,16 @@ def dashboard(workdirs: list[str]) -> Any:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     staged = any(p is not None for p in plans)  # a third row: the planned schedules
-    rows = 3 if staged else 2
+    accounted = any("goodput/wall_s" in run for run in runs)  # a last row: the goodput bars
+    rows = (3 if staged else 2) + accounted
     fig, axes = plt.subplots(rows, 3, figsize=(16, 4.25 * rows), dpi=100, sharex=True)
+    if accounted:  # one wide panel of its own x axis (seconds) in place of the last row
+        for ax in axes[-1]:
+            ax.remove()
+        _draw_goodput(fig.add_subplot(axes[0, 0].get_gridspec()[-1, :]), runs, _labels(workdirs))
+        axes = axes[:-1]
+        for ax in axes[-1]:  # now the bottom row of the shared x axis: its tick labels back
+            ax.xaxis.set_tick_params(labelbottom=True)
     ax_loss, ax_lr, ax_grad, ax_tput, ax_acc, ax_bpb = axes.ravel()[:6]
     titles = {
         ax_loss: "loss (x spike, | skipped step)",
@@ -321,6 +331,34 @@ def dashboard(workdirs: list[str]) -> Any:
     fig.suptitle(" vs ".join(_labels(workdirs)))
     fig.tight_layout()
     return fig
+
+
+def _draw_goodput(ax: Any, runs: list[Series], labels: list[str]) -> None:
+    """One horizontal bar per run with a breakdown: its wall time split into goodput's
+    categories (the last breakdown it wrote), each part labelled with its share."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    shown = [
+        (run, label) for run, label in zip(runs, labels, strict=True) if "goodput/wall_s" in run
+    ]
+    for row, (run, _) in enumerate(shown):
+        wall = run["goodput/wall_s"][1][-1]
+        left = 0.0
+        for (category, words), color in zip(
+            goodput.CATEGORIES.items(), colors[: len(goodput.CATEGORIES)], strict=True
+        ):
+            seconds = run.get(f"goodput/{category}_s", (None, [0.0]))[1][-1]
+            ax.barh(row, seconds, left=left, color=color, label=words if row == 0 else None)
+            if wall and seconds / wall >= 0.04:  # room for its label
+                ax.text(left + seconds / 2, row, f"{seconds / wall:.0%}", ha="center", va="center")
+            left += seconds
+    ax.set_yticks(range(len(shown)), [label for _, label in shown])
+    ax.set_xlabel("wall time (s), over every start of the run")
+    ax.set_title("goodput: where the wall time went")
+    ax.legend(
+        fontsize=7, ncol=len(goodput.CATEGORIES), loc="upper center", bbox_to_anchor=(0.5, -0.25)
+    )
 
 
 def _same_series(a: tuple[np.ndarray, np.ndarray], b: tuple | None) -> bool:
