@@ -7,6 +7,7 @@ and print a sample. The pure pieces it drives (steps, `Setup`, `evaluate`) live 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -279,9 +280,11 @@ class Trainer:
                         "tokens (the first step waits for it)"
                     )
                     compile_start = time.perf_counter()
-                self.state, step_metrics = self.train_step(
-                    self.state, sharding.host_to_global(host_batch, self.setup.mesh)
-                )
+                # A compile (a new stage's shapes) gets the watchdog's allowance of slow work.
+                with self.hang.slow() if compiles else contextlib.nullcontext():
+                    self.state, step_metrics = self.train_step(
+                        self.state, sharding.host_to_global(host_batch, self.setup.mesh)
+                    )
                 if compiles:
                     self.programs_run.add(stage.program_key)
                     self.out.print(
