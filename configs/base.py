@@ -118,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # global batch, in sequences
     c.train.seq_len = 512  # L, tokens per sequence
     c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+    # Cross-entropy in vocabulary tiles of this many entries (jaxlm/loss.py): the same loss and
+    # gradients without the (batch, length, vocab) logits in memory. 0: the whole logits.
+    c.train.loss_chunk = 0
     c.train.log_every = 10  # steps between metric lines
     c.train.spike_ratio = 2.0  # skip a step whose loss exceeds this x the running mean; 0 = off
     c.train.spike_warmup = 50  # accepted steps before spike detection starts

@@ -32,6 +32,7 @@ class RunSpec:
     eval_batch_size: int  # global rows per held-out batch (eval.batch_size, else train's)
     spike_ratio: float
     spike_warmup: int
+    loss_chunk: int  # train.loss_chunk: vocabulary tile of the tiled cross-entropy; 0 = off
 
     @property
     def eval_seq_len(self) -> int:
@@ -75,7 +76,13 @@ def build(config: Any) -> RunSpec:
         eval_batch_size=int(config.eval.batch_size or config.train.batch_size),
         spike_ratio=float(config.train.spike_ratio),
         spike_warmup=int(config.train.spike_warmup),
+        loss_chunk=int(config.train.get("loss_chunk", 0)),
     )
+    if spec.loss_chunk and model.final_softcap:
+        raise ConfigError(
+            "train.loss_chunk (the tiled cross-entropy) has no logit soft-cap; set "
+            "train.loss_chunk=0 with model.final_softcap."
+        )
     try:
         spec.optimizer()
     except ConfigError:

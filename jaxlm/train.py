@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
 from jaxlm import objectives, optim, sharding
 from jaxlm import spec as run_spec
@@ -31,11 +32,20 @@ Batch = dict[str, jax.Array]
 # --------------------------------------------------------------------------- the pure steps
 
 
-def loss_sums(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy (fp32) and the number of target tokens in `batch`."""
+def loss_sums(
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy (fp32) and the number of target tokens in `batch`.
+
+    `loss_chunk` > 0 computes it in vocabulary tiles of that many entries (`jaxlm.loss`): the
+    same loss and gradients without the (B, L, V) logits.
+    """
+    mask = batch["loss_mask"]
+    if loss_chunk:
+        hidden, head = _hidden_and_head(graphdef, params, batch)
+        return loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
     logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
-    mask = batch["loss_mask"]
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
@@ -46,14 +56,30 @@ def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
     return model(batch["inputs"], batch["positions"], batch["segment_ids"], prefix=prefix)
 
 
-def eval_sums(graphdef: Any, params: Any, batch: Batch) -> dict[str, jax.Array]:
+def _hidden_and_head(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    model = nnx.merge(graphdef, params)
+    hidden, head, _ = model.hidden_and_head(
+        batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch.get("prefix")
+    )
+    return hidden, head  # (B, L, D), (D, V)
+
+
+def eval_sums(
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
+) -> dict[str, jax.Array]:
     """Summed nll, target count, argmax hits, and whole spans: `spans` documents with targets
     in the row, `exact` of them with every target the argmax (for FIM's middle span that is
-    greedy decoding reproducing it exactly; a document split across rows counts per row)."""
-    logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+    greedy decoding reproducing it exactly; a document split across rows counts per row).
+    `loss_chunk` as in `loss_sums`."""
     mask = batch["loss_mask"]
-    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) * mask  # (B, L)
+    if loss_chunk:
+        hidden, head = _hidden_and_head(graphdef, params, batch)
+        nll, hit = loss_lib.token_nll_and_hits(hidden, head, batch["targets"], loss_chunk)
+    else:
+        logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+        hit = jnp.argmax(logits, axis=-1) == batch["targets"]
+    hits = hit * mask  # (B, L)
     B, L = mask.shape
     span = (jnp.arange(B)[:, None] * (L + 1) + batch["segment_ids"]).reshape(-1)  # (B L,)
     targets_per_span = jax.ops.segment_sum(mask.reshape(-1), span, B * (L + 1))
@@ -68,13 +94,15 @@ def eval_sums(graphdef: Any, params: Any, batch: Batch) -> dict[str, jax.Array]:
     }
 
 
-def accumulate_gradients(graphdef: Any, params: Any, batch: Batch, grad_accum: int) -> tuple:
+def accumulate_gradients(
+    graphdef: Any, params: Any, batch: Batch, grad_accum: int, loss_chunk: int = 0
+) -> tuple:
     """Summed loss, target count and summed gradients over `grad_accum` micro-batches.
 
     Sums (not means) make the result independent of how the batch is split: dividing by the
     total count afterwards gives exactly the whole batch's mean-loss gradient.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
     if grad_accum == 1:
         (loss_sum, count), grads = grad_fn(params, batch)
         return loss_sum, count, grads
@@ -104,6 +132,7 @@ def make_train_step(
     spike_ratio: float = 0.0,
     spike_warmup: int = 50,
     ema_decay: float = 0.99,
+    loss_chunk: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
     of every run (a stage of a staged run is a `grad_accum` and a batch shape).
@@ -120,7 +149,9 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
-        loss_sum, count, grads = accumulate_gradients(graphdef, params, batch, grad_accum)
+        loss_sum, count, grads = accumulate_gradients(
+            graphdef, params, batch, grad_accum, loss_chunk
+        )
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -165,14 +196,16 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: Any, detail: bool = False) -> Callable[[Any, Batch], dict]:
+def make_eval_step(
+    graphdef: Any, detail: bool = False, loss_chunk: int = 0
+) -> Callable[[Any, Batch], dict]:
     """Builds `eval_step(params, batch) -> {'nll', 'count'}` (summed nll, target count), or with
     `detail` the whole dict of `eval_sums` (the non-causal objectives' metrics)."""
     if detail:
-        return lambda params, batch: eval_sums(graphdef, params, batch)
+        return lambda params, batch: eval_sums(graphdef, params, batch, loss_chunk)
 
     def eval_step(params, batch):
-        nll, count = loss_sums(graphdef, params, batch)
+        nll, count = loss_sums(graphdef, params, batch, loss_chunk)
         return {"nll": nll, "count": count}
 
     return eval_step
@@ -285,6 +318,7 @@ class Setup:
                 stage.grad_accum,
                 self.spec.spike_ratio,
                 self.spec.spike_warmup,
+                loss_chunk=self.spec.loss_chunk,
             )
 
             def traced(state, batch, step=step, accum=stage.grad_accum):
@@ -308,7 +342,7 @@ class Setup:
         if stage.rope not in self._eval_steps:
             detail = self.spec.objective != "causal"
             self._eval_steps[stage.rope] = sharding.jit(
-                make_eval_step(self.graphdef_for(stage), detail),
+                make_eval_step(self.graphdef_for(stage), detail, self.spec.loss_chunk),
                 self.mesh_rules,
                 in_shardings=(self.param_shardings, sharding.batch_sharding(self.mesh)),
             )

@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import VOCAB, packed_batch, tiny_config
 
 from jaxlm import loss, train
 from jaxlm import model as model_lib
+from tests.helpers import VOCAB, packed_batch, tiny_config
 
 B, L, D, V = 3, 37, 29, 331
 
@@ -83,9 +83,10 @@ def test_per_token_loss_and_argmax_hits_equal_the_plain_ones():
     assert int(hits.sum()) >= B * (L // 3) and hits[0, 0] and not hits[0, 1]
 
 
-def test_model_loss_equals_train_loss_sums():
-    """The call the train step makes with `train.loss_chunk` gives train.loss_sums' loss and
-    parameter gradients (tied embeddings: the head is the embedding's transpose)."""
+def test_train_loss_chunk_gives_the_plain_loss_gradients_and_eval_sums():
+    """`train.loss_chunk` (the switch the step reads) gives the plain loss and parameter
+    gradients (tied embeddings: the head is the embedding's transpose) and the same eval sums,
+    argmax hits included; a whole train step moves the parameters the same way."""
     cfg = model_lib.ModelConfig.from_config(
         tiny_config(tie_embeddings=True, n_layers=1).model, VOCAB
     )
@@ -94,26 +95,35 @@ def test_model_loss_equals_train_loss_sums():
     params = jax.tree.map(lambda s: jnp.asarray(0.3 * r.randn(*s.shape), s.dtype), shapes)
     batch = {k: jnp.asarray(v) for k, v in packed_batch(2, 23, seed=3).items()}
 
-    def tiled(params, batch):
-        model = nnx.merge(graphdef, params)
-        positions, segment_ids = batch["positions"], batch["segment_ids"]
-        prefix = batch.get("prefix")
-        hidden, head, _ = model.hidden_and_head(
-            batch["inputs"], positions, segment_ids, None, prefix
-        )
-        return loss.token_loss_sums(hidden, head, batch["targets"], batch["loss_mask"], 7)
+    def grads_of(chunk):
+        fn = jax.value_and_grad(lambda p: train.loss_sums(graphdef, p, batch, chunk), has_aux=True)
+        return jax.jit(fn)(params)
 
-    def plain(params, batch):
-        return train.loss_sums(graphdef, params, batch)
-
-    (total, count), grads = jax.jit(jax.value_and_grad(plain, has_aux=True))(params, batch)
-    (total_t, count_t), grads_t = jax.jit(jax.value_and_grad(tiled, has_aux=True))(params, batch)
+    (total, count), grads = grads_of(0)
+    (total_t, count_t), grads_t = grads_of(7)  # 61 entries: 9 tiles of 7, the last padded
     assert count_t == count and abs(float(total_t - total)) <= 1e-6 * abs(float(total))
     # Relative to each gradient's size (of the summed loss: up to ~10 here).
     relative = jax.tree.map(
         lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(a).max()), grads, grads_t
     )
     assert max(jax.tree.leaves(relative)) <= 1e-6
+    plain, tiled = (jax.jit(train.make_eval_step(graphdef, True, c))(params, batch) for c in (0, 7))
+    assert {k: int(plain[k]) for k in ("count", "correct", "spans", "exact")} == {
+        k: int(tiled[k]) for k in ("count", "correct", "spans", "exact")
+    }
+    np.testing.assert_allclose(float(tiled["nll"]), float(plain["nll"]), rtol=1e-6)
+
+    tx = optax.adam(1e-2)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
+    state["guard"] = {"loss_ema": jnp.array(0.0), "accepted": jnp.array(0, jnp.int32)}
+    after = [
+        jax.jit(train.make_train_step(graphdef, tx, lambda n: 1e-2, 1, loss_chunk=c))(state, batch)
+        for c in (0, 7)
+    ]
+    np.testing.assert_allclose(float(after[1][1]["loss"]), float(after[0][1]["loss"]), rtol=1e-6)
+    plain_params, tiled_params = (jax.tree.leaves(a[0]["params"]) for a in after)
+    for a, b in zip(plain_params, tiled_params, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
 
 
 def test_compiled_temporaries_stay_below_the_logits_size():

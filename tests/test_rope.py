@@ -8,12 +8,19 @@ import json
 
 import numpy as np
 import pytest
-from helpers import hf_logits, jaxlm_logits, make_hf_model, one_sentence, read_params, tiny_config
 
 from jaxlm import model as model_lib
 from jaxlm import rope, stages
 from jaxlm.convert import hf
 from jaxlm.errors import ConfigError, ConvertError
+from tests.helpers import (
+    hf_logits,
+    jaxlm_logits,
+    make_hf_model,
+    one_sentence,
+    read_params,
+    tiny_config,
+)
 
 VOCAB = 67
 # head_dim 14, theta 500 and original length 64: YaRN's ramp spans dimensions 0-3, so some
