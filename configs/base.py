@@ -106,6 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.groups = ml_collections.ConfigDict()
     for group, wd_scale in (("matrix", 1.0), ("embedding", 1.0), ("vector", 0.0)):
         c.optim.groups[group] = ml_collections.ConfigDict(dict(lr_scale=1.0, wd_scale=wd_scale))
+    # The untied output head (lm_head) in a group of its own: set either scale (None: the
+    # embedding group's); both None keeps the head in the embedding group.
+    c.optim.groups.head = ml_collections.ConfigDict()
+    c.optim.groups.head.lr_scale = config_dict.placeholder(float)  # x optim.lr for lm_head
+    c.optim.groups.head.wd_scale = config_dict.placeholder(float)  # x optim.weight_decay
     c.optim.muon = ml_collections.ConfigDict()  # optim.name=muon only: the matrix group
     c.optim.muon.lr = 0.02  # peak Muon step size (follows the same schedule shape as optim.lr)
     c.optim.muon.beta = 0.95  # momentum
@@ -125,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Cross-entropy in vocabulary tiles of this many entries (jaxlm/loss.py): the same loss and
     # gradients without the (batch, length, vocab) logits in memory. 0: the whole logits.
     c.train.loss_chunk = 0
+    # z-loss: adds this x mean(logsumexp(logits)^2) over target tokens to the training loss (and
+    # to the logged train loss; never to held-out losses), e.g. 1e-4 (PaLM). 0: off.
+    c.train.z_loss = 0.0
     c.train.log_every = 10  # steps between metric lines
     c.train.spike_ratio = 2.0  # skip a step whose loss exceeds this x the running mean; 0 = off
     c.train.spike_warmup = 50  # accepted steps before spike detection starts
