@@ -1,6 +1,7 @@
 """The speedrun switches (issue 26): ReLU² MLP, zero-initialised output projections, z-loss,
 the untied head's own optimizer group. Each learns from scratch, all of them together shard
-exactly, the z-loss is the formula, and a model Hugging Face cannot express is refused."""
+exactly and resume bitwise, the z-loss is the formula, and a model Hugging Face cannot express
+is refused."""
 
 import dataclasses
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import loss, sharding, train
+from jaxlm import checkpoint, loss, sharding, train
 from jaxlm import model as model_lib
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError, ConvertError
@@ -60,7 +61,7 @@ def test_each_model_switch_learns_from_scratch_on_a_repeated_batch(switch):
         assert init["attn"]["wq"].any() and init["mlp"]["w_up"].any()
 
 
-def test_all_switches_on_learn_and_fsdp_over_8_devices_equals_one_device():
+def test_all_switches_on_learn_shard_exactly_and_resume_bitwise(tmp_path):
     batches = [packed_batch(8, 16, seed=9, vocab=VOCAB)] * 4
     _, expected = run_steps(make_setup(ALL, jax.devices()[:1]), batches)
     assert expected[-1] < 0.85 * expected[0], expected
@@ -72,6 +73,18 @@ def test_all_switches_on_learn_and_fsdp_over_8_devices_equals_one_device():
     params = jax.device_get(state["params"])
     np.testing.assert_array_equal(params["embed"], init["embed"])
     assert not np.array_equal(params["lm_head"], init["lm_head"])
+
+    half, _ = run_steps(setup, batches[:2])
+    ckpt = checkpoint.Checkpointer(str(tmp_path), setup.config.checkpoint)
+    ckpt.save(2, half, None, {"param_shapes": checkpoint.param_shapes(half["params"])})
+    ckpt.wait()
+    _, restored, _, _ = ckpt.restore(setup.abstract_state)
+    ckpt.close()
+    step = setup.jit_train_step()
+    for batch in batches[2:]:
+        restored, _ = step(restored, sharding.host_to_global(batch, setup.mesh))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_z_loss_is_the_formula_in_training_and_absent_from_held_out_loss():
