@@ -42,7 +42,7 @@ class ModelConfig:
     n_heads: int  # H
     n_kv_heads: int  # K; must divide H (grouped-query attention)
     head_dim: int  # E
-    d_ff: int  # F, SwiGLU hidden size
+    d_ff: int  # F, MLP hidden size
     max_seq_len: int = 2048  # longest position the model is meant for (RoPE scaling, checks)
     rope_theta: float = 10000.0
     # RoPE scaling (Llama 3, linear, YaRN) in rope.parse_scaling's canonical tuple, or None.
@@ -62,13 +62,14 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre (Llama) | post (sublayer outputs: OLMo-2) | both (Gemma)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialised to 0 (Gemma)
     embed_scale: bool = False  # embeddings multiplied by sqrt(d_model) (Gemma)
-    mlp_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    mlp_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma) | relu2 (ReLU², no gate)
     sliding_window: int = 0  # W > 0: a query sees itself and the W - 1 tokens before it
     global_every: int = 0  # with a window, layers N-1, 2N-1, ... attend globally; 0: none do
     rope_local_theta: float = 0.0  # RoPE base of the windowed layers (Gemma-3); 0: rope_theta
     attn_softcap: float = 0.0  # attention logits -> c * tanh(logits / c); 0: off
     final_softcap: float = 0.0  # output logits -> c * tanh(logits / c); 0: off
     query_scale_dim: int = 0  # attention logits scaled by this**-0.5 (Gemma-3); 0: head_dim
+    zero_init_out: bool = False  # attention's wo and the MLP's w_down start at zero
     family: str = ""  # Hugging Face family to export as; "": the first whose switches these are
 
     def __post_init__(self):
@@ -181,7 +182,8 @@ class ModelConfig:
         work, and training is 3x forward: 6 L H E per token per layer, the way MaxText counts it.
         """
         D, H, K, E, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
-        per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F
+        mlp_matrices = 2 if self.mlp_act in layers.UNGATED else 3
+        per_layer = D * H * E + 2 * D * K * E + H * E * D + mlp_matrices * D * F
         per_layer += D * (4 if self.norm_placement == "both" else 2)  # block norms
         per_layer += (H + 2 * K) * E if self.qkv_bias else 0
         per_layer += {"none": 0, "head": 2 * E, "full": (H + K) * E}[self.qk_norm]

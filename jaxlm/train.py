@@ -33,20 +33,28 @@ Batch = dict[str, jax.Array]
 
 
 def loss_sums(
-    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0, z_loss: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy (fp32) and the number of target tokens in `batch`.
 
     `loss_chunk` > 0 computes it in vocabulary tiles of that many entries (`jaxlm.loss`): the
-    same loss and gradients without the (B, L, V) logits.
+    same loss and gradients without the (B, L, V) logits. `z_loss` > 0 adds z_loss * lse^2 per
+    target token (lse: the log-normaliser of its logits), which keeps the output's log-partition
+    near zero; the training step passes it, held-out evaluation does not.
     """
     mask = batch["loss_mask"]
     if loss_chunk:
         hidden, head = _hidden_and_head(graphdef, params, batch)
-        return loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
-    logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+        if not z_loss:
+            return loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
+        nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
+    else:
+        logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+        if not z_loss:
+            return jnp.sum(nll * mask), jnp.sum(mask)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
+    return jnp.sum((nll + z_loss * jnp.square(lse)) * mask), jnp.sum(mask)
 
 
 def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
@@ -95,14 +103,21 @@ def eval_sums(
 
 
 def accumulate_gradients(
-    graphdef: Any, params: Any, batch: Batch, grad_accum: int, loss_chunk: int = 0
+    graphdef: Any,
+    params: Any,
+    batch: Batch,
+    grad_accum: int,
+    loss_chunk: int = 0,
+    z_loss: float = 0.0,
 ) -> tuple:
     """Summed loss, target count and summed gradients over `grad_accum` micro-batches.
 
     Sums (not means) make the result independent of how the batch is split: dividing by the
     total count afterwards gives exactly the whole batch's mean-loss gradient.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, b: loss_sums(graphdef, p, b, loss_chunk, z_loss), has_aux=True
+    )
     if grad_accum == 1:
         (loss_sum, count), grads = grad_fn(params, batch)
         return loss_sum, count, grads
@@ -133,13 +148,14 @@ def make_train_step(
     spike_warmup: int = 50,
     ema_decay: float = 0.99,
     loss_chunk: int = 0,
+    z_loss: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
     of every run (a stage of a staged run is a `grad_accum` and a batch shape).
 
     The batch is split into `grad_accum` micro-batches, scanned inside the program, whose summed
     gradients are normalised by the total target count, so the update equals the one of the
-    whole batch.
+    whole batch. The loss (and its logged value) includes the `z_loss` term (`loss_sums`).
 
     A step whose loss or gradient is not finite, or (after `spike_warmup` good steps) whose loss
     exceeds `spike_ratio` times the running mean of accepted losses, is skipped: parameters and
@@ -150,7 +166,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
         loss_sum, count, grads = accumulate_gradients(
-            graphdef, params, batch, grad_accum, loss_chunk
+            graphdef, params, batch, grad_accum, loss_chunk, z_loss
         )
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
@@ -319,6 +335,7 @@ class Setup:
                 self.spec.spike_ratio,
                 self.spec.spike_warmup,
                 loss_chunk=self.spec.loss_chunk,
+                z_loss=self.spec.z_loss,
             )
 
             def traced(state, batch, step=step, accum=stage.grad_accum):
