@@ -190,9 +190,9 @@ def timed_tokenize_stage(timings: list[tuple[str, float, int, int]]):
 
     original = records.Encoder.write_shards
 
-    def write_shards(self, texts, root, pattern, docs_per_shard, label="tokenize"):
+    def write_shards(self, texts, root, pattern, docs_per_shard, label="tokenize", **options):
         t0 = time.perf_counter()
-        shards, mbps = original(self, texts, root, pattern, docs_per_shard, label)
+        shards, mbps = original(self, texts, root, pattern, docs_per_shard, label, **options)
         nbytes = sum(s.bytes for s in shards)
         tokens = sum(s.tokens for s in shards)
         timings.append((label, time.perf_counter() - t0, nbytes, tokens))

@@ -8,14 +8,15 @@ prepared once into a cache; 2% of files held out by content hash). Model: 3 laye
 evaluation every 25 steps on 4 batches and on all held-out text at the end.
 Optimizer: Muon on the attention and MLP matrices, AdamW on the tied embedding and norms.
 
-Measured from a fresh clone on a 2-core Intel Xeon VM (2026-12-07 17:09 UTC, idle): data
-preparation 14 s, training and evaluation 6 min 10 s, 6 min 31 s wall in all; final held-out
-2.117 bits per byte where gzip -9 gets 1.607 on the same text (Python source is very
-compressible), next-line task 34% (chance 25%): the same figures as on the 2-core AMD EPYC VM
-of 2026-12-01 (6 min 56 s there with the data prepared; preparation took 60 s on the tester's
-fresh machine). The same command again on the finished run prints `run complete at step 205
-...; final figures: ...` in 3 s and exits. The recipe before it
-(AdamW, 300 steps) took 7 min 55 s in the same session, data preparation included, and ended
+Measured on a 2-core Intel Xeon VM: final held-out 2.175 bits per byte where gzip -9 gets
+1.607 on the same text (Python source is very compressible), next-line task 32% (chance 25%),
+since every run reads the one training stream (2026-12-07 evening; 2.117 and 34% with the grain
+pipeline before it: another document order). Timing, idle machine, from a fresh clone (17:09
+UTC, before that change; the step program is the same, `benchmarks/bench.py` ratio 1.00): data
+preparation 14 s, training and evaluation 6 min 10 s, 6 min 31 s wall in all (6 min 56 s on the
+2-core AMD EPYC VM of 2026-12-01; preparation took 60 s on the tester's fresh machine). The
+same command again on the finished run prints `run complete at step 205 ...; final figures: ...`
+in 3 s and exits. The recipe before it (AdamW, 300 steps) took 7 min 55 s in the same session, data preparation included, and ended
 at 2.357: Muon steps cost ~1.35x AdamW's here, so 205 of them fit in the time of 300 AdamW steps
 and end 0.24 lower.
 """
