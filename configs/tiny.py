@@ -16,9 +16,9 @@ UTC, before that change; the step program is the same, `benchmarks/bench.py` rat
 preparation 14 s, training and evaluation 6 min 10 s, 6 min 31 s wall in all (6 min 56 s on the
 2-core AMD EPYC VM of 2026-12-01; preparation took 60 s on the tester's fresh machine). The
 same command again on the finished run prints `run complete at step 205 ...; final figures: ...`
-in 3 s and exits. The recipe before it (AdamW, 300 steps) took 7 min 55 s in the same session, data preparation included, and ended
-at 2.357: Muon steps cost ~1.35x AdamW's here, so 205 of them fit in the time of 300 AdamW steps
-and end 0.24 lower.
+in 3 s and exits. The recipe before it (AdamW, 300 steps) took 7 min 55 s in the same session
+(2026-12-01), data preparation included, and ended at 2.357: Muon steps cost ~1.35x AdamW's
+here, so 205 of them fit in the time of 300 AdamW steps and end 0.24 lower.
 """
 
 from configs import base
