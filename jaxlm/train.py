@@ -32,6 +32,15 @@ Batch = dict[str, jax.Array]
 # --------------------------------------------------------------------------- the pure steps
 
 
+# The router statistics a step reports for an MoE model (`moe.summarize`'s keys, renamed).
+MOE_METRICS = {
+    "balance_loss": "moe_balance_loss",
+    "z_loss": "moe_z_loss",
+    "dropped": "moe_dropped",
+    "load_max_over_mean": "moe_load_max_over_mean",
+}
+
+
 def loss_sums(
     graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
 ) -> tuple[jax.Array, jax.Array]:
@@ -40,28 +49,56 @@ def loss_sums(
     `loss_chunk` > 0 computes it in vocabulary tiles of that many entries (`jaxlm.loss`): the
     same loss and gradients without the (B, L, V) logits.
     """
+    nll_sum, count, _ = _sums_and_router_stats(graphdef, params, batch, loss_chunk)
+    return nll_sum, count
+
+
+def train_loss_sums(
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """What the train step differentiates, and (summed cross-entropy, target count, router
+    metrics) beside it.
+
+    For a dense model that is `loss_sums`' cross-entropy. An MoE model adds its router losses
+    (balance and z-loss with their coefficients, averaged over the sparse layers) times the
+    target count: means over tokens, so they stay means when the step divides by the count.
+    """
+    nll_sum, count, moe_aux = _sums_and_router_stats(graphdef, params, batch, loss_chunk)
+    if not moe_aux:
+        return nll_sum, (nll_sum, count, {})
+    metrics = {name: moe_aux[key] for key, name in MOE_METRICS.items()}
+    return nll_sum + count * moe_aux["loss"], (nll_sum, count, metrics)
+
+
+def _sums_and_router_stats(
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     mask = batch["loss_mask"]
     if loss_chunk:
-        hidden, head = _hidden_and_head(graphdef, params, batch)
-        return loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
-    logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        hidden, head, moe_aux = _hidden_and_head(graphdef, params, batch)
+        nll_sum, count = loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
+        return nll_sum, count, moe_aux
+    logits, moe_aux = _logits(graphdef, params, batch)  # (B, L, V) fp32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
 
 
-def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
+def _logits(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     model = nnx.merge(graphdef, params)
     # A causal batch has no `prefix`: None builds exactly the program of before objectives.
     prefix = batch.get("prefix")
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], prefix=prefix)
+    logits, _, moe_aux = model.forward(
+        batch["inputs"], batch["positions"], batch["segment_ids"], prefix=prefix
+    )
+    return logits, moe_aux
 
 
-def _hidden_and_head(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def _hidden_and_head(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, ...]:
     model = nnx.merge(graphdef, params)
-    hidden, head, _ = model.hidden_and_head(
+    hidden, head, _, moe_aux = model.hidden_and_head(
         batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch.get("prefix")
     )
-    return hidden, head  # (B, L, D), (D, V)
+    return hidden, head, moe_aux  # (B, L, D), (D, V), router statistics
 
 
 def eval_sums(
@@ -73,10 +110,10 @@ def eval_sums(
     `loss_chunk` as in `loss_sums`."""
     mask = batch["loss_mask"]
     if loss_chunk:
-        hidden, head = _hidden_and_head(graphdef, params, batch)
+        hidden, head, _ = _hidden_and_head(graphdef, params, batch)
         nll, hit = loss_lib.token_nll_and_hits(hidden, head, batch["targets"], loss_chunk)
     else:
-        logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        logits, _ = _logits(graphdef, params, batch)  # (B, L, V) fp32
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
         hit = jnp.argmax(logits, axis=-1) == batch["targets"]
     hits = hit * mask  # (B, L)
@@ -97,31 +134,34 @@ def eval_sums(
 def accumulate_gradients(
     graphdef: Any, params: Any, batch: Batch, grad_accum: int, loss_chunk: int = 0
 ) -> tuple:
-    """Summed loss, target count and summed gradients over `grad_accum` micro-batches.
+    """Summed cross-entropy, target count, summed gradients (of `train_loss_sums`) and the
+    router metrics (means over the micro-batches; {} for a dense model) over `grad_accum`
+    micro-batches.
 
     Sums (not means) make the result independent of how the batch is split: dividing by the
     total count afterwards gives exactly the whole batch's mean-loss gradient.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
+    grad_fn = jax.grad(lambda p, b: train_loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
-        return loss_sum, count, grads
+        grads, (loss_sum, count, moe_metrics) = grad_fn(params, batch)
+        return loss_sum, count, grads, moe_metrics
     # Row i goes to micro-batch i % grad_accum: each device's block of rows splits evenly over
     # the micro-batches (no rows move between devices), whatever the mesh.
     micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def add(carry, micro_batch):
-        (loss_sum, count), grads = grad_fn(params, micro_batch)
+        grads, (loss_sum, count, moe_metrics) = grad_fn(params, micro_batch)
         acc_loss, acc_count, acc_grads = carry
         return (
             acc_loss + loss_sum,
             acc_count + count,
             jax.tree.map(jnp.add, acc_grads, grads),
-        ), None
+        ), moe_metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, count, grads), _ = jax.lax.scan(add, (0.0, 0.0, zeros), micro)
-    return loss_sum, count, grads
+    (loss_sum, count, grads), moe_metrics = jax.lax.scan(add, (0.0, 0.0, zeros), micro)
+    moe_metrics = {k: jnp.mean(v) for k, v in moe_metrics.items()}  # (grad_accum,) each
+    return loss_sum, count, grads, moe_metrics
 
 
 def make_train_step(
@@ -145,11 +185,14 @@ def make_train_step(
     exceeds `spike_ratio` times the running mean of accepted losses, is skipped: parameters and
     optimizer state stay bitwise unchanged and `metrics['skipped']` is 1. The running mean lives
     in the state, so it is checkpointed and a resumed run decides exactly as the original would.
+
+    `metrics['loss']` is the cross-entropy alone (comparable with held-out loss and dense runs);
+    an MoE model's router losses enter the gradient and are reported as `MOE_METRICS`.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
-        loss_sum, count, grads = accumulate_gradients(
+        loss_sum, count, grads, moe_metrics = accumulate_gradients(
             graphdef, params, batch, grad_accum, loss_chunk
         )
         count = jnp.maximum(count, 1.0)
@@ -184,6 +227,7 @@ def make_train_step(
             "lr": schedule(state["step"]),
             "tokens": count,
             "skipped": 1 - ok.astype(jnp.int32),
+            **moe_metrics,
         }
         new_state = {
             "params": new_params,
