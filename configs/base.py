@@ -64,7 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe.normalize_top_k = True  # top-k weights sum to 1 (Mixtral, Qwen3-MoE; not OLMoE)
     c.model.moe.aux_loss_coef = 0.01  # weight of the load-balance loss (Switch/OLMoE form)
     c.model.moe.z_loss_coef = 0.0  # weight of the router z-loss (mean squared logsumexp)
-    c.model.moe.bias_update_rate = 0.0  # DeepSeek-V3 bias balancing: not wired yet, must be 0
+    # DeepSeek-V3 auxiliary-loss-free balancing: each step, every expert's selection bias
+    # moves this much toward balance (set aux_loss_coef small or 0 with it); 0: no bias.
+    c.model.moe.bias_update_rate = 0.0
     c.model.moe.capacity_factor = 0.0  # 0: dropless; else slots per expert = factor * L * k / X
     c.model.moe.grouped_matmul = "auto"  # auto (tiled on CPU, else ragged) | ragged | tiled
     c.model.moe.first_dense_layers = 0  # the first n layers keep the dense MLP

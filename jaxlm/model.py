@@ -503,7 +503,7 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     # Every layer sparse or every one dense (ModelConfig refuses a mix with scan_layers).
     blocks = nnx.vmap(lambda key: Block(cfg, nnx.Rngs(params=key), cfg.is_sparse(0)))(keys)
     for _, var in nnx.iter_graph(blocks):
-        if isinstance(var, nnx.Param):
+        if isinstance(var, (nnx.Param, moe_lib.RouterBias)):
             var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
     return blocks
 

@@ -126,11 +126,6 @@ class MoEConfig:
             raise ConfigError(
                 f"model.moe experts are SwiGLU: model.mlp_act={mlp_act!r} must be silu."
             )
-        if self.bias_update_rate:
-            raise ConfigError(
-                "model.moe.bias_update_rate (DeepSeek-V3 bias balancing) is not wired into the "
-                "train step yet; balance with model.moe.aux_loss_coef and set it to 0."
-            )
 
     def is_sparse(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has an MoE feed-forward rather than the dense MLP."""

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
+from jaxlm import moe as moe_lib
 from jaxlm import objectives, optim, sharding
 from jaxlm import spec as run_spec
 from jaxlm import stages as stages_lib
@@ -67,6 +68,7 @@ def train_loss_sums(
     if not moe_aux:
         return nll_sum, (nll_sum, count, {})
     metrics = {name: moe_aux[key] for key, name in MOE_METRICS.items()}
+    metrics["router_load"] = moe_aux["load"]  # (sparse layers, X): the bias step's input
     return nll_sum + count * moe_aux["loss"], (nll_sum, count, metrics)
 
 
@@ -160,7 +162,7 @@ def accumulate_gradients(
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss_sum, count, grads), moe_metrics = jax.lax.scan(add, (0.0, 0.0, zeros), micro)
-    moe_metrics = {k: jnp.mean(v) for k, v in moe_metrics.items()}  # (grad_accum,) each
+    moe_metrics = {k: jnp.mean(v, axis=0) for k, v in moe_metrics.items()}  # over micro-batches
     return loss_sum, count, grads, moe_metrics
 
 
@@ -173,6 +175,7 @@ def make_train_step(
     spike_warmup: int = 50,
     ema_decay: float = 0.99,
     loss_chunk: int = 0,
+    router_bias_rate: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
     of every run (a stage of a staged run is a `grad_accum` and a batch shape).
@@ -188,6 +191,8 @@ def make_train_step(
 
     `metrics['loss']` is the cross-entropy alone (comparable with held-out loss and dense runs);
     an MoE model's router losses enter the gradient and are reported as `MOE_METRICS`.
+    `router_bias_rate` > 0 (`model.moe.bias_update_rate`) moves every MoE layer's selection bias
+    toward balance by that much per step (`moe.update_bias`), outside the gradient.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -195,12 +200,15 @@ def make_train_step(
         loss_sum, count, grads, moe_metrics = accumulate_gradients(
             graphdef, params, batch, grad_accum, loss_chunk
         )
+        router_load = moe_metrics.pop("router_load", None)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if router_bias_rate:
+            new_params = _step_router_biases(new_params, params, router_load, router_bias_rate)
 
         guard = state["guard"]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -238,6 +246,22 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _step_router_biases(new_params: Any, params: Any, load: jax.Array, rate: float) -> Any:
+    """`new_params` with each MoE layer's `router_bias` set to its DeepSeek-V3 step from
+    `params` (whatever the optimizer did to it: no gradient reaches it). `load` (sparse layers,
+    X) is in layer order, as the biases flatten: one (X,) per layer, or one (N, X) scanned."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+    old = jax.tree.leaves(params)
+    leaves, row = [], 0
+    for (path, leaf), before in zip(flat, old, strict=True):
+        if getattr(path[-1], "key", None) == "router_bias":
+            rows = leaf.size // load.shape[-1]
+            leaf = moe_lib.update_bias(before, load[row : row + rows].reshape(leaf.shape), rate)
+            row += rows
+        leaves.append(leaf)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def make_eval_step(
@@ -363,6 +387,7 @@ class Setup:
                 self.spec.spike_ratio,
                 self.spec.spike_warmup,
                 loss_chunk=self.spec.loss_chunk,
+                router_bias_rate=self.model_cfg.moe.bias_update_rate if self.model_cfg.moe else 0,
             )
 
             def traced(state, batch, step=step, accum=stage.grad_accum):

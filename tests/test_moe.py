@@ -292,6 +292,9 @@ def test_sharded_equals_one_device(preset, mesh_shape, capacity_factor):
 # --------------------------------------------------------------------------- in the model
 
 
+EXPERTS = 4  # per layer in the model tests: one per device of the ep_fsdp mesh's fsdp axis
+
+
 def moe_config(**moe_overrides):
     """tests.helpers.tiny_config with every layer sparse: 4 experts, top-2, width 19; ragged_dot
     (tiled, CPU's default, takes longer to compile and equals it: test above)."""
@@ -299,7 +302,7 @@ def moe_config(**moe_overrides):
 
     c = tiny_config()
     c.model.moe.update(
-        n_experts=4, top_k=2, expert_d_ff=19, z_loss_coef=1e-3, grouped_matmul="ragged"
+        n_experts=EXPERTS, top_k=2, expert_d_ff=19, z_loss_coef=1e-3, grouped_matmul="ragged"
     )
     c.model.moe.update(**moe_overrides)
     return c
@@ -314,11 +317,14 @@ def moe_setup(config, preset="fsdp", mesh_shape=(1, -1, 1), devices=None):
 
 
 def run_steps(setup, batch, n):
-    state, step, metrics = setup.init_state(), setup.jit_train_step(), []
+    """Each step's metrics and the routers' selection biases (layers, X) after it."""
+    state, step, metrics, biases = setup.init_state(), setup.jit_train_step(), [], []
     for _ in range(n):
         state, m = step(state, sharding.host_to_global(batch, setup.mesh))
         metrics.append({k: float(v) for k, v in m.items()})
-    return metrics
+        blocks = state["params"]["blocks"]
+        biases.append(np.stack([np.asarray(blocks[i]["mlp"]["router_bias"]) for i in (0, 1)]))
+    return metrics, biases
 
 
 @pytest.fixture(scope="module")
@@ -328,47 +334,82 @@ def repeated_batch():
     return packed_batch(8, 16, seed=9, vocab=62)
 
 
+RATE = 1e-2  # the DeepSeek-V3 bias step of the model tests
+
+
 @pytest.fixture(scope="module")
-def one_device_run(repeated_batch):
-    return run_steps(moe_setup(moe_config(), devices=jax.devices()[:1]), repeated_batch, 5)
+def one_device_setup():
+    return moe_setup(moe_config(bias_update_rate=RATE), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def one_device_run(one_device_setup, repeated_batch):
+    return run_steps(one_device_setup, repeated_batch, 5)
 
 
 def test_moe_model_learns_a_repeated_batch_and_reports_its_router(one_device_run):
-    losses = [m["loss"] for m in one_device_run]
+    metrics, _ = one_device_run
+    losses = [m["loss"] for m in metrics]
     assert losses[-1] < 0.8 * losses[0], losses
-    first = one_device_run[0]
+    first = metrics[0]
     assert first["moe_dropped"] == 0.0  # dropless
     assert 1.0 <= first["moe_load_max_over_mean"] <= 4.0  # between balanced and one expert
     assert first["moe_balance_loss"] >= 0.99 * K  # k at perfect balance, more otherwise
     assert first["moe_z_loss"] > 0
 
 
+@pytest.fixture(scope="module")
+def first_forward(one_device_setup, repeated_batch):
+    """(logits, router statistics) of the initial params on the repeated batch, unrolled and
+    with the same weights stacked under scan_layers: one program for both."""
+    from jaxlm import model
+
+    setup = one_device_setup
+    params = nnx.to_pure_dict(nnx.state(model.create(setup.model_cfg, setup.spec.seed)))
+    scanned = dataclasses.replace(setup.model_cfg, scan_layers=True)
+    graphdef_scan, _ = nnx.split(model.abstract(scanned))
+    batch = repeated_batch
+
+    @jax.jit
+    def both(params):
+        args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+        loop = nnx.merge(setup.graphdef, params).forward(*args)
+        scan = nnx.merge(graphdef_scan, model.stack_layers(params)).forward(*args)
+        return loop[::2], scan[::2]
+
+    return both(params)
+
+
+def test_router_bias_steps_toward_balance_outside_the_gradient(first_forward, one_device_run):
+    # The first step from zero biases: +RATE for each expert under the mean load, -RATE over
+    # it, whatever the optimizer would have done (no gradient reaches the bias).
+    (_, aux), _ = first_forward
+    expected = moe.update_bias(jnp.zeros((2, EXPERTS)), aux["load"], RATE)
+    _, biases = one_device_run
+    assert np.abs(expected).max() == RATE
+    np.testing.assert_allclose(biases[0], expected, rtol=1e-6)
+    # Later steps add +-RATE or 0 per expert.
+    steps = np.diff(np.stack(biases), axis=0) / RATE
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
+
+
 def test_expert_parallel_training_equals_one_device(one_device_run, repeated_batch):
     # ep_fsdp on (data 2, fsdp 4): each device holds one whole expert; two steps, so the
     # second loss also checks the first update (router-loss gradients included).
-    setup = moe_setup(moe_config(), "ep_fsdp", (2, 4, 1))
-    metrics = run_steps(setup, repeated_batch, 2)
+    setup = moe_setup(moe_config(bias_update_rate=RATE), "ep_fsdp", (2, 4, 1))
+    metrics, biases = run_steps(setup, repeated_batch, 2)
     assert setup.param_shardings["blocks"][0]["mlp"]["w_gate"].spec == jax.P("fsdp", None, None)
+    one_metrics, one_biases = one_device_run
     for key in ("loss", "grad_norm", "moe_balance_loss", "moe_z_loss"):
-        got, want = [m[key] for m in metrics], [m[key] for m in one_device_run[:2]]
+        got, want = [m[key] for m in metrics], [m[key] for m in one_metrics[:2]]
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(biases, one_biases[:2], rtol=1e-6)
 
 
-def test_scanned_moe_model_equals_unrolled():
-    from jaxlm import model
-
-    cfg = model.ModelConfig.from_config(moe_config().model, 61)
-    unrolled = model.create(cfg, seed=3)
-    graphdef, _ = nnx.split(model.abstract(dataclasses.replace(cfg, scan_layers=True)))
-    stacked = model.stack_layers(nnx.to_pure_dict(nnx.state(unrolled)))
-    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 61, (2, 11)))
-    forward = jax.jit(lambda m: m.forward(tokens)[::2])
-    (logits, aux), (logits_scan, aux_scan) = (
-        forward(unrolled),
-        forward(nnx.merge(graphdef, stacked)),
-    )
+def test_scanned_moe_model_equals_unrolled(first_forward):
+    (logits, aux), (logits_scan, aux_scan) = jax.device_get(first_forward)
     np.testing.assert_allclose(logits_scan, logits, rtol=1e-5, atol=1e-5)
-    assert aux["load"].shape == (cfg.n_layers, 4)
+    assert aux["load"].shape == (2, EXPERTS)
     assert float(aux["dropped"]) == float(aux_scan["dropped"]) == 0.0
     del aux["dropped"], aux_scan["dropped"]
     assert_trees_close(aux, aux_scan)
@@ -418,7 +459,7 @@ def test_model_config_of_an_moe_model_round_trips_and_counts_active_flops():
         (dict(moe__n_experts=-2), "model.moe.n_experts"),
         (dict(moe__first_dense_layers=2), "model.moe.first_dense_layers"),
         (dict(moe__first_dense_layers=1, scan_layers=True), "model.scan_layers"),
-        (dict(moe__bias_update_rate=1e-3), "model.moe.bias_update_rate"),
+        (dict(moe__bias_update_rate=-1e-3), "model.moe.bias_update_rate"),
         (dict(mlp_act="gelu_tanh"), "model.mlp_act"),
     ],
 )
