@@ -2,8 +2,10 @@
 `families.py` (Qwen2/3, Mistral, OLMo-2, Gemma-2/3).
 
 RMSNorm, rotary position embeddings (Hugging Face "rotate half" layout, so imported weights need
-no permutation), grouped-query attention and a gated MLP (`layers.py`). Parameters are stored in
-fp32 and cast to `ModelConfig.dtype` for compute; logits come back in fp32.
+no permutation), grouped-query attention and a gated MLP (`layers.py`); in the sparse layers of
+an MoE model (`ModelConfig.moe`) a mixture of experts (`moe.py`), whose router statistics
+`Transformer.forward` returns. Parameters are stored in fp32 and cast to `ModelConfig.dtype` for
+compute; logits come back in fp32.
 
 Every parameter carries logical axis names in its `axes` metadata and activations are constrained
 at block boundaries with `sharding.constrain`; which mesh axes those names map to is decided in
