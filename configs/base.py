@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.n_heads = 8  # H, query heads
     c.model.n_kv_heads = 8  # K, key/value heads (K < H is grouped-query attention)
     c.model.head_dim = 64  # E, width of one head
-    c.model.d_ff = 1536  # F, SwiGLU hidden width
+    c.model.d_ff = 1536  # F, MLP hidden width
     c.model.max_seq_len = 2048  # longest sequence the model is built for (positions)
     c.model.rope_theta = 10000.0  # RoPE base frequency
     # Llama-3 RoPE scaling (factor, low_freq_factor, high_freq_factor, original_max_pos) or None.
@@ -45,13 +45,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.norm_placement = "pre"  # pre | post (on sublayer outputs: OLMo-2) | both (Gemma)
     c.model.norm_plus_one = False  # RMSNorm scales by (1 + w), w starts at 0 (Gemma)
     c.model.embed_scale = False  # multiply embeddings by sqrt(d_model) (Gemma)
-    c.model.mlp_act = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma) | relu2 (ReLU², ungated: two matrices, not
+    # three; the same parameter count as SwiGLU takes d_ff = 1.5 x the SwiGLU d_ff).
+    c.model.mlp_act = "silu"
     c.model.sliding_window = 0  # W tokens (the query's own and W - 1 before); 0: none
     c.model.global_every = 0  # with a window: every Nth layer attends globally; 0: none does
     c.model.rope_local_theta = 0.0  # RoPE base of windowed layers (Gemma-3); 0: rope_theta
     c.model.attn_softcap = 0.0  # attention logits -> c * tanh(logits / c); 0: off
     c.model.final_softcap = 0.0  # output logits -> c * tanh(logits / c); 0: off
     c.model.query_scale_dim = 0  # attention scale is this**-0.5 (Gemma-3); 0: head_dim
+    # Speedrun switches (issue 26), all off.
+    c.model.zero_init_out = False  # attention's wo and the MLP's w_down start at zero
     c.model.family = ""  # HF family to export as (llama, qwen2, ...); "": implied by switches
     # Mixture of experts (jaxlm/moe.py) in place of the MLP of the sparse layers; off when
     # n_experts = 0 (the dense model, bit for bit).
@@ -120,6 +124,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.groups = ml_collections.ConfigDict()
     for group, wd_scale in (("matrix", 1.0), ("embedding", 1.0), ("vector", 0.0)):
         c.optim.groups[group] = ml_collections.ConfigDict(dict(lr_scale=1.0, wd_scale=wd_scale))
+    # The untied output head (lm_head) in a group of its own: set either scale (None: the
+    # embedding group's); both None keeps the head in the embedding group.
+    c.optim.groups.head = ml_collections.ConfigDict()
+    c.optim.groups.head.lr_scale = config_dict.placeholder(float)  # x optim.lr for lm_head
+    c.optim.groups.head.wd_scale = config_dict.placeholder(float)  # x optim.weight_decay
     c.optim.muon = ml_collections.ConfigDict()  # optim.name=muon only: the matrix group
     c.optim.muon.lr = 0.02  # peak Muon step size (follows the same schedule shape as optim.lr)
     c.optim.muon.beta = 0.95  # momentum
@@ -139,6 +148,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Cross-entropy in vocabulary tiles of this many entries (jaxlm/loss.py): the same loss and
     # gradients without the (batch, length, vocab) logits in memory. 0: the whole logits.
     c.train.loss_chunk = 0
+    # z-loss: adds this x mean(logsumexp(logits)^2) over target tokens to the training loss (and
+    # to the logged train loss; never to held-out losses), e.g. 1e-4 (PaLM). 0: off.
+    c.train.z_loss = 0.0
     c.train.log_every = 10  # steps between metric lines
     c.train.spike_ratio = 2.0  # skip a step whose loss exceeds this x the running mean; 0 = off
     c.train.spike_warmup = 50  # accepted steps before spike detection starts

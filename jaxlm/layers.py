@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # transformers' gelu_pytorch_tanh
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # ungated: down(relu(x @ up)^2)
 }
+UNGATED = ("relu2",)  # activations whose MLP has no gate matrix
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
@@ -70,7 +72,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # keeps the residual stream's scale
+        out_std = output_std(cfg)
         self.wq = param(rngs, (D, H, E), ("embed", "heads", "head_dim"), cfg.init_std)
         self.wk = param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wv = param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
@@ -136,20 +138,32 @@ class Attention(nnx.Module):
         return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
 
 
+def output_std(cfg: ModelConfig) -> float:
+    """Init std of the projections back into the residual stream (attention's wo, the MLP's
+    w_down): scaled by depth to keep the stream's scale, or 0 with `zero_init_out`, where each
+    block starts as the identity (drawn all the same, so every other parameter's init stays)."""
+    return 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
 class MLP(nnx.Module):
-    """Gated feed-forward: down(act(x @ gate) * (x @ up)); SwiGLU, or GeGLU with gelu_tanh."""
+    """Gated feed-forward: down(act(x @ gate) * (x @ up)); SwiGLU, or GeGLU with gelu_tanh.
+    With relu2 (`UNGATED`) there is no gate: down(relu(x @ up)^2), two matrices."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
-        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
+        self.gated = cfg.mlp_act not in UNGATED
+        if self.gated:
+            self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
         self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
-        self.w_down = param(
-            rngs, (F, D), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        )
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), output_std(cfg))
         self.act = ACTIVATIONS[cfg.mlp_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D)
         dtype = x.dtype
+        if not self.gated:
+            h = self.act(jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(dtype)))
+            h = sharding.constrain(h, ("batch", "seq", "mlp"))
+            return jnp.einsum("BLF,FD->BLD", h, self.w_down[...].astype(dtype))
         # One matmul for gate and up: on XLA:CPU two separate ones make the backward pass fuse
         # the SiLU gradient into a strided transposing copy (~15% of the tiny step). Stacking
         # on a new axis keeps the "mlp" axis, and so its sharding, intact.

@@ -66,7 +66,36 @@ def _token_nll_fwd(hidden, head, targets, chunk):
     return nll, (hidden, head, targets, lse)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def token_nll_and_lse(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and log-normaliser log(sum(exp(logits))), (B, L) fp32 each, as
+    `token_nll` computes them; both differentiable (the z-loss penalises the second)."""
+    nll, lse, _ = _forward(hidden, head, targets, chunk, with_argmax=False)
+    return nll, lse
+
+
+def _token_nll_and_lse_fwd(hidden, head, targets, chunk):
+    nll, lse, _ = _forward(hidden, head, targets, chunk, with_argmax=False)
+    return (nll, lse), (hidden, head, targets, lse)
+
+
+def _token_nll_and_lse_bwd(chunk, residuals, cotangents):
+    d_nll, d_lse = cotangents
+    return _backward(chunk, residuals, d_nll, d_lse)
+
+
+token_nll_and_lse.defvjp(_token_nll_and_lse_fwd, _token_nll_and_lse_bwd)
+
+
 def _token_nll_bwd(chunk, residuals, d_nll):
+    return _backward(chunk, residuals, d_nll)
+
+
+def _backward(chunk, residuals, d_nll, d_lse=None):
+    """Gradients of hidden and head, tile by tile, for the incoming gradients of the nll and
+    (when given) of the log-normaliser."""
     hidden, head, targets, lse = residuals
     head_tiles, n, c = _tiled_view(head, chunk)  # (D, C, N)
     tile_of, column_of = targets % n, targets // n  # (B, L) each
@@ -75,10 +104,14 @@ def _token_nll_bwd(chunk, residuals, d_nll):
         d_hidden, d_head_tiles = carry  # (B, L, D) fp32, (D, C, N)
         w = jax.lax.dynamic_index_in_dim(head_tiles, i, axis=2, keepdims=False)  # (D, C)
         logits = _tile_logits(hidden, w, i, n, head.shape[1])  # (B, L, C) fp32
-        # d nll / d logits = softmax - one_hot(target), times the incoming gradient.
+        # d nll / d logits = softmax - one_hot(target); d lse / d logits = softmax.
         probs = jnp.exp(logits - lse[..., None])
         is_target = (tile_of == i)[..., None] & (column_of[..., None] == jnp.arange(c))
-        d_logits = ((probs - is_target) * d_nll[..., None]).astype(head.dtype)  # as the cast's VJP
+        if d_lse is None:
+            d_logits = (probs - is_target) * d_nll[..., None]
+        else:
+            d_logits = probs * (d_nll + d_lse)[..., None] - is_target * d_nll[..., None]
+        d_logits = d_logits.astype(head.dtype)  # as the cast's VJP
         d_hidden = d_hidden + jnp.einsum(
             "BLC,DC->BLD", d_logits, w, preferred_element_type=jnp.float32
         )

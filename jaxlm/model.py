@@ -45,7 +45,7 @@ class ModelConfig:
     n_heads: int  # H
     n_kv_heads: int  # K; must divide H (grouped-query attention)
     head_dim: int  # E
-    d_ff: int  # F, SwiGLU hidden size
+    d_ff: int  # F, MLP hidden size
     max_seq_len: int = 2048  # longest position the model is meant for (RoPE scaling, checks)
     rope_theta: float = 10000.0
     # RoPE scaling (Llama 3, linear, YaRN) in rope.parse_scaling's canonical tuple, or None.
@@ -65,13 +65,14 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre (Llama) | post (sublayer outputs: OLMo-2) | both (Gemma)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialised to 0 (Gemma)
     embed_scale: bool = False  # embeddings multiplied by sqrt(d_model) (Gemma)
-    mlp_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    mlp_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma) | relu2 (ReLU², no gate)
     sliding_window: int = 0  # W > 0: a query sees itself and the W - 1 tokens before it
     global_every: int = 0  # with a window, layers N-1, 2N-1, ... attend globally; 0: none do
     rope_local_theta: float = 0.0  # RoPE base of the windowed layers (Gemma-3); 0: rope_theta
     attn_softcap: float = 0.0  # attention logits -> c * tanh(logits / c); 0: off
     final_softcap: float = 0.0  # output logits -> c * tanh(logits / c); 0: off
     query_scale_dim: int = 0  # attention logits scaled by this**-0.5 (Gemma-3); 0: head_dim
+    zero_init_out: bool = False  # attention's wo and the MLP's w_down start at zero
     family: str = ""  # Hugging Face family to export as; "": the first whose switches these are
     # Mixture of experts in place of the MLP of the sparse layers (jaxlm/moe.py); None: dense.
     # A `config.model.moe` section (dict) is built into its MoEConfig here (n_experts=0: None).
@@ -196,12 +197,13 @@ class ModelConfig:
         work, and training is 3x forward: 6 L H E per token per layer, the way MaxText counts it.
         """
         D, H, K, E, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+        mlp_matrices = 2 if self.mlp_act in layers.UNGATED else 3
         per_layer = D * H * E + 2 * D * K * E + H * E * D
         per_layer += D * (4 if self.norm_placement == "both" else 2)  # block norms
         per_layer += (H + 2 * K) * E if self.qkv_bias else 0
         per_layer += {"none": 0, "head": 2 * E, "full": (H + K) * E}[self.qk_norm]
         feed_forward = sum(
-            moe_lib.active_params(self.moe, D) if self.is_sparse(i) else 3 * D * F
+            moe_lib.active_params(self.moe, D) if self.is_sparse(i) else mlp_matrices * D * F
             for i in range(self.n_layers)
         )
         matmul_params = self.n_layers * per_layer + feed_forward + D + self.vocab_size * D
@@ -268,7 +270,7 @@ class Block(nnx.Module):
         if pre:
             self.mlp_norm = layers.norm(cfg, cfg.d_model)
         if sparse:
-            out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # as the dense MLP's w_down
+            out_std = layers.output_std(cfg)  # the experts' w_down as the dense MLP's
             self.mlp = moe_lib.MoEBlock(cfg.moe, cfg.d_model, cfg.init_std, out_std, rngs)
         else:
             self.mlp = layers.MLP(cfg, rngs)

@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
+from jaxlm.errors import ConfigError
+
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon", "lion")
 GROUPS = ("matrix", "embedding", "vector")
+HEAD = "head"  # the untied output head's own group, when optim.groups.head sets a scale
 
 # Block matrices by name: (rank, how many leading axes are the input side). Muon orthogonalizes
 # each as a (fan-in, fan-out) matrix; a leading `layers` axis (scanned blocks) is a batch axis,
@@ -85,9 +88,10 @@ def _leaf_name(path: tuple) -> str:
     return str(getattr(path[-1], "key", path[-1]))
 
 
-def param_groups(params: Any) -> Any:
+def param_groups(params: Any, head: bool = False) -> Any:
     """Each parameter's group: 'matrix' (attention and MLP weights, stacked over layers or
-    not), 'embedding' (token embedding, output head) or 'vector' (norm scales).
+    not), 'embedding' (token embedding, output head) or 'vector' (norm scales); with `head`,
+    the untied output head `lm_head` is 'head', a group of its own.
 
     By name, not by rank: with scanned layers a norm scale is (layers, D), rank 2, and must
     still get no weight decay and no Muon.
@@ -97,6 +101,8 @@ def param_groups(params: Any) -> Any:
         name = _leaf_name(path)
         if name in _MATRICES:
             return "matrix"
+        if head and name == "lm_head":
+            return HEAD
         return "embedding" if name in _EMBEDDINGS else "vector"
 
     return jax.tree_util.tree_map_with_path(group, params)
@@ -119,17 +125,35 @@ def _muon_dims(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def group_scales(optim_cfg: Any) -> dict[str, tuple[float, float]]:
+    """(lr_scale, wd_scale) of each group in use: GROUPS, and HEAD when `optim.groups.head`
+    sets either scale (the one it leaves None follows the embedding group's)."""
+    scales = {g: (optim_cfg.groups[g].lr_scale, optim_cfg.groups[g].wd_scale) for g in GROUPS}
+    head = optim_cfg.groups.get(HEAD) or {}
+    lr_scale, wd_scale = head.get("lr_scale"), head.get("wd_scale")
+    if lr_scale is None and wd_scale is None:
+        return scales  # the head stays in the embedding group: the program of before
+    for key, value in (("lr_scale", lr_scale), ("wd_scale", wd_scale)):
+        if value is not None and not value >= 0:
+            raise ConfigError(f"optim.groups.head.{key}={value!r} must be non-negative.")
+    embedding_lr, embedding_wd = scales["embedding"]
+    scales[HEAD] = (
+        embedding_lr if lr_scale is None else lr_scale,
+        embedding_wd if wd_scale is None else wd_scale,
+    )
+    return scales
+
+
 def _group_optimizer(
-    optim_cfg: Any, group: str, schedule: optax.Schedule
+    optim_cfg: Any, group: str, lr_scale: float, wd_scale: float, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    settings = optim_cfg.groups[group]
-    lr = _scaled(schedule, settings.lr_scale)
-    wd = optim_cfg.weight_decay * settings.wd_scale
+    lr = _scaled(schedule, lr_scale)
+    wd = optim_cfg.weight_decay * wd_scale
     name = optim_cfg.name
     if name == "muon" and group == "matrix":
         # Muon's step size is its own (orthogonalized updates have unit spectral scale); the
         # schedule's shape is shared, so warmup and decay happen together for every group.
-        muon_lr = _scaled(schedule, settings.lr_scale * optim_cfg.muon.lr / optim_cfg.lr)
+        muon_lr = _scaled(schedule, lr_scale * optim_cfg.muon.lr / optim_cfg.lr)
         return optax.contrib.muon(
             muon_lr,
             beta=optim_cfg.muon.beta,
@@ -148,33 +172,34 @@ def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
 
 
 def make_optimizer(optim_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Global-norm clipping, then one optimizer per parameter group (`param_groups`), each with
-    its own learning-rate scale and weight decay; `schedule` is the base learning rate
-    (`optim.lr`'s curve, the stage plan's `Plan.schedule`)."""
+    """Global-norm clipping, then one optimizer per parameter group (`param_groups`,
+    `group_scales`), each with its own learning-rate scale and weight decay; `schedule` is the
+    base learning rate (`optim.lr`'s curve, the stage plan's `Plan.schedule`)."""
     optim_cfg = _with_defaults(optim_cfg)
     if optim_cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, not {optim_cfg.name!r}.")
     parts = []
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-    groups = optim_cfg.groups
+    scales = group_scales(optim_cfg)
+    head = HEAD in scales
     if optim_cfg.name == "adamw" and all(
-        groups[g].lr_scale == 1.0 and groups[g].wd_scale in (0.0, 1.0) for g in GROUPS
+        lr == 1.0 and wd in (0.0, 1.0) for lr, wd in scales.values()
     ):
         # One AdamW with a decay mask: the same updates as one AdamW per group, and the state
         # layout of checkpoints written before per-group optimizers existed, so they resume.
-        decayed = {g for g in GROUPS if groups[g].wd_scale == 1.0}
+        decayed = {g for g, (_, wd) in scales.items() if wd == 1.0}
         adamw = optax.adamw(
             schedule,
             b1=optim_cfg.b1,
             b2=optim_cfg.b2,
             eps=optim_cfg.eps,
             weight_decay=optim_cfg.weight_decay,
-            mask=lambda params: jax.tree.map(lambda g: g in decayed, param_groups(params)),
+            mask=lambda params: jax.tree.map(lambda g: g in decayed, param_groups(params, head)),
         )
         return optax.chain(*parts, adamw)
-    per_group = {g: _group_optimizer(optim_cfg, g, schedule) for g in GROUPS}
-    parts.append(optax.multi_transform(per_group, param_groups))
+    per_group = {g: _group_optimizer(optim_cfg, g, *scales[g], schedule) for g in scales}
+    parts.append(optax.multi_transform(per_group, lambda params: param_groups(params, head)))
     return optax.chain(*parts)
 
 

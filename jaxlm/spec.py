@@ -33,6 +33,7 @@ class RunSpec:
     spike_ratio: float
     spike_warmup: int
     loss_chunk: int  # train.loss_chunk: vocabulary tile of the tiled cross-entropy; 0 = off
+    z_loss: float = 0.0  # train.z_loss: coefficient of the log-normaliser penalty; 0 = off
 
     @property
     def eval_seq_len(self) -> int:
@@ -77,11 +78,17 @@ def build(config: Any) -> RunSpec:
         spike_ratio=float(config.train.spike_ratio),
         spike_warmup=int(config.train.spike_warmup),
         loss_chunk=int(config.train.get("loss_chunk", 0)),
+        z_loss=float(config.train.get("z_loss", 0.0)),
     )
     if spec.loss_chunk and model.final_softcap:
         raise ConfigError(
             "train.loss_chunk (the tiled cross-entropy) has no logit soft-cap; set "
             "train.loss_chunk=0 with model.final_softcap."
+        )
+    if model.tie_embeddings and optim.HEAD in optim.group_scales(config.optim):
+        raise ConfigError(
+            "optim.groups.head sets the untied output head's group; the model has none "
+            "(model.tie_embeddings=True)."
         )
     try:
         spec.optimizer()

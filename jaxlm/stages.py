@@ -104,7 +104,7 @@ class Plan:
     """Every stage of a run, and the one answer to "what stage is step N in"."""
 
     stages: tuple[Stage, ...]
-    micro_batch: int  # rows per micro-batch, fixed across stages so each length compiles once
+    micro_batch: int  # rows per micro-batch, the same in every stage (one scan step of the step)
     schedule: Any  # optax.Schedule: base learning rate at update count n (0-based)
 
     @property

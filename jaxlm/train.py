@@ -43,46 +43,55 @@ MOE_METRICS = {
 
 
 def loss_sums(
-    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0, z_loss: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy (fp32) and the number of target tokens in `batch`.
 
     `loss_chunk` > 0 computes it in vocabulary tiles of that many entries (`jaxlm.loss`): the
-    same loss and gradients without the (B, L, V) logits.
+    same loss and gradients without the (B, L, V) logits. `z_loss` > 0 adds z_loss * lse^2 per
+    target token (lse: the log-normaliser of its logits), which keeps the output's log-partition
+    near zero; the training step passes it, held-out evaluation does not.
     """
-    nll_sum, count, _ = _sums_and_router_stats(graphdef, params, batch, loss_chunk)
-    return nll_sum, count
+    loss_sum, count, _ = _sums_and_router_stats(graphdef, params, batch, loss_chunk, z_loss)
+    return loss_sum, count
 
 
 def train_loss_sums(
-    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0, z_loss: float = 0.0
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
-    """What the train step differentiates, and (summed cross-entropy, target count, router
+    """What the train step differentiates, and (`loss_sums`' summed loss, target count, router
     metrics) beside it.
 
-    For a dense model that is `loss_sums`' cross-entropy. An MoE model adds its router losses
-    (balance and z-loss with their coefficients, averaged over the sparse layers) times the
+    For a dense model that is `loss_sums`' loss. An MoE model adds its router losses (balance
+    and router z-loss with their coefficients, averaged over the sparse layers) times the
     target count: means over tokens, so they stay means when the step divides by the count.
     """
-    nll_sum, count, moe_aux = _sums_and_router_stats(graphdef, params, batch, loss_chunk)
+    loss_sum, count, moe_aux = _sums_and_router_stats(graphdef, params, batch, loss_chunk, z_loss)
     if not moe_aux:
-        return nll_sum, (nll_sum, count, {})
+        return loss_sum, (loss_sum, count, {})
     metrics = {name: moe_aux[key] for key, name in MOE_METRICS.items()}
     metrics["router_load"] = moe_aux["load"]  # (sparse layers, X): the bias step's input
-    return nll_sum + count * moe_aux["loss"], (nll_sum, count, metrics)
+    return loss_sum + count * moe_aux["loss"], (loss_sum, count, metrics)
 
 
 def _sums_and_router_stats(
-    graphdef: Any, params: Any, batch: Batch, loss_chunk: int
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int, z_loss: float
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     mask = batch["loss_mask"]
     if loss_chunk:
         hidden, head, moe_aux = _hidden_and_head(graphdef, params, batch)
-        nll_sum, count = loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
-        return nll_sum, count, moe_aux
-    logits, moe_aux = _logits(graphdef, params, batch)  # (B, L, V) fp32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
-    return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
+        if not z_loss:
+            targets = batch["targets"]
+            nll_sum, count = loss_lib.token_loss_sums(hidden, head, targets, mask, loss_chunk)
+            return nll_sum, count, moe_aux
+        nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
+    else:
+        logits, moe_aux = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+        if not z_loss:
+            return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
+    return jnp.sum((nll + z_loss * jnp.square(lse)) * mask), jnp.sum(mask), moe_aux
 
 
 def _logits(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -134,7 +143,12 @@ def eval_sums(
 
 
 def accumulate_gradients(
-    graphdef: Any, params: Any, batch: Batch, grad_accum: int, loss_chunk: int = 0
+    graphdef: Any,
+    params: Any,
+    batch: Batch,
+    grad_accum: int,
+    loss_chunk: int = 0,
+    z_loss: float = 0.0,
 ) -> tuple:
     """Summed cross-entropy, target count, summed gradients (of `train_loss_sums`) and the
     router metrics (means over the micro-batches; {} for a dense model) over `grad_accum`
@@ -143,7 +157,9 @@ def accumulate_gradients(
     Sums (not means) make the result independent of how the batch is split: dividing by the
     total count afterwards gives exactly the whole batch's mean-loss gradient.
     """
-    grad_fn = jax.grad(lambda p, b: train_loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
+    grad_fn = jax.grad(
+        lambda p, b: train_loss_sums(graphdef, p, b, loss_chunk, z_loss), has_aux=True
+    )
     if grad_accum == 1:
         grads, (loss_sum, count, moe_metrics) = grad_fn(params, batch)
         return loss_sum, count, grads, moe_metrics
@@ -175,6 +191,7 @@ def make_train_step(
     spike_warmup: int = 50,
     ema_decay: float = 0.99,
     loss_chunk: int = 0,
+    z_loss: float = 0.0,
     router_bias_rate: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
@@ -182,15 +199,15 @@ def make_train_step(
 
     The batch is split into `grad_accum` micro-batches, scanned inside the program, whose summed
     gradients are normalised by the total target count, so the update equals the one of the
-    whole batch.
+    whole batch. The loss (and its logged value) includes the `z_loss` term (`loss_sums`).
 
     A step whose loss or gradient is not finite, or (after `spike_warmup` good steps) whose loss
     exceeds `spike_ratio` times the running mean of accepted losses, is skipped: parameters and
     optimizer state stay bitwise unchanged and `metrics['skipped']` is 1. The running mean lives
     in the state, so it is checkpointed and a resumed run decides exactly as the original would.
 
-    `metrics['loss']` is the cross-entropy alone (comparable with held-out loss and dense runs);
-    an MoE model's router losses enter the gradient and are reported as `MOE_METRICS`.
+    `metrics['loss']` leaves out an MoE model's router losses (so it compares with dense runs):
+    they enter the gradient and are reported as `MOE_METRICS`.
     `router_bias_rate` > 0 (`model.moe.bias_update_rate`) moves every MoE layer's selection bias
     toward balance by that much per step (`moe.update_bias`), outside the gradient.
     """
@@ -198,7 +215,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
         loss_sum, count, grads, moe_metrics = accumulate_gradients(
-            graphdef, params, batch, grad_accum, loss_chunk
+            graphdef, params, batch, grad_accum, loss_chunk, z_loss
         )
         router_load = moe_metrics.pop("router_load", None)
         count = jnp.maximum(count, 1.0)
@@ -387,6 +404,7 @@ class Setup:
                 self.spec.spike_ratio,
                 self.spec.spike_warmup,
                 loss_chunk=self.spec.loss_chunk,
+                z_loss=self.spec.z_loss,
                 router_bias_rate=self.model_cfg.moe.bias_update_rate if self.model_cfg.moe else 0,
             )
 

@@ -40,6 +40,7 @@ _AT_LEAST = {
     "train.max_bad_steps": 1,
     "train.max_rollbacks": 0,
     "train.loss_chunk": 0,
+    "train.z_loss": 0,
     "train.inject_hang_at": 0,
     "train.hang_factor": 0,
     "train.hang_min_s": 0,

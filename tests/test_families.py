@@ -363,5 +363,5 @@ def test_soft_capping_is_refused_on_cudnn_and_auto_picks_xla():
     fields.pop("vocab_size")
     for softcap, expected in ((4.0, "xla"), (0.0, "cudnn")):
         model_cfg = ml_collections.ConfigDict(dict(fields, attn_softcap=softcap))
-        cfg = model_lib.ModelConfig.from_config(model_cfg, 62, platform="gpu")
+        cfg = model_lib.ModelConfig.from_config(model_cfg, 62).for_platform("gpu")
         assert cfg.attention == expected

@@ -63,37 +63,32 @@ def test_llama_logits_match_transformers(case, tmp_path):
     assert np.abs(jaxlm_logits(plain, params, tokens()) - expected).max() > 1e-2
 
 
-@pytest.mark.parametrize("case", ["yarn", "linear"])
-def test_qwen2_rotary_embedding_matches(case):
-    """Qwen2 builds its rotary table from the same config dicts (its q/k/v biases keep the whole
-    model out of jaxlm's importer for now): cos and sin, attention factor included, agree."""
+def test_qwen2_logits_match_transformers_with_yarn(tmp_path):
+    """A tiny random Qwen2 (q/k/v biases) with YaRN: imported, its logits equal transformers'."""
     import torch
     import transformers
-    from transformers.models.qwen2 import modeling_qwen2
 
     config = transformers.Qwen2Config(
-        hidden_size=52,
-        num_attention_heads=4,
-        head_dim=14,
+        vocab_size=VOCAB,
+        intermediate_size=52,
+        num_hidden_layers=2,
         max_position_embeddings=4 * ORIGINAL,
         rope_theta=THETA,
-        rope_scaling=dict(SCALINGS[case]),
+        rope_scaling=dict(SCALINGS["yarn_options"]),
+        tie_word_embeddings=False,
+        **SHAPE,
     )
-    scaling = rope.scaling_from_hf(
-        config.rope_parameters, config.max_position_embeddings, "qwen2 config"
-    )
-    positions = np.random.RandomState(0).randint(0, 4 * ORIGINAL, (2, LENGTH))
-    with torch.no_grad():
-        table = modeling_qwen2.Qwen2RotaryEmbedding(config)
-        ids = torch.tensor(positions)
-        cos_hf, sin_hf = table(torch.zeros(1, dtype=torch.float32), ids)
-    inv_freq = rope.frequencies(14, THETA, scaling)
-    cos, sin = rope.cos_sin(positions, inv_freq, rope.attention_factor(scaling))
-    assert rope.attention_factor(scaling) == pytest.approx(table.attention_scaling)
-    for ours, theirs in ((cos, cos_hf), (sin, sin_hf)):
-        theirs = theirs.numpy()
-        np.testing.assert_allclose(theirs[..., :7], theirs[..., 7:])  # rotate-half layout
-        assert np.abs(np.asarray(ours) - theirs[..., :7]).max() <= 1e-4
+    torch.manual_seed(5)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: randomise them so neither hides
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    cfg, params = read_params(tmp_path)
+    assert cfg.qkv_bias and cfg.rope_scaling[0] == "yarn"
+    expected = hf_logits(model, tokens())
+    assert np.abs(jaxlm_logits(cfg, params, tokens()) - expected).max() <= 1e-4
 
 
 def test_import_export_round_trips_the_scaling(tmp_path):

@@ -1,0 +1,151 @@
+"""The speedrun switches (issue 26): ReLU² MLP, zero-initialised output projections, z-loss,
+the untied head's own optimizer group. Each learns from scratch, all of them together shard
+exactly and resume bitwise, the z-loss is the formula, and a model Hugging Face cannot express
+is refused."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import checkpoint, loss, sharding, train
+from jaxlm import model as model_lib
+from jaxlm import spec as run_spec
+from jaxlm.errors import ConfigError, ConvertError
+from tests.helpers import packed_batch, tiny_config
+
+VOCAB = 62  # the tokenizer's vocabulary in the train tests
+RELU2 = {"model.mlp_act": "relu2", "model.d_ff": 84}  # 1.5 x the tiny SwiGLU's 56: same size
+ZERO_INIT = {"model.zero_init_out": True}
+# A frozen embedding beside a moving head shows the head's group is its own.
+HEAD = {"optim.groups.embedding.lr_scale": 0.0, "optim.groups.head.lr_scale": 2.0}
+ALL = {**RELU2, **ZERO_INIT, **HEAD, "optim.groups.head.wd_scale": 0.0, "train.z_loss": 1e-2}
+
+
+def make_setup(overrides, devices=None):
+    config = tiny_config()
+    for key, value in overrides.items():
+        section, *inner, name = key.split(".")
+        node = config[section]
+        for part in inner:
+            node = node[part]
+        node[name] = value
+    mesh = sharding.make_mesh((1, -1, 1), devices)
+    return train.Setup(run_spec.build(config), vocab_size=VOCAB, mesh=mesh)
+
+
+def run_steps(setup, batches):
+    state, step, losses = setup.init_state(), setup.jit_train_step(), []
+    for batch in batches:
+        state, metrics = step(state, sharding.host_to_global(batch, setup.mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+# Each model switch alone; z-loss and the head group (step-only switches, whose programs cost
+# a compile each) learn in the all-on run below and are checked exactly on their own.
+@pytest.mark.parametrize("switch", [RELU2, ZERO_INIT], ids=["relu2", "zero_init_out"])
+def test_each_model_switch_learns_from_scratch_on_a_repeated_batch(switch):
+    setup = make_setup(switch, jax.devices()[:1])
+    init = jax.device_get(setup.init_state()["params"])["blocks"][0]
+    _, losses = run_steps(setup, [packed_batch(8, 16, seed=9, vocab=VOCAB)] * 6)
+    assert losses[-1] < 0.75 * losses[0], losses
+    if switch is RELU2:  # two MLP matrices, as many parameters as the SwiGLU
+        assert sorted(init["mlp"]) == ["w_down", "w_up"]
+        assert setup.n_params == make_setup({}, jax.devices()[:1]).n_params
+    else:  # only the output projections start at zero
+        assert not init["attn"]["wo"].any() and not init["mlp"]["w_down"].any()
+        assert init["attn"]["wq"].any() and init["mlp"]["w_up"].any()
+
+
+def test_all_switches_on_learn_shard_exactly_and_resume_bitwise(tmp_path):
+    batches = [packed_batch(8, 16, seed=9, vocab=VOCAB)] * 4
+    _, expected = run_steps(make_setup(ALL, jax.devices()[:1]), batches)
+    assert expected[-1] < 0.85 * expected[0], expected
+    setup = make_setup(ALL)
+    assert setup.mesh.devices.size == 8
+    init = jax.device_get(setup.init_state()["params"])
+    state, losses = run_steps(setup, batches)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    params = jax.device_get(state["params"])
+    np.testing.assert_array_equal(params["embed"], init["embed"])
+    assert not np.array_equal(params["lm_head"], init["lm_head"])
+
+    half, _ = run_steps(setup, batches[:2])
+    ckpt = checkpoint.Checkpointer(str(tmp_path), setup.config.checkpoint)
+    ckpt.save(2, half, None, {"param_shapes": checkpoint.param_shapes(half["params"])})
+    ckpt.wait()
+    _, restored, _, _ = ckpt.restore(setup.abstract_state)
+    ckpt.close()
+    step = setup.jit_train_step()
+    for batch in batches[2:]:
+        restored, _ = step(restored, sharding.host_to_global(batch, setup.mesh))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_z_loss_is_the_formula_in_training_and_absent_from_held_out_loss():
+    setup = make_setup({}, jax.devices()[:1])
+    graphdef, params = setup.graphdef, setup.init_state()["params"]
+    batch = packed_batch(4, 16, seed=2, vocab=VOCAB)
+    batch["loss_mask"][:, :5] = 0.0  # only target tokens count
+    coef = 0.3  # large, so a missing or doubled term cannot hide in rounding
+
+    def losses(params):
+        plain = train.loss_sums(graphdef, params, batch, 0, coef)
+        tiled = train.loss_sums(graphdef, params, batch, 16, coef)  # 4 tiles of the vocabulary
+        held_out = train.make_eval_step(graphdef)(params, batch)
+        return train._logits(graphdef, params, batch), plain, tiled, held_out
+
+    logits, plain, tiled, held_out = jax.jit(losses)(params)
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits).sum(-1))  # (B, L)
+    nll = lse - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["loss_mask"]
+    expected = ((nll + coef * lse**2) * mask).sum() / mask.sum()
+    for total, count in (plain, tiled):
+        np.testing.assert_allclose(float(total / count), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(held_out["nll"] / held_out["count"]), (nll * mask).sum() / mask.sum(), rtol=1e-6
+    )
+
+
+def test_tiled_z_loss_gradients_equal_the_plain_ones():
+    r = np.random.RandomState(0)
+    hidden = jnp.asarray(r.randn(3, 7, 11), jnp.float32)
+    head = jnp.asarray(r.randn(11, 53), jnp.float32)  # 53: a ragged last tile of 8
+    targets = jnp.asarray(r.randint(0, 53, (3, 7)), jnp.int32)
+
+    def plain(hidden, head):
+        logits = jnp.einsum("BLD,DV->BLV", hidden, head)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        nll = lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return jnp.sum(nll + 0.3 * lse**2)
+
+    def tiled(hidden, head):
+        nll, lse = loss.token_nll_and_lse(hidden, head, targets, 8)
+        return jnp.sum(nll + 0.3 * lse**2)
+
+    both = jax.jit(lambda *a: (jax.grad(tiled, (0, 1))(*a), jax.grad(plain, (0, 1))(*a)))
+    got, want = both(hidden, head)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_relu2_flops_count_the_two_matrices_and_export_is_refused_in_one_sentence():
+    cfg = model_lib.ModelConfig(VOCAB, 40, 2, 4, 2, 10, 84, mlp_act="relu2")
+    n_params = model_lib.count_params(nnx.state(model_lib.abstract(cfg), nnx.Param))
+    matmul = n_params - VOCAB * 40  # every weight but the embedding lookup (the head is counted)
+    assert cfg.flops_per_token(13) == 6 * matmul + cfg.attention_flops_per_token(13)
+    for family in ("", "llama"):
+        with pytest.raises(ConvertError, match="mlp_act") as refused:
+            dataclasses.replace(cfg, family=family).to_hf()
+        assert "\n" not in str(refused.value) and str(refused.value).count(". ") == 0
+
+
+def test_a_head_group_without_an_untied_head_is_refused():
+    with pytest.raises(ConfigError, match="optim.groups.head"):
+        make_setup({"model.tie_embeddings": True, **HEAD})
