@@ -86,7 +86,7 @@ def _sums_and_router_stats(
             return nll_sum, count, moe_aux
         nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
     else:
-        logits, moe_aux = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        logits, moe_aux = _logits_and_router_stats(graphdef, params, batch)  # (B, L, V) fp32
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
         if not z_loss:
             return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
@@ -94,7 +94,13 @@ def _sums_and_router_stats(
     return jnp.sum((nll + z_loss * jnp.square(lse)) * mask), jnp.sum(mask), moe_aux
 
 
-def _logits(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
+    return _logits_and_router_stats(graphdef, params, batch)[0]  # (B, L, V) fp32
+
+
+def _logits_and_router_stats(
+    graphdef: Any, params: Any, batch: Batch
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     model = nnx.merge(graphdef, params)
     # A causal batch has no `prefix`: None builds exactly the program of before objectives.
     prefix = batch.get("prefix")
@@ -124,7 +130,7 @@ def eval_sums(
         hidden, head, _ = _hidden_and_head(graphdef, params, batch)
         nll, hit = loss_lib.token_nll_and_hits(hidden, head, batch["targets"], loss_chunk)
     else:
-        logits, _ = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
         hit = jnp.argmax(logits, axis=-1) == batch["targets"]
     hits = hit * mask  # (B, L)
