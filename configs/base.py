@@ -57,6 +57,24 @@ def get_config() -> ml_collections.ConfigDict:
     # Speedrun switches (issue 26), all off.
     c.model.zero_init_out = False  # attention's wo and the MLP's w_down start at zero
     c.model.family = ""  # HF family to export as (llama, qwen2, ...); "": implied by switches
+    # Mixture of experts (jaxlm/moe.py) in place of the MLP of the sparse layers; off when
+    # n_experts = 0 (the dense model, bit for bit).
+    c.model.moe = ml_collections.ConfigDict()
+    c.model.moe.n_experts = 0  # X routed experts; 0: dense model
+    c.model.moe.top_k = 2  # experts each token is sent to
+    c.model.moe.expert_d_ff = 0  # hidden width of each expert (and shared expert); 0: d_ff
+    c.model.moe.n_shared_experts = 0  # experts every token passes through, unweighted
+    c.model.moe.router = "softmax"  # softmax | sigmoid: router logits -> scores (fp32)
+    c.model.moe.normalize_top_k = True  # top-k weights sum to 1 (Mixtral, Qwen3-MoE; not OLMoE)
+    c.model.moe.aux_loss_coef = 0.01  # weight of the load-balance loss (Switch/OLMoE form)
+    c.model.moe.z_loss_coef = 0.0  # weight of the router z-loss (mean squared logsumexp)
+    # DeepSeek-V3 auxiliary-loss-free balancing: each step, every expert's selection bias
+    # moves this much toward balance (set aux_loss_coef small or 0 with it); 0: no bias.
+    c.model.moe.bias_update_rate = 0.0
+    c.model.moe.capacity_factor = 0.0  # 0: dropless; else slots per expert = factor * L * k / X
+    c.model.moe.grouped_matmul = "auto"  # auto (tiled on CPU, else ragged) | ragged | tiled
+    c.model.moe.first_dense_layers = 0  # the first n layers keep the dense MLP
+    c.model.moe.every = 1  # after those, every k-th layer is sparse (1: all of them)
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ""  # a prepared manifest.json to train on; '' = prepare/reuse from datasets

@@ -72,7 +72,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = _out_std(cfg)
+        out_std = output_std(cfg)
         self.wq = param(rngs, (D, H, E), ("embed", "heads", "head_dim"), cfg.init_std)
         self.wk = param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wv = param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), cfg.init_std)
@@ -138,7 +138,7 @@ class Attention(nnx.Module):
         return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
 
 
-def _out_std(cfg: ModelConfig) -> float:
+def output_std(cfg: ModelConfig) -> float:
     """Init std of the projections back into the residual stream (attention's wo, the MLP's
     w_down): scaled by depth to keep the stream's scale, or 0 with `zero_init_out`, where each
     block starts as the identity (drawn all the same, so every other parameter's init stays)."""
@@ -155,7 +155,7 @@ class MLP(nnx.Module):
         if self.gated:
             self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
         self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
-        self.w_down = param(rngs, (F, D), ("mlp", "embed"), _out_std(cfg))
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), output_std(cfg))
         self.act = ACTIVATIONS[cfg.mlp_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D)

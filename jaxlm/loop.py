@@ -381,10 +381,13 @@ class Trainer:
         self.out.write(done, {k: v for k, v in last.items() if k != "eta_s"}, prefix="train/")
         mfu = f" mfu {last['mfu']:.1%}" if "mfu" in last else ""
         skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
+        balance = last.get("moe_load_max_over_mean")  # an MoE model's routing (1: balanced)
+        experts = f" | expert load max/mean {balance:.2f}" if balance is not None else ""
         self.out.print(
             f"step {done:>6}/{self.plan.total_steps} | loss {last['loss']:.4f} | "
             f"lr {last['lr']:.2e} | "
-            f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped} | "
+            f"grad {last['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s{mfu}{skipped}"
+            f"{experts} | "
             f"ETA {format_duration(timing['eta_s'])}"
         )
 

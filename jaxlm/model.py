@@ -2,8 +2,10 @@
 `families.py` (Qwen2/3, Mistral, OLMo-2, Gemma-2/3).
 
 RMSNorm, rotary position embeddings (Hugging Face "rotate half" layout, so imported weights need
-no permutation), grouped-query attention and a gated MLP (`layers.py`). Parameters are stored in
-fp32 and cast to `ModelConfig.dtype` for compute; logits come back in fp32.
+no permutation), grouped-query attention and a gated MLP (`layers.py`); in the sparse layers of
+an MoE model (`ModelConfig.moe`) a mixture of experts (`moe.py`), whose router statistics
+`Transformer.forward` returns. Parameters are stored in fp32 and cast to `ModelConfig.dtype` for
+compute; logits come back in fp32.
 
 Every parameter carries logical axis names in its `axes` metadata and activations are constrained
 at block boundaries with `sharding.constrain`; which mesh axes those names map to is decided in
@@ -25,6 +27,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxlm import attention, families, layers, sharding
+from jaxlm import moe as moe_lib
 from jaxlm import rope as rope_lib
 from jaxlm.errors import ConfigError, ConvertError
 
@@ -71,6 +74,9 @@ class ModelConfig:
     query_scale_dim: int = 0  # attention logits scaled by this**-0.5 (Gemma-3); 0: head_dim
     zero_init_out: bool = False  # attention's wo and the MLP's w_down start at zero
     family: str = ""  # Hugging Face family to export as; "": the first whose switches these are
+    # Mixture of experts in place of the MLP of the sparse layers (jaxlm/moe.py); None: dense.
+    # A `config.model.moe` section (dict) is built into its MoEConfig here (n_experts=0: None).
+    moe: moe_lib.MoEConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", rope_lib.parse_scaling(self.rope_scaling))
@@ -113,6 +119,10 @@ class ModelConfig:
                 "model.attn_softcap cannot run on cuDNN attention (jax's cuDNN call has no "
                 "soft-cap); use model.attention=xla."
             )
+        if self.moe is not None and not isinstance(self.moe, moe_lib.MoEConfig):
+            object.__setattr__(self, "moe", moe_lib.MoEConfig.from_fields(self.moe, self.d_ff))
+        if self.moe is not None:
+            self.moe.check_model(self.n_layers, self.scan_layers, self.mlp_act)
 
     @classmethod
     def from_config(cls, model_cfg: Any, vocab_size: int) -> ModelConfig:
@@ -169,6 +179,10 @@ class ModelConfig:
             for i in range(self.n_layers)
         )
 
+    def is_sparse(self, layer: int) -> bool:
+        """Whether block `layer` has the MoE feed-forward (`model.moe`) instead of the MLP."""
+        return self.moe is not None and self.moe.is_sparse(layer)
+
     def window_sizes(self) -> tuple[int, ...]:
         """The distinct windows of the layers, sorted (0: global)."""
         return tuple(sorted(set(self.layer_windows())))
@@ -177,17 +191,22 @@ class ModelConfig:
         """Training FLOPs per token: 6N for the matmuls plus causal attention.
 
         N counts every non-embedding parameter (the norm scales too, a rounding error) and the
-        output projection (V x D), but not the embedding lookup. Attention scores and values
+        output projection (V x D), but not the embedding lookup; in an MoE layer only the
+        parameters a token is multiplied by (`moe.active_params`). Attention scores and values
         cost 2 matmuls of L x L x (H E) per layer forward; causal masking halves the useful
         work, and training is 3x forward: 6 L H E per token per layer, the way MaxText counts it.
         """
         D, H, K, E, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         mlp_matrices = 2 if self.mlp_act in layers.UNGATED else 3
-        per_layer = D * H * E + 2 * D * K * E + H * E * D + mlp_matrices * D * F
+        per_layer = D * H * E + 2 * D * K * E + H * E * D
         per_layer += D * (4 if self.norm_placement == "both" else 2)  # block norms
         per_layer += (H + 2 * K) * E if self.qkv_bias else 0
         per_layer += {"none": 0, "head": 2 * E, "full": (H + K) * E}[self.qk_norm]
-        matmul_params = self.n_layers * per_layer + D + self.vocab_size * D  # + final norm
+        feed_forward = sum(
+            moe_lib.active_params(self.moe, D) if self.is_sparse(i) else mlp_matrices * D * F
+            for i in range(self.n_layers)
+        )
+        matmul_params = self.n_layers * per_layer + feed_forward + D + self.vocab_size * D
         return 6 * matmul_params + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> int:
@@ -237,10 +256,11 @@ class Block(nnx.Module):
     """Transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (`norm_placement="pre"`).
 
     "post" normalises the sublayer's output instead (x + norm(attn(x)), OLMo-2), "both" does
-    both (x + norm(attn(norm(x))), Gemma).
+    both (x + norm(attn(norm(x))), Gemma). A `sparse` block's mlp is an `moe.MoEBlock`, whose
+    router statistics the block returns beside x.
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sparse: bool = False):
         pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
         if pre:
             self.attn_norm = layers.norm(cfg, cfg.d_model)
@@ -249,10 +269,14 @@ class Block(nnx.Module):
             self.attn_post_norm = layers.norm(cfg, cfg.d_model)
         if pre:
             self.mlp_norm = layers.norm(cfg, cfg.d_model)
-        self.mlp = layers.MLP(cfg, rngs)
+        if sparse:
+            out_std = layers.output_std(cfg)  # the experts' w_down as the dense MLP's
+            self.mlp = moe_lib.MoEBlock(cfg.moe, cfg.d_model, cfg.init_std, out_std, rngs)
+        else:
+            self.mlp = layers.MLP(cfg, rngs)
         if post:
             self.mlp_post_norm = layers.norm(cfg, cfg.d_model)
-        self.pre, self.post = pre, post
+        self.pre, self.post, self.sparse = pre, post, sparse
 
     def __call__(
         self,
@@ -260,14 +284,16 @@ class Block(nnx.Module):
         inputs: LayerInputs,
         window: int | jax.Array,  # this layer's sliding window (0: none); traced under scan
         cache: dict[str, jax.Array] | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None, dict[str, jax.Array]]:
+        """(x, the new cache or None, the MoE block's aux ({} in a dense block))."""
         mask, rope = inputs.for_window(window)
         h = self.attn_norm(x) if self.pre else x
         h, cache = self.attn(h, mask, inputs.segment_ids, rope, cache, window)
         x = x + (self.attn_post_norm(h) if self.post else h)
         h = self.mlp(self.mlp_norm(x) if self.pre else x)
+        h, aux = h if self.sparse else (h, {})
         x = x + (self.mlp_post_norm(h) if self.post else h)
-        return sharding.constrain(x, ("batch", "seq", "embed")), cache
+        return sharding.constrain(x, ("batch", "seq", "embed")), cache, aux
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +345,9 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List(
+                [Block(cfg, rngs, cfg.is_sparse(i)) for i in range(cfg.n_layers)]
+            )
         self.final_norm = layers.norm(cfg, cfg.d_model)
         if not cfg.tie_embeddings:
             self.lm_head = layers.param(
@@ -339,18 +367,28 @@ class Transformer(nnx.Module):
         `prefix` (no cache) marks, per token, the bidirectional part of its document: all of it
         for an encoder, the prefix of a prefix-LM; None is causal attention throughout.
         """
-        x, head, cache = self.hidden_and_head(tokens, positions, segment_ids, cache, prefix)
+        logits, cache, _ = self.forward(tokens, positions, segment_ids, cache, prefix)
+        return logits if cache is None else (logits, cache)
+
+    def forward(
+        self, tokens, positions=None, segment_ids=None, cache=None, prefix=None
+    ) -> tuple[jax.Array, dict[str, Any] | None, dict[str, jax.Array]]:
+        """(logits (B, L, V) fp32, new cache or None, router statistics): `__call__` with the
+        MoE layers' `moe.summarize` ({} for a dense model), which the train loss adds."""
+        x, head, cache, moe_aux = self.hidden_and_head(
+            tokens, positions, segment_ids, cache, prefix
+        )
         logits = jnp.einsum("BLD,DV->BLV", x, head).astype(jnp.float32)
         if self.cfg.final_softcap:
             logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
-        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
-        return logits if cache is None else (logits, cache)
+        return sharding.constrain(logits, ("batch", "seq", "vocab")), cache, moe_aux
 
     def hidden_and_head(
         self, tokens, positions=None, segment_ids=None, cache=None, prefix=None
-    ) -> tuple[jax.Array, jax.Array, dict[str, Any] | None]:
-        """(final hidden states (B, L, D), output head (D, V), new cache or None), both arrays
-        in the compute dtype: the logits are their product, which `jaxlm.loss` takes in tiles."""
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any] | None, dict[str, jax.Array]]:
+        """(final hidden states (B, L, D), output head (D, V), new cache or None, router
+        statistics as in `forward`), both arrays in the compute dtype: the logits are their
+        product, which `jaxlm.loss` takes in tiles."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L = tokens.shape
@@ -391,33 +429,37 @@ class Transformer(nnx.Module):
         x = sharding.constrain(x, ("batch", "seq", "embed"))
 
         if cfg.scan_layers:
-            x, new_layers = self._scan_blocks(x, inputs, cache)
+            x, new_layers, moe_aux = self._scan_blocks(x, inputs, cache)
         else:
-            x, new_layers = self._loop_blocks(x, inputs, cache)
+            x, new_layers, moe_aux = self._loop_blocks(x, inputs, cache)
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
         if cache is not None:
             cache = dict(cache, layers=new_layers, index=cache["index"] + L)
-        return x, head.astype(dtype), cache
+        return x, head.astype(dtype), cache, moe_lib.summarize(moe_aux) if moe_aux else {}
 
     def _loop_blocks(self, x, inputs, cache):
-        """The blocks one after another (a Python loop: one copy of each in the program)."""
-        new_layers = []
+        """The blocks one after another (a Python loop: one copy of each in the program);
+        returns the sparse layers' aux stacked on a leading axis ({} if none)."""
+        new_layers, moe_aux = [], []
         windows = self.cfg.layer_windows()
         for i, (block, window) in enumerate(zip(self.blocks, windows, strict=True)):
             if cache is not None:
                 layer_cache = dict(cache["layers"][i], index=cache["index"])
-                x, layer_cache = block(x, inputs, window, layer_cache)
+                x, layer_cache, aux = block(x, inputs, window, layer_cache)
                 new_layers.append({"k": layer_cache["k"], "v": layer_cache["v"]})
             elif self.cfg.remat != "none":
                 remat_block = nnx.remat(
                     _block_call(inputs, window), policy=REMAT_POLICIES[self.cfg.remat]
                 )
-                x = remat_block(block, x)
+                x, aux = remat_block(block, x)
             else:
-                x, _ = block(x, inputs, window)
-        return x, new_layers
+                x, _, aux = block(x, inputs, window)
+            if aux:
+                moe_aux.append(aux)
+        stacked = jax.tree.map(lambda *v: jnp.stack(v), *moe_aux) if moe_aux else {}
+        return x, new_layers, stacked
 
     def _scan_blocks(self, x, inputs, cache):
         """The stacked blocks under one `lax.scan`: one copy of a block in the program.
@@ -436,30 +478,36 @@ class Transformer(nnx.Module):
             if layer_cache is not None:
                 layer_cache = dict(layer_cache, index=cache["index"])
             window = windows[0] if window is None else window
-            x, layer_cache = block(x, inputs, window, layer_cache)
+            x, layer_cache, aux = block(x, inputs, window, layer_cache)
             if layer_cache is not None:
                 layer_cache = {"k": layer_cache["k"], "v": layer_cache["v"]}
-            return sharding.constrain(x, ("batch", "seq", "embed")), layer_cache
+            return sharding.constrain(x, ("batch", "seq", "embed")), (layer_cache, aux)
 
         if cache is None and self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
         layer_caches = None if cache is None else cache["layers"]
-        x, new_layers = jax.lax.scan(body, x, (stacked, layer_caches, per_layer))
-        return x, new_layers
+        x, (new_layers, moe_aux) = jax.lax.scan(body, x, (stacked, layer_caches, per_layer))
+        return x, new_layers, moe_aux
 
 
 def _block_call(inputs: LayerInputs, window: int):
-    """block, x -> block's output, for `nnx.remat`; the window is closed over, not an argument,
-    so that it stays a Python int (remat traces every argument, defaults too)."""
-    return lambda block, x: block(x, inputs, window)[0]
+    """block, x -> (block's output, its MoE aux), for `nnx.remat`; the window is closed over,
+    not an argument, so that it stays a Python int (remat traces every argument, defaults too)."""
+
+    def call(block: Block, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x, _, aux = block(x, inputs, window)
+        return x, aux
+
+    return call
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """n_layers blocks as one Block whose parameters have a leading `layers` axis."""
     keys = jax.random.split(rngs.params(), cfg.n_layers)
-    blocks = nnx.vmap(lambda key: Block(cfg, nnx.Rngs(params=key)))(keys)
+    # Every layer sparse or every one dense (ModelConfig refuses a mix with scan_layers).
+    blocks = nnx.vmap(lambda key: Block(cfg, nnx.Rngs(params=key), cfg.is_sparse(0)))(keys)
     for _, var in nnx.iter_graph(blocks):
-        if isinstance(var, nnx.Param):
+        if isinstance(var, (nnx.Param, moe_lib.RouterBias)):
             var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
     return blocks
 

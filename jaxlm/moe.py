@@ -89,6 +89,44 @@ class MoEConfig:
                 f"model.moe.every={self.every} >= 1."
             )
 
+    @classmethod
+    def from_fields(cls, fields: Any, d_ff: int) -> MoEConfig | None:
+        """The config of a `config.model.moe` section (a ConfigDict, or a dict from JSON), or
+        None for a dense model (`n_experts=0`). `expert_d_ff=0` means the model's `d_ff`."""
+        fields = dict(fields)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(
+                f"model.moe.{unknown[0]} is not an MoE setting; known: {', '.join(sorted(known))}."
+            )
+        n_experts = fields.get("n_experts", 0)
+        if not isinstance(n_experts, int) or n_experts < 0:
+            raise ConfigError(f"model.moe.n_experts={n_experts!r} must be 0 (dense) or more.")
+        if n_experts == 0:
+            return None
+        return cls(**dict(fields, expert_d_ff=fields.get("expert_d_ff") or d_ff))
+
+    def check_model(self, n_layers: int, scan_layers: bool, mlp_act: str) -> None:
+        """Refuses, in one sentence, a model these MoE settings cannot be part of."""
+        sparse = [self.is_sparse(i) for i in range(n_layers)]
+        if not any(sparse):
+            raise ConfigError(
+                f"model.moe.first_dense_layers={self.first_dense_layers} and model.moe.every="
+                f"{self.every} leave no sparse layer among model.n_layers={n_layers}; set "
+                "model.moe.n_experts=0 for a dense model."
+            )
+        if scan_layers and not all(sparse):
+            raise ConfigError(
+                "model.scan_layers stacks identical blocks but model.moe.first_dense_layers / "
+                "model.moe.every mix dense and sparse layers; set model.scan_layers=False or "
+                "make every layer sparse."
+            )
+        if mlp_act != "silu":
+            raise ConfigError(
+                f"model.moe experts are SwiGLU: model.mlp_act={mlp_act!r} must be silu."
+            )
+
     def is_sparse(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has an MoE feed-forward rather than the dense MLP."""
         later = layer - self.first_dense_layers
@@ -110,6 +148,17 @@ def active_params(moe: MoEConfig, d_model: int) -> int:
     experts and the shared experts. Training FLOPs per token are 6x this (plus attention)."""
     expert = 3 * d_model * moe.expert_d_ff
     return d_model * moe.n_experts + (moe.top_k + moe.n_shared_experts) * expert
+
+
+def summarize(per_layer: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The model's router statistics from its sparse layers' `MoEBlock` aux, stacked on a
+    leading layer axis: each scalar's mean over layers (`loss` is what the train loss adds),
+    `load_max_over_mean` (the busiest expert's load over the mean load, 1 at perfect balance,
+    averaged over layers) and the per-layer `load` (layers, X)."""
+    load = per_layer["load"]  # (N, X)
+    summary = {k: jnp.mean(v) for k, v in per_layer.items() if k != "load"}
+    ratio = jnp.max(load, axis=-1) / jnp.mean(load, axis=-1)  # (N,)
+    return dict(summary, load_max_over_mean=jnp.mean(ratio), load=load)
 
 
 class RouterBias(nnx.Variable):

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
+from jaxlm import moe as moe_lib
 from jaxlm import objectives, optim, sharding
 from jaxlm import spec as run_spec
 from jaxlm import stages as stages_lib
@@ -32,6 +33,15 @@ Batch = dict[str, jax.Array]
 # --------------------------------------------------------------------------- the pure steps
 
 
+# The router statistics a step reports for an MoE model (`moe.summarize`'s keys, renamed).
+MOE_METRICS = {
+    "balance_loss": "moe_balance_loss",
+    "z_loss": "moe_z_loss",
+    "dropped": "moe_dropped",
+    "load_max_over_mean": "moe_load_max_over_mean",
+}
+
+
 def loss_sums(
     graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0, z_loss: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
@@ -42,34 +52,70 @@ def loss_sums(
     target token (lse: the log-normaliser of its logits), which keeps the output's log-partition
     near zero; the training step passes it, held-out evaluation does not.
     """
+    loss_sum, count, _ = _sums_and_router_stats(graphdef, params, batch, loss_chunk, z_loss)
+    return loss_sum, count
+
+
+def train_loss_sums(
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0, z_loss: float = 0.0
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """What the train step differentiates, and (`loss_sums`' summed loss, target count, router
+    metrics) beside it.
+
+    For a dense model that is `loss_sums`' loss. An MoE model adds its router losses (balance
+    and router z-loss with their coefficients, averaged over the sparse layers) times the
+    target count: means over tokens, so they stay means when the step divides by the count.
+    """
+    loss_sum, count, moe_aux = _sums_and_router_stats(graphdef, params, batch, loss_chunk, z_loss)
+    if not moe_aux:
+        return loss_sum, (loss_sum, count, {})
+    metrics = {name: moe_aux[key] for key, name in MOE_METRICS.items()}
+    metrics["router_load"] = moe_aux["load"]  # (sparse layers, X): the bias step's input
+    return loss_sum + count * moe_aux["loss"], (loss_sum, count, metrics)
+
+
+def _sums_and_router_stats(
+    graphdef: Any, params: Any, batch: Batch, loss_chunk: int, z_loss: float
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     mask = batch["loss_mask"]
     if loss_chunk:
-        hidden, head = _hidden_and_head(graphdef, params, batch)
+        hidden, head, moe_aux = _hidden_and_head(graphdef, params, batch)
         if not z_loss:
-            return loss_lib.token_loss_sums(hidden, head, batch["targets"], mask, loss_chunk)
+            targets = batch["targets"]
+            nll_sum, count = loss_lib.token_loss_sums(hidden, head, targets, mask, loss_chunk)
+            return nll_sum, count, moe_aux
         nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
     else:
-        logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
+        logits, moe_aux = _logits_and_router_stats(graphdef, params, batch)  # (B, L, V) fp32
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
         if not z_loss:
-            return jnp.sum(nll * mask), jnp.sum(mask)
+            return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
         lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
-    return jnp.sum((nll + z_loss * jnp.square(lse)) * mask), jnp.sum(mask)
+    return jnp.sum((nll + z_loss * jnp.square(lse)) * mask), jnp.sum(mask), moe_aux
 
 
 def _logits(graphdef: Any, params: Any, batch: Batch) -> jax.Array:
+    return _logits_and_router_stats(graphdef, params, batch)[0]  # (B, L, V) fp32
+
+
+def _logits_and_router_stats(
+    graphdef: Any, params: Any, batch: Batch
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     model = nnx.merge(graphdef, params)
     # A causal batch has no `prefix`: None builds exactly the program of before objectives.
     prefix = batch.get("prefix")
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], prefix=prefix)
+    logits, _, moe_aux = model.forward(
+        batch["inputs"], batch["positions"], batch["segment_ids"], prefix=prefix
+    )
+    return logits, moe_aux
 
 
-def _hidden_and_head(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def _hidden_and_head(graphdef: Any, params: Any, batch: Batch) -> tuple[jax.Array, ...]:
     model = nnx.merge(graphdef, params)
-    hidden, head, _ = model.hidden_and_head(
+    hidden, head, _, moe_aux = model.hidden_and_head(
         batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch.get("prefix")
     )
-    return hidden, head  # (B, L, D), (D, V)
+    return hidden, head, moe_aux  # (B, L, D), (D, V), router statistics
 
 
 def eval_sums(
@@ -81,7 +127,7 @@ def eval_sums(
     `loss_chunk` as in `loss_sums`."""
     mask = batch["loss_mask"]
     if loss_chunk:
-        hidden, head = _hidden_and_head(graphdef, params, batch)
+        hidden, head, _ = _hidden_and_head(graphdef, params, batch)
         nll, hit = loss_lib.token_nll_and_hits(hidden, head, batch["targets"], loss_chunk)
     else:
         logits = _logits(graphdef, params, batch)  # (B, L, V) fp32
@@ -110,33 +156,36 @@ def accumulate_gradients(
     loss_chunk: int = 0,
     z_loss: float = 0.0,
 ) -> tuple:
-    """Summed loss, target count and summed gradients over `grad_accum` micro-batches.
+    """Summed cross-entropy, target count, summed gradients (of `train_loss_sums`) and the
+    router metrics (means over the micro-batches; {} for a dense model) over `grad_accum`
+    micro-batches.
 
     Sums (not means) make the result independent of how the batch is split: dividing by the
     total count afterwards gives exactly the whole batch's mean-loss gradient.
     """
-    grad_fn = jax.value_and_grad(
-        lambda p, b: loss_sums(graphdef, p, b, loss_chunk, z_loss), has_aux=True
+    grad_fn = jax.grad(
+        lambda p, b: train_loss_sums(graphdef, p, b, loss_chunk, z_loss), has_aux=True
     )
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
-        return loss_sum, count, grads
+        grads, (loss_sum, count, moe_metrics) = grad_fn(params, batch)
+        return loss_sum, count, grads, moe_metrics
     # Row i goes to micro-batch i % grad_accum: each device's block of rows splits evenly over
     # the micro-batches (no rows move between devices), whatever the mesh.
     micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def add(carry, micro_batch):
-        (loss_sum, count), grads = grad_fn(params, micro_batch)
+        grads, (loss_sum, count, moe_metrics) = grad_fn(params, micro_batch)
         acc_loss, acc_count, acc_grads = carry
         return (
             acc_loss + loss_sum,
             acc_count + count,
             jax.tree.map(jnp.add, acc_grads, grads),
-        ), None
+        ), moe_metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, count, grads), _ = jax.lax.scan(add, (0.0, 0.0, zeros), micro)
-    return loss_sum, count, grads
+    (loss_sum, count, grads), moe_metrics = jax.lax.scan(add, (0.0, 0.0, zeros), micro)
+    moe_metrics = {k: jnp.mean(v, axis=0) for k, v in moe_metrics.items()}  # over micro-batches
+    return loss_sum, count, grads, moe_metrics
 
 
 def make_train_step(
@@ -149,6 +198,7 @@ def make_train_step(
     ema_decay: float = 0.99,
     loss_chunk: int = 0,
     z_loss: float = 0.0,
+    router_bias_rate: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
     of every run (a stage of a staged run is a `grad_accum` and a batch shape).
@@ -161,19 +211,27 @@ def make_train_step(
     exceeds `spike_ratio` times the running mean of accepted losses, is skipped: parameters and
     optimizer state stay bitwise unchanged and `metrics['skipped']` is 1. The running mean lives
     in the state, so it is checkpointed and a resumed run decides exactly as the original would.
+
+    `metrics['loss']` leaves out an MoE model's router losses (so it compares with dense runs):
+    they enter the gradient and are reported as `MOE_METRICS`.
+    `router_bias_rate` > 0 (`model.moe.bias_update_rate`) moves every MoE layer's selection bias
+    toward balance by that much per step (`moe.update_bias`), outside the gradient.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
-        loss_sum, count, grads = accumulate_gradients(
+        loss_sum, count, grads, moe_metrics = accumulate_gradients(
             graphdef, params, batch, grad_accum, loss_chunk, z_loss
         )
+        router_load = moe_metrics.pop("router_load", None)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if router_bias_rate:
+            new_params = _step_router_biases(new_params, params, router_load, router_bias_rate)
 
         guard = state["guard"]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -200,6 +258,7 @@ def make_train_step(
             "lr": schedule(state["step"]),
             "tokens": count,
             "skipped": 1 - ok.astype(jnp.int32),
+            **moe_metrics,
         }
         new_state = {
             "params": new_params,
@@ -210,6 +269,22 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _step_router_biases(new_params: Any, params: Any, load: jax.Array, rate: float) -> Any:
+    """`new_params` with each MoE layer's `router_bias` set to its DeepSeek-V3 step from
+    `params` (whatever the optimizer did to it: no gradient reaches it). `load` (sparse layers,
+    X) is in layer order, as the biases flatten: one (X,) per layer, or one (N, X) scanned."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+    old = jax.tree.leaves(params)
+    leaves, row = [], 0
+    for (path, leaf), before in zip(flat, old, strict=True):
+        if getattr(path[-1], "key", None) == "router_bias":
+            rows = leaf.size // load.shape[-1]
+            leaf = moe_lib.update_bias(before, load[row : row + rows].reshape(leaf.shape), rate)
+            row += rows
+        leaves.append(leaf)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def make_eval_step(
@@ -336,6 +411,7 @@ class Setup:
                 self.spec.spike_warmup,
                 loss_chunk=self.spec.loss_chunk,
                 z_loss=self.spec.z_loss,
+                router_bias_rate=self.model_cfg.moe.bias_update_rate if self.model_cfg.moe else 0,
             )
 
             def traced(state, batch, step=step, accum=stage.grad_accum):

@@ -287,3 +287,190 @@ def test_sharded_equals_one_device(preset, mesh_shape, capacity_factor):
         assert len(found["all-to-all"]) == 4
     else:
         assert not found["all-to-all"] and found["reduce-scatter"]
+
+
+# --------------------------------------------------------------------------- in the model
+
+
+EXPERTS = 4  # per layer in the model tests: one per device of the ep_fsdp mesh's fsdp axis
+
+
+def moe_config(**moe_overrides):
+    """tests.helpers.tiny_config with every layer sparse: 4 experts, top-2, width 19; ragged_dot
+    (tiled, CPU's default, takes longer to compile and equals it: test above)."""
+    from tests.helpers import tiny_config
+
+    c = tiny_config()
+    c.model.moe.update(
+        n_experts=EXPERTS, top_k=2, expert_d_ff=19, z_loss_coef=1e-3, grouped_matmul="ragged"
+    )
+    c.model.moe.update(**moe_overrides)
+    return c
+
+
+def moe_setup(config, preset="fsdp", mesh_shape=(1, -1, 1), devices=None):
+    from jaxlm import spec as run_spec
+    from jaxlm import train
+
+    config.mesh.preset = preset
+    return train.Setup(run_spec.build(config), 62, sharding.make_mesh(mesh_shape, devices))
+
+
+def run_steps(setup, batch, n):
+    """Each step's metrics and the routers' selection biases (layers, X) after it."""
+    state, step, metrics, biases = setup.init_state(), setup.jit_train_step(), [], []
+    for _ in range(n):
+        state, m = step(state, sharding.host_to_global(batch, setup.mesh))
+        metrics.append({k: float(v) for k, v in m.items()})
+        blocks = state["params"]["blocks"]
+        biases.append(np.stack([np.asarray(blocks[i]["mlp"]["router_bias"]) for i in (0, 1)]))
+    return metrics, biases
+
+
+@pytest.fixture(scope="module")
+def repeated_batch():
+    from tests.helpers import packed_batch
+
+    return packed_batch(8, 16, seed=9, vocab=62)
+
+
+RATE = 1e-2  # the DeepSeek-V3 bias step of the model tests
+
+
+@pytest.fixture(scope="module")
+def one_device_setup():
+    return moe_setup(moe_config(bias_update_rate=RATE), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def one_device_run(one_device_setup, repeated_batch):
+    return run_steps(one_device_setup, repeated_batch, 5)
+
+
+def test_moe_model_learns_a_repeated_batch_and_reports_its_router(one_device_run):
+    metrics, _ = one_device_run
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < 0.8 * losses[0], losses
+    first = metrics[0]
+    assert first["moe_dropped"] == 0.0  # dropless
+    assert 1.0 <= first["moe_load_max_over_mean"] <= 4.0  # between balanced and one expert
+    assert first["moe_balance_loss"] >= 0.99 * K  # k at perfect balance, more otherwise
+    assert first["moe_z_loss"] > 0
+
+
+@pytest.fixture(scope="module")
+def first_forward(one_device_setup, repeated_batch):
+    """(logits, router statistics) of the initial params on the repeated batch, unrolled and
+    with the same weights stacked under scan_layers: one program for both."""
+    from jaxlm import model
+
+    setup = one_device_setup
+    params = nnx.to_pure_dict(nnx.state(model.create(setup.model_cfg, setup.spec.seed)))
+    scanned = dataclasses.replace(setup.model_cfg, scan_layers=True)
+    graphdef_scan, _ = nnx.split(model.abstract(scanned))
+    batch = repeated_batch
+
+    @jax.jit
+    def both(params):
+        args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+        loop = nnx.merge(setup.graphdef, params).forward(*args)
+        scan = nnx.merge(graphdef_scan, model.stack_layers(params)).forward(*args)
+        return loop[::2], scan[::2]
+
+    return both(params)
+
+
+def test_router_bias_steps_toward_balance_outside_the_gradient(first_forward, one_device_run):
+    # The first step from zero biases: +RATE for each expert under the mean load, -RATE over
+    # it, whatever the optimizer would have done (no gradient reaches the bias).
+    (_, aux), _ = first_forward
+    expected = moe.update_bias(jnp.zeros((2, EXPERTS)), aux["load"], RATE)
+    _, biases = one_device_run
+    assert np.abs(expected).max() == RATE
+    np.testing.assert_allclose(biases[0], expected, rtol=1e-6)
+    # Later steps add +-RATE or 0 per expert.
+    steps = np.diff(np.stack(biases), axis=0) / RATE
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
+
+
+def test_expert_parallel_training_equals_one_device(one_device_run, repeated_batch):
+    # ep_fsdp on (data 2, fsdp 4): each device holds one whole expert; two steps, so the
+    # second loss also checks the first update (router-loss gradients included).
+    setup = moe_setup(moe_config(bias_update_rate=RATE), "ep_fsdp", (2, 4, 1))
+    metrics, biases = run_steps(setup, repeated_batch, 2)
+    assert setup.param_shardings["blocks"][0]["mlp"]["w_gate"].spec == jax.P("fsdp", None, None)
+    one_metrics, one_biases = one_device_run
+    for key in ("loss", "grad_norm", "moe_balance_loss", "moe_z_loss"):
+        got, want = [m[key] for m in metrics], [m[key] for m in one_metrics[:2]]
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(biases, one_biases[:2], rtol=1e-6)
+
+
+def test_scanned_moe_model_equals_unrolled(first_forward):
+    (logits, aux), (logits_scan, aux_scan) = jax.device_get(first_forward)
+    np.testing.assert_allclose(logits_scan, logits, rtol=1e-5, atol=1e-5)
+    assert aux["load"].shape == (2, EXPERTS)
+    assert float(aux["dropped"]) == float(aux_scan["dropped"]) == 0.0
+    del aux["dropped"], aux_scan["dropped"]
+    assert_trees_close(aux, aux_scan)
+
+
+def test_no_experts_is_the_dense_model():
+    from jaxlm import model, train
+    from tests.helpers import tiny_config
+
+    dense = tiny_config()
+    del dense.model["moe"]
+    off = moe_config(n_experts=0)
+    cfg = model.ModelConfig.from_config(off.model, 61)
+    assert cfg.moe is None and cfg == model.ModelConfig.from_config(dense.model, 61)
+    # The train objective of a dense model is its cross-entropy sum and nothing more.
+    graphdef, state = nnx.split(model.abstract(cfg))
+    batch = {
+        k: jax.ShapeDtypeStruct((2, 8), jnp.float32 if k == "loss_mask" else jnp.int32)
+        for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+    }
+    trace = lambda f: str(jax.make_jaxpr(f)(state, batch))  # noqa: E731
+    assert trace(lambda p, b: train.train_loss_sums(graphdef, p, b)[0]) == trace(
+        lambda p, b: train.loss_sums(graphdef, p, b)[0]
+    )
+
+
+def test_model_config_of_an_moe_model_round_trips_and_counts_active_flops():
+    from jaxlm import model
+
+    c = moe_config(first_dense_layers=1)
+    cfg = model.ModelConfig.from_config(c.model, 61)
+    assert [cfg.is_sparse(i) for i in range(2)] == [False, True]
+    assert model.ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg  # checkpoint metadata
+    dense = dataclasses.replace(cfg, moe=None)
+    D, F = cfg.d_model, cfg.d_ff
+    extra = moe.active_params(cfg.moe, D) - 3 * D * F  # one sparse layer
+    assert cfg.flops_per_token(37) - dense.flops_per_token(37) == 6 * extra
+    # Built with expert_d_ff=0: the model's d_ff.
+    c.model.moe.expert_d_ff = 0
+    assert model.ModelConfig.from_config(c.model, 61).moe.expert_d_ff == F
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(moe__colour=1), "model.moe.colour"),
+        (dict(moe__n_experts=-2), "model.moe.n_experts"),
+        (dict(moe__first_dense_layers=2), "model.moe.first_dense_layers"),
+        (dict(moe__first_dense_layers=1, scan_layers=True), "model.scan_layers"),
+        (dict(moe__bias_update_rate=-1e-3), "model.moe.bias_update_rate"),
+        (dict(mlp_act="gelu_tanh"), "model.mlp_act"),
+    ],
+)
+def test_moe_model_that_cannot_be_built_is_one_sentence(change, key):
+    from jaxlm import model
+
+    c = moe_config()
+    with c.model.ignore_type(), c.model.moe.ignore_type():
+        for name, value in change.items():
+            section, _, field = name.rpartition("__")
+            (c.model.moe if section else c.model)[field] = value
+    with pytest.raises(ConfigError, match=re.escape(key)) as e:
+        model.ModelConfig.from_config(c.model, 61)
+    assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
