@@ -249,6 +249,7 @@ def test_init_from_places_the_same_weights_in_a_scanned_fsdp_run(built):
     """config.init_from='hf:<dir>' (the continued-pretraining path): the family's switches
     copied into a run, its weights stacked and sharded, bit for bit."""
     from jaxlm import sharding, train
+    from jaxlm import spec as run_spec
     from jaxlm.convert import init_from as warm_start
     from tests.helpers import tiny_config
 
@@ -259,7 +260,7 @@ def test_init_from_places_the_same_weights_in_a_scanned_fsdp_run(built):
     for key, value in {**fields, "scan_layers": True}.items():
         config.model[key] = value
     config.mesh.preset = "fsdp"
-    setup = train.Setup(config, vocab, sharding.make_mesh((2, 4, 1)))
+    setup = train.Setup(run_spec.build(config), vocab, sharding.make_mesh((2, 4, 1)))
     assert setup.model_cfg.family == built.cfg.family
     params = warm_start.load_params(init_from, setup, log=lambda _: None)
     want = model_lib.stack_layers(built.params)
