@@ -364,6 +364,28 @@ def row_segments(row: dict[str, np.ndarray]) -> list[slice]:
     return spans
 
 
+def document_ids(doc: tuple[np.ndarray, np.ndarray]) -> tuple[int, ...]:
+    """A reassembled document's ids (from `packed_documents`), after checking inputs =
+    [BOS] + ids and targets = ids + [EOS]."""
+    x, y = doc
+    ids = y[:-1]
+    assert y[-1] == EOS and EOS not in ids and BOS not in ids
+    np.testing.assert_array_equal(x, np.concatenate([[BOS], ids]))
+    return tuple(ids.tolist())
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """{step: train loss} from a run's metrics.jsonl (one line per step: a resume trims it)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/loss" in row:
+                assert row["step"] not in out, f"step {row['step']} logged twice"
+                out[row["step"]] = row["train/loss"]
+    return out
+
+
 def packed_documents(
     rows: Iterable[dict[str, np.ndarray]], bos: int = BOS, eos: int = EOS
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

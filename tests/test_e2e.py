@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import train_losses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]
 pytestmark = pytest.mark.slow
@@ -122,24 +124,12 @@ def patched_env(tmp_path, code: str) -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
-def losses(workdir):
-    """{step: train loss} from metrics.jsonl (one line per step after a resume trims it)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                assert row["step"] not in out, f"step {row['step']} logged twice"
-                out[row["step"]] = row["train/loss"]
-    return out
-
-
 def wait_for_step(workdir, step, proc, timeout=300):
     deadline = time.time() + timeout
     path = os.path.join(workdir, "metrics.jsonl")
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if os.path.exists(path) and any(s >= step for s in losses(workdir)):
+        if os.path.exists(path) and any(s >= step for s in train_losses(workdir)):
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")
@@ -206,18 +196,20 @@ def test_run_writes_its_workdir_then_resumes(config_file, tmp_path):
         "checkpoints/8",
     ):
         assert os.path.exists(os.path.join(workdir, name)), name
-    assert sorted(losses(workdir)) == list(range(1, 9))
+    assert sorted(train_losses(workdir)) == list(range(1, 9))
 
     events = EventAccumulator(os.path.join(workdir, "tb"))
     events.Reload()
     tb_losses = [e.value for e in events.Scalars("train/loss")]
-    np.testing.assert_allclose(tb_losses, [losses(workdir)[s] for s in range(1, 9)], rtol=1e-6)
+    np.testing.assert_allclose(
+        tb_losses, [train_losses(workdir)[s] for s in range(1, 9)], rtol=1e-6
+    )
     assert "eval/bits_per_byte" in events.Tags()["scalars"]
     assert "eval/next_line/accuracy" in events.Tags()["scalars"]
 
     second = run(config_file, workdir, "--config.train.steps=12", *extras)
     assert "resuming from checkpoint at step 8" in second.stdout
-    assert sorted(losses(workdir)) == list(range(1, 13))
+    assert sorted(train_losses(workdir)) == list(range(1, 13))
 
     # The same command on the finished run: one line with the final figures, nothing rewritten.
     final = second.stdout.split("final held-out: ")[1].split(" | next_line")[0]
@@ -253,7 +245,7 @@ def test_sigkill_then_restart_is_bitwise_identical(config_file, tmp_path):
     resumed_at = int(restarted.stdout.split("resuming from checkpoint at step ")[1].split()[0])
     assert resumed_at in (4, 8)
 
-    a, b = losses(reference), losses(killed)
+    a, b = train_losses(reference), train_losses(killed)
     assert sorted(b) == list(range(1, 13))
     assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # exact, not approximate
     pa, pb = final_params(reference, 12), final_params(killed, 12)
@@ -406,7 +398,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(confi
     results = [p.communicate(timeout=600) for p in procs]
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i}: " + "\n---\n".join(e[-2000:] for _, e in results)
-    a, b = losses(single), losses(multi)
+    a, b = train_losses(single), train_losses(multi)
     assert sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=1e-5)
 
@@ -419,7 +411,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(confi
     resume = [c for c in common if not c.startswith("--config.data.streams")]
     out = run(config_file, resumed, *resume, devices=8)
     assert "resuming from checkpoint at step 6" in out.stdout
-    d = losses(resumed)
+    d = train_losses(resumed)
     assert sorted(d) == list(range(1, 9))
     assert d[7] == b[7]  # the restored state and data stream are the 2-process run's, bitwise
     # Step 7's update is not bitwise the 2-process one (measured: the step-8 loss differs by
@@ -447,7 +439,7 @@ def test_evaluation_never_changes_training(config_file, tmp_path):
         "--config.eval.every=0",
         "--config.eval.next_line_examples=0",
     )
-    a, b = losses(with_eval), losses(without)
+    a, b = train_losses(with_eval), train_losses(without)
     assert sorted(a) == list(range(1, 7))
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bitwise
 
@@ -472,7 +464,7 @@ def test_wandb_offline_run_holds_the_scalars(config_file, tmp_path):
     # The run file is a log of protobuf records that hold each scalar's key and its JSON value
     # as plain bytes (wandb ships no reader for it): find every logged train loss there.
     data = open(records[0], "rb").read()
-    for step, loss in losses(workdir).items():
+    for step, loss in train_losses(workdir).items():
         assert json.dumps(loss).encode() in data, f"train/loss of step {step} not in the W&B run"
     assert b"train/loss" in data and b"eval/bits_per_byte" in data
 
@@ -513,7 +505,7 @@ def test_failed_async_save_stops_the_run_at_once_and_keeps_earlier_checkpoints(
     assert last.startswith("error: saving the checkpoint at step 200 in "), last
     assert "No space left on device" in last
     # Found by the per-step check, not by the next save (step 300) waiting for this one.
-    assert 200 < max(losses(workdir)) < 300, max(losses(workdir))
+    assert 200 < max(train_losses(workdir)) < 300, max(train_losses(workdir))
     steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert steps == ["100"]
     resumed = run(config_file, workdir, *overrides, "--config.train.steps=102")

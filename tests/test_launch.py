@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, one_sentence
+from tests.helpers import REPO, one_sentence, train_losses
 
 CONFIG = """
 import ml_collections
@@ -86,18 +86,6 @@ def environment(devices: int, **variables: str) -> dict:
     return env
 
 
-def losses(workdir) -> dict[int, float]:
-    """{step: train loss} from metrics.jsonl."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                assert row["step"] not in out, f"step {row['step']} logged twice"
-                out[row["step"]] = row["train/loss"]
-    return out
-
-
 def free_port(low: int = 1024, high: int = 65535) -> int:
     """A port in [low, high] nobody listens on now."""
     for port in np.random.default_rng().permutation(np.arange(low, high + 1)):
@@ -126,13 +114,13 @@ def one_process(config_file, tmp_path_factory):
     proc = subprocess.run(command, cwd=REPO, env=environment(8), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "jax.distributed" not in proc.stdout  # alone: no runtime to join
-    return losses(workdir)
+    return train_losses(workdir)
 
 
 def assert_one_run(stdout: str, source: str, workdir: str, one_process: dict) -> None:
     for i in range(2):
         assert f"jax.distributed: process {i} of 2 ({source}), 4 of 8 devices here" in stdout
-    got = losses(workdir)
+    got = train_losses(workdir)
     assert sorted(got) == sorted(one_process) == [1, 2, 3]
     # Not bitwise: a cross-process all-reduce adds the 8 devices' gradients in another order.
     np.testing.assert_allclose([got[s] for s in got], [one_process[s] for s in got], rtol=1e-5)

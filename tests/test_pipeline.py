@@ -25,37 +25,12 @@ from jaxlm import stages
 from jaxlm.data import manifest, pipeline, prepare, sources, stream, tokenizer
 from tests.helpers import (
     BODY,
-    BOS,
-    EOS,
     batch_rows,
+    document_ids,
     packed_documents,
     synthetic_docs,
     write_manifest,
 )
-
-
-def _ids(doc: tuple[np.ndarray, np.ndarray]) -> tuple[int, ...]:
-    """A reassembled document's ids, after checking inputs = [BOS]+ids, targets = ids+[EOS]."""
-    x, y = doc
-    ids = y[:-1]
-    assert y[-1] == EOS and EOS not in ids and BOS not in ids
-    np.testing.assert_array_equal(x, np.concatenate([[BOS], ids]))
-    return tuple(ids.tolist())
-
-
-def _take(it: Iterator, n: int) -> list:
-    return [next(it) for _ in range(n)]
-
-
-def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
-# --------------------------------------------------------------------------- eval
 
 
 def _eval_docs(rng: np.random.RandomState) -> list[list[int]]:
@@ -76,7 +51,7 @@ def test_eval_counts_every_val_token_once_and_pads_with_zero_mask(tmp_path):
     assert sum(float(b["loss_mask"].sum()) for b in batches) == tokens
     padding = [r for r in batch_rows(batches) if not r["segment_ids"].any()]
     assert padding and all(not r["loss_mask"].any() for r in padding)
-    found = collections.Counter(_ids(d) for d in packed_documents(batch_rows(batches)))
+    found = collections.Counter(document_ids(d) for d in packed_documents(batch_rows(batches)))
     assert found == collections.Counter(tuple(d) for d in val), "val documents, in full, once"
     assert pipeline.eval_num_batches(m, "a", L, B, max_batches=2) == 2
     assert pipeline.val_bytes_per_target(m, "a") == m["datasets"]["a"]["val"]["bytes"] / tokens

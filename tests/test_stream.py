@@ -25,6 +25,7 @@ from tests.helpers import (
     BOS,
     EOS,
     batch_rows,
+    document_ids,
     packed_documents,
     synthetic_docs,
     tiny_config,
@@ -52,15 +53,6 @@ def _batches(m, plan, streams=1, index=0, count=1, seed=5, **hooks) -> stream.Tr
     )
 
 
-def _ids(doc: tuple[np.ndarray, np.ndarray]) -> tuple[int, ...]:
-    """A reassembled document's ids, after checking inputs = [BOS]+ids, targets = ids+[EOS]."""
-    x, y = doc
-    ids = y[:-1]
-    assert y[-1] == EOS and EOS not in ids and BOS not in ids
-    np.testing.assert_array_equal(x, np.concatenate([[BOS], ids]))
-    return tuple(ids.tolist())
-
-
 def _same(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
@@ -82,7 +74,7 @@ def test_weights_set_the_shares_and_zero_excludes_a_dataset(tmp_path):
     reader = _batches(m, _plan(128, 8, {"a": 1.0, "b": 3.0, "c": 0.0}))
     counts: collections.Counter = collections.Counter()
     for doc in packed_documents(batch_rows(reader)):
-        counts[_ids(doc)[0]] += 1
+        counts[document_ids(doc)[0]] += 1
         if counts.total() == 4000:
             break
     assert counts[5] == 0, "a dataset with weight 0 must never be drawn"
@@ -110,7 +102,7 @@ def test_packing_yields_every_token_once_per_epoch_and_reshuffles(tmp_path):
         if len(counted) * L >= 2 * tokens + 5 * L:
             break
     documents = packed_documents(counted)
-    epochs = [[_ids(next(documents)) for _ in docs] for _ in range(2)]
+    epochs = [[document_ids(next(documents)) for _ in docs] for _ in range(2)]
     source = collections.Counter(tuple(d) for d in docs)
     for epoch in epochs:
         assert collections.Counter(epoch) == source, "each document exactly once per epoch"
