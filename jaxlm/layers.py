@@ -9,7 +9,7 @@ the input's dtype. Shape alphabet as in `model.py`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,9 @@ from flax import nnx
 from jaxlm import attention, sharding
 from jaxlm import rope as rope_lib
 
-if TYPE_CHECKING:
-    from jaxlm.model import ModelConfig
+# The layers read a `model.ModelConfig` (typed `Config` here: model.py imports this module, so
+# importing it back would be a cycle).
+Config = Any
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -62,7 +63,7 @@ class RMSNorm(nnx.Module):
         return (x32 * scale).astype(x.dtype)
 
 
-def norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+def norm(cfg: Config, dim: int) -> RMSNorm:
     """An RMSNorm of width `dim` with the model's epsilon and weight convention."""
     return RMSNorm((dim,), cfg.norm_eps, cfg.norm_plus_one)
 
@@ -70,7 +71,7 @@ def norm(cfg: ModelConfig, dim: int) -> RMSNorm:
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; optional q/k/v biases and QK-norm."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = output_std(cfg)
         self.wq = param(rngs, (D, H, E), ("embed", "heads", "head_dim"), cfg.init_std)
@@ -138,7 +139,7 @@ class Attention(nnx.Module):
         return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
 
 
-def output_std(cfg: ModelConfig) -> float:
+def output_std(cfg: Config) -> float:
     """Init std of the projections back into the residual stream (attention's wo, the MLP's
     w_down): scaled by depth to keep the stream's scale, or 0 with `zero_init_out`, where each
     block starts as the identity (drawn all the same, so every other parameter's init stays)."""
@@ -149,7 +150,7 @@ class MLP(nnx.Module):
     """Gated feed-forward: down(act(x @ gate) * (x @ up)); SwiGLU, or GeGLU with gelu_tanh.
     With relu2 (`UNGATED`) there is no gate: down(relu(x @ up)^2), two matrices."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
         self.gated = cfg.mlp_act not in UNGATED
         if self.gated:

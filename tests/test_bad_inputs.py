@@ -104,7 +104,7 @@ def main_module():
     """
     from absl import flags
 
-    names = ("config", "workdir")
+    names = ("config", "workdir", "list_config")  # every flag jaxlm.main defines
     aside = {n: flags.FLAGS[n] for n in names if n in flags.FLAGS}
     for name in aside:
         delattr(flags.FLAGS, name)
