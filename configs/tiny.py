@@ -11,10 +11,9 @@ Optimizer: Muon on the attention and MLP matrices, AdamW on the tied embedding a
 Measured on a 2-core Intel Xeon VM: final held-out 2.175 bits per byte where gzip -9 gets
 1.607 on the same text (Python source is very compressible), next-line task 32% (chance 25%),
 since every run reads the one training stream (2026-12-07 evening; 2.117 and 34% with the grain
-pipeline before it: another document order). Timing, idle machine, from a fresh clone (17:09
-UTC, before that change; the step program is the same, `benchmarks/bench.py` ratio 1.00): data
-preparation 14 s, training and evaluation 6 min 10 s, 6 min 31 s wall in all (6 min 56 s on the
-2-core AMD EPYC VM of 2026-12-01; preparation took 60 s on the tester's fresh machine). The
+pipeline before it: another document order). Timing, idle machine: training and evaluation
+5 min 52 s, 6 min 0 s wall with the data prepared (20:05 UTC); data preparation took 14 s from a
+fresh clone (17:09 UTC; 60 s on the tester's fresh machine). The
 same command again on the finished run prints `run complete at step 205 ...; final figures: ...`
 in 3 s and exits. The recipe before it (AdamW, 300 steps) took 7 min 55 s in the same session
 (2026-12-01), data preparation included, and ended at 2.357: Muon steps cost ~1.35x AdamW's

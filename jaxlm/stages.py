@@ -93,7 +93,8 @@ class Stage:
         mix = ", ".join(f"{n} {w:.0%}" for n, w in self.weights.items() if w > 0)
         return (
             f"stage {self.index} ({self.name}): steps {self.start}-{self.end} | seq_len "
-            f"{self.seq_len} | batch {self.batch_size} ({self.grad_accum} micro-batches) | "
+            f"{self.seq_len} | batch {self.batch_size} ({self.grad_accum} micro-batch"
+            f"{'es' if self.grad_accum > 1 else ''}) | "
             f"mix {mix} | rope_theta {self.rope_theta:g}"
             + (f" scaling {tuple(self.rope_scaling)}" if self.rope_scaling else "")
         )
