@@ -354,8 +354,8 @@ def estimate(
       price_per_chip_hour: dollars per chip-hour, for the cost line (None: no cost).
       tokens: training tokens; default every stage's steps x batch x length.
       vocab_size: default config.tokenizer.vocab_size.
-      stage: the stage whose step shapes the memory and FLOPs describe; default the one that
-        needs the most memory (`worst_stage`).
+      stage: the stage whose step shapes the memory and FLOPs describe; default the estimate
+        of the distinct program (`Plan.programs`) that needs the most memory.
       spec: the config's `jaxlm.spec.RunSpec` if the caller has it (else built here).
     Raises:
       ConfigError: unknown hardware, MFU outside (0, 1], chips <= 0, a mesh that cannot be built.
@@ -364,17 +364,17 @@ def estimate(
     chips = default_chips(config) if chips is None else chips
     _check(chips, mfu, price_per_chip_hour, tokens, hw)
     spec = spec or run_spec.build(config)
-    # `auto` attention becomes what the trainer picks on that hardware's platform.
     vocab = int(vocab_size or config.tokenizer.vocab_size)
-    m = spec.model_for(vocab, hw.platform)
-    shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
-    tx = spec.optimizer()
     if stage is None:  # the program that needs the most memory decides whether the run fits
         per_program = [
             estimate(config, hw, chips, mfu, price_per_chip_hour, tokens, vocab, stage=s, spec=spec)
             for s in spec.plan.programs
         ]
         return max(per_program, key=lambda e: e.memory.total)
+    # `auto` attention becomes what the trainer picks on that hardware's platform.
+    m = spec.model_for(vocab, hw.platform)
+    shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
+    tx = spec.optimizer()
     layout = Layout(
         config.mesh.preset,
         dict(zip(sharding.MESH_AXES, shape, strict=True)),

@@ -51,17 +51,24 @@ class _ToPair(grain.transforms.Map):
 _EVAL_KEY = 1 << 30  # held-out documents' rewrite key: never a training stream's shuffle seed
 
 
+def rewrite(
+    record: bytes, transform: Callable[[np.ndarray, tuple], np.ndarray], key: tuple
+) -> bytes:
+    """A document's record -> the record of `transform(ids, key)`: the per-document hook
+    (`objectives.FIM`), applied once per document before packing, by the training stream and
+    by held-out passes, with a key that is the same on every resume."""
+    ids = np.frombuffer(record, dtype="<i4")  # (n,) ending in EOS
+    return transform(ids, key).astype("<i4").tobytes()
+
+
 class _Rewrite(grain.transforms.MapWithIndex):
-    """Record bytes -> record bytes of `transform(ids, (key, index))`: a per-document hook
-    (`objectives.FIM`) that sees each document once, before packing, with a position that is
-    the same on every resume."""
+    """`rewrite` as a grain transform, keyed by (key, the document's index)."""
 
     def __init__(self, transform: Callable[[np.ndarray, tuple], np.ndarray], key: int):
         self.transform, self.key = transform, key
 
     def map_with_index(self, index: int, record: bytes) -> bytes:
-        ids = np.frombuffer(record, dtype="<i4")  # (n,) ending in EOS
-        return self.transform(ids, (self.key, index)).astype("<i4").tobytes()
+        return rewrite(record, self.transform, (self.key, index))
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -140,9 +140,8 @@ class StageStream:
         self.state["read"][name] += 1
         record = self.docs[name][index]
         if self.doc_transform is not None:
-            ids = np.frombuffer(record, dtype="<i4")  # (n,) ending in EOS
             key = (*self.docs[name].seed, index)  # (seed, dataset, stream, place in stream)
-            record = self.doc_transform(ids, key).astype("<i4").tobytes()
+            record = pipeline.rewrite(record, self.doc_transform, key)
         return pipeline.to_pair(record, self.bos)
 
     def _choose(self, stage: Stage, k: int) -> str:
