@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxlm import families_moe
 from jaxlm import rope as rope_lib
 from jaxlm.errors import ConvertError
 
@@ -24,7 +25,8 @@ FAMILIES = {
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
-NAMES = "Llama, Qwen2/2.5, Qwen3, Mistral, OLMo-2, Gemma-2 and Gemma-3 (text)"
+FAMILIES |= families_moe.FAMILIES  # mixtures of experts: Qwen3-MoE, OLMoE, Mixtral
+NAMES = "Llama, Qwen2/2.5, Qwen3, Mistral, OLMo-2, Gemma-2, Gemma-3 (text), " + families_moe.NAMES
 GEMMAS = ("gemma2", "gemma3")
 
 # The switches each architecture hard-wires; every other switch is off, except those in FREE.
@@ -52,6 +54,7 @@ FIXED = {
     },
 }
 FIXED["gemma3"] = dict(FIXED["gemma2"], qk_norm="head")
+FIXED |= {"qwen3_moe": FIXED["qwen3"], "olmoe": dict(_LLAMA, qk_norm="full"), "mixtral": _LLAMA}
 # Switches a family's config.json sets per checkpoint (all others must be off to export).
 # transformers' Gemma-3 reads attn_logit_softcapping but never applies it (QK-norm replaced it).
 _WINDOWS = ("sliding_window", "global_every")
@@ -64,6 +67,9 @@ FREE = {
     "olmo2": (),
     "gemma2": (*_GEMMA, "attn_softcap"),
     "gemma3": (*_GEMMA, "rope_local_theta"),
+    "qwen3_moe": ("sliding_window",),  # on every layer
+    "olmoe": (),
+    "mixtral": ("sliding_window",),
 }
 OFF = {"sliding_window": 0, "attn_softcap": 0.0, "final_softcap": 0.0, "query_scale_dim": 0}
 OFF |= {"rope_local_theta": 0.0, "global_every": 0}
@@ -128,7 +134,10 @@ def fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where} lacks the field {e.args[0]!r} a {family} config needs."
         ) from None
     fields.update(_rope_fields(hf, family, where))
-    fields.update(_window_fields(hf, family, n_layers, where))
+    if family in families_moe.FAMILIES:
+        fields.update(families_moe.fields_from_hf(hf, family, n_layers, where))
+    else:
+        fields.update(_window_fields(hf, family, n_layers, where))
     if family in GEMMAS:
         fields["query_scale_dim"] = int(hf.get("query_pre_attn_scalar", 256))
         fields["final_softcap"] = float(hf.get("final_logit_softcapping") or 0.0)
@@ -215,8 +224,10 @@ def family_for(cfg: Any) -> str:
     """The family a model exports as: its own, or the first whose switches it has."""
     if cfg.family:
         return cfg.family
-    for family in FAMILIES:
-        if not _unexpressed(cfg, family):
+    for family in FAMILIES:  # an MoE model only as an MoE family, a dense one only as dense
+        if (family in families_moe.FAMILIES) == (cfg.moe is not None) and not _unexpressed(
+            cfg, family
+        ):
             return family
     fixed = sorted(k for k, v in _switches(cfg).items() if v != _LLAMA.get(k, OFF.get(k)))
     raise ConvertError(
@@ -232,7 +243,10 @@ def _switches(cfg: Any) -> dict[str, Any]:
 def _unexpressed(cfg: Any, family: str) -> list[str]:
     """The switches of `cfg` that `family`'s transformers architecture cannot express."""
     bad = [k for k, v in FIXED[family].items() if getattr(cfg, k) != v]
-    return bad + [k for k, v in OFF.items() if k not in FREE[family] and getattr(cfg, k) != v]
+    bad += [k for k, v in OFF.items() if k not in FREE[family] and getattr(cfg, k) != v]
+    if cfg.moe is not None and family in families_moe.FAMILIES:
+        bad += families_moe.unexpressed(cfg, family)
+    return bad
 
 
 def hf_config(cfg: Any, dtype: str, special_ids: dict[str, int | None] | None) -> dict[str, Any]:
@@ -242,11 +256,20 @@ def hf_config(cfg: Any, dtype: str, special_ids: dict[str, int | None] | None) -
       ConvertError: a switch the family's architecture does not have (named).
     """
     family = family_for(cfg)
+    sparse = family in families_moe.FAMILIES
+    if (cfg.moe is not None) != sparse:
+        wanted = ", ".join(families_moe.FAMILIES) if cfg.moe else "a dense family"
+        raise ConvertError(
+            f"model.moe.n_experts={cfg.moe.n_experts if cfg.moe else 0} cannot be exported as "
+            f"{FAMILIES[family][0]}, which is {'an MoE' if sparse else 'a dense'} model; set "
+            f"model.family to {wanted}."
+        )
     bad = _unexpressed(cfg, family)
     if bad:
+        value = cfg.moe if bad[0].startswith("moe.") else cfg
         raise ConvertError(
-            f"model.{bad[0]}={getattr(cfg, bad[0])!r} cannot be exported as "
-            f"{FAMILIES[family][0]}, which does not have that switch."
+            f"model.{bad[0]}={getattr(value, bad[0].removeprefix('moe.'))!r} cannot be exported "
+            f"as {FAMILIES[family][0]}, which does not have that switch."
         )
     scaling = rope_lib.scaling_to_hf(cfg.rope_scaling)
     ids = special_ids or {}
@@ -288,6 +311,8 @@ def hf_config(cfg: Any, dtype: str, special_ids: dict[str, int | None] | None) -
             out["attention_bias"] = False
     elif family == "mistral":
         out["sliding_window"] = cfg.sliding_window or None
+    elif sparse:
+        out.update(families_moe.hf_fields(cfg, family))
     elif family == "olmo2":
         out["attention_bias"] = False
     else:  # gemma2, gemma3

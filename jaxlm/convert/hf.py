@@ -1,5 +1,5 @@
 """Hugging Face safetensors <-> jaxlm checkpoints, for the families of `jaxlm/families.py`
-(Llama, Qwen2/2.5, Qwen3, Mistral, OLMo-2, Gemma-3 text).
+(Llama, Qwen2/2.5, Qwen3, Mistral, OLMo-2, Gemma-3 text; Qwen3-MoE, OLMoE, Mixtral).
 
 - `import_hf(hf_dir, workdir)`: `config.json` + `*.safetensors` (one file, or shards with
   `model.safetensors.index.json`) -> `workdir/checkpoints/0/` (a params-only state),
@@ -20,6 +20,9 @@ Layouts (HF Linear weights are (out, in)):
   o_proj (D, H*E) <-> wo (H, E, D);  gate/up_proj (F, D) <-> w_gate/w_up (D, F)
   down_proj (D, F) <-> w_down (F, D); embed_tokens (V, D) = embed; lm_head (V, D) <-> (D, V)
   q/k/v_proj.bias (N*E,) <-> bq, bk, bv (N, E);  OLMo-2's q_norm/k_norm (N*E,) <-> (N, E)
+  MoE (`families_moe.sparse_mlp_tensors`): gate (X, D) <-> w_router (D, X); one tensor per
+  expert, experts.<e>.gate/up_proj (F, D), down_proj (D, F) <-> slice e of w_gate/w_up (X, D, F),
+  w_down (X, F, D)
 Block norms are named by place (`block_tensors`). RoPE needs no permutation: jaxlm uses
 transformers' "rotate half" layout.
 """
@@ -39,6 +42,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxlm import checkpoint as ckpt_lib
+from jaxlm import families, families_moe
 from jaxlm import model as model_lib
 from jaxlm.data import hf_tokenizer
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -76,8 +80,11 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parameter layout
 
 
-def block_tensors(cfg: model_lib.ModelConfig) -> list[tuple[tuple[str, ...], str, str]]:
-    """(path in a block, name after 'model.layers.<i>.', how HF lays it out) for `cfg`'s block.
+def block_tensors(
+    cfg: model_lib.ModelConfig, sparse: bool = False
+) -> list[tuple[tuple[str, ...], str, str]]:
+    """(path in a block, name after 'model.layers.<i>.', how HF lays it out) for `cfg`'s block
+    (a `sparse` one has the MoE block's tensors in place of the MLP's).
 
     transformers names a block's norms by their place: a pre-norm model's second norm is
     `post_attention_layernorm` (before the MLP); OLMo-2 and Gemma use that name for the norm
@@ -99,6 +106,8 @@ def block_tensors(cfg: model_lib.ModelConfig) -> list[tuple[tuple[str, ...], str
         (("mlp", "w_up"), "mlp.up_proj.weight", "linear"),
         (("mlp", "w_down"), "mlp.down_proj.weight", "linear"),
     ]
+    if sparse:
+        mlp = families_moe.sparse_mlp_tensors(cfg)
     norm = lambda path, name: ((path, "scale"), f"{name}.weight", "same")  # noqa: E731
     if cfg.norm_placement == "pre":
         return [
@@ -126,16 +135,34 @@ def block_tensors(cfg: model_lib.ModelConfig) -> list[tuple[tuple[str, ...], str
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """One parameter: its jaxlm key path and shape, its HF name, and how it is reshaped."""
+    """One parameter: its jaxlm key path and shape, its HF name, and how it is reshaped.
+
+    An MoE expert stack (`experts` = X > 0) is X HF tensors, `hf_name` with '{e}' formatted to
+    0 .. X-1, each the layout `kind` of one slice along jaxlm's leading expert axis.
+    """
 
     path: tuple  # key path in the jaxlm pure dict, e.g. ('blocks', 0, 'attn', 'wq')
     hf_name: str
     kind: str  # same | linear (transposed) | in_heads | out_heads | flat (N*E) <-> (N, E)
     shape: tuple[int, ...]  # jaxlm shape
+    experts: int = 0  # X: one HF tensor per expert; 0: one HF tensor
+
+    @property
+    def hf_names(self) -> list[str]:
+        """The HF tensors this parameter is: one, or one per expert in expert order."""
+        if not self.experts:
+            return [self.hf_name]
+        return [self.hf_name.format(e=e) for e in range(self.experts)]
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        """The jaxlm shape of what one HF tensor holds (an expert's slice, or the whole)."""
+        return self.shape[1:] if self.experts else self.shape
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
-        s = self.shape
+        """The shape of each of `hf_names`."""
+        s = self.part_shape
         if self.kind == "in_heads":
             return (s[1] * s[2], s[0])  # (D, N, E) -> (N*E, D)
         if self.kind == "out_heads":
@@ -157,9 +184,10 @@ def layout(cfg: model_lib.ModelConfig) -> list[Tensor]:
     shape = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(pure).items()}
     out = [Tensor(("embed",), "model.embed_tokens.weight", "same", shape[("embed",)])]
     for i in range(cfg.n_layers):
-        for tail, name, kind in block_tensors(cfg):
+        for tail, name, kind in block_tensors(cfg, cfg.is_sparse(i)):
             path = ("blocks", i, *tail)
-            out.append(Tensor(path, f"model.layers.{i}.{name}", kind, shape[path]))
+            experts = shape[path][0] if "{e}" in name else 0
+            out.append(Tensor(path, f"model.layers.{i}.{name}", kind, shape[path], experts))
     path = ("final_norm", "scale")
     out.append(Tensor(path, "model.norm.weight", "same", shape[path]))
     if not cfg.tie_embeddings:
@@ -173,14 +201,15 @@ def to_jaxlm(t: Tensor, w: np.ndarray) -> np.ndarray:
     """A Hugging Face tensor in jaxlm's layout, fp32 and C-contiguous."""
     w = np.asarray(w, np.float32)
     if t.kind == "flat":
-        w = w.reshape(t.shape)
+        w = w.reshape(t.part_shape)
     elif t.kind != "same":
-        w = w.T.reshape(t.shape)  # (out, in) -> (in, out), then split the head axis
+        w = w.T.reshape(t.part_shape)  # (out, in) -> (in, out), then split the head axis
     return np.ascontiguousarray(w)
 
 
 def to_hf(t: Tensor, x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
-    """A jaxlm parameter in Hugging Face's layout and `dtype`, C-contiguous."""
+    """A jaxlm parameter (or one expert's slice of it) in Hugging Face's layout and `dtype`,
+    C-contiguous."""
     x = np.asarray(x)
     if t.kind == "in_heads":
         x = x.reshape(t.shape[0], -1).T  # (D, N, E) -> (N*E, D)
@@ -268,18 +297,20 @@ def iter_hf_params(
     bare = "model.embed_tokens.weight" not in reader.file and "embed_tokens.weight" in reader.file
     tensors, names = layout(cfg), {}
     for t in tensors:
-        name = t.hf_name.removeprefix("model.") if bare else t.hf_name
-        if name not in reader.file:
-            raise ConvertError(f"{hf_dir}: tensor {name} is missing from the safetensors files.")
-        if reader.shape[name] != t.hf_shape:
-            raise ConvertError(
-                f"{hf_dir}: tensor {name} has shape {reader.shape[name]} but "
-                f"config.json implies {t.hf_shape}."
-            )
-        names[t] = name
+        names[t] = [n.removeprefix("model.") if bare else n for n in t.hf_names]
+        for name in names[t]:
+            if name not in reader.file:
+                raise ConvertError(
+                    f"{hf_dir}: tensor {name} is missing from the safetensors files."
+                )
+            if reader.shape[name] != t.hf_shape:
+                raise ConvertError(
+                    f"{hf_dir}: tensor {name} has shape {reader.shape[name]} but "
+                    f"config.json implies {t.hf_shape}."
+                )
     extra = sorted(
         n
-        for n in set(reader.file) - set(names.values())
+        for n in set(reader.file) - {n for parts in names.values() for n in parts}
         if not n.endswith(IGNORED_SUFFIXES) and n != "lm_head.weight"
     )
     if extra:  # (a tied model may still carry a copy of lm_head.weight: ignored)
@@ -290,7 +321,9 @@ def iter_hf_params(
     nbytes = sum(t.size for t in tensors) * 4
     bar = Progress("import", nbytes, "GB", scale=1e9, enabled=progress)
     for t in tensors:
-        w = to_jaxlm(t, reader.get(names[t]))
+        parts = [to_jaxlm(t, reader.get(name)) for name in names[t]]
+        w = np.stack(parts) if t.experts else parts[0]  # experts stacked on jaxlm's first axis
+        del parts
         bar.update(w.nbytes)
         yield t, w
     bar.finish()
@@ -379,6 +412,8 @@ def export_hf(
             f"and this model has d_model={cfg.d_model}, n_heads={cfg.n_heads}."
         )
     cfg.to_hf(dtype)  # a model no Hugging Face family expresses is refused before any work
+    if cfg.moe is not None:  # the family names the expert tensors (Mixtral's differ)
+        cfg = dataclasses.replace(cfg, family=families.family_for(cfg))
     np_dtype = np.dtype(jax.numpy.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     generation_path = os.path.join(out_dir, "generation_config.json")
     if os.path.isfile(generation_path):  # an earlier export's: the tokenizer files may bring one
@@ -413,10 +448,12 @@ def export_hf(
                     else ckpt_lib.restore_params(ckpt_dir, step, abstract)
                 )
                 for t in piece:
-                    data = to_hf(t, values.pop(t.path), np_dtype)
-                    f.write(data.reshape(-1).view(np.uint8))  # no copy, any dtype
-                    weight_map[t.hf_name], total = file, total + data.nbytes
-                    bar.update(data.nbytes)
+                    value = values.pop(t.path)
+                    for e, name in enumerate(t.hf_names):
+                        data = to_hf(t, value[e] if t.experts else value, np_dtype)
+                        f.write(data.reshape(-1).view(np.uint8))  # no copy, any dtype
+                        weight_map[name], total = file, total + data.nbytes
+                        bar.update(data.nbytes)
     bar.finish()
     if len(shards) > 1:
         _write_json(
@@ -438,13 +475,14 @@ def _write_header(f: Any, tensors: list[Tensor], dtype: np.dtype) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        end = offset + t.size * dtype.itemsize
-        header[t.hf_name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype.name],
-            "shape": list(t.hf_shape),
-            "data_offsets": [offset, end],
-        }
-        offset = end
+        for name in t.hf_names:
+            end = offset + math.prod(t.hf_shape) * dtype.itemsize
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype.name],
+                "shape": list(t.hf_shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     f.write(len(raw).to_bytes(8, "little") + raw)
