@@ -231,7 +231,7 @@ def family_for(cfg: Any) -> str:
             return family
     fixed = sorted(k for k, v in _switches(cfg).items() if v != _LLAMA.get(k, OFF.get(k)))
     raise ConvertError(
-        f"no Hugging Face family has this model's switches ({', '.join(fixed)}); "
+        f"no Hugging Face family has this model's switches ({', '.join(fixed) or 'model.moe'}); "
         f"set model.family to one of {', '.join(FAMILIES)} to see which differs."
     )
 
