@@ -474,3 +474,68 @@ def test_moe_model_that_cannot_be_built_is_one_sentence(change, key):
     with pytest.raises(ConfigError, match=re.escape(key)) as e:
         model.ModelConfig.from_config(c.model, 61)
     assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_checkpoint(tmp_path_factory):
+    """A run under ep_fsdp on (data 2, fsdp 4), one expert a device: saved after step 1, then
+    steps 2 and 3. (checkpointer, saved state on the host, [step 2, step 3] losses, batches)."""
+    from jaxlm import checkpoint
+    from tests.helpers import packed_batch
+
+    config = moe_config(bias_update_rate=RATE)
+    source = moe_setup(config, "ep_fsdp", (2, 4, 1))
+    batches = [packed_batch(8, 16, seed=s, vocab=62) for s in range(3)]
+    ckpt = checkpoint.Checkpointer(str(tmp_path_factory.mktemp("ep") / "ckpt"), config.checkpoint)
+    step = source.jit_train_step()
+    state, _ = step(source.init_state(), sharding.host_to_global(batches[0], source.mesh))
+    ckpt.save(1, state, None, {})
+    ckpt.wait()
+    saved = jax.device_get(state)
+    losses = []
+    for batch in batches[1:]:
+        state, metrics = step(state, sharding.host_to_global(batch, source.mesh))
+        losses.append(float(metrics["loss"]))
+    yield source, ckpt, saved, losses, batches
+    ckpt.close()
+
+
+@pytest.mark.parametrize("target", ["same", "ep_fsdp_2", "one_device"])
+def test_a_checkpoint_saved_under_expert_parallelism_resumes_on_another_degree(
+    target, expert_parallel_checkpoint, one_device_setup
+):
+    """The expert-parallel degree is the fsdp axis's size (ep_fsdp puts `expert` on fsdp): a
+    checkpoint of EP=4 restores bit for bit onto EP=4, EP=2 (fsdp 2 on 2 devices) and one
+    device (every expert local), and continues: bitwise on the same mesh; within 1e-6 on
+    another, where the gradient and expert-output sums run over other device groups (float
+    addition in another order)."""
+    source, ckpt, saved, losses, batches = expert_parallel_checkpoint
+    setup = {
+        "same": source,
+        "ep_fsdp_2": moe_setup(moe_config(bias_update_rate=RATE), "ep_fsdp", (1, 2, 1),
+                               jax.devices()[:2]),
+        "one_device": one_device_setup,
+    }[target]  # fmt: skip
+    step, state, _, _ = ckpt.restore(setup.abstract_state, 1)
+    assert step == 1
+    w_gate = state["params"]["blocks"][0]["mlp"]["w_gate"]  # (X, D, F): whole experts a device
+    if target != "one_device":
+        assert w_gate.sharding.spec == jax.P("fsdp", None, None)
+    assert w_gate.sharding.num_devices == {"same": 8, "ep_fsdp_2": 2, "one_device": 1}[target]
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(saved),
+        jax.tree_util.tree_leaves_with_path(jax.device_get(state)),
+        strict=True,
+    ):
+        assert np.array_equal(a, b), path  # optimizer state and router biases too
+    train_step, got = setup.jit_train_step(), []
+    for batch in batches[1:]:
+        state, metrics = train_step(state, sharding.host_to_global(batch, setup.mesh))
+        got.append(float(metrics["loss"]))
+    if target == "same":
+        assert got == losses
+    else:
+        np.testing.assert_allclose(got, losses, rtol=1e-6)

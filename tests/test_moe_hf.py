@@ -184,9 +184,9 @@ def _setting(config, key):
 
 @pytest.mark.slow  # a scanned, expert-parallel train step compiles: ~10 s of CPU
 def test_continued_pretraining_from_mixtral_starts_at_its_loss_trains_and_exports(tmp_path):
-    """The recipe, unchanged, on a Mixtral directory: a scanned ep_fsdp run (data 4 x fsdp 2:
-    3 experts a device) whose first loss is transformers' cross-entropy on the same batch,
-    which 3 steps lower; the trained run exports and reloads with the same logits."""
+    """The recipe, unchanged, on a Mixtral directory: a scanned ep_fsdp run (fsdp 2: 3 experts
+    a device) whose first loss is transformers' cross-entropy on the same batch, which 3 steps
+    lower; the trained, stacked and expert-sharded run exports every tensor bit for bit."""
     import torch
     import transformers
 
@@ -207,11 +207,15 @@ def test_continued_pretraining_from_mixtral_starts_at_its_loss_trains_and_export
     config.optim.update(init_lr=3e-3, lr=3e-3, warmup_steps=1)  # a random model moves faster
     config.model.moe.grouped_matmul = "ragged"  # CPU's tiled default compiles much slower
     config.mesh.preset = "ep_fsdp"
-    setup = train.Setup(run_spec.build(config), VOCAB, sharding.make_mesh((4, 2, 1)))
+    setup = train.Setup(
+        run_spec.build(config), VOCAB, sharding.make_mesh((1, 2, 1), jax.devices()[:2])
+    )
     assert setup.model_cfg.moe.aux_loss_coef == 0.02
     state = setup.init_state()
     state["params"] = warm_start.load_params(config.init_from, setup, log=lambda _: None)
-    assert state["params"]["blocks"]["mlp"]["w_gate"].sharding.spec == jax.P(None, "fsdp", None, None)
+    assert state["params"]["blocks"]["mlp"]["w_gate"].sharding.spec == jax.P(
+        None, "fsdp", None, None
+    )
 
     batch = packed_batch(8, 16, seed=3, vocab=VOCAB)
     batch["segment_ids"] = np.ones_like(batch["segment_ids"])  # one document a row, as HF sees
@@ -235,15 +239,16 @@ def test_continued_pretraining_from_mixtral_starts_at_its_loss_trains_and_export
     out = hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), progress=False)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, **EAGER).eval()
     trained = model_lib.unstack_layers(jax.device_get(state["params"]))
+    _, exported = read_params(out)  # every tensor, experts restacked, bit for bit
+    for (path, want), (_, got) in zip(
+        jax.tree_util.tree_leaves_with_path(trained),
+        jax.tree_util.tree_leaves_with_path(exported),
+        strict=True,
+    ):
+        assert np.array_equal(got, want), path
     w_up = trained["blocks"][2]["mlp"]["w_up"]  # (X, D, F): expert 5's up_proj is its slice
-    exported = reloaded.model.layers[2].mlp.experts.gate_up_proj[5, 38:].detach().numpy()  # (F, D)
-    assert np.array_equal(exported, w_up[5].T)
-    cfg = dataclasses.replace(setup.model_cfg, scan_layers=False)
-    graphdef, _ = nnx.split(model_lib.abstract(cfg))
-    ours = np.asarray(_apply(graphdef, trained, batch["inputs"]))
-    with torch.no_grad():
-        logits = reloaded(input_ids=torch.tensor(batch["inputs"], dtype=torch.long)).logits
-    np.testing.assert_allclose(ours, logits.numpy(), atol=1e-4, rtol=1e-4)
+    fused = reloaded.model.layers[2].mlp.experts.gate_up_proj  # (X, 2F, D): gate, then up
+    assert np.array_equal(fused[5, 38:].detach().numpy(), w_up[5].T)
 
 
 # --------------------------------------------------------------------------- refusals
