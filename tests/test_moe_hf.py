@@ -317,3 +317,18 @@ def test_an_option_jaxlm_lacks_is_refused_on_import(family, changes, message):
     with pytest.raises(ConvertError) as e:
         model_lib.ModelConfig.from_hf(config)
     assert message in one_sentence(e)
+
+
+def test_init_from_refuses_a_run_whose_experts_differ_from_the_source():
+    from jaxlm.convert import init_from as warm_start
+    from jaxlm.errors import ConfigError
+
+    source = _moe_model()
+    warm_start.check_shapes("hf:base", source, _moe_model(moe={"n_experts": 6, "top_k": 2}))
+    for run, message in [
+        (_moe_model(moe={"n_experts": 6, "top_k": 3}), "has moe.top_k=2 but the run's model.moe"),
+        (_moe_model(moe=None), "has moe.n_experts=6 but the run's model.moe.n_experts is 0"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            warm_start.check_shapes("hf:base", source, run)
+        assert message in one_sentence(e)

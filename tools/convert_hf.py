@@ -1,4 +1,5 @@
-"""Convert Hugging Face Llama-family models to jaxlm checkpoints and back.
+"""Convert Hugging Face models of the families in docs/families.md (Llama, Qwen, Mistral, OLMo,
+Gemma; the MoE Qwen3-MoE, OLMoE and Mixtral) to jaxlm checkpoints and back.
 
     # HF directory (config.json + *.safetensors) -> jaxlm checkpoint in a workdir
     python tools/convert_hf.py import --hf_dir=~/models/tinysolar --workdir=runs/tinysolar-import

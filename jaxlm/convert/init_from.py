@@ -43,6 +43,17 @@ SHAPE_FIELDS = (
     "embed_scale",
     "mlp_act",
 )
+# model.moe settings that shape the weights or change what the same weights compute
+MOE_SHAPE_FIELDS = (
+    "n_experts",
+    "expert_d_ff",
+    "n_shared_experts",
+    "first_dense_layers",
+    "every",
+    "router",
+    "top_k",
+    "normalize_top_k",
+)
 NUMERIC_FIELDS = (
     "rope_theta",
     "rope_scaling",
@@ -86,7 +97,7 @@ def check_shapes(init_from: str, src: model_lib.ModelConfig, mine: model_lib.Mod
     """Refuses a run whose model shapes differ from its source's (one sentence, the field).
 
     Raises:
-      ConfigError: the first of `SHAPE_FIELDS` that differs.
+      ConfigError: the first of `SHAPE_FIELDS`, then of `MOE_SHAPE_FIELDS`, that differs.
     """
     for field in SHAPE_FIELDS:
         theirs, ours = getattr(src, field), getattr(mine, field)
@@ -95,6 +106,13 @@ def check_shapes(init_from: str, src: model_lib.ModelConfig, mine: model_lib.Mod
             raise ConfigError(
                 f"config.init_from={init_from!r} has {field}={theirs} but the run's "
                 f"{name} is {ours}; make the run's model match its source."
+            )
+    for field in MOE_SHAPE_FIELDS:
+        theirs, ours = (getattr(c.moe, field) if c.moe else 0 for c in (src, mine))
+        if theirs != ours:
+            raise ConfigError(
+                f"config.init_from={init_from!r} has moe.{field}={theirs} but the run's "
+                f"model.moe.{field} is {ours}; make the run's model match its source."
             )
 
 
