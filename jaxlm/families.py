@@ -4,7 +4,7 @@ Each family is one transformers architecture whose math is jaxlm's block with so
 (`FIXED`) and, for a few, some left to the checkpoint (sliding windows, soft-caps, ...).
 `fields_from_hf` reads a `config.json` into ModelConfig fields; `hf_config` writes one back.
 Anything a family's config can say that jaxlm does not implement is refused in one sentence
-that names the field.
+that names the field. The mixture-of-experts families' `model.moe` part is `families_moe.py`'s.
 """
 
 from __future__ import annotations
@@ -225,9 +225,8 @@ def family_for(cfg: Any) -> str:
     if cfg.family:
         return cfg.family
     for family in FAMILIES:  # an MoE model only as an MoE family, a dense one only as dense
-        if (family in families_moe.FAMILIES) == (cfg.moe is not None) and not _unexpressed(
-            cfg, family
-        ):
+        same_kind = (family in families_moe.FAMILIES) == (cfg.moe is not None)
+        if same_kind and not _unexpressed(cfg, family):
             return family
     fixed = sorted(k for k, v in _switches(cfg).items() if v != _LLAMA.get(k, OFF.get(k)))
     raise ConvertError(

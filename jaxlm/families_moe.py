@@ -101,21 +101,20 @@ def _sparse_pattern(hf: dict[str, Any], family: str, n_layers: int, where: str) 
     step = int(hf.get("decoder_sparse_step") or 1)
     dense = set(hf.get("mlp_only_layers") or ())
     sparse = [i not in dense and (i + 1) % step == 0 for i in range(n_layers)]
-    where_sparse = [i for i, s in enumerate(sparse) if s]
-    if not where_sparse:
+    if not any(sparse):
         raise ConvertError(
             f"{where}: decoder_sparse_step={step} and mlp_only_layers={sorted(dense)} leave no "
             "sparse layer; import it as the dense Qwen3 it is."
         )
-    first = where_sparse[0]
-    every = where_sparse[1] - first if len(where_sparse) > 1 else n_layers - first
-    later = [i >= first and (i - first + 1) % every == 0 for i in range(n_layers)]
-    if later != sparse:
-        raise ConvertError(
-            f"{where}: decoder_sparse_step={step} with mlp_only_layers={sorted(dense)} is not "
-            "a pattern jaxlm has (the first n layers dense, then every k-th layer sparse)."
-        )
-    return first, every
+    # jaxlm's first sparse layer is first + every - 1: the smallest `every` that gives the pattern
+    for every in range(1, sparse.index(True) + 2):
+        first = sparse.index(True) - every + 1
+        if sparse == [i >= first and (i - first + 1) % every == 0 for i in range(n_layers)]:
+            return first, every
+    raise ConvertError(
+        f"{where}: decoder_sparse_step={step} with mlp_only_layers={sorted(dense)} is not "
+        "a pattern jaxlm has (the first n layers dense, then every k-th layer sparse)."
+    )
 
 
 def unexpressed(cfg: Any, family: str) -> list[str]:

@@ -332,3 +332,24 @@ def test_init_from_refuses_a_run_whose_experts_differ_from_the_source():
         with pytest.raises(ConfigError) as e:
             warm_start.check_shapes("hf:base", source, run)
         assert message in one_sentence(e)
+
+
+@pytest.mark.parametrize(
+    "step,dense_layers,sparse",
+    [(2, [], [False, True, False, True]), (1, [0, 1, 3], [False, False, True, False])],
+)
+def test_qwen3_moe_sparse_layers_round_trip(step, dense_layers, sparse):
+    config_class, overrides, _, _ = FAMILIES["qwen3_moe"]
+    hf_config = {
+        **COMMON,
+        **overrides,
+        "num_hidden_layers": 4,
+        "decoder_sparse_step": step,
+        "mlp_only_layers": dense_layers,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+    }
+    cfg = model_lib.ModelConfig.from_hf(hf_config)
+    assert [cfg.is_sparse(i) for i in range(4)] == sparse
+    back = cfg.to_hf()
+    assert (back["decoder_sparse_step"], back["mlp_only_layers"]) == (step, dense_layers)
