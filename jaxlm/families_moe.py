@@ -68,8 +68,8 @@ def fields_from_hf(hf: dict[str, Any], family: str, n_layers: int, where: str) -
         )
     if family == "olmoe" and _head_width(hf) != int(hf["hidden_size"]):
         raise ConvertError(
-            f"{where}: head_dim={hf['head_dim']} times num_attention_heads is not hidden_size, "
-            "the width of OLMoE's q_norm."
+            f"{where}: num_attention_heads times head_dim ({_head_width(hf)}) is not "
+            f"hidden_size={hf['hidden_size']}, the width of OLMoE's q_norm."
         )
     expert_key = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
     first_dense, every = _sparse_pattern(hf, family, n_layers, where)
@@ -90,6 +90,7 @@ def fields_from_hf(hf: dict[str, Any], family: str, n_layers: int, where: str) -
 
 
 def _head_width(hf: dict[str, Any]) -> int:
+    """The width of a config's queries: heads x head_dim (default hidden_size // heads)."""
     heads = int(hf["num_attention_heads"])
     return heads * int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
 
