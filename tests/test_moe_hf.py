@@ -353,3 +353,25 @@ def test_qwen3_moe_sparse_layers_round_trip(step, dense_layers, sparse):
     assert [cfg.is_sparse(i) for i in range(4)] == sparse
     back = cfg.to_hf()
     assert (back["decoder_sparse_step"], back["mlp_only_layers"]) == (step, dense_layers)
+
+
+def test_the_recipe_on_a_qwen3_moe_with_dense_layers_asks_for_unscanned_layers(tmp_path):
+    """configs/continue_pretraining.py scans the layers; Qwen3-MoE's mlp_only_layers mixes
+    dense and sparse blocks, which one scanned block cannot hold: one sentence says what to set."""
+    import json
+
+    from configs import continue_pretraining
+    from jaxlm import spec as run_spec
+    from jaxlm.errors import ConfigError
+
+    _, overrides, _, _ = FAMILIES["qwen3_moe"]
+    config = {**COMMON, **overrides, "model_type": "qwen3_moe"}
+    config["architectures"] = ["Qwen3MoeForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    recipe = continue_pretraining.get_config(str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        run_spec.build(recipe)
+    assert "set model.scan_layers=False" in one_sentence(e)
+    recipe.model.scan_layers = False
+    recipe.train.seq_len = 64  # within the tiny model's 128 positions
+    assert run_spec.build(recipe).model.moe.first_dense_layers == 1
