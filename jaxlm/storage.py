@@ -101,28 +101,38 @@ def _network_error(e: BaseException) -> bool:
     )
 
 
+def _error_code(e: BaseException) -> str:
+    """The service's error code (e.g. 'AccessDenied') of `e` or of the error that caused it."""
+    seen: BaseException | None = e
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
+_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken"}
+
+
 def _sentence(path: str, e: BaseException) -> str:
     """One sentence for a failed bucket call on `path`."""
     names = {c.__name__ for c in type(e).__mro__}
-    text = str(e)
+    code, text = _error_code(e), str(e)
     if "NoCredentialsError" in names or "DefaultCredentialsError" in names:
         return (
             f"no credentials for {path}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
             "AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://)."
         )
-    if (
-        "InvalidAccessKeyId" in text
-        or "SignatureDoesNotMatch" in text
-        or "InvalidClientTokenId" in text
-    ):
+    if code in _REFUSED:
         return (
-            f"the credentials were refused for {path} (an unknown key or a wrong secret); "
-            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+            f"the credentials were refused for {path} ({code}); check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY."
         )
-    if isinstance(e, FileNotFoundError) and "bucket" in text.lower():
+    if code == "NoSuchBucket" or (isinstance(e, FileNotFoundError) and "bucket" in text.lower()):
         bucket = path.split("://", 1)[1].split("/", 1)[0]
         return f"the bucket {bucket!r} of {path} does not exist; create it or fix the path."
-    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+    if isinstance(e, PermissionError) or code in ("AccessDenied", "AllAccessDisabled"):
         return f"permission denied on {path}; grant these credentials read and write there."
     if _network_error(e):
         return (
@@ -294,11 +304,12 @@ def publish_dir(local: str, remote: str, marker: str = MARKER) -> None:
 
     Readers trust only marked directories, so a publication cut short (a killed process, a
     network failure) is never read as whole: object storage has no atomic rename to give this
-    guarantee otherwise. An earlier marker is removed first, so a re-publication is unmarked
-    while it is under way.
+    guarantee otherwise. An earlier publication there is removed first, its marker before the
+    rest, so a re-publication is unmarked while it is under way.
     """
     fs = _fs(remote)
     remove(join(remote, marker))
+    remove(remote)  # an earlier publication's files must not mix with this one's
     for dirpath, _, filenames in os.walk(local):
         for fn in sorted(filenames):
             src = os.path.join(dirpath, fn)
