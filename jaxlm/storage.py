@@ -1,15 +1,18 @@
 """Storage: one path type for local directories and object storage (``s3://``, ``gs://``).
 
-Every location a run names (corpus globs, the prepared-data cache, ``--workdir``) is a string;
+Every location a run names (corpus globs, the prepared-data cache, ``data.manifest``,
+``--workdir`` with its checkpoints, metrics and TensorBoard events, Hugging Face folders, Beam's
+inputs and output) is a string;
 this module alone decides whether it is local or a bucket and talks to the bucket through
 fsspec (s3fs for ``s3://``, gcsfs for ``gs://``; endpoint and credentials come from the usual
 ``AWS_*`` / ``GOOGLE_*`` environment). Local paths keep plain ``os`` calls.
 
 Object storage has no rename and no append, so what must appear whole is published with a
 marker written last (:func:`publish_dir`) and read only when its marker exists
-(:func:`fetch_dir`). Readers that need local files (ArrayRecord's C++ reader, orbax's local
-driver) work on a local copy under :func:`local_root`, whose prepared-data part is bounded by
-the cache's size limit (``jaxlm.data.cache``).
+(:func:`fetch_dir`). Readers that need local files (ArrayRecord's C++ reader; orbax, whose
+tensorstore specs know ``gs://`` but not ``s3://``) work on a local copy under
+:func:`local_root`: prepared data bounded in size (``jaxlm.data.cache.fit``), a workdir kept
+in step by :class:`WorkdirMirror`. docs/storage.md has the usage and the guarantees.
 
 Every failure of a bucket call is one sentence naming the path (:class:`StorageError`):
 missing credentials, a bucket that does not exist, a permission error, or a network failure
@@ -24,7 +27,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 from jaxlm.errors import JaxlmError
@@ -74,7 +77,14 @@ def local_copy_dir(kind: str, remote: str) -> str:
 def _fs(path: str) -> Any:
     """The fsspec file system of a bucket path (see _filesystem)."""
     env = tuple(os.environ.get(k, "") for k in _FS_ENV)
-    return _filesystem(path.split("://", 1)[0], env)
+    protocol = path.split("://", 1)[0]
+    try:
+        return _filesystem(protocol, env)
+    except ImportError:
+        package = {"s3": "s3fs", "gs": "gcsfs"}[protocol]
+        raise StorageError(
+            f"{path} needs {package}: pip install 'jaxlm[storage]' (or {package})."
+        ) from None
 
 
 # The settings a file system is built from: one is made again when they change (a test's
@@ -152,6 +162,8 @@ def call(path: str, fn: Callable[[], T]) -> T:
     for attempt in range(RETRIES):
         try:
             return fn()
+        except StorageError:
+            raise
         except FileNotFoundError as e:
             if "bucket" in str(e).lower():
                 raise StorageError(_sentence(path, e)) from None
@@ -279,22 +291,6 @@ def check_writable(path: str, what: str) -> None:
         raise StorageError(f"{what}: {e}") from None
 
 
-def check_readable(pattern: str, what: str) -> None:
-    """Lists the fixed prefix of `pattern` (its part before any glob magic): credentials,
-    bucket, permission and network problems surface here as one sentence naming `what`."""
-    fixed = pattern
-    for i, c in enumerate(pattern):
-        if c in "*?[":
-            fixed = pattern[: pattern.rfind("/", 0, i)]
-            break
-    try:
-        call(fixed, lambda: _fs(fixed).ls(fixed.split("://", 1)[1].split("/", 1)[0]))
-    except FileNotFoundError:
-        pass  # the bucket answered: what is under it is for the caller to check
-    except StorageError as e:
-        raise StorageError(f"{what}: {e}") from None
-
-
 # ---- whole directories: upload with a marker last, download only marked ones ----
 
 
@@ -347,21 +343,6 @@ def fetch_dir(remote: str, local: str, marker: str = MARKER) -> bool:
     shutil.rmtree(local, ignore_errors=True)
     os.rename(tmp, local)
     return True
-
-
-@contextlib.contextmanager
-def local_file(path: str) -> Iterator[str]:
-    """A local path holding the file `path`: itself, or a temporary download of the object."""
-    if not is_remote(path):
-        yield path
-        return
-    tmp = os.path.join(local_root(), "tmp", f"{os.getpid()}-{os.path.basename(path)}")
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    call(path, lambda: _fs(path).get_file(path, tmp))
-    try:
-        yield tmp
-    finally:
-        os.remove(tmp)
 
 
 # ---- a run's workdir in a bucket ----
