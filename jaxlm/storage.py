@@ -375,9 +375,11 @@ class WorkdirMirror:
     corrupt newest step falls back to the one before it exactly as locally (both are pulled).
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, kind: str = "workdirs"):
+        """`kind`: the folder of local_root() the copy goes to; readers (evaluation, export)
+        pass their own, so they never rebuild the copy a training run on this machine uses."""
         self.remote = absolute(workdir) if is_remote(workdir) else ""
-        self.local = local_copy_dir("workdirs", self.remote) if self.remote else workdir
+        self.local = local_copy_dir(kind, self.remote) if self.remote else workdir
         self._sent: dict[str, tuple[int, int]] = {}  # files outside checkpoints/, as pushed
         self._steps: dict[str, dict] = {}  # step folder -> its files' signature, as pushed
 

@@ -386,7 +386,7 @@ def export_hf(
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     if storage.is_remote(ckpt) or storage.is_remote(out_dir):
-        mirror = storage.WorkdirMirror(ckpt)
+        mirror = storage.WorkdirMirror(ckpt, "reads")
         mirror.pull()
         remote_out = storage.is_remote(out_dir)
         local_out = storage.local_copy_dir("exports", out_dir) if remote_out else out_dir
