@@ -251,10 +251,14 @@ def files_under(path: str) -> dict[str, dict]:
     for name, info in found.items():
         if info.get("type") == "directory" or not name.startswith(root):
             continue
-        modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
-        stamp = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
-        out[name[len(root) :]] = {"size": int(info["size"]), "mtime_ns": int(stamp * 1e9)}
+        out[name[len(root) :]] = {"size": int(info["size"]), "mtime_ns": _mtime_ns(info)}
     return out
+
+
+def _mtime_ns(info: dict) -> int:
+    """An object's modification time in ns from its fsspec info (S3 and GCS name it apart)."""
+    modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
+    return int(modified.timestamp() * 1e9) if hasattr(modified, "timestamp") else 0
 
 
 def glob(pattern: str) -> list[str]:
@@ -272,9 +276,7 @@ def glob(pattern: str) -> list[str]:
 def size_and_mtime(path: str) -> tuple[int, int]:
     """(bytes, modification time in ns) of the bucket object `path`."""
     info = call(path, lambda: _fs(path).info(path))
-    modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
-    stamp = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
-    return int(info["size"]), int(stamp * 1e9)
+    return int(info["size"]), _mtime_ns(info)
 
 
 # ---- checks before any work ----
