@@ -19,8 +19,9 @@ remembering (keep-first dedup, shard numbering) is done here by grouping:
 
 Any runner works (``--runner=DataflowRunner|FlinkRunner|SparkRunner`` with that runner's own
 flags; see docs/beam.md); the inputs and the output may be ``s3://`` or ``gs://`` folders, read
-and written through jaxlm.storage (the manifest uploaded last). With the DirectRunner and a local output, the work goes to a temporary
-folder renamed into place at the end, as ``prepare`` does, so the local cache finds it.
+and written through jaxlm.storage (the manifest uploaded last). With the DirectRunner and a
+local output, the work goes to a temporary folder renamed into place at the end, as
+``prepare`` does, so the local cache finds it.
 """
 
 from __future__ import annotations
