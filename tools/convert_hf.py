@@ -17,7 +17,7 @@ import os
 
 from absl import flags
 
-from jaxlm import cli, storage
+from jaxlm import cli
 from jaxlm.errors import JaxlmError
 
 FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
@@ -64,19 +64,9 @@ def main(argv: list[str]) -> int:
         raise JaxlmError(f"{command} needs {' and '.join(missing)}.")
     from jaxlm.convert import hf  # after parsing: --help stays fast
 
-    # Buckets: the workdir through its local copy, a bucket Hugging Face folder downloaded
-    # whole, an export written locally then published (jaxlm.storage).
-    mirror = storage.WorkdirMirror(os.path.expanduser(_WORKDIR.value))
-    mirror.pull()
-    workdir = mirror.local
+    workdir = os.path.expanduser(_WORKDIR.value)
     if command == "import":
-        hf_dir = os.path.expanduser(_HF_DIR.value)
-        if storage.is_remote(hf_dir):
-            local = storage.local_copy_dir("hf", hf_dir)
-            storage.fetch_dir(hf_dir, local, marker="")
-            hf_dir = local
-        cfg = hf.import_hf(hf_dir, workdir)
-        mirror.push()
+        cfg = hf.import_hf(os.path.expanduser(_HF_DIR.value), workdir)
         n = sum(t.size for t in hf.layout(cfg))
         print(
             f"imported {n / 1e6:.1f}M parameters ({cfg.n_layers} layers, d_model "
@@ -85,19 +75,14 @@ def main(argv: list[str]) -> int:
             f"--config=configs/continue_pretraining.py:ckpt:{_WORKDIR.value}"
         )
     else:
-        out_dir = os.path.expanduser(_OUT_DIR.value)
-        local_out = storage.local_copy_dir("exports", out_dir) if storage.is_remote(out_dir) else ""
         out = hf.export_hf(
             workdir,
-            local_out or out_dir,
+            os.path.expanduser(_OUT_DIR.value),
             step=_STEP.value,
             dtype=_DTYPE.value,
             tokenizer=os.path.expanduser(_TOKENIZER.value),
             max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9),
         )
-        if local_out:
-            storage.publish_dir(local_out, out_dir)
-            out = out_dir
         load = f"transformers.AutoModelForCausalLM.from_pretrained({out!r})"
         print(f"exported to {out}; load with {load}")
     return 0
