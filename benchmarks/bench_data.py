@@ -13,6 +13,12 @@
     temporary cache, one dataset per file; MB/s is that of prepare's tokenize stage (worker
     pool, `data.num_proc`), plus single-thread `Tokenizer.encode` MB/s of the whole file.
 
+(d) With --bucket: the prepared data read from a bucket on a local S3 server (moto's, started
+    here) against the same data on local disk, back to back: a bucket preparation is
+    downloaded once into the local copy (ArrayRecord reads local files; jaxlm.storage), then
+    read as local shards. Printed: the download time, and the ratio of first-batch-plus-
+    --batches wall time, bucket over local (target <= 1.5x).
+
 Every number is wall-clock on this machine; the 1-minute load average is printed before and
 after, since other processes on a shared machine slow every column.
 """
@@ -54,6 +60,10 @@ _SPLIT = flags.DEFINE_bool(
 _PRESET = flags.DEFINE_string("quality_preset", "none", "Corpora: curation quality preset.")
 _CORPUS_BATCHES = flags.DEFINE_integer(
     "corpus_batches", 200, "Timed loader batches over the corpora's short paragraph documents."
+)
+
+_BUCKET = flags.DEFINE_bool(
+    "bucket", False, "(d): read the prepared data from a local S3 server vs local disk."
 )
 
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -108,6 +118,51 @@ def time_loader(
         next(reader)
     dt, out = timing.timed(lambda: [next(reader) for _ in range(batches)])
     return {"first_s": first, "tokens_s": batches * B * L / dt, "ms_batch": 1e3 * dt / batches}, out
+
+
+def time_bucket(config: Any, manifest_path: str, batches: int) -> dict[str, float]:
+    """(d): the loader's wall time over a bucket copy of the preparation (its download into the
+    local copy included) against local disk, on a moto S3 server started in this process."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from jaxlm import storage
+    from jaxlm.data import manifest as manifest_lib
+    from jaxlm.data import prepare
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        JAXLM_LOCAL_CACHE=tempfile.mkdtemp(prefix="jaxlm-bench-bucket-"),
+    )
+    try:
+        boto3.client("s3").create_bucket(Bucket="bench")
+        remote = "s3://bench/prepared"
+        storage.publish_dir(os.path.dirname(manifest_path), remote, marker=manifest_lib.FILE)
+        t0 = time.perf_counter()
+        local = time_loader(config, manifest_lib.load(manifest_path), batches, 0)[0]
+        local_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        copy = prepare.local_manifest(remote)
+        fetch_s = time.perf_counter() - t0
+        bucket = time_loader(config, manifest_lib.load(copy), batches, 0)[0]
+        bucket_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(os.environ["JAXLM_LOCAL_CACHE"], ignore_errors=True)
+        server.stop()
+    return {
+        "local_s": local_s,
+        "bucket_s": bucket_s,
+        "fetch_s": fetch_s,
+        "ratio": bucket_s / local_s,
+        "local_tokens_s": local["tokens_s"],
+        "bucket_tokens_s": bucket["tokens_s"],
+    }
 
 
 # --------------------------------------------------------------------------- (b) train step
@@ -344,6 +399,20 @@ def run(config: Any, corpora: list[str] | None) -> None:
             f"{_CORPUS_BATCHES.value} batches): {lo['tokens_s']:,.0f} tokens/s = "
             f"{lo['tokens_s'] / step['tokens_s']:,.1f}x the train step"
         )
+    if _BUCKET.value:
+        b = time_bucket(config, manifest_path, _BATCHES.value)
+        mb = sum(
+            os.path.getsize(os.path.join(r, f))
+            for r, _, fs in os.walk(os.path.dirname(manifest_path))
+            for f in fs
+        )
+        print(
+            f"(d) bucket (local S3 server) vs local disk, {_BATCHES.value} batches: local "
+            f"{b['local_s']:.2f} s, bucket {b['bucket_s']:.2f} s of which download "
+            f"{b['fetch_s']:.2f} s ({mb / 1e6:.1f} MB) -> {b['ratio']:.2f}x; steady loader "
+            f"{b['bucket_tokens_s'] / b['local_tokens_s']:.2f}x local tokens/s"
+        )
+        after = load_average()
     print(f"load average before: {before} | after: {after}")
 
 

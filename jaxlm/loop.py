@@ -32,6 +32,7 @@ from jaxlm import (
     resume,
     sharding,
     stages,
+    storage,
     train,
     validate,
 )
@@ -55,6 +56,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     from jaxlm.data import prepare as prepare_lib
 
     spec = validate.check(config, workdir)  # every config error, before device or data work
+    mirror = storage.WorkdirMirror(workdir)  # a bucket workdir: the run works on a local copy
+    mirror.pull()
+    workdir = mirror.local
     complete = finish.completed_run(spec, workdir)  # the same command again: nothing to redo
     if complete is not None:
         print(complete["line"], flush=True)
@@ -63,7 +67,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     mesh = validate.check_devices(spec)
     _prepare_workdir(workdir, config)
     if config.data.manifest:  # validate.check has made sure it exists
-        manifest_path = config.data.manifest
+        manifest_path = prepare_lib.local_manifest(config.data.manifest)
     else:
         manifest_path = prepare_lib.prepare(
             config.data,
@@ -101,15 +105,25 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     clean = False
     try:
         setup = train.Setup(spec, vocab_size, mesh)
-        trainer = Trainer(setup, workdir, manifest, tokenizer)
+
+        def publish() -> None:
+            # A bucket workdir is sent once each save has finished: a step published there
+            # is whole, and a kill -9 later resumes from it.
+            if mirror.remote and jax.process_index() == 0:
+                trainer.checkpointer.wait()
+                mirror.push()
+
+        trainer = Trainer(setup, workdir, manifest, tokenizer, publish)
         try:
             summary = trainer.train()
         except BaseException as e:
             # A dead peer: close() would wait for a save that needs it, so leave at once.
             peers.raise_if_peer_lost(e)
             trainer.close()
+            publish()
             raise
         trainer.close()
+        publish()
         clean = True
     finally:
         watchdog.stop(clean)
@@ -139,8 +153,16 @@ class Trainer:
     """The training loop of one run: next(batch) -> step -> hooks, with preemption and
     rollback."""
 
-    def __init__(self, setup: train.Setup, workdir: str, manifest: dict, tokenizer: Any):
+    def __init__(
+        self,
+        setup: train.Setup,
+        workdir: str,
+        manifest: dict,
+        tokenizer: Any,
+        publish: Callable[[], None] = lambda: None,
+    ):
         config = setup.config
+        self.publish = publish  # sends the workdir's new files to its bucket (WorkdirMirror)
         self.config, self.setup, self.manifest = config, setup, manifest
         self.tokenizer = tokenizer
         self.objective = objectives.Objective.build(config, tokenizer, manifest)
@@ -476,6 +498,7 @@ class Trainer:
         with jax.transfer_guard("allow"), self.goodput.during("checkpoint"), self.hang.slow():
             data_state = ckpt_lib.gather_host_states(self.batches.get_state())
             self.checkpointer.save(self.step, self.state, data_state, self.meta, force=force)
+            self.publish()
         self.goodput.saved_at(self.step)
         _return_freed_memory()
 

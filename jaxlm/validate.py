@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import attention, objectives, optim, sharding, stages
+from jaxlm import attention, objectives, optim, sharding, stages, storage
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError, JaxlmError
 
@@ -261,7 +261,14 @@ def _check_data(config: Any) -> None:
 
     d, tok = config.data, config.tokenizer
     if d.manifest:
-        if not os.path.isfile(d.manifest):
+        manifest = d.manifest
+        if storage.is_remote(manifest) and not manifest.endswith("/manifest.json"):
+            manifest = storage.join(manifest, "manifest.json")
+        try:
+            found = storage.isfile(manifest)
+        except JaxlmError as e:
+            raise ConfigError(f"data.manifest: {e}") from None
+        if not found:
             raise ConfigError(f"data.manifest={d.manifest!r} does not exist.")
     else:
         if not 0 < d.val_fraction < 1:
@@ -334,6 +341,7 @@ def _check_validation_sets(d: Any, datasets: dict[str, Any]) -> None:
 
 
 def _check_paths(config: Any, workdir: str) -> None:
+    from jaxlm.data import sources
     from jaxlm.evaluate import tasks
 
     for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
@@ -341,6 +349,17 @@ def _check_paths(config: Any, workdir: str) -> None:
             tasks.load_task(path)
         except JaxlmError as e:
             raise ConfigError(f"eval.task_files: {e}") from None
+    # Buckets are probed with a small write: credentials, bucket and permission problems are
+    # one sentence here, before any data work.
+    cache = sources.cache_root(config.data.cache_dir)
+    try:
+        if storage.is_remote(cache) and not config.data.manifest:
+            storage.check_writable(cache, "the prepared-data cache (data.cache_dir or JAXLM_CACHE)")
+        if storage.is_remote(workdir):
+            storage.check_writable(workdir, "--workdir")
+            return
+    except JaxlmError as e:
+        raise ConfigError(str(e)) from None
     try:
         os.makedirs(workdir, exist_ok=True)
         # Host and pid in the name: many processes may share the workdir.

@@ -30,7 +30,7 @@ import os
 
 from absl import flags
 
-from jaxlm import cli
+from jaxlm import cli, storage
 from jaxlm.errors import JaxlmError
 from jaxlm.progress import Progress
 
@@ -120,8 +120,11 @@ def evaluate(
         model = trained.load_hf(os.path.expanduser(hf_dir), progress=True)
         source = {"hf_dir": os.path.abspath(os.path.expanduser(hf_dir))}
     else:
-        model = trained.load_trained(os.path.expanduser(workdir), step=step)
-        source = {"workdir": os.path.abspath(workdir), "step": model.step}
+        # A bucket workdir: read through a local copy.
+        mirror = storage.WorkdirMirror(os.path.expanduser(workdir), "reads")
+        mirror.pull()
+        model = trained.load_trained(mirror.local, step=step)
+        source = {"workdir": storage.absolute(workdir), "step": model.step}
     corpora = [text.read_corpus(e, model.tokenizer, text_field) for e in entries]
     run_len = model.config.train.seq_len if model.config is not None else 0
     seq_len = seq_len or run_len or model.setup.model_cfg.max_seq_len

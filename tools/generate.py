@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from jaxlm import cli
+from jaxlm import cli, storage
 from jaxlm.errors import JaxlmError
 
 FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
@@ -98,7 +98,9 @@ def main(argv: list[str]) -> int:
         raise JaxlmError(f"--max_tokens must be at least 1, not {_MAX_TOKENS.value}.")
     if _FILL_MIDDLE.value and _FILL_MASK.value:
         raise JaxlmError("--fill_middle and --fill_mask are two different looks; pick one.")
-    trained = trained_lib.load_trained(_WORKDIR.value, step=_STEP.value)
+    mirror = storage.WorkdirMirror(_WORKDIR.value, "reads")  # a bucket workdir: its local copy
+    mirror.pull()
+    trained = trained_lib.load_trained(mirror.local, step=_STEP.value)
     sample = (trained.config or {}).get("sample") or {}  # an import has no run config
     pick = lambda flag, key, default: flag if flag is not None else sample.get(key, default)  # noqa: E731
     sampling = dict(

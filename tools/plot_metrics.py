@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from jaxlm import cli, goodput
+from jaxlm import cli, goodput, storage
 from jaxlm.errors import JaxlmError
 
 FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (cli.call)
@@ -409,10 +409,27 @@ def main(argv: list[str]) -> int:
     workdirs = argv[1:]
     if not workdirs:
         raise JaxlmError("name at least one run directory, e.g. plot_metrics.py runs/tiny.")
-    out = _OUT.value or os.path.join(workdirs[0], "metrics.png")
-    plot(workdirs, out)
+    out = _OUT.value or storage.join(workdirs[0], "metrics.png")
+    local_out = os.path.join(storage.local_root(), "plots", "metrics.png")
+    plot([_readable(w) for w in workdirs], local_out if storage.is_remote(out) else out)
+    if storage.is_remote(out):
+        storage.write_bytes(out, storage.read_bytes(local_out))
     print(out)
     return 0
+
+
+def _readable(workdir: str) -> str:
+    """A local folder with the run's metrics.jsonl and config.json: the workdir itself, or for
+    a bucket run a copy of those two files in a folder of the same name."""
+    if not storage.is_remote(workdir):
+        return workdir
+    local = os.path.join(storage.local_copy_dir("plots", workdir), os.path.basename(workdir))
+    os.makedirs(local, exist_ok=True)
+    for name in ("metrics.jsonl", "config.json"):
+        if storage.isfile(storage.join(workdir, name)):
+            data = storage.read_bytes(storage.join(workdir, name))
+            storage.write_bytes(os.path.join(local, name), data)
+    return local
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from flax import nnx, traverse_util
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import families, families_moe
 from jaxlm import model as model_lib
+from jaxlm import storage
 from jaxlm.data import hf_tokenizer
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256
@@ -337,8 +338,19 @@ def import_hf(hf_dir: str, workdir: str, progress: bool = True) -> model_lib.Mod
 
     Writes `workdir/checkpoints/0/` (state = {'params'} only; `init_from.load_params` reads it),
     `workdir/model_config.json` and `workdir/tokenizer/` (the model's tokenizer files).
-    Returns the model's ModelConfig.
+    Returns the model's ModelConfig. Either may be a bucket (jaxlm.storage): a bucket model is
+    downloaded first, a bucket workdir is written through its local copy, then pushed.
     """
+    if storage.is_remote(hf_dir) or storage.is_remote(workdir):
+        if storage.is_remote(hf_dir):
+            local = storage.local_copy_dir("hf", hf_dir)
+            storage.fetch_dir(hf_dir, local, marker="")
+            hf_dir = local
+        mirror = storage.WorkdirMirror(workdir)
+        mirror.pull()
+        cfg = import_hf(hf_dir, mirror.local, progress)
+        mirror.push()
+        return cfg
     hf = read_hf_config(hf_dir)
     cfg = model_lib.ModelConfig.from_hf(hf, os.path.join(hf_dir, "config.json"))
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -400,9 +412,22 @@ def export_hf(
         default `<workdir>/tokenizer/`, `<workdir>/tokenizer.{json,model}`, then the
         checkpoint config's tokenizer.path. It must match the checkpoint's tokenizer hash.
       max_shard_bytes: the largest safetensors file; bigger models get shards and an index.
+
+    A bucket workdir is read through its local copy; a bucket `out_dir` is written locally,
+    then published with its marker object last (jaxlm.storage).
     """
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    if storage.is_remote(ckpt) or storage.is_remote(out_dir):
+        mirror = storage.WorkdirMirror(ckpt, "reads")
+        mirror.pull()
+        remote_out = storage.is_remote(out_dir)
+        local_out = storage.local_copy_dir("exports", out_dir) if remote_out else out_dir
+        options = dict(dtype=dtype, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+        export_hf(mirror.local, local_out, step=step, progress=progress, **options)
+        if remote_out:
+            storage.publish_dir(local_out, out_dir)
+        return out_dir
     ckpt_dir, step = ckpt_lib.resolve(ckpt, step)
     meta = ckpt_lib.read_step_meta(ckpt_dir, step)
     cfg = ckpt_lib.model_config_from_meta(meta, f"{ckpt_dir}/{step}")

@@ -18,9 +18,10 @@ remembering (keep-first dedup, shard numbering) is done here by grouping:
    tokenizer and the manifest (``manifest.make``) with the curation report and problems.
 
 Any runner works (``--runner=DataflowRunner|FlinkRunner|SparkRunner`` with that runner's own
-flags; see docs/beam.md); the output may be a ``gs://`` or ``s3://`` folder, written through
-Beam's filesystems. With the DirectRunner and a local output, the work goes to a temporary
-folder renamed into place at the end, as ``prepare`` does, so the local cache finds it.
+flags; see docs/beam.md); the inputs and the output may be ``s3://`` or ``gs://`` folders, read
+and written through jaxlm.storage (the manifest uploaded last). With the DirectRunner and a
+local output, the work goes to a temporary folder renamed into place at the end, as
+``prepare`` does, so the local cache finds it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxlm import storage
 from jaxlm.data import (
     beam_curate,
     cache,
@@ -156,17 +158,11 @@ def _ranked(item: tuple[tuple[str, str, int], Iterable[Any]], offsets: dict, dps
         yield (ds, split, rank // dps), (rank, text)
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def _publish(local_root: str, rel: str, out_root: str) -> None:
-    """Copies one written file to a remote output through Beam's filesystems."""
-    from apache_beam.io.filesystems import FileSystems
-
-    dest = FileSystems.join(out_root, rel)
-    with open(os.path.join(local_root, rel), "rb") as src, FileSystems.create(dest) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    """Copies one written file to a bucket output through jaxlm.storage (each worker's own
+    fsspec client: the same credentials, errors and retries as every other bucket access)."""
+    with open(os.path.join(local_root, rel), "rb") as src:
+        storage.write_bytes(storage.join(out_root, rel), src.read())
 
 
 _TOKENIZERS: dict[str, Any] = {}  # per worker: the tokenizer, loaded once per content
@@ -194,7 +190,7 @@ def _write_shard(
     (ds, split, index), docs = item
     tok = _load_tokenizer(model, tok_file)
     texts = [text for _, text in sorted(docs)]
-    remote = _is_remote(out_root)
+    remote = storage.is_remote(out_root)
     root = tempfile.mkdtemp(prefix="jaxlm-shard-") if remote else out_root
     writer = records.ShardWriter(root, prepare.shard_pattern(split, ds), dps, stride=(index, 1))
     for text, (rec, ntok) in zip(texts, records.encode_batch(texts, tok), strict=True):
@@ -304,14 +300,14 @@ def _write_manifest(
             host={"engine": "beam", "runner": plan["runner"]},
             config=plan["config"],
         )
-        if _is_remote(out):
+        if storage.is_remote(out):
             manifest_lib.write(d, m)
             _publish(d, tok_file, out)
             _publish(d, manifest_lib.FILE, out)  # last: a manifest means "complete"
         else:
             shutil.copyfile(tok_path, os.path.join(out, tok_file))
             manifest_lib.write(out, m)
-    return os.path.join(out, manifest_lib.FILE)
+    return storage.join(out, manifest_lib.FILE)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -490,11 +486,13 @@ def prepare_beam(
     ds_cfgs = prepare.dataset_configs(data_cfg)
     srcs, vsrcs = prepare.sources_of(data_cfg)
     key, material = prepare.cache_key(data_cfg, tok_cfg, srcs, vsrcs)
-    out = output or os.path.join(sources.cache_root(data_cfg.cache_dir), key)
-    if not _is_remote(out) and os.path.exists(os.path.join(out, manifest_lib.FILE)):
-        cache.touch(os.path.join(out, manifest_lib.FILE))
+    out = storage.absolute(output) if output else None
+    out = out or storage.join(sources.cache_root(data_cfg.cache_dir), key)
+    if storage.isfile(storage.join(out, manifest_lib.FILE)):  # a manifest means "complete"
+        if not storage.is_remote(out):
+            cache.touch(os.path.join(out, manifest_lib.FILE))
         log(f"using prepared data at {out}")
-        return os.path.join(out, manifest_lib.FILE)
+        return storage.join(out, manifest_lib.FILE)
 
     # The named validation sets are small: read whole here, as the local path does.
     validation_texts, reserved = {}, {}
@@ -521,7 +519,7 @@ def prepare_beam(
     options = PipelineOptions(pipeline_args)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     work = out
-    if not _is_remote(out):
+    if not storage.is_remote(out):
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)
         work = os.path.join(parent, f".tmp-{os.path.basename(out)}-beam-{uuid.uuid4().hex[:8]}")
@@ -560,4 +558,4 @@ def prepare_beam(
         if work != out and os.path.exists(work):
             shutil.rmtree(work, ignore_errors=True)
     log(f"prepared data at {out}")
-    return os.path.join(out, manifest_lib.FILE)
+    return storage.join(out, manifest_lib.FILE)

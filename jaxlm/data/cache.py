@@ -86,6 +86,26 @@ def prune(root: str, older_than_days: float, now: float | None = None) -> list[E
     return gone
 
 
+def local_copy_bytes() -> int:
+    """The size bound of the local copies of bucket preparations: $JAXLM_LOCAL_CACHE_GB (50)."""
+    return int(float(os.environ.get("JAXLM_LOCAL_CACHE_GB", "50")) * 1e9)
+
+
+def fit(root: str, max_bytes: int, keep: str) -> list[Entry]:
+    """Removes the least recently used preparations under ``root`` (never ``keep``, the one in
+    use) until the rest take at most ``max_bytes``; returns them."""
+    items = entries(root)
+    total, gone = sum(e.bytes for e in items), []
+    for e in items:
+        if total <= max_bytes:
+            break
+        if os.path.abspath(e.path) != os.path.abspath(keep):
+            shutil.rmtree(e.path, ignore_errors=True)
+            total -= e.bytes
+            gone.append(e)
+    return gone
+
+
 def table(items: list[Entry], now: float | None = None) -> str:
     """A fixed-width listing: size, days since last use, state, folder and datasets."""
     now = time.time() if now is None else now

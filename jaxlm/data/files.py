@@ -18,6 +18,8 @@ import stat
 import uuid
 from typing import Any, BinaryIO
 
+from jaxlm import storage
+
 
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file's bytes (how manifests and checkpoints name a tokenizer or shard)."""
@@ -68,7 +70,10 @@ def open_regular(path: str) -> BinaryIO:
 
     The open itself never blocks (``O_NONBLOCK``), so a FIFO swapped in after the corpus was
     listed is refused here rather than hanging the run; the check is on the opened descriptor.
+    A bucket object (``s3://``, ``gs://``) is streamed in blocks through jaxlm.storage.
     """
+    if storage.is_remote(path):
+        return storage.open_file(path, "rb")  # type: ignore[return-value]
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         kind = special_kind(os.fstat(fd).st_mode)

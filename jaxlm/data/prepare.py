@@ -40,6 +40,7 @@ wait for it. Host ``i`` of ``n`` tokenizes shards ``i, i+n, ...`` into ``<key>/h
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
 import json
@@ -52,6 +53,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from jaxlm import storage
 from jaxlm.data import cache, content_split, curate, records, sources, tokenizer
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data.files import file_sha256, new_work_dir, remove_stale_work_dirs
@@ -316,7 +318,10 @@ def prepare(
     # Every host reads every validation set whole (they are small) and writes the same shards.
     srcs, vsrcs = sources_of(data_cfg)
     key, material = cache_key(data_cfg, tok_cfg, srcs, vsrcs)
-    key_dir = os.path.join(sources.cache_root(data_cfg.cache_dir), key)
+    root = sources.cache_root(data_cfg.cache_dir)
+    if storage.is_remote(root):
+        return _through_bucket(data_cfg, tok_cfg, storage.join(root, key), process_count, log)
+    key_dir = os.path.join(root, key)
     final_manifest = os.path.join(key_dir, manifest_lib.FILE)
     if os.path.exists(final_manifest):
         weights = {name: float(cfg.get("weight", 1.0)) for name, cfg in ds_cfgs.items()}
@@ -344,6 +349,51 @@ def prepare(
         _wait_for(final_manifest, "host 0 to merge the manifests", log)
     log(f"prepared data at {key_dir} in {time.perf_counter() - t0:.1f} s")
     return final_manifest
+
+
+def _through_bucket(
+    data_cfg: Any, tok_cfg: Any, remote: str, process_count: int, log: Callable[[str], None]
+) -> str:
+    """A preparation cached in a bucket: downloaded into a local copy (under
+    storage.local_root()/prepared, size-bounded by cache.fit) when the bucket holds it whole,
+    else prepared there and published to the bucket with its manifest uploaded last, so a
+    reader never trusts a partial upload. ArrayRecord's reader needs local files, hence the
+    local copy."""
+    if process_count > 1:
+        raise DataError(
+            f"the prepared-data cache {remote} is a bucket, which one process fills; prepare it "
+            "first with tools/prepare_data.py, then start the run."
+        )
+    local_root = os.path.join(storage.local_root(), "prepared")
+    local = os.path.join(local_root, os.path.basename(remote))
+    if not os.path.exists(os.path.join(local, manifest_lib.FILE)):
+        if storage.fetch_dir(remote, local, marker=manifest_lib.FILE):
+            log(f"downloaded prepared data from {remote}")
+    local_cfg = copy.deepcopy(data_cfg)
+    local_cfg.cache_dir = local_root
+    manifest_path = prepare(local_cfg, tok_cfg, log=log)  # finds the download, or prepares
+    if not storage.is_published(remote, marker=manifest_lib.FILE):
+        storage.publish_dir(local, remote, marker=manifest_lib.FILE)
+        log(f"published prepared data to {remote}")
+    cache.fit(local_root, cache.local_copy_bytes(), keep=local)
+    return manifest_path
+
+
+def local_manifest(path: str) -> str:
+    """`path` (a manifest, or its directory) when local; for a bucket path, the manifest of a
+    local copy of its preparation, downloaded once into storage.local_root()/prepared."""
+    if not storage.is_remote(path):
+        return path
+    remote = path[: -len(manifest_lib.FILE) - 1] if path.endswith(manifest_lib.FILE) else path
+    local_root = os.path.join(storage.local_root(), "prepared")
+    local = storage.local_copy_dir("prepared", remote)
+    if not os.path.exists(os.path.join(local, manifest_lib.FILE)):
+        if not storage.fetch_dir(remote, local, marker=manifest_lib.FILE):
+            raise DataError(
+                f"{path} is not a complete preparation (it has no {manifest_lib.FILE})."
+            )
+    cache.fit(local_root, cache.local_copy_bytes(), keep=local)
+    return os.path.join(local, manifest_lib.FILE)
 
 
 def _host_dir(process_index: int, process_count: int) -> str:

@@ -46,6 +46,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from jaxlm import storage
 from jaxlm.data import files as file_io
 from jaxlm.errors import JaxlmError
 
@@ -110,7 +111,7 @@ class Problems:
 def cache_root(cache_dir: str = "") -> str:
     """Root of prepared-data caches: ``cache_dir``, else ``$JAXLM_CACHE``, else ~/.cache/jaxlm."""
     root = cache_dir or os.environ.get("JAXLM_CACHE", "") or "~/.cache/jaxlm"
-    return os.path.abspath(os.path.expanduser(root))
+    return storage.absolute(root)  # may be a bucket: prepare publishes there (see storage)
 
 
 def stdlib_files() -> list[SourceFile]:
@@ -218,21 +219,14 @@ def resolve_files(paths: str, problems: Problems | None = None) -> list[SourceFi
             for f in files:
                 found[f.path] = f
             continue
-        files = []
-        for path in _expand(os.path.expanduser(pattern), problems):
-            if _kind(path) is None:
-                continue
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                kind = "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
-                problems.add(path, kind, e.strerror or "")
-                continue
-            special = file_io.special_kind(st.st_mode)
-            if special is not None:  # reading a FIFO blocks forever, a device never ends
-                problems.add(path, special, "not a regular file; skipped")
-                continue
-            files.append(SourceFile(os.path.abspath(path), path, st.st_size, st.st_mtime_ns))
+        if storage.is_remote(pattern):  # a bucket: its objects are regular files
+            files = [
+                SourceFile(path, path, *storage.size_and_mtime(path))
+                for path in storage.glob(pattern)
+                if _kind(path) is not None
+            ]
+        else:
+            files = _local_files(pattern, problems)
         if not files:
             raise SourceError(
                 f"The data path pattern {pattern!r} matches no .txt/.md/.rst/.py/.jsonl/.parquet "
@@ -241,6 +235,26 @@ def resolve_files(paths: str, problems: Problems | None = None) -> list[SourceFi
         for f in files:
             found[f.path] = f
     return sorted(found.values(), key=lambda f: f.path)
+
+
+def _local_files(pattern: str, problems: Problems) -> list[SourceFile]:
+    """The corpus files a local pattern names; unreadable and special files go to `problems`."""
+    files = []
+    for path in _expand(os.path.expanduser(pattern), problems):
+        if _kind(path) is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            kind = "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
+            problems.add(path, kind, e.strerror or "")
+            continue
+        special = file_io.special_kind(st.st_mode)
+        if special is not None:  # reading a FIFO blocks forever, a device never ends
+            problems.add(path, special, "not a regular file; skipped")
+            continue
+        files.append(SourceFile(os.path.abspath(path), path, st.st_size, st.st_mtime_ns))
+    return files
 
 
 def _open_binary(path: str) -> BinaryIO:
