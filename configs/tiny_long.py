@@ -25,13 +25,13 @@ def get_config():
     c.model.n_kv_heads = 2
     c.model.d_ff = 768
     c.model.max_seq_len = 1024
-    c.data.passkeys_per_1k = 3.0
+    c.data.passkeys_per_1k = 10.0
     c.data.passkey_max_gap = 1024
     c.train.steps = 0  # the stages set the run's length
     c.train.batch_size = 4  # the micro-batch: stage 1 runs 4 of them per step, stage 2 one
     c.train.seq_len = 256
     c.stages = (
-        dict(name="short", steps=160, seq_len=256, batch_size=16, lr=dict(warmup=30)),
+        dict(name="short", steps=200, seq_len=256, batch_size=16, lr=dict(warmup=30)),
         dict(
             name="long",
             steps=40,
@@ -41,11 +41,11 @@ def get_config():
             lr=dict(decay="wsd", decay_fraction=0.5, end=0.1),
         ),
     )
-    c.eval.every = 40
-    c.eval.max_batches = 4
+    c.eval.every = 100
+    c.eval.max_batches = 2
     c.eval.batch_size = 16
     c.eval.next_line_examples = 0
     c.eval.retrieval_lengths = "256,1024"
-    c.eval.retrieval_examples = 40
+    c.eval.retrieval_examples = 32
     c.checkpoint.every = 100
     return c
