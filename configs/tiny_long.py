@@ -3,8 +3,9 @@
     python -m jaxlm.main --config=configs/tiny_long.py
 
 Data: the interpreter's standard library (as configs/tiny.py), with passkey pairs planted in the
-training text (`data.passkeys_per_1k`: `passkey = KEY` ... `assert passkey == KEY`, 8 to 1,024
-tokens apart), because a short CPU run on natural text never learns to copy from far back.
+training text (`data.passkeys_per_1k`: `passkey = "KEY48213"` ... `assert passkey ==
+"KEY48213"`, 8 to 1,024 tokens apart), because a short CPU run on natural text never learns
+to copy from far back.
 Stage 1 ("short"): rows of 256 tokens, RoPE as trained. Stage 2 ("long"): rows of 1,024 tokens
 (the same 4,096 tokens per step), RoPE scaled by YaRN x4 from 256 positions. Evaluation: held-out
 loss at 256 tokens, and the passkey retrieval eval (jaxlm/evaluate/retrieval.py: a key planted at

@@ -39,7 +39,7 @@ class CharTokenizer:
 
 
 TOK = CharTokenizer(TEXTS)
-KEY_LINE = re.compile(r"^passkey = (\d{5})\n", re.M)
+KEY_LINE = re.compile(r'^passkey = "KEY(\d{5})"\n', re.M)
 
 
 def test_examples_plant_one_key_at_spread_depths_and_ask_for_it():
@@ -50,8 +50,8 @@ def test_examples_plant_one_key_at_spread_depths_and_ask_for_it():
         context, answer = TOK.decode(ex.context[1:]), TOK.decode(ex.answer)
         assert ex.context[0] == TOK.bos_id
         assert 499 - 80 <= len(ex.context) + len(ex.answer) <= 499  # lines are < 80 chars
-        assert KEY_LINE.findall(context) == [answer.strip()]  # one needle: the answer's key
-        assert context.endswith("\n" + retrieval.QUESTION) and answer == " " + answer.strip()
+        assert KEY_LINE.findall(context) == [answer]  # one needle: the answer's key
+        assert context.endswith("\n" + retrieval.QUESTION) and re.fullmatch(r"\d{5}", answer)
         at = context.index("passkey = ")
         assert ex.depth == pytest.approx((at + 1) / len(ex.context))
     depths = [ex.depth for ex in examples]
@@ -66,11 +66,12 @@ def test_drill_plants_pairs_whose_answer_is_the_last_key_and_keeps_the_text():
     assert not np.array_equal(out, planter(ids, (7, 0, 4)))
     assert out[-1] == ids[-1]
     text = TOK.decode(out[:-1])
-    pairs = re.findall(r"^passkey = (\d{5})\n(.*?)^assert passkey == (\d{5})\n", text, re.M | re.S)
+    pair = r'^passkey = "KEY(\d{5})"\n(.*?)^assert passkey == "KEY(\d{5})"\n'
+    pairs = re.findall(pair, text, re.M | re.S)
     assert len(pairs) >= 10
     for key, between, asked in pairs:
         assert key == asked and 8 <= len(between) <= 200 + 80  # to the next line start
-    stripped = re.sub(r"^(passkey = |assert passkey == )\d{5}\n", "", text, flags=re.M)
+    stripped = re.sub(r'^(passkey = |assert passkey == )"KEY\d{5}"\n', "", text, flags=re.M)
     assert stripped == TEXTS[1]
 
 

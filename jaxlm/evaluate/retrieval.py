@@ -1,12 +1,14 @@
 """A synthetic long-context check: retrieve a key planted at a random depth of held-out text.
 
-Each example is `length` tokens: held-out text with one line `passkey = 48213` planted at a line
-boundary at a random depth (uniform over the context), ending in `assert passkey ==`; the answer
-is the key's tokens (` 48213`). An example counts when every answer token is the model's argmax
-given the tokens before it, which is what greedy decoding would print: exact match. A model
-that cannot attend that far back scores near zero (a 5-digit key is guessed with probability
-1e-5); one that can copy from anywhere in its context scores high. Scored at several lengths
-(`eval.retrieval_lengths`), it shows what a context-extension stage bought (configs/tiny_long.py).
+Each example is `length` tokens: held-out text with one line `passkey = "KEY48213"` planted at a
+line boundary at a random depth (uniform over the context), ending in `assert passkey == "KEY`;
+the answer is the key's digits (`48213`). The question repeats the needle's last tokens, so a
+model can find the key with the induction circuit small transformers learn first. An example
+counts when every answer token is the model's argmax given the tokens before it, which is what
+greedy decoding would print: exact match. A model that cannot attend that far back scores near
+zero (a 5-digit key is guessed with probability 1/90,000); one that can copy from anywhere in
+its context scores high. Scored at several lengths (`eval.retrieval_lengths`), it shows what a
+context-extension stage bought (configs/tiny_long.py).
 
 The text is the run's own held-out split (Python source for the tiny recipes), so nothing is
 downloaded and the filler is in-distribution: only the key's position is new.
@@ -26,8 +28,9 @@ from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices, scoring
 
 KEY_DIGITS = 5
-NEEDLE = "passkey = {key}\n"  # planted at a line boundary
-QUESTION = "assert passkey =="  # ends the context; the answer is " {key}"
+NEEDLE = 'passkey = "KEY{key}"\n'  # planted at a line boundary
+QUESTION = 'assert passkey == "KEY'  # ends the context; the answer is the key's digits
+ANSWER = '{key}"\n'  # how a planted question goes on in training text (the eval scores {key})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,7 @@ def build(
     examples = []
     while len(examples) < n_examples:
         key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
-        needle, answer = tokenizer.encode(NEEDLE.format(key=key)), tokenizer.encode(" " + key)
+        needle, answer = tokenizer.encode(NEEDLE.format(key=key)), tokenizer.encode(key)
         budget = length - len(head) - len(needle) - len(question) - len(answer)
         start = rng.randrange(len(lines))
         end = int(np.searchsorted(np.cumsum(sizes[start:]), budget)) + start
@@ -124,10 +127,10 @@ class Planter:
 
     A short run on natural text never learns to copy a number it saw hundreds of tokens back,
     so the retrieval eval would read zero before and after any context extension. Planting
-    pairs in the training text, `passkey = KEY` at a line start and `assert passkey == KEY` at a
-    later line start (a log-uniform 8..`max_gap` tokens on), teaches that copy at the lengths a
-    stage trains on; the eval then asks at lengths and depths the run never trained on. Keys
-    come from a fixed pool of 4,096 (the eval draws from all 90,000), pairs never overlap, and a
+    pairs in the training text, `passkey = "KEY<key>"` at a line start and `assert passkey ==
+    "KEY<key>"` at a later line start (a log-uniform 8..`max_gap` tokens on), teaches that copy
+    at the lengths a stage trains on; the eval then asks at lengths and depths the run never
+    trained on. Keys come from a fixed pool of 4,096 (the eval draws from all 90,000), pairs never overlap, and a
     document's plan is a function of (seed, its key in the stream) only, so resume is exact.
     """
 
@@ -136,8 +139,8 @@ class Planter:
     max_gap: int  # tokens from a needle to its question, at most
     ends_line: np.ndarray  # (V,) bool: the piece ends a line
     needles: tuple[np.ndarray, ...]  # the pool's `passkey = KEY\n` ids
-    answers: tuple[np.ndarray, ...]  # the pool's ` KEY\n` ids (the question's completion)
-    question: np.ndarray  # `assert passkey ==` ids
+    answers: tuple[np.ndarray, ...]  # the pool's ANSWER ids (the question's completion)
+    question: np.ndarray  # QUESTION ids
 
     @classmethod
     def build(cls, tokenizer: Any, seed: int, per_1k: float, max_gap: int) -> Planter:
@@ -152,7 +155,7 @@ class Planter:
             max_gap=max_gap,
             ends_line=np.array([p.endswith("\n") for p in pieces]),
             needles=tuple(enc(NEEDLE.format(key=k)) for k in keys),
-            answers=tuple(enc(f" {k}\n") for k in keys),
+            answers=tuple(enc(ANSWER.format(key=k)) for k in keys),
             question=enc(QUESTION),
         )
 
