@@ -130,8 +130,9 @@ class Planter:
     pairs in the training text, `passkey = "KEY<key>"` at a line start and `assert passkey ==
     "KEY<key>"` at a later line start (a log-uniform 8..`max_gap` tokens on), teaches that copy
     at the lengths a stage trains on; the eval then asks at lengths and depths the run never
-    trained on. Keys come from a fixed pool of 4,096 (the eval draws from all 90,000), pairs never overlap, and a
-    document's plan is a function of (seed, its key in the stream) only, so resume is exact.
+    trained on. Keys come from a fixed pool of 4,096 (the eval draws from all 90,000), pairs
+    never overlap, and a document's plan is a function of (seed, its key in the stream) only,
+    so resume is exact.
     """
 
     seed: int
