@@ -96,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.docs_per_shard = 2000  # documents per ArrayRecord shard
     c.data.max_document_bytes = 8 * 2**20  # bytes (8 MiB); a longer JSONL line/file: too_large
     c.data.streams = 0  # independent document streams per global batch; 0 = one per process
+    # A long-context drill: passkey pairs planted per 1,000 training tokens (see
+    # jaxlm/evaluate/retrieval.py); 0 = off. Causal objective only.
+    c.data.passkeys_per_1k = 0.0
+    c.data.passkey_max_gap = 1024  # tokens from a planted passkey to its question, at most
     c.data.curation = curate.default_config()
 
     c.tokenizer = ml_collections.ConfigDict()
@@ -170,6 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 0  # global eval batch in sequences; 0 = train.batch_size
     c.eval.next_line_examples = 200  # built-in "which is the real next line" task size; 0 = off
     c.eval.task_files = ""  # extra multiple-choice tasks: comma-separated JSONL paths
+    c.eval.retrieval_lengths = ""  # passkey retrieval scored at these lengths, e.g. "256,1024"
+    c.eval.retrieval_examples = 50  # examples per retrieval length
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 200  # steps between checkpoints (and one at the end)

@@ -114,8 +114,9 @@ def print_sample(setup: Any, params: Any, tokenizer: Any, out: Any) -> None:
     s = setup.config.sample
     if s.max_tokens <= 0 or not s.prompt or setup.spec.objective == "masked":  # an encoder
         return
+    last = setup.spec.plan.stages[-1]  # the model as last trained (its RoPE)
     new_tokens = generate_lib.generate(
-        setup.graphdef,
+        setup.graphdef_for(last),
         params,
         [tokenizer_lib.prompt_ids(tokenizer, s.prompt)],
         max_new_tokens=s.max_tokens,

@@ -41,7 +41,7 @@ from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import stream as stream_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.evaluate import choices
+from jaxlm.evaluate import choices, retrieval
 from jaxlm.evaluate import tasks as tasks_lib
 from jaxlm.progress import Progress, format_duration
 
@@ -172,6 +172,8 @@ class Trainer:
             Hook(config.checkpoint.every, self._save),
         ]
         self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
+        self.retrieval = retrieval.eval_of(config, manifest, tokenizer)
+        self.planter = retrieval.planter_of(config, tokenizer)
         self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
         self.goodput = goodput.Accountant(workdir, writes=jax.process_index() == 0)
         self.hang = hang.Watchdog.from_config(config.train)
@@ -264,7 +266,7 @@ class Trainer:
             jax.process_index(),
             jax.process_count(),
             streams,
-            doc_transform=objective.doc_transform(),
+            doc_transform=objective.doc_transform() or self.planter,
             batch_rewrite=objective.apply if objective.bidirectional else None,
         )
 
@@ -474,11 +476,16 @@ class Trainer:
         gzip_bpb = self.manifest.get("val_gzip_bits_per_byte", {}).get("all")
         if final and gzip_bpb:  # the baseline beside the final figures, for reruns and plots
             result["gzip_bits_per_byte"] = gzip_bpb
+        spec, graphdef = self.setup.spec, self.setup.graphdef_for(stage)
+        if self.retrieval:
+            batch = spec.eval_batch_size
+            result.update(
+                self.retrieval(graphdef, self.state["params"], batch, self.setup.mesh_rules)
+            )
         if self.tasks:
-            spec = self.setup.spec
             result.update(
                 choices.score_tasks(
-                    self.setup.graphdef,
+                    graphdef,
                     self.state["params"],
                     self.tokenizer,
                     self.tasks,

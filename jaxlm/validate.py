@@ -27,6 +27,7 @@ import jax
 from jaxlm import attention, objectives, optim, sharding, stages, storage
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.evaluate import retrieval
 
 # key -> lowest allowed value (1: positive, 0: non-negative).
 _AT_LEAST = {
@@ -77,6 +78,9 @@ _AT_LEAST = {
     "data.num_proc": 0,
     "data.docs_per_shard": 1,
     "data.streams": 0,
+    "data.passkeys_per_1k": 0,
+    "data.passkey_max_gap": 16,
+    "eval.retrieval_examples": 1,
     "tokenizer.vocab_size": 1,
     "tokenizer.sample_bytes": 1,
     "sample.max_tokens": 0,
@@ -201,6 +205,17 @@ def _check_train(config: Any) -> None:
         )
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}.")
+    for length in retrieval.lengths_of(config.eval.retrieval_lengths):
+        if length > m.max_seq_len:
+            raise ConfigError(
+                f"eval.retrieval_lengths asks for {length} tokens, more than "
+                f"model.max_seq_len={m.max_seq_len}."
+            )
+    if config.data.passkeys_per_1k and config.get("objective", "causal") != "causal":
+        raise ConfigError(
+            "data.passkeys_per_1k plants passkeys for next-token prediction; it needs "
+            f"objective='causal', not {config.objective!r}."
+        )
     for key in ("inject_nan_at", "inject_spike_at"):
         steps = t[key]
         if not isinstance(steps, Sequence) or not all(isinstance(s, int) and s > 0 for s in steps):

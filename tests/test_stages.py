@@ -21,6 +21,7 @@ from jaxlm import loop, sharding, stages, train
 from jaxlm import spec as run_spec
 from jaxlm.data import stream as stream_lib
 from jaxlm.errors import ConfigError
+from jaxlm.evaluate import trained
 from tests.helpers import (
     BOS,
     EOS,
@@ -313,6 +314,12 @@ def test_resume_mid_stage_and_at_the_boundary_is_bitwise_and_compiles_once_per_s
     at_old = train.evaluate(setup, setup.jit_eval_step(plan.stages[0]), params, data, sets)["loss"]
     final = _logged(workdir, "eval/loss")[8]
     assert final == at_new != at_old and setup.plan.max_seq_len == 32
+    # Evaluation tools (trained.load_trained) load a checkpoint with its stage's RoPE.
+    for step, theta in ((4, c.model.rope_theta), (5, 40_000.0), (8, 40_000.0)):
+        trained.use_model_of_step(setup, step)
+        assert (
+            nnx.merge(setup.graphdef, params).cfg.rope_theta == theta == setup.model_cfg.rope_theta
+        )
 
     # Stopped mid stage 0, exactly at the boundary and mid stage 1, each time resumed.
     resumed = tmp_path / "resumed"

@@ -108,6 +108,7 @@ def load_trained(
     # The checkpoint's embedding fixes the vocab (it may be padded beyond the tokenizer's).
     vocab_size = (meta.get("param_shapes") or {}).get("embed", [tokenizer.vocab_size])[0]
     setup = train.Setup(run_spec.build(config), vocab_size, mesh)
+    use_model_of_step(setup, step)
     ckpt_lib.check_compatible(meta, setup.abstract_state)
     abstract = traverse_util.flatten_dict(setup.abstract_state["params"])
     shardings = {path: leaf.sharding for path, leaf in abstract.items()}
@@ -115,6 +116,17 @@ def load_trained(
         ckpt_lib.restore_params(ckpt_dir, step, abstract, shardings)
     )
     return Trained(config=config, setup=setup, params=params, tokenizer=tokenizer, step=step)
+
+
+def use_model_of_step(setup: Any, step: int) -> None:
+    """Points `setup`'s graphdef and model config at the model as trained up to `step`: a stage
+    may have changed RoPE (a YaRN context extension), and the run's first RoPE would score that
+    checkpoint silently wrong."""
+    stage = setup.spec.plan.stage_at(max(step - 1, 0))
+    setup.graphdef = setup.graphdef_for(stage)
+    setup.model_cfg = dataclasses.replace(
+        setup.model_cfg, rope_theta=stage.rope_theta, rope_scaling=stage.rope_scaling
+    )
 
 
 def _load_import(
