@@ -42,9 +42,8 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import families, families_moe
+from jaxlm import families, families_moe, storage
 from jaxlm import model as model_lib
-from jaxlm import storage
 from jaxlm.data import hf_tokenizer
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.files import file_sha256
