@@ -97,30 +97,21 @@ def _sums_and_router_stats(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(summed loss, target count, router statistics; with `mtp_weight` also the mtp heads'
     mean loss, under `mtp_loss`)."""
-    mask = batch["loss_mask"]
-    if mtp_weight:  # the heads read the final hidden states: one forward pass for both losses
-        model = nnx.merge(graphdef, params)
-        hidden, head, moe_aux = _hidden_and_head(graphdef, params, batch)
-        mtp = speedrun.mtp_loss(model, hidden, head, batch, loss_chunk)
-        moe_aux = dict(moe_aux, mtp_loss=mtp)
-        if loss_chunk:
-            nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
-        else:
-            logits = model.logits(hidden, head)  # (B, L, V) fp32
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-            lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L); read only with a z-loss
+    mask, targets = batch["loss_mask"], batch["targets"]
+    model = nnx.merge(graphdef, params)
+    hidden, head, _, moe_aux = model.hidden_and_head(
+        batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch.get("prefix")
+    )  # (B, L, D), (D, V): `model.forward`'s logits are their product
+    if mtp_weight:  # the heads read the same final hidden states: one forward pass for both
+        moe_aux = dict(moe_aux, mtp_loss=speedrun.mtp_loss(model, hidden, head, batch, loss_chunk))
+    if loss_chunk:
         if not z_loss:
-            return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
-    elif loss_chunk:
-        hidden, head, moe_aux = _hidden_and_head(graphdef, params, batch)
-        if not z_loss:
-            targets = batch["targets"]
             nll_sum, count = loss_lib.token_loss_sums(hidden, head, targets, mask, loss_chunk)
             return nll_sum, count, moe_aux
-        nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
+        nll, lse = loss_lib.token_nll_and_lse(hidden, head, targets, loss_chunk)
     else:
-        logits, moe_aux = _logits_and_router_stats(graphdef, params, batch)  # (B, L, V) fp32
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+        logits = model.logits(hidden, head)  # (B, L, V) fp32
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, L)
         if not z_loss:
             return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
         lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
