@@ -12,13 +12,15 @@ stops earlier is not favoured).
 Wall time on a shared machine says more about the neighbours than about the arm, so time is
 measured apart from training, in one pass first: every arm's step programs (one per distinct
 batch shape of its stages) are compiled, then `--timing_rounds` rounds run one step of each in
-turn, and each program's cost is the median of its rounds. Back to back and interleaved, every
-arm sees the same load, so the ratios hold for an idle machine. Then each arm trains until its
-estimated time (the sum of its steps' median costs) reaches the base arm's `--steps` steps:
-arms with dearer steps take fewer. The held-out loss (the file's last 10%, fixed crops) is
-measured every `--eval_every` base-batches of tokens and when the time runs out; the table gives
-it at equal estimated time (the end), at equal tokens (the most tokens every arm reached) and
-each arm's step cost relative to the base arm. `--out` writes the curves and costs as JSON.
+turn (reversed every other round), and each program's cost is the median of its rounds. Back to
+back and interleaved, every arm sees the same load, so the ratios should hold for an idle
+machine; under heavy load they still move by ~15% (docs/perf.md), so raise the rounds. Then each
+arm trains until its estimated time (the sum of its steps' median costs) reaches the base arm's
+`--steps` steps: arms with dearer steps take fewer. The held-out loss (the file's last 10%,
+fixed crops) is measured every `--eval_every` base-batches of tokens and when the time runs out;
+the table gives it at equal estimated time (the end), at equal tokens (the most tokens every arm
+reached) and each arm's step cost relative to the base arm. `--out` writes the curves and costs
+as JSON.
 """
 
 import json
@@ -125,8 +127,10 @@ def time_arms(arms: list[Arm], ids: np.ndarray) -> None:
             state, metrics = arm.program(stage.start)(state, batch)  # compiles
             jax.block_until_ready(metrics["loss"])
             work.append([arm, stage.start, state, []])
-    for _ in range(_ROUNDS.value):
-        for item in work:
+    for round_ in range(_ROUNDS.value):
+        # Odd rounds run the programs in reverse: no arm always goes first (after the host's
+        # round bookkeeping) or last.
+        for item in work[:: -1 if round_ % 2 else 1]:
             arm, start, state, times = item
             batch, _ = arm.batch(ids, start, rng)
             t0 = time.perf_counter()
