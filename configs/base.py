@@ -56,6 +56,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.query_scale_dim = 0  # attention scale is this**-0.5 (Gemma-3); 0: head_dim
     # Speedrun switches (issue 26), all off.
     c.model.zero_init_out = False  # attention's wo and the MLP's w_down start at zero
+    # Value embeddings: n extra (vocab x kv heads x head dim) tables; table i adds its lookup of
+    # the input tokens, times a learned per-kv-head gate, to the attention values of layer i and
+    # layer n_layers - n + i (modded-nanogpt's U shape). 0: off. Not with scan_layers.
+    c.model.value_embeds = 0
+    # Multi-token prediction: k extra heads, head j predicting the token j + 1 places after the
+    # next from the final hidden state (a residual D x D map and a norm before the output
+    # head); trained with weight train.mtp_weight, dropped at export. 0: off. Causal only.
+    c.model.mtp_heads = 0
     c.model.family = ""  # HF family to export as (llama, qwen2, ...); "": implied by switches
     # Mixture of experts (jaxlm/moe.py) in place of the MLP of the sparse layers; off when
     # n_experts = 0 (the dense model, bit for bit).
@@ -138,6 +146,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.muon.beta = 0.95  # momentum
     c.optim.muon.ns_steps = 5  # Newton-Schulz iterations
     c.optim.muon.consistent_rms = 0.0  # >0: scale updates to this RMS (then muon.lr ~ optim.lr)
+    # newton_schulz (Muon's fixed quintic) | polar_express (per-iteration optimal coefficients,
+    # ns_steps <= 5) | normuon (Newton-Schulz, then each output neuron divided by the root of
+    # an EMA of its mean squared update, the matrix's norm kept)
+    c.optim.muon.variant = "newton_schulz"
+    c.optim.muon.beta2 = 0.95  # normuon only: decay of the per-neuron second moment
 
     # Training stages, in order (see jaxlm/stages.py): each a dict with a budget (steps=<n> or
     # tokens=<n>) and any of weights, seq_len, batch_size, lr (a schedule segment), rope_theta,
@@ -155,6 +168,9 @@ def get_config() -> ml_collections.ConfigDict:
     # z-loss: adds this x mean(logsumexp(logits)^2) over target tokens to the training loss (and
     # to the logged train loss; never to held-out losses), e.g. 1e-4 (PaLM). 0: off.
     c.train.z_loss = 0.0
+    # Multi-token prediction (model.mtp_heads > 0): the mean of the extra heads' cross-entropies
+    # enters the training loss times this weight (never the logged loss, reported as mtp_loss).
+    c.train.mtp_weight = 0.3
     c.train.log_every = 10  # steps between metric lines
     c.train.spike_ratio = 2.0  # skip a step whose loss exceeds this x the running mean; 0 = off
     c.train.spike_warmup = 50  # accepted steps before spike detection starts

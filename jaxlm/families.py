@@ -73,6 +73,7 @@ FREE = {
 }
 OFF = {"sliding_window": 0, "attn_softcap": 0.0, "final_softcap": 0.0, "query_scale_dim": 0}
 OFF |= {"rope_local_theta": 0.0, "global_every": 0}
+OFF |= {"value_embeds": 0}  # (mtp_heads: exported without them, they only train the trunk)
 TIED_BY_DEFAULT = GEMMAS  # transformers' default tie_word_embeddings when config.json omits it
 
 

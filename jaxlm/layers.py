@@ -69,9 +69,10 @@ def norm(cfg: Config, dim: int) -> RMSNorm:
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE; optional q/k/v biases and QK-norm."""
+    """Grouped-query self-attention with RoPE; optional q/k/v biases and QK-norm, and with
+    `value_gate` a gated value embedding added to the values (`jaxlm/speedrun.py`)."""
 
-    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, value_gate: bool = False):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = output_std(cfg)
         self.wq = param(rngs, (D, H, E), ("embed", "heads", "head_dim"), cfg.init_std)
@@ -89,6 +90,8 @@ class Attention(nnx.Module):
             plus_one = cfg.norm_plus_one
             self.q_norm = RMSNorm((H, E), cfg.norm_eps, plus_one, ("heads", "head_dim"))
             self.k_norm = RMSNorm((K, E), cfg.norm_eps, plus_one, ("kv_heads", "head_dim"))
+        if value_gate:  # (K,), not random: the other parameters' draws stay as they were
+            self.value_gate = nnx.Param(jnp.full((K,), 0.5, jnp.float32), axes=("kv_heads",))
         self.cfg = cfg
 
     def __call__(
@@ -99,6 +102,7 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array],  # rope.cos_sin(positions): (B, L, E/2) each
         cache: dict[str, jax.Array] | None = None,
         window: int | jax.Array = 0,  # this layer's sliding window (0: none), for splash
+        value_embed: jax.Array | None = None,  # (B, L, K, E), with value_gate
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         cfg, dtype = self.cfg, x.dtype
         q = jnp.einsum("BLD,DHE->BLHE", x, self.wq[...].astype(dtype))
@@ -108,6 +112,8 @@ class Attention(nnx.Module):
             q = q + self.bq[...].astype(dtype)
             k = k + self.bk[...].astype(dtype)
             v = v + self.bv[...].astype(dtype)
+        if value_embed is not None:
+            v = v + self.value_gate[...].astype(dtype)[:, None] * value_embed
         if cfg.qk_norm != "none":  # before RoPE, as all three families do
             q, k = self.q_norm(q), self.k_norm(k)
         q = sharding.constrain(rope_lib.apply(q, rope), ("batch", "seq", "heads", "head_dim"))

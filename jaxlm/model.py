@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxlm import attention, families, layers, sharding
+from jaxlm import attention, families, layers, sharding, speedrun
 from jaxlm import moe as moe_lib
 from jaxlm import rope as rope_lib
 from jaxlm.errors import ConfigError, ConvertError
@@ -73,6 +73,8 @@ class ModelConfig:
     final_softcap: float = 0.0  # output logits -> c * tanh(logits / c); 0: off
     query_scale_dim: int = 0  # attention logits scaled by this**-0.5 (Gemma-3); 0: head_dim
     zero_init_out: bool = False  # attention's wo and the MLP's w_down start at zero
+    value_embeds: int = 0  # n value-embedding tables (jaxlm/speedrun.py); 0: off
+    mtp_heads: int = 0  # multi-token-prediction heads (jaxlm/speedrun.py); 0: off
     family: str = ""  # Hugging Face family to export as; "": the first whose switches these are
     # Mixture of experts in place of the MLP of the sparse layers (jaxlm/moe.py); None: dense.
     # A `config.model.moe` section (dict) is built into its MoEConfig here (n_experts=0: None).
@@ -109,9 +111,20 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{key} must be one of {allowed}, not {getattr(self, key)!r}."
                 )
-        for key in ("sliding_window", "global_every", "query_scale_dim"):
+        for key in (
+            "sliding_window",
+            "global_every",
+            "query_scale_dim",
+            "value_embeds",
+            "mtp_heads",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be 0 (off) or more.")
+        if self.value_embeds and (self.scan_layers or self.value_embeds > self.n_layers):
+            raise ConfigError(
+                f"model.value_embeds={self.value_embeds} needs unscanned layers "
+                f"(model.scan_layers=False) and at most model.n_layers={self.n_layers} tables."
+            )
         if self.global_every and not self.sliding_window:
             raise ConfigError("model.global_every needs model.sliding_window > 0.")
         if self.attention == "cudnn" and self.attn_softcap:
@@ -207,6 +220,7 @@ class ModelConfig:
             for i in range(self.n_layers)
         )
         matmul_params = self.n_layers * per_layer + feed_forward + D + self.vocab_size * D
+        matmul_params += self.mtp_heads * (D * D + D + self.vocab_size * D)  # training only
         return 6 * matmul_params + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> int:
@@ -260,11 +274,14 @@ class Block(nnx.Module):
     router statistics the block returns beside x.
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sparse: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, rngs: nnx.Rngs, sparse: bool = False, value_table: int = -1
+    ):
+        """`value_table`: which of `inputs.value_embeds` this block's values add (-1: none)."""
         pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
         if pre:
             self.attn_norm = layers.norm(cfg, cfg.d_model)
-        self.attn = layers.Attention(cfg, rngs)
+        self.attn = layers.Attention(cfg, rngs, value_gate=value_table >= 0)
         if post:
             self.attn_post_norm = layers.norm(cfg, cfg.d_model)
         if pre:
@@ -277,6 +294,7 @@ class Block(nnx.Module):
         if post:
             self.mlp_post_norm = layers.norm(cfg, cfg.d_model)
         self.pre, self.post, self.sparse = pre, post, sparse
+        self.value_table = value_table
 
     def __call__(
         self,
@@ -288,7 +306,8 @@ class Block(nnx.Module):
         """(x, the new cache or None, the MoE block's aux ({} in a dense block))."""
         mask, rope = inputs.for_window(window)
         h = self.attn_norm(x) if self.pre else x
-        h, cache = self.attn(h, mask, inputs.segment_ids, rope, cache, window)
+        value_embed = inputs.value_embeds[self.value_table] if self.value_table >= 0 else None
+        h, cache = self.attn(h, mask, inputs.segment_ids, rope, cache, window, value_embed)
         x = x + (self.attn_post_norm(h) if self.post else h)
         h = self.mlp(self.mlp_norm(x) if self.pre else x)
         h, aux = h if self.sparse else (h, {})
@@ -309,6 +328,7 @@ class LayerInputs:
     masks: tuple[jax.Array, ...]  # (B, 1, L, S) bool each
     ropes: tuple[tuple[jax.Array, jax.Array], ...]  # (cos, sin), (B, L, E/2) each
     segment_ids: jax.Array | None  # (B, L); None when the mask is not causal
+    value_embeds: jax.Array | None = None  # (n, B, L, K, E): each table's lookup of the tokens
 
     def for_window(self, window: int | jax.Array) -> tuple[jax.Array, tuple]:
         """(mask, rope) of a layer: picked in Python for a static window, by value for a
@@ -345,14 +365,22 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
+            tables = [
+                speedrun.value_table(cfg.value_embeds, cfg.n_layers, i) for i in range(cfg.n_layers)
+            ]
             self.blocks = nnx.List(
-                [Block(cfg, rngs, cfg.is_sparse(i)) for i in range(cfg.n_layers)]
+                [Block(cfg, rngs, cfg.is_sparse(i), tables[i]) for i in range(cfg.n_layers)]
             )
         self.final_norm = layers.norm(cfg, cfg.d_model)
         if not cfg.tie_embeddings:
             self.lm_head = layers.param(
                 rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
             )
+        # Drawn last, so that switching them on leaves every other parameter's init as it was.
+        if cfg.value_embeds:
+            self.value_embeds = speedrun.value_tables(cfg, rngs)
+        if cfg.mtp_heads:
+            self.mtp = speedrun.MTPHeads(cfg, rngs)
 
     def __call__(
         self,
@@ -378,10 +406,15 @@ class Transformer(nnx.Module):
         x, head, cache, moe_aux = self.hidden_and_head(
             tokens, positions, segment_ids, cache, prefix
         )
+        return self.logits(x, head), cache, moe_aux
+
+    def logits(self, x: jax.Array, head: jax.Array) -> jax.Array:
+        """Final hidden states (B, L, D) times the output head (D, V): logits (B, L, V) fp32,
+        soft-capped with `final_softcap`."""
         logits = jnp.einsum("BLD,DV->BLV", x, head).astype(jnp.float32)
         if self.cfg.final_softcap:
             logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
-        return sharding.constrain(logits, ("batch", "seq", "vocab")), cache, moe_aux
+        return sharding.constrain(logits, ("batch", "seq", "vocab"))
 
     def hidden_and_head(
         self, tokens, positions=None, segment_ids=None, cache=None, prefix=None
@@ -421,6 +454,11 @@ class Transformer(nnx.Module):
             masks=tuple(_windowed(mask, w, q_offset) if w else mask for w in windows),
             ropes=tuple(local_rope if w else rope for w in windows),
             segment_ids=segment_ids,
+            value_embeds=(
+                jnp.take(self.value_embeds[...], tokens, axis=1).astype(dtype)  # (n, B, L, K, E)
+                if cfg.value_embeds
+                else None
+            ),
         )
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)  # (B, L, D)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,35 @@ _MATRICES = {
     "w_gate": (2, 1),  # (D, F)
     "w_up": (2, 1),
     "w_down": (2, 1),  # (F, D)
+    "w_mtp": (2, 1),  # (T, D, D): one matrix per multi-token-prediction head
 }
-_EMBEDDINGS = ("embed", "lm_head")
+_EMBEDDINGS = ("embed", "lm_head", "value_embeds")
+MUON_VARIANTS = ("newton_schulz", "polar_express", "normuon")
+# Polar Express (Amsel et al. 2025) for 5 iterations, as modded-nanogpt computed them (safety
+# factor 2e-2, cushion 2): the best odd quintic for each iteration in turn, where Muon repeats
+# one. Their input is X / (1.02 |X|_F); optax divides by |X|_F alone, so the first iteration's
+# coefficients take the 1/1.02 (its powers 1, 3, 5) instead.
+_POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+_POLAR_SAFETY = 1.02
+
+
+def polar_express_coeffs(ns_steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The first `ns_steps` (<= 5) Polar Express iterations for optax's Frobenius-normalised
+    input."""
+    if not 1 <= ns_steps <= len(_POLAR_EXPRESS):
+        raise ConfigError(
+            f"optim.muon.ns_steps={ns_steps}: polar_express has coefficients for 1 to "
+            f"{len(_POLAR_EXPRESS)} iterations."
+        )
+    (a, b, c), *rest = _POLAR_EXPRESS[:ns_steps]
+    k = 1 / _POLAR_SAFETY
+    return ((a * k, b * k**3, c * k**5), *rest)
 
 
 def whole_run_segment(optim_cfg: Any, total_steps: int) -> dict:
@@ -154,17 +182,95 @@ def _group_optimizer(
         # Muon's step size is its own (orthogonalized updates have unit spectral scale); the
         # schedule's shape is shared, so warmup and decay happen together for every group.
         muon_lr = _scaled(schedule, lr_scale * optim_cfg.muon.lr / optim_cfg.lr)
-        return optax.contrib.muon(
-            muon_lr,
-            beta=optim_cfg.muon.beta,
-            ns_steps=optim_cfg.muon.ns_steps,
-            weight_decay=wd,
-            muon_weight_dimension_numbers=_muon_dims,
-            consistent_rms=optim_cfg.muon.consistent_rms or None,
-        )
+        return _muon(optim_cfg.muon, muon_lr, wd)
     if name == "lion":
         return optax.lion(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd)
     return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=wd)
+
+
+def _muon(muon_cfg: Any, lr: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+    """Muon on the matrix group in `optim.muon.variant`'s form (`MUON_VARIANTS`)."""
+    variant = muon_cfg.get("variant", "newton_schulz")  # configs saved before variants existed
+    if variant not in MUON_VARIANTS:
+        raise ConfigError(f"optim.muon.variant must be one of {MUON_VARIANTS}, not {variant!r}.")
+    rms = muon_cfg.consistent_rms or None
+    if variant != "normuon":
+        coeffs = {"polar_express": polar_express_coeffs(muon_cfg.ns_steps)}
+        return optax.contrib.muon(
+            lr,
+            ns_steps=muon_cfg.ns_steps,
+            beta=muon_cfg.beta,
+            weight_decay=weight_decay,
+            muon_weight_dimension_numbers=_muon_dims,
+            consistent_rms=rms,
+            **({"ns_coeffs": coeffs[variant]} if variant in coeffs else {}),
+        )
+    return optax.chain(
+        optax.contrib.scale_by_muon(
+            ns_steps=muon_cfg.ns_steps, beta=muon_cfg.beta, weight_dimension_numbers=_muon_dims
+        ),
+        scale_by_neuron_rms(muon_cfg.beta2),
+        _scale_by_muon_shape(rms),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(lr),
+    )
+
+
+def scale_by_neuron_rms(beta2: float, eps: float = 1e-8) -> optax.GradientTransformation:
+    """NorMuon's step (Li et al. 2025) after the orthogonalization: each output neuron's update
+    (fan-out index; the fan-in axes reduced) is divided by the root of an EMA of its mean
+    squared value, then the matrix is rescaled to its norm before, so Muon's step size holds.
+
+    The state is one (fan-in axes kept as 1) second-moment array per matrix, fp32.
+    """
+
+    def reduced(params):
+        def one(dims, p):
+            return jnp.mean(jnp.zeros_like(p, jnp.float32), axis=dims.reduction_axis, keepdims=True)
+
+        return jax.tree.map(one, _muon_dims(params), params, is_leaf=_is_dims)
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(dims, u, v):
+            u32 = u.astype(jnp.float32)
+            v = beta2 * v + (1 - beta2) * jnp.mean(
+                u32 * u32, axis=dims.reduction_axis, keepdims=True
+            )
+            normed = u32 / (jnp.sqrt(v) + eps)
+            norm_ratio = jnp.linalg.norm(u32) / (jnp.linalg.norm(normed) + eps)
+            return (normed * norm_ratio).astype(u.dtype), v
+
+        out = jax.tree.map(one, _muon_dims(updates), updates, state, is_leaf=_is_dims)
+        return jax.tree.map(lambda _, o: o[0], state, out), jax.tree.map(
+            lambda _, o: o[1], state, out
+        )
+
+    return optax.GradientTransformation(reduced, update)
+
+
+def _scale_by_muon_shape(consistent_rms: float | None) -> optax.GradientTransformation:
+    """optax Muon's shape factor on each orthogonalized matrix: sqrt(max(1, fan-out / fan-in)),
+    or with `consistent_rms` that RMS times sqrt(max(fan-in, fan-out))."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(dims, u):
+            fan_in = math.prod(u.shape[a] for a in dims.reduction_axis)
+            fan_out = math.prod(u.shape[a] for a in dims.output_axis)
+            if consistent_rms is None:
+                return u * math.sqrt(max(1.0, fan_out / fan_in))
+            return u * (consistent_rms * math.sqrt(max(fan_in, fan_out)))
+
+        return jax.tree.map(one, _muon_dims(updates), updates, is_leaf=_is_dims), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _is_dims(x: Any) -> bool:
+    return isinstance(x, MuonDimensionNumbers)
 
 
 def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:

@@ -34,6 +34,7 @@ class RunSpec:
     spike_warmup: int
     loss_chunk: int  # train.loss_chunk: vocabulary tile of the tiled cross-entropy; 0 = off
     z_loss: float = 0.0  # train.z_loss: coefficient of the log-normaliser penalty; 0 = off
+    mtp_weight: float = 0.0  # train.mtp_weight: the multi-token heads' loss weight
 
     @property
     def eval_seq_len(self) -> int:
@@ -79,7 +80,13 @@ def build(config: Any) -> RunSpec:
         spike_warmup=int(config.train.spike_warmup),
         loss_chunk=int(config.train.get("loss_chunk", 0)),
         z_loss=float(config.train.get("z_loss", 0.0)),
+        mtp_weight=float(config.train.get("mtp_weight", 0.0)),
     )
+    if model.mtp_heads and (spec.objective != "causal" or not spec.mtp_weight):
+        raise ConfigError(
+            f"model.mtp_heads={model.mtp_heads} trains only with objective=causal and "
+            f"train.mtp_weight > 0 (here {spec.objective}, {spec.mtp_weight})."
+        )
     if spec.loss_chunk and model.final_softcap:
         raise ConfigError(
             "train.loss_chunk (the tiled cross-entropy) has no logit soft-cap; set "

@@ -18,7 +18,7 @@ from flax import nnx
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
 from jaxlm import moe as moe_lib
-from jaxlm import objectives, optim, sharding
+from jaxlm import objectives, optim, sharding, speedrun
 from jaxlm import spec as run_spec
 from jaxlm import stages as stages_lib
 from jaxlm.data import manifest as manifest_lib
@@ -57,37 +57,61 @@ def loss_sums(
 
 
 def train_loss_sums(
-    graphdef: Any, params: Any, batch: Batch, loss_chunk: int = 0, z_loss: float = 0.0
+    graphdef: Any,
+    params: Any,
+    batch: Batch,
+    loss_chunk: int = 0,
+    z_loss: float = 0.0,
+    mtp_weight: float = 0.0,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
     """What the train step differentiates, and (`loss_sums`' summed loss, target count, router
-    metrics) beside it.
+    and multi-token metrics) beside it.
 
     For a dense model that is `loss_sums`' loss. An MoE model adds its router losses (balance
     and router z-loss with their coefficients, averaged over the sparse layers) times the
     target count: means over tokens, so they stay means when the step divides by the count.
+    `mtp_weight` > 0 (a model with `mtp_heads`) adds that times the heads' mean loss
+    (`speedrun.mtp_loss`, reported as `mtp_loss`), times the count likewise.
     """
-    loss_sum, count, moe_aux = _sums_and_router_stats(graphdef, params, batch, loss_chunk, z_loss)
-    if not moe_aux:
-        return loss_sum, (loss_sum, count, {})
-    metrics = {name: moe_aux[key] for key, name in MOE_METRICS.items()}
-    metrics["router_load"] = moe_aux["load"]  # (sparse layers, X): the bias step's input
-    return loss_sum + count * moe_aux["loss"], (loss_sum, count, metrics)
+    loss_sum, count, moe_aux = _sums_and_router_stats(
+        graphdef, params, batch, loss_chunk, z_loss, mtp_weight
+    )
+    total, metrics = loss_sum, {}
+    if "mtp_loss" in moe_aux:
+        metrics["mtp_loss"] = moe_aux.pop("mtp_loss")
+        total = total + count * mtp_weight * metrics["mtp_loss"]
+    if moe_aux:
+        metrics |= {name: moe_aux[key] for key, name in MOE_METRICS.items()}
+        metrics["router_load"] = moe_aux["load"]  # (sparse layers, X): the bias step's input
+        total = total + count * moe_aux["loss"]
+    return total, (loss_sum, count, metrics)
 
 
 def _sums_and_router_stats(
-    graphdef: Any, params: Any, batch: Batch, loss_chunk: int, z_loss: float
+    graphdef: Any,
+    params: Any,
+    batch: Batch,
+    loss_chunk: int,
+    z_loss: float,
+    mtp_weight: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    mask = batch["loss_mask"]
+    """(summed loss, target count, router statistics; with `mtp_weight` also the mtp heads'
+    mean loss, under `mtp_loss`)."""
+    mask, targets = batch["loss_mask"], batch["targets"]
+    model = nnx.merge(graphdef, params)
+    hidden, head, _, moe_aux = model.hidden_and_head(
+        batch["inputs"], batch["positions"], batch["segment_ids"], prefix=batch.get("prefix")
+    )  # (B, L, D), (D, V): `model.forward`'s logits are their product
+    if mtp_weight:  # the heads read the same final hidden states: one forward pass for both
+        moe_aux = dict(moe_aux, mtp_loss=speedrun.mtp_loss(model, hidden, head, batch, loss_chunk))
     if loss_chunk:
-        hidden, head, moe_aux = _hidden_and_head(graphdef, params, batch)
         if not z_loss:
-            targets = batch["targets"]
             nll_sum, count = loss_lib.token_loss_sums(hidden, head, targets, mask, loss_chunk)
             return nll_sum, count, moe_aux
-        nll, lse = loss_lib.token_nll_and_lse(hidden, head, batch["targets"], loss_chunk)
+        nll, lse = loss_lib.token_nll_and_lse(hidden, head, targets, loss_chunk)
     else:
-        logits, moe_aux = _logits_and_router_stats(graphdef, params, batch)  # (B, L, V) fp32
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+        logits = model.logits(hidden, head)  # (B, L, V) fp32
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, L)
         if not z_loss:
             return jnp.sum(nll * mask), jnp.sum(mask), moe_aux
         lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
@@ -155,16 +179,18 @@ def accumulate_gradients(
     grad_accum: int,
     loss_chunk: int = 0,
     z_loss: float = 0.0,
+    mtp_weight: float = 0.0,
 ) -> tuple:
     """Summed cross-entropy, target count, summed gradients (of `train_loss_sums`) and the
-    router metrics (means over the micro-batches; {} for a dense model) over `grad_accum`
-    micro-batches.
+    router and multi-token metrics (means over the micro-batches; {} for a dense model) over
+    `grad_accum` micro-batches.
 
     Sums (not means) make the result independent of how the batch is split: dividing by the
     total count afterwards gives exactly the whole batch's mean-loss gradient.
     """
     grad_fn = jax.grad(
-        lambda p, b: train_loss_sums(graphdef, p, b, loss_chunk, z_loss), has_aux=True
+        lambda p, b: train_loss_sums(graphdef, p, b, loss_chunk, z_loss, mtp_weight),
+        has_aux=True,
     )
     if grad_accum == 1:
         grads, (loss_sum, count, moe_metrics) = grad_fn(params, batch)
@@ -199,6 +225,7 @@ def make_train_step(
     loss_chunk: int = 0,
     z_loss: float = 0.0,
     router_bias_rate: float = 0.0,
+    mtp_weight: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`: one optimizer update, the one step
     of every run (a stage of a staged run is a `grad_accum` and a batch shape).
@@ -216,12 +243,13 @@ def make_train_step(
     they enter the gradient and are reported as `MOE_METRICS`.
     `router_bias_rate` > 0 (`model.moe.bias_update_rate`) moves every MoE layer's selection bias
     toward balance by that much per step (`moe.update_bias`), outside the gradient.
+    `mtp_weight` weighs the multi-token heads' loss (`train_loss_sums`; metric `mtp_loss`).
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
         loss_sum, count, grads, moe_metrics = accumulate_gradients(
-            graphdef, params, batch, grad_accum, loss_chunk, z_loss
+            graphdef, params, batch, grad_accum, loss_chunk, z_loss, mtp_weight
         )
         router_load = moe_metrics.pop("router_load", None)
         count = jnp.maximum(count, 1.0)
@@ -412,6 +440,7 @@ class Setup:
                 loss_chunk=self.spec.loss_chunk,
                 z_loss=self.spec.z_loss,
                 router_bias_rate=self.model_cfg.moe.bias_update_rate if self.model_cfg.moe else 0,
+                mtp_weight=self.spec.mtp_weight if self.model_cfg.mtp_heads else 0.0,
             )
 
             def traced(state, batch, step=step, accum=stage.grad_accum):

@@ -42,6 +42,7 @@ _AT_LEAST = {
     "train.max_rollbacks": 0,
     "train.loss_chunk": 0,
     "train.z_loss": 0,
+    "train.mtp_weight": 0,
     "train.inject_hang_at": 0,
     "train.hang_factor": 0,
     "train.hang_min_s": 0,
@@ -66,6 +67,8 @@ _AT_LEAST = {
     "model.max_seq_len": 1,
     "model.norm_eps": 0,
     "model.init_std": 0,
+    "model.value_embeds": 0,
+    "model.mtp_heads": 0,
     "checkpoint.every": 1,
     # keep=0 would keep no checkpoint at all (orbax deletes each one once written), so a rerun
     # silently starts over: refused rather than reinterpreted.
@@ -87,7 +90,12 @@ _AT_LEAST = {
     "sample.temperature": 0,
     "sample.top_k": 0,
 }
-_BELOW_ONE = ("optim.b1", "optim.b2", "optim.muon.beta")  # momentum decays: [0, 1)
+_BELOW_ONE = (
+    "optim.b1",
+    "optim.b2",
+    "optim.muon.beta",
+    "optim.muon.beta2",
+)  # momentum decays: [0, 1)
 _FRACTIONS = ("optim.decay_fraction", "optim.min_lr_ratio", "sample.top_p")  # [0, 1]
 
 

@@ -179,7 +179,7 @@ class Tensor:
 def layout(cfg: model_lib.ModelConfig) -> list[Tensor]:
     """Every parameter of `cfg`'s model, in Hugging Face's order, one tensor per layer (paths
     ('blocks', i, ...)) also for a `scan_layers` model, whose checkpoints stack them."""
-    per_layer = dataclasses.replace(cfg, scan_layers=False)
+    per_layer = dataclasses.replace(cfg, scan_layers=False, mtp_heads=0)  # export drops them
     pure = nnx.to_pure_dict(nnx.state(model_lib.abstract(per_layer)))
     shape = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(pure).items()}
     out = [Tensor(("embed",), "model.embed_tokens.weight", "same", shape[("embed",)])]
