@@ -147,9 +147,7 @@ def attend(
             _gathered, axes=axes, implementation=implementation, scale=scale, softcap=softcap
         )
     else:
-        local = functools.partial(
-            _ring, axes=axes, degree=seq.degree, scale=scale, softcap=softcap
-        )
+        local = functools.partial(_ring, axes=axes, degree=seq.degree, scale=scale, softcap=softcap)
     return sharding.per_device(local, in_axes=(_Q, _KV, _KV, _SEQ, ()), out_axes=_Q)(
         q, k, v, seq, jnp.asarray(window, jnp.int32)
     )

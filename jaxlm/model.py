@@ -406,7 +406,8 @@ class Transformer(nnx.Module):
         if cfg.context_parallel != "none" and cache is None:
             # The mask is described, not built (L x L would not fit); the ring's token order.
             seq = context.Sequence.of(cfg.context_parallel, segment_ids, prefix)
-            tokens, positions, mask, segment_ids = seq.order(tokens), seq.order(positions), seq, None
+            tokens, positions = seq.order(tokens), seq.order(positions)
+            mask, segment_ids = seq, None
         elif prefix is not None:
             mask = attention_mask(segment_ids, segment_ids, prefix=prefix)
             # Splash reads segment ids and assumes causal attention: without them attention

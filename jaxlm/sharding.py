@@ -15,8 +15,8 @@ few named presets:
   reduce-scatters the outputs; capacity MoE moves its fixed buffers by all-to-all.
 - `cp_fsdp`, `cp_fsdp_tp`: `fsdp` / `fsdp_tp` with the sequence of every activation split over
   `context` (context parallelism; `model.context_parallel` picks how attention crosses it,
-  `jaxlm/context.py`). Parameters are not split over `context`: its devices hold the same
-  shards and their gradients are summed by XLA like those of the batch axes.
+  `jaxlm/context.py`). Parameters are split along `embed` over fsdp x context: the context
+  devices share one gradient sum, as fsdp's do.
 
 The batch is always split over `data` x `fsdp`. `mesh.shape` is (data, fsdp, tensor) or
 (data, fsdp, tensor, context); three entries leave `context` at 1.
@@ -62,9 +62,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # along `embed`: each device holds X / fsdp whole experts and their optimizer state.
     "ep_fsdp": {"batch": BATCH, "embed": "fsdp", "expert": "fsdp"},
 }
-# Context parallelism: the same presets with activations' `seq` split over `context`.
-PRESETS["cp_fsdp"] = {**PRESETS["fsdp"], "seq": "context"}
-PRESETS["cp_fsdp_tp"] = {**PRESETS["fsdp_tp"], "seq": "context"}
+# Context parallelism: activations' `seq` split over `context`, whose devices hold the same
+# batch rows; parameters split along `embed` over fsdp x context (FSDP over every device that
+# shares the gradient sum), so a long sequence's devices do not each hold the whole state.
+_CP = {"embed": ("fsdp", "context"), "seq": "context"}
+PRESETS["cp_fsdp"] = {**PRESETS["fsdp"], **_CP}
+PRESETS["cp_fsdp_tp"] = {**PRESETS["fsdp_tp"], **_CP}
 
 
 class ShardingError(ConfigError):
