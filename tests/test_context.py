@@ -145,7 +145,9 @@ def test_train_steps_under_cp_equal_one_device_and_resume_on_another_degree(tmp_
     )
     ckpt.close()
     np.testing.assert_allclose([float(metrics["loss"]), float(metrics2["loss"])], want, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(cp_state.params), jax.tree.leaves(state.params), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(cp_state["params"]), jax.tree.leaves(state["params"]), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
