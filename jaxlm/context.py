@@ -66,11 +66,15 @@ class Sequence:
     degree: int  # n, the context devices the sequence is split over
 
     @classmethod
-    def of(cls, strategy: str, segment_ids: jax.Array, prefix: jax.Array | None) -> Sequence:
+    def of(cls, strategy: str, segment_ids: jax.Array, prefix: jax.Array | None) -> Sequence | None:
         """The layout of a (B, L) batch for `strategy` on the mesh being traced (degree 1 off
-        a mesh); `order` then puts per-token inputs into it."""
+        a mesh); `order` then puts per-token inputs into it. None when L does not split over
+        the context devices (`validate` refuses that for training; a short scoring batch then
+        attends the unsplit way, which XLA partitions itself)."""
         B, L = segment_ids.shape
         degree = sharding.logical_size("seq")
+        if L % multiple(strategy, degree):
+            return None
         slots = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         seq = cls(slots, segment_ids, prefix, strategy, degree)
         return dataclasses.replace(

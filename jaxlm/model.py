@@ -404,8 +404,9 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, L), jnp.int32)
         q_offset, seq = 0, None
         if cfg.context_parallel != "none" and cache is None:
-            # The mask is described, not built (L x L would not fit); the ring's token order.
             seq = context.Sequence.of(cfg.context_parallel, segment_ids, prefix)
+        if seq is not None:
+            # The mask is described, not built (L x L would not fit); the ring's token order.
             tokens, positions = seq.order(tokens), seq.order(positions)
             mask, segment_ids = seq, None
         elif prefix is not None:

@@ -82,11 +82,10 @@ def rules_for(preset: str) -> dict[str, Any]:
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Replaces a single -1 in `shape` by whatever makes the product equal `num_devices`."""
+    """Replaces a single -1 in `shape` by whatever makes the product equal `num_devices`;
+    a three-entry shape (data, fsdp, tensor) gets a context axis of 1."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) == len(MESH_AXES) - 1:  # (data, fsdp, tensor): no context parallelism
-        shape = (*shape, 1)
-    if len(shape) != len(MESH_AXES):
+    if len(shape) not in (len(MESH_AXES) - 1, len(MESH_AXES)):
         raise ShardingError(
             f"mesh.shape needs 3 entries (data, fsdp, tensor) or 4 (data, fsdp, tensor, "
             f"context), got {shape}."
@@ -106,7 +105,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
             f"mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are present; "
             "use -1 for the axis that takes the rest."
         )
-    return shape
+    return shape + (1,) * (len(MESH_AXES) - len(shape))
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
