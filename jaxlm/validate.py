@@ -145,8 +145,9 @@ def check_batches(spec: run_spec.RunSpec, mesh: jax.sharding.Mesh) -> None:
     for stage in spec.plan.stages:
         if stage.seq_len % multiple:
             how = "2 x" if spec.model.context_parallel == "ring" else "the"
+            key = f"stages[{stage.index}].seq_len" if spec.config.get("stages") else "train.seq_len"
             raise ConfigError(
-                f"seq_len={stage.seq_len} ({stage.name}) must be a multiple of {multiple} "
+                f"{key}={stage.seq_len} must be a multiple of {multiple} "
                 f"({how} context mesh axis, {degree}) under "
                 f"model.context_parallel={spec.model.context_parallel}."
             )
