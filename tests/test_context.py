@@ -94,9 +94,14 @@ def unsplit():
 def test_split_sequence_gives_the_unsplit_logits_and_gradients(strategy, mesh_shape, unsplit):
     split = logits_and_grads(strategy, mesh_shape)
     for (logits, grads), (want_logits, want_grads) in zip(split, unsplit, strict=True):
-        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(
+            jax.tree.leaves(grads) + [logits],
+            jax.tree.leaves(want_grads) + [want_logits],
+            strict=True,
+        ):
+            # fp32 rounding of sums taken in another order: relative to the array's largest entry
+            # (an embedding gradient row sums many tokens: its small entries carry its error)
+            assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1.0)
     # the masks differ: a test that ignored them could not pass both
     assert not np.allclose(unsplit[0][0], unsplit[1][0], atol=1e-3)
 
