@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # activation recomputation: none | full | dots
     c.model.attention = "auto"  # auto (GPU cudnn, TPU splash, else xla) | xla | cudnn | splash
+    # Attention over a sequence split by mesh.preset=cp_*: none | all_gather | ring (see
+    # jaxlm/context.py; docs/long_context.md).
+    c.model.context_parallel = "none"
     c.model.scan_layers = False  # run the blocks under one lax.scan: compile time flat in depth
     c.model.init_std = 0.02  # std of the normal init of weight matrices
     # Architecture switches, all off: the Llama block (docs/families.md; set by init_from=hf:...).
@@ -200,8 +203,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True  # write in a background thread
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = "fsdp"  # dp | fsdp | fsdp_tp (see jaxlm/sharding.py)
-    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) sizes; -1 = the remaining devices
+    c.mesh.preset = "fsdp"  # dp | fsdp | fsdp_tp | ep_fsdp | cp_fsdp | cp_fsdp_tp (sharding.py)
+    # (data, fsdp, tensor) sizes, or (data, fsdp, tensor, context) with a cp_* preset; -1 = the
+    # remaining devices.
+    c.mesh.shape = (1, -1, 1)
     c.mesh.multihost = False  # call jax.distributed.initialize() (TPU pods, SLURM)
     c.mesh.coordinator = ""  # explicit coordinator host:port for jax.distributed
     c.mesh.num_processes = 1  # with coordinator: number of processes

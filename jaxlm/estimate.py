@@ -529,7 +529,7 @@ def _chips_to_fit(est: Estimate, tx: optax.GradientTransformation, m: model_lib.
             lay,
             preset="fsdp" if lay.preset == "dp" else lay.preset,
             grad_accum=max(lay.batch_size // (chips // tensor), 1),
-            mesh_shape={"data": 1, "fsdp": chips // tensor, "tensor": tensor},
+            mesh_shape={"data": 1, "fsdp": chips // tensor, "tensor": tensor, "context": 1},
         )
         if memory(m, tx, trial, est.memory.budget).fits:
             return chips

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm import attention, sharding
+from jaxlm import attention, context, sharding
 from jaxlm import rope as rope_lib
 
 # The layers read a `model.ModelConfig` (typed `Config` here: model.py imports this module, so
@@ -97,7 +97,7 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,  # (B, L, D)
-        mask: jax.Array,  # (B, 1, L, S)
+        mask: jax.Array | context.Sequence,  # (B, 1, L, S), or a split sequence's description
         segment_ids: jax.Array | None,  # (B, L); None when the mask is not causal
         rope: tuple[jax.Array, jax.Array],  # rope.cos_sin(positions): (B, L, E/2) each
         cache: dict[str, jax.Array] | None = None,
@@ -129,18 +129,24 @@ class Attention(nnx.Module):
             )
             cache = {"k": k, "v": v, "index": index + x.shape[1]}
             k, v = k.astype(dtype), v.astype(dtype)
-        out = attention.attend(
-            q,
-            k,
-            v,
-            mask,
-            segment_ids,
-            cfg.attention,
-            scale=cfg.query_scale_dim**-0.5 if cfg.query_scale_dim else None,
-            softcap=cfg.attn_softcap,
-            window=window,
-            windows=cfg.window_sizes(),
-        )
+        scale = cfg.query_scale_dim**-0.5 if cfg.query_scale_dim else None
+        if isinstance(mask, context.Sequence):  # the sequence is split over devices
+            out = context.attend(
+                q, k, v, mask, cfg.attention, scale=scale, softcap=cfg.attn_softcap, window=window
+            )
+        else:
+            out = attention.attend(
+                q,
+                k,
+                v,
+                mask,
+                segment_ids,
+                cfg.attention,
+                scale=scale,
+                softcap=cfg.attn_softcap,
+                window=window,
+                windows=cfg.window_sizes(),
+            )
         out = sharding.constrain(out, ("batch", "seq", "heads", "head_dim"))  # (B, L, H, E)
         return jnp.einsum("BLHE,HED->BLD", out, self.wo[...].astype(dtype)), cache
 

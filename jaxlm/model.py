@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxlm import attention, families, layers, sharding, speedrun
+from jaxlm import attention, context, families, layers, sharding, speedrun
 from jaxlm import moe as moe_lib
 from jaxlm import rope as rope_lib
 from jaxlm.errors import ConfigError, ConvertError
@@ -55,6 +55,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
     attention: str = "xla"  # xla | cudnn | splash (see jaxlm/attention.py)
+    context_parallel: str = "none"  # none | all_gather | ring (see jaxlm/context.py)
     # Blocks stacked on a leading `layers` axis and run by one scan: compile time and program
     # size stay flat in depth. Parameters then have a (n_layers, ...) shape; see stack_layers.
     scan_layers: bool = False
@@ -132,6 +133,7 @@ class ModelConfig:
                 "model.attn_softcap cannot run on cuDNN attention (jax's cuDNN call has no "
                 "soft-cap); use model.attention=xla."
             )
+        context.check(self.context_parallel, self.attention)
         if self.moe is not None and not isinstance(self.moe, moe_lib.MoEConfig):
             object.__setattr__(self, "moe", moe_lib.MoEConfig.from_fields(self.moe, self.d_ff))
         if self.moe is not None:
@@ -155,6 +157,10 @@ class ModelConfig:
         )
         if resolved == "cudnn" and self.attn_softcap:
             resolved = "xla"  # jax's cuDNN attention has no soft-cap
+        if self.context_parallel == "ring" or (
+            self.context_parallel != "none" and resolved == "splash"
+        ):
+            resolved = "xla"  # what runs a split sequence (jaxlm/context.py)
         return dataclasses.replace(self, attention=resolved)
 
     @classmethod
@@ -325,7 +331,7 @@ class LayerInputs:
     """
 
     windows: tuple[int, ...]
-    masks: tuple[jax.Array, ...]  # (B, 1, L, S) bool each
+    masks: tuple[jax.Array | context.Sequence, ...]  # (B, 1, L, S) bool each
     ropes: tuple[tuple[jax.Array, jax.Array], ...]  # (cos, sin), (B, L, E/2) each
     segment_ids: jax.Array | None  # (B, L); None when the mask is not causal
     value_embeds: jax.Array | None = None  # (n, B, L, K, E): each table's lookup of the tokens
@@ -340,7 +346,7 @@ class LayerInputs:
             return self.masks[i], self.ropes[i]
         picks = [window == w for w in self.windows]
         pick = lambda *options: jnp.select(picks, options, options[0])  # noqa: E731
-        return pick(*self.masks), jax.tree.map(pick, *self.ropes)
+        return jax.tree.map(pick, *self.masks), jax.tree.map(pick, *self.ropes)
 
 
 def _windowed(mask: jax.Array, window: int, q_offset: jax.Array | int) -> jax.Array:
@@ -429,8 +435,14 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
-        q_offset = 0
-        if prefix is not None:
+        q_offset, seq = 0, None
+        if cfg.context_parallel != "none" and cache is None:
+            seq = context.Sequence.of(cfg.context_parallel, segment_ids, prefix)
+        if seq is not None:
+            # The mask is described, not built (L x L would not fit); the ring's token order.
+            tokens, positions = seq.order(tokens), seq.order(positions)
+            mask, segment_ids = seq, None
+        elif prefix is not None:
             mask = attention_mask(segment_ids, segment_ids, prefix=prefix)
             # Splash reads segment ids and assumes causal attention: without them attention
             # takes a path that reads the mask (attention.attend).
@@ -451,7 +463,7 @@ class Transformer(nnx.Module):
             local_rope = rope_lib.cos_sin(positions, local_freq)
         inputs = LayerInputs(
             windows=windows,
-            masks=tuple(_windowed(mask, w, q_offset) if w else mask for w in windows),
+            masks=tuple(_windowed(mask, w, q_offset) if w and not seq else mask for w in windows),
             ropes=tuple(local_rope if w else rope for w in windows),
             segment_ids=segment_ids,
             value_embeds=(
@@ -471,7 +483,7 @@ class Transformer(nnx.Module):
         else:
             x, new_layers, moe_aux = self._loop_blocks(x, inputs, cache)
 
-        x = self.final_norm(x)
+        x = self.final_norm(x if seq is None else seq.restore(x))
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # (D, V)
         if cache is not None:
             cache = dict(cache, layers=new_layers, index=cache["index"] + L)

@@ -13,8 +13,13 @@ few named presets:
 - `ep_fsdp`: `fsdp`, but MoE expert weights split over `fsdp` along `expert` (whole experts
   per device, never gathered): dropless MoE all-gathers the tokens of each expert group and
   reduce-scatters the outputs; capacity MoE moves its fixed buffers by all-to-all.
+- `cp_fsdp`, `cp_fsdp_tp`: `fsdp` / `fsdp_tp` with the sequence of every activation split over
+  `context` (context parallelism; `model.context_parallel` picks how attention crosses it,
+  `jaxlm/context.py`). Parameters are split along `embed` over fsdp x context: the context
+  devices share one gradient sum, as fsdp's do.
 
-The batch is always split over `data` x `fsdp`.
+The batch is always split over `data` x `fsdp`. `mesh.shape` is (data, fsdp, tensor) or
+(data, fsdp, tensor, context); three entries leave `context` at 1.
 
 No sharding context lives here. A jitted function is built with its mesh and rules
 (`jit(fn, MeshRules)`), which it enters while tracing through contexts JAX and Flax own (the
@@ -39,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 BATCH = ("data", "fsdp")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,6 +62,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # along `embed`: each device holds X / fsdp whole experts and their optimizer state.
     "ep_fsdp": {"batch": BATCH, "embed": "fsdp", "expert": "fsdp"},
 }
+# Context parallelism: activations' `seq` split over `context`, whose devices hold the same
+# batch rows; parameters split along `embed` over fsdp x context (FSDP over every device that
+# shares the gradient sum), so a long sequence's devices do not each hold the whole state.
+_CP = {"embed": ("fsdp", "context"), "seq": "context"}
+PRESETS["cp_fsdp"] = {**PRESETS["fsdp"], **_CP}
+PRESETS["cp_fsdp_tp"] = {**PRESETS["fsdp_tp"], **_CP}
 
 
 class ShardingError(ConfigError):
@@ -71,10 +82,14 @@ def rules_for(preset: str) -> dict[str, Any]:
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Replaces a single -1 in `shape` by whatever makes the product equal `num_devices`."""
+    """Replaces a single -1 in `shape` by whatever makes the product equal `num_devices`;
+    a three-entry shape (data, fsdp, tensor) gets a context axis of 1."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) != len(MESH_AXES):
-        raise ShardingError(f"mesh.shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}.")
+    if len(shape) not in (len(MESH_AXES) - 1, len(MESH_AXES)):
+        raise ShardingError(
+            f"mesh.shape needs 3 entries (data, fsdp, tensor) or 4 (data, fsdp, tensor, "
+            f"context), got {shape}."
+        )
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ShardingError(f"mesh.shape={shape} may hold positive sizes and at most one -1.")
     known = math.prod(s for s in shape if s != -1)
@@ -90,11 +105,11 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
             f"mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are present; "
             "use -1 for the axis that takes the rest."
         )
-    return shape
+    return shape + (1,) * (len(MESH_AXES) - len(shape))
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axis types.
+    """A (data, fsdp, tensor, context) mesh over `devices` (default: all), with Auto axis types.
 
     Auto axes let XLA propagate shardings from the logical annotations (GSPMD style); the
     Explicit default of `jax.make_mesh` would demand an out_sharding on every contraction.
@@ -254,6 +269,12 @@ def mesh_axes(name: str) -> tuple[str, ...]:
         return ()
     spec = logical_to_spec((name,), traced[1])[0]
     return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+
+
+def logical_size(name: str) -> int:
+    """How many ways the traced rules split logical axis `name` (1 when traced without a mesh)."""
+    traced = _traced()
+    return 1 if traced is None else math.prod(traced[0].shape[a] for a in mesh_axes(name))
 
 
 def per_device(

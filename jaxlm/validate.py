@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import attention, objectives, optim, sharding, stages, storage
+from jaxlm import attention, context, objectives, optim, sharding, stages, storage
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import retrieval
@@ -152,6 +152,17 @@ def check_batches(spec: run_spec.RunSpec, mesh: jax.sharding.Mesh) -> None:
             f"train.batch_size={t.batch_size} must divide by the batch mesh axes ({split}) "
             f"times train.grad_accum ({t.grad_accum})."
         )
+    degree = mesh.shape["context"]
+    multiple = context.multiple(spec.model.context_parallel, degree)
+    for stage in spec.plan.stages:
+        if stage.seq_len % multiple:
+            how = "2 x" if spec.model.context_parallel == "ring" else "the"
+            key = f"stages[{stage.index}].seq_len" if spec.config.get("stages") else "train.seq_len"
+            raise ConfigError(
+                f"{key}={stage.seq_len} must be a multiple of {multiple} "
+                f"({how} context mesh axis, {degree}) under "
+                f"model.context_parallel={spec.model.context_parallel}."
+            )
     eval_batch = spec.eval_batch_size
     if eval_batch % split:
         raise ConfigError(
@@ -243,6 +254,7 @@ def _build_objects(config: Any) -> run_spec.RunSpec:
             f"optim.schedule must be one of {optim.SCHEDULES}, not {config.optim.schedule!r}."
         )
     spec = run_spec.build(config)  # the model config, the stage plan, the optimizer: once
+    _check_context(config)
     if config.get("branch") and not config.init_from.startswith("ckpt:"):
         raise ConfigError(
             "config.branch=True continues another run's checkpoint: set "
@@ -266,6 +278,28 @@ def _build_objects(config: Any) -> run_spec.RunSpec:
             config.init_from, src, dataclasses.replace(spec.model, vocab_size=src.vocab_size)
         )
     return spec
+
+
+def _check_context(config: Any) -> None:
+    """Refuses a sequence split without an attention that crosses it, and the reverse."""
+    strategy, preset = config.model.context_parallel, config.mesh.preset
+    splits = "seq" in sharding.rules_for(preset)
+    if splits and strategy == "none":
+        raise ConfigError(
+            f"mesh.preset={preset} splits the sequence over the context axis: set "
+            "model.context_parallel to all_gather or ring."
+        )
+    if not splits and strategy != "none":
+        raise ConfigError(
+            f"model.context_parallel={strategy} needs a mesh.preset that splits the sequence "
+            f"(cp_fsdp or cp_fsdp_tp), not {preset}."
+        )
+    shape = tuple(config.mesh.shape)
+    if not splits and len(shape) == len(sharding.MESH_AXES) and shape[-1] != 1:
+        raise ConfigError(
+            f"mesh.shape={shape} gives the context axis devices but mesh.preset={preset} "
+            "does not split the sequence over it; use cp_fsdp or cp_fsdp_tp."
+        )
 
 
 def _check_mesh_shape(shape: Any) -> None:
