@@ -1,12 +1,10 @@
 """The Hugging Face families beyond Llama (Qwen2, Qwen3, Mistral, OLMo-2, Gemma-2, Gemma-3 text):
-for a tiny random model of each, built in-process with transformers (fp32, CPU), jaxlm's logits
-match
-within 1e-4 on a padded batch longer than the sliding window, greedy generation is identical,
-an export reloads in transformers bit for bit, and cached decoding (scanned layers) equals the
-full forward pass.
-
-Odd sizes everywhere (hidden 96, 6 heads, 2 kv heads, vocab 333, 3 layers, window 7 < the
-19-token rows) so a swapped axis or an off-by-one window cannot pass by accident.
+for a tiny random model of each (tests/family_models.py: odd sizes, window 7 < the 19-token
+rows), built in-process with transformers (fp32, CPU), jaxlm's logits match within 1e-4 on a
+padded batch longer than the sliding window, greedy generation is identical, an export reloads
+in transformers bit for bit, and cached decoding (scanned layers) equals the full forward pass.
+The same models through the tools are tests/test_families_e2e.py's; each switch alone, from
+scratch, tests/test_families_switches.py's.
 """
 
 import dataclasses

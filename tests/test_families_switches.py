@@ -62,6 +62,7 @@ def test_switch_trains_resumes_bitwise_and_shards_exactly(name, tmp_path):
     step = setup.jit_train_step()
     init = jax.device_get(setup.init_state()["params"])
     straight, losses = _steps(setup, step, setup.init_state(), 3)
+    print(f"{name}: losses {', '.join(f'{x:.4f}' for x in losses)}")
     assert losses[0] > losses[1] > losses[2] < losses[0] - 0.1, losses
     trained = jax.device_get(straight["params"])
     for (path, before), (_, after) in zip(
