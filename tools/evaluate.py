@@ -41,7 +41,9 @@ FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (c
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A training run's or an import's --workdir.", flag_values=FLAGS
 )
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory (docs/families.md).", flag_values=FLAGS)
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "A Hugging Face model directory (docs/families.md).", flag_values=FLAGS
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).", flag_values=FLAGS)
 _DATA = flags.DEFINE_string(
     "data", None, "Comma-separated files, globs or directories.", flag_values=FLAGS

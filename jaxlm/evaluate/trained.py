@@ -2,9 +2,9 @@
 
 `load_trained(workdir)` restores the parameters of a run's (or a `tools/convert_hf.py import`
 workdir's) newest or given checkpoint; `load_hf(hf_dir)` reads a Hugging Face directory of any
-family jaxlm imports (docs/families.md) directly. Both return a `Trained` whose `setup` has what evaluation and sampling need (graphdef,
-mesh_rules, model_cfg, param_shardings), so every tool scores a model the same way whichever way
-it arrived.
+family jaxlm imports (docs/families.md) directly. Both return a `Trained` whose `setup` has what
+evaluation and sampling need (graphdef, mesh_rules, model_cfg, param_shardings), so every tool
+scores a model the same way whichever way it arrived.
 """
 
 from __future__ import annotations
