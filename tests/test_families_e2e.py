@@ -92,9 +92,7 @@ CLI_FAMILY = "gemma3"  # the one run through `python -m jaxlm.main`; the others 
 
 
 @pytest.mark.slow  # a train-step compile per family, one of them in a jaxlm.main subprocess
-def test_continue_pretraining_trains_and_exports(
-    source, corpus, tmp_path, capsys
-):
+def test_continue_pretraining_trains_and_exports(source, corpus, tmp_path, capsys):
     """`configs/continue_pretraining.py:<dir>`: held-out loss falls over 3 steps, and the
     export is the source's class with the source's windows, chat template and bos/eos/pad."""
     import torch
