@@ -56,9 +56,12 @@ def _steps(setup, step, state, n):
     return state, losses
 
 
+@pytest.mark.slow  # a train-step compile and four forward compiles per switch: ~14 s of CPU
 @pytest.mark.parametrize("name", sorted(SWITCHES))
 def test_switch_trains_resumes_bitwise_and_shards_exactly(name, tmp_path):
     setup = _setup(SWITCHES[name])
+    for key, value in SWITCHES[name].items():  # the config path kept the switch
+        assert getattr(setup.model_cfg, key) == value, key
     step = setup.jit_train_step()
     init = jax.device_get(setup.init_state()["params"])
     straight, losses = _steps(setup, step, setup.init_state(), 3)
