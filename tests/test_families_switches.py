@@ -4,10 +4,10 @@ parameter, a run resumed from a checkpoint is bitwise the straight run, and the 
 logits under the dp, fsdp and fsdp_tp presets (8 fake devices) equal one device's.
 
 The presets compare forward passes of the trained parameters, not three more training runs: a
-train-step compile costs ~8 s of CPU here and a forward pass ~1 s, and the forward is where a
-switch meets the sharding (its parameters' logical axes, its activations' constraints); the
-sharded train step is checked once in tests/test_train.py. Every switch at once under each
-preset is tests/test_families.py's.
+train-step compile costs ~4 s of CPU here (without LLVM optimisations), a forward pass ~0.5 s,
+and the forward is where a switch meets the sharding (its parameters' logical axes, its
+activations' constraints); the sharded train step is checked once in tests/test_train.py.
+Every switch at once under each preset is tests/test_families.py's.
 """
 
 import jax
@@ -39,6 +39,9 @@ SWITCHES = {
 }
 PRESETS = {"dp": (8, 1, 1), "fsdp": (2, 4, 1), "fsdp_tp": (1, 4, 2)}
 BATCH = packed_batch(8, 16, seed=9, vocab=VOCAB)  # 1-3 documents per row
+# The programs are the real ones, compiled without LLVM's optimisations: half the compile time
+# on CPU, and every comparison here is between programs compiled the same way.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _setup(switch: dict) -> train.Setup:
@@ -46,6 +49,11 @@ def _setup(switch: dict) -> train.Setup:
     config = tiny_config(scan_layers=True, **switch)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     return train.Setup(run_spec.build(config), vocab_size=VOCAB, mesh=mesh)
+
+
+def _run_fast(jitted, *args) -> np.ndarray:
+    """`jitted(*args)` on the host, compiled with FAST_COMPILE."""
+    return np.asarray(jitted.lower(*args).compile(FAST_COMPILE)(*args))
 
 
 def _steps(setup, step, state, n):
@@ -56,13 +64,13 @@ def _steps(setup, step, state, n):
     return state, losses
 
 
-@pytest.mark.slow  # a train-step compile and four forward compiles per switch: ~14 s of CPU
+@pytest.mark.slow  # a train-step compile and four forward compiles per switch: ~7 s of CPU
 @pytest.mark.parametrize("name", sorted(SWITCHES))
 def test_switch_trains_resumes_bitwise_and_shards_exactly(name, tmp_path):
     setup = _setup(SWITCHES[name])
     for key, value in SWITCHES[name].items():  # the config path kept the switch
         assert getattr(setup.model_cfg, key) == value, key
-    step = setup.jit_train_step()
+    step = setup.lower_train_step().compile(FAST_COMPILE)
     init = jax.device_get(setup.init_state()["params"])
     straight, losses = _steps(setup, step, setup.init_state(), 3)
     print(f"{name}: losses {', '.join(f'{x:.4f}' for x in losses)}")
@@ -91,12 +99,12 @@ def test_switch_trains_resumes_bitwise_and_shards_exactly(name, tmp_path):
     graphdef, abstract = nnx.split(model_lib.abstract(setup.model_cfg))
     forward = lambda p, t: nnx.merge(graphdef, p)(t)  # noqa: E731
     axes = model_lib.logical_axes(abstract)
-    single = np.asarray(jax.jit(forward)(trained, BATCH["inputs"]))
+    single = _run_fast(jax.jit(forward), trained, BATCH["inputs"])
     for preset, shape in PRESETS.items():
         mesh = sharding.make_mesh(shape)
         rules = sharding.MeshRules.of(mesh, preset)
         where = sharding.tree_shardings(mesh, axes, trained, rules.mapping)
         placed = jax.device_put(trained, where)
         tokens = sharding.host_to_global(BATCH, mesh)["inputs"]
-        logits = np.asarray(sharding.jit(forward, rules)(placed, tokens))
+        logits = _run_fast(sharding.jit(forward, rules), placed, tokens)
         np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5, err_msg=preset)
