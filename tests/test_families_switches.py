@@ -64,7 +64,7 @@ def _steps(setup, step, state, n):
     return state, losses
 
 
-@pytest.mark.slow  # a train-step compile and four forward compiles per switch: ~7 s of CPU
+@pytest.mark.slow  # a train-step compile and four forward compiles per switch: ~8 s of CPU
 @pytest.mark.parametrize("name", sorted(SWITCHES))
 def test_switch_trains_resumes_bitwise_and_shards_exactly(name, tmp_path):
     setup = _setup(SWITCHES[name])
