@@ -1,6 +1,7 @@
-"""Continued pretraining of a local Hugging Face Llama-family model on a domain corpus.
+"""Continued pretraining of a local Hugging Face model on a domain corpus: Llama, Qwen2/2.5,
+Qwen3, Mistral, OLMo-2, Gemma-2 or Gemma-3 (text), see docs/families.md.
 
-    # 1. Download a Llama-architecture base model with safetensors weights (any size works):
+    # 1. Download a base model of one of those families with safetensors weights (any size):
     huggingface-cli download upstage/TinySolar-248m-4k --local-dir ~/models/tinysolar
     huggingface-cli download HuggingFaceTB/SmolLM-135M --local-dir ~/models/smollm
     # 2. Train on your corpus (txt/jsonl/parquet files, globs or dirs, comma-separated); a
@@ -16,7 +17,8 @@
 
 The text after ':' is the base model's directory (or 'hf:<dir>' / 'ckpt:<jaxlm workdir>', e.g.
 one made by `tools/convert_hf.py import`). From it the recipe takes the model section (its
-config.json: sizes, heads, RoPE theta/scaling, norm eps, tied embeddings, vocab), sets
+config.json: sizes, heads, RoPE theta/scaling, norm eps, tied embeddings, vocab, and the
+family's switches: biases, QK-norm, norm placement, sliding windows, soft-caps), sets
 `init_from` (weights loaded, optimizer fresh) and tokenizes the corpus with the model's own
 tokenizer (tokenizer.json, else a sentencepiece tokenizer.model), so records are what the base
 model expects. The tokenizer's sibling files (tokenizer_config.json with the chat template and
@@ -33,7 +35,8 @@ a 50-example next-line task) so they cost under 10% of the run (docs/perf.md).
 
 Hardware: one 80 GB GPU (bf16 compute, fp32 params; ~4 GB for weights + Adam state at 248M);
 SmolLM-135M also trains on a CPU at batch 2 x 512 (docs/perf.md). The end-to-end path is
-covered by tests/test_continue_pretraining.py on a tiny model.
+covered by tests/test_continue_pretraining.py on a tiny Llama and by tests/test_families_e2e.py
+on a tiny model of every other family (3 steps, then the export loaded by transformers).
 """
 
 import ml_collections

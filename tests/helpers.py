@@ -154,6 +154,36 @@ def hf_logits(model, tokens) -> np.ndarray:
         return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
 
 
+def transformers_nll(model, tok, texts, seq_len, stride):
+    """Summed nll and target count of the documented windows, computed with transformers; for
+    the default stride the windows are lm-eval's own rolling windows."""
+    import torch
+    from lm_eval.utils import get_rolling_token_windows
+
+    bos = tok.token_to_id("<s>")
+    nll, count, pending = 0.0, 0, []
+    for doc in texts:
+        ids = tok.encode(doc, add_special_tokens=False).ids
+        if stride == seq_len:
+            windows = list(get_rolling_token_windows(ids, bos, seq_len, context_len=1))
+        else:  # token j of t = [BOS] + ids is scored in the first window ending at or after j
+            t, windows, previous = [bos, *ids], [], 0
+            for end in [*range(seq_len, len(ids), stride), len(ids)]:
+                windows.append((t[max(0, end - seq_len) : end], t[previous + 1 : end + 1]))
+                previous = end
+        pending += windows
+    # One forward pass per window length (the windows of one length are a batch).
+    for length in sorted({len(inputs) for inputs, _ in pending}):
+        group = [(i, t) for i, t in pending if len(i) == length]
+        logits = hf_logits(model, [i for i, _ in group])
+        for row, (inputs, targets) in zip(logits, group, strict=True):
+            logp = torch.log_softmax(torch.tensor(row), -1).numpy()
+            n = len(targets)
+            nll -= sum(logp[len(inputs) - n + i, targets[i]] for i in range(n))
+            count += n
+    return nll, count
+
+
 def read_params(hf_dir):
     """(ModelConfig, params as a nested dict) read from a Hugging Face directory by jaxlm."""
     cfg = model_lib.ModelConfig.from_hf(hf.read_hf_config(hf_dir))

@@ -14,7 +14,7 @@ import pytest
 from jaxlm import cli
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate import text
-from tests.helpers import hf_logits
+from tests.helpers import transformers_nll
 from tools import evaluate as evaluate_tool
 
 
@@ -33,31 +33,6 @@ def data(tmp_path_factory):
         for part in (source[2000:2300], source[3000:3100], source[4000:4600]):
             f.write(json.dumps({"body": part}) + "\n")
     return root
-
-
-def transformers_nll(model, tok, texts, seq_len, stride):
-    """Summed nll and target count of the documented windows, computed with transformers; for
-    the default stride the windows are lm-eval's own rolling windows."""
-    import torch
-    from lm_eval.utils import get_rolling_token_windows
-
-    bos = tok.token_to_id("<s>")
-    nll, count = 0.0, 0
-    for doc in texts:
-        ids = tok.encode(doc, add_special_tokens=False).ids
-        if stride == seq_len:
-            windows = list(get_rolling_token_windows(ids, bos, seq_len, context_len=1))
-        else:  # token j of t = [BOS] + ids is scored in the first window ending at or after j
-            t, windows, previous = [bos, *ids], [], 0
-            for end in [*range(seq_len, len(ids), stride), len(ids)]:
-                windows.append((t[max(0, end - seq_len) : end], t[previous + 1 : end + 1]))
-                previous = end
-        for inputs, targets in windows:
-            logp = torch.log_softmax(torch.tensor(hf_logits(model, [inputs])[0]), -1).numpy()
-            n = len(targets)
-            nll -= sum(logp[len(inputs) - n + i, targets[i]] for i in range(n))
-            count += n
-    return nll, count
 
 
 @pytest.mark.parametrize("stride", [32, 12])

@@ -2,7 +2,9 @@
 
     # a training run's newest (or --step) checkpoint, or a tools/convert_hf.py import workdir
     python tools/evaluate.py --workdir=runs/tiny --data=/data/wikitext2_valid.txt
-    # a Hugging Face Llama directory, read directly (config.json, *.safetensors, tokenizer)
+    # a Hugging Face directory of any family jaxlm imports (Llama, Qwen2/2.5, Qwen3, Mistral,
+    # OLMo-2, Gemma-2, Gemma-3 text; docs/families.md), read directly (config.json,
+    # *.safetensors, tokenizer)
     python tools/evaluate.py --hf_dir=~/models/TinyLlama-1.1B \\
         --data='/data/wiki/*.txt,notes.jsonl' [--stride=512] [--seq_len=2048] \\
         [--batch_size=8] [--json=out.json]
@@ -20,7 +22,8 @@ since their loss measures recall rather than generalisation (jaxlm/evaluate/seen
 
 The numbers are the same whichever way the model arrived: a Hugging Face directory and its
 import give the same weights, windows and scores (tests/test_evaluate_text.py checks them
-against transformers within 0.1%).
+against transformers within 0.1% for Llama, tests/test_families_e2e.py within 1e-4 for every
+other family, sliding windows included).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ FLAGS = flags.FlagValues()  # this command's own: tests call it beside others (c
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A training run's or an import's --workdir.", flag_values=FLAGS
 )
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory.", flag_values=FLAGS)
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "A Hugging Face model directory (docs/families.md).", flag_values=FLAGS
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).", flag_values=FLAGS)
 _DATA = flags.DEFINE_string(
     "data", None, "Comma-separated files, globs or directories.", flag_values=FLAGS

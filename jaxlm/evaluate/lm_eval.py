@@ -40,7 +40,7 @@ from jaxlm.evaluate import choices, scoring, text, trained
 
 @register_model("jaxlm")
 class JaxlmLM(TemplateLM):
-    """A jaxlm run, import or Hugging Face Llama directory as an lm-eval model."""
+    """A jaxlm run, import or Hugging Face model directory as an lm-eval model."""
 
     def __init__(
         self,

@@ -1,10 +1,10 @@
 """Models to evaluate: a run's checkpoint, an imported checkpoint, or a Hugging Face directory.
 
 `load_trained(workdir)` restores the parameters of a run's (or a `tools/convert_hf.py import`
-workdir's) newest or given checkpoint; `load_hf(hf_dir)` reads a Hugging Face Llama directory
-directly. Both return a `Trained` whose `setup` has what evaluation and sampling need (graphdef,
-mesh_rules, model_cfg, param_shardings), so every tool scores a model the same way whichever way
-it arrived.
+workdir's) newest or given checkpoint; `load_hf(hf_dir)` reads a Hugging Face directory of any
+family jaxlm imports (docs/families.md) directly. Both return a `Trained` whose `setup` has what
+evaluation and sampling need (graphdef, mesh_rules, model_cfg, param_shardings), so every tool
+scores a model the same way whichever way it arrived.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def _load_import(
 
 
 def load_hf(hf_dir: str, mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> Trained:
-    """A Hugging Face Llama directory (config.json, *.safetensors, tokenizer files), read
-    tensor by tensor onto the devices.
+    """A Hugging Face directory of any family jaxlm imports (config.json, *.safetensors,
+    tokenizer files), read tensor by tensor onto the devices.
 
     Raises:
       JaxlmError: not a directory, another architecture, missing or malformed weights, or no
