@@ -15,6 +15,7 @@ for the previous save, if that is still writing); the local tier's save blocks f
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -171,7 +172,7 @@ def checkpoint_stall(
     config, step, state, batch, steps: int, every: int, local_every: int = 0
 ) -> dict[str, float]:
     """What the loop waits for saves over `steps` steps: persistent saves every `every` steps
-    and, with `local_every`, local-tier saves at the other multiples of it.
+    and, with `local_every`, local-tier saves every `local_every` steps.
 
     Returns `checkpoint_stall_pct` (the persistent saves' blocking parts over the time spent
     stepping), `checkpoint_stall_per_save_s` (their median), `checkpoint_final_wait_s` (a run's
@@ -184,21 +185,22 @@ def checkpoint_stall(
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
         state, m = step(state, batch)
-        tier = "checkpoint" if i % every == 0 else "local" if local and i % local_every == 0 else ""
-        if tier:
-            jax.block_until_ready(state)  # the step itself is not the checkpoint's cost
-            s0 = time.perf_counter()
-            if tier == "checkpoint":
-                ckpt.save(i, state, {"bench": i}, {})
-            else:
-                local.save(i, state, {"bench": i}, {})
-            stalls[tier].append(time.perf_counter() - s0)
+        for tier, save, due in (
+            ("checkpoint", ckpt.save, i % every == 0),
+            ("local", local and local.save, local_every and i % local_every == 0),
+        ):
+            if due:  # as in the loop: both tiers at a step due for both
+                jax.block_until_ready(state)  # the step itself is not the checkpoint's cost
+                s0 = time.perf_counter()
+                save(i, state, {"bench": i}, {})
+                stalls[tier].append(time.perf_counter() - s0)
     jax.block_until_ready(m)
     stepping = time.perf_counter() - t0 - sum(stalls["checkpoint"]) - sum(stalls["local"])
     s0 = time.perf_counter()
     ckpt.wait()
     results = {"checkpoint_final_wait_s": time.perf_counter() - s0}
     ckpt.close()
+    shutil.rmtree(root)
     for tier, times in stalls.items():
         if times:
             results[f"{tier}_stall_pct"] = 100 * sum(times) / stepping

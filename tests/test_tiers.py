@@ -19,8 +19,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import tiers
-from tests.helpers import REPO, train_losses, write_run_config
+from jaxlm import tiers, validate
+from jaxlm.errors import ConfigError
+from tests.helpers import REPO, one_sentence, tiny_config, train_losses, write_run_config
 
 AUTO = (jax.sharding.AxisType.Auto,)
 
@@ -39,6 +40,22 @@ AUTO = (jax.sharding.AxisType.Auto,)
 def test_the_newest_step_every_host_can_restore_is_chosen(local, persistent, expected):
     choice = tiers.choose(local, persistent)
     assert (choice.tier, choice.step, choice.short) == expected
+
+
+@pytest.mark.parametrize(
+    "local_dir, words",
+    [
+        ("gs://bucket/local", "must be a directory on this host"),
+        ("", "must be a directory on this host"),
+        ("/proc/jaxlm-local", "cannot be written"),
+    ],
+)
+def test_a_local_tier_without_a_writable_host_directory_is_one_sentence(tmp_path, local_dir, words):
+    config = tiny_config()
+    config.checkpoint.local_every, config.checkpoint.local_dir = 2, local_dir
+    with pytest.raises(ConfigError) as e:
+        validate.check(config, str(tmp_path / "run"))
+    assert words in one_sentence(e)
 
 
 def _state(mesh):
