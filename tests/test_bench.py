@@ -115,5 +115,6 @@ def test_bench_figures_match_counts_read_from_the_model(tmp_path):
     mfu = 100 * flops_per_step / r["step_time_s"] / (r["peak_tflops_per_s"] * 1e12)
     assert r["mfu_pct"] == pytest.approx(mfu)
     assert 0 < r["mfu_pct"] < 100  # a model cannot beat the matmul peak it is measured against
-    assert 0 < r["checkpoint_stall_pct"] < 100  # a save costs something, never all the time
-    assert r["local_stall_per_save_s"] > 0
+    # a save costs something (a share of the time spent stepping: it may exceed 100%)
+    assert r["checkpoint_stall_pct"] > 0 and r["checkpoint_stall_per_save_s"] > 0
+    assert r["local_stall_pct"] > 0 and r["local_stall_per_save_s"] > 0
