@@ -1,7 +1,7 @@
 """Training-step benchmark: tokens/s, step time, MFU, memory, time split, checkpoint stall.
 
     python benchmarks/bench.py --config=configs/tiny.py [--steps=20] [--checkpoint_every=10]
-        [--local_every=2]
+        [--local_every=2] [--stall_only]
 
 Runs the real jitted train step of a config on synthetic packed batches (no data preparation),
 so the number is the model's, not the loader's. The timed steps run in `--rounds` windows and
@@ -45,6 +45,9 @@ _LOCAL = flags.DEFINE_integer(
     "local_every", 0, "With --checkpoint_every: local-tier saves every N steps between them."
 )
 _SPLIT = flags.DEFINE_bool("split", True, "Also time forward and forward+backward alone.")
+_STALL_ONLY = flags.DEFINE_bool(
+    "stall_only", False, "Only the checkpoint stall (no step windows, no MFU): a quick mode."
+)
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -168,6 +171,19 @@ def bench(
     return results
 
 
+def stall_only(config, steps: int, vocab: int, every: int, local_every: int) -> dict[str, float]:
+    """`checkpoint_stall` alone, after compiling the step and two warm-up steps."""
+    mesh = sharding.make_mesh(config.mesh.shape)
+    setup = train.Setup(run_spec.build(config), vocab, mesh)
+    host = synthetic_batch(config.train.batch_size, config.train.seq_len, vocab)
+    batch = sharding.host_to_global(host, mesh)
+    state, step = setup.init_state(), setup.jit_train_step()
+    for _ in range(2):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return checkpoint_stall(config, step, state, batch, steps, every, local_every)
+
+
 def checkpoint_stall(
     config, step, state, batch, steps: int, every: int, local_every: int = 0
 ) -> dict[str, float]:
@@ -213,6 +229,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     vocab = _VOCAB.value or config.tokenizer.vocab_size
+    if _STALL_ONLY.value:
+        r = stall_only(config, _STEPS.value, vocab, _CKPT.value, _LOCAL.value)
+        print(f"config {config.name}: {_STEPS.value} steps, {jax.device_count()} device(s)")
+        print_stall(r)
+        return
     r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value, _LOCAL.value)
     print(
         f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
@@ -241,6 +262,11 @@ def main(argv):
         )
     if "peak_memory_gb" in r:
         print(f"peak memory        {r['peak_memory_gb']:8.3f} GB (device 0)")
+    print_stall(r)
+
+
+def print_stall(r: dict[str, float]) -> None:
+    """The checkpoint stall lines of `checkpoint_stall`'s figures (none without them)."""
     if "checkpoint_stall_pct" in r:
         print(
             f"checkpoint stall   {r['checkpoint_stall_pct']:8.2f} % of step time, "
