@@ -1,6 +1,7 @@
 """Training-step benchmark: tokens/s, step time, MFU, memory, time split, checkpoint stall.
 
-    python benchmarks/bench.py --config=configs/tiny.py [--steps=20] [--checkpoint_every=5]
+    python benchmarks/bench.py --config=configs/tiny.py [--steps=20] [--checkpoint_every=10]
+        [--local_every=2] [--stall_only]
 
 Runs the real jitted train step of a config on synthetic packed batches (no data preparation),
 so the number is the model's, not the loader's. The timed steps run in `--rounds` windows and
@@ -8,9 +9,13 @@ the step time is the median window. MFU is model FLOPs (6N + causal attention, s
 `ModelConfig.flops_per_token`) per second over the devices' peak: the vendor bf16 peak on
 GPU/TPU; on CPU the fp32 rate of large jitted matmuls timed before each step window, the
 fastest window counting (so host slow-downs during the run lower the MFU, never raise it).
+With `--checkpoint_every` (and `--local_every`, the local tier: jaxlm/tiers.py) it also times
+what the loop waits for each save: orbax's async save blocks for its device-to-host copy (and
+for the previous save, if that is still writing); the local tier's save blocks for all of it.
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +33,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
-from jaxlm import checkpoint, metrics, sharding, train  # noqa: E402
+from jaxlm import checkpoint, metrics, sharding, tiers, train  # noqa: E402
 from jaxlm import spec as run_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -36,7 +41,13 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after compile and 2 war
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing windows the steps are split into.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size; 0 = config.tokenizer.vocab_size.")
 _CKPT = flags.DEFINE_integer("checkpoint_every", 0, "Also save async checkpoints every N steps.")
+_LOCAL = flags.DEFINE_integer(
+    "local_every", 0, "With --checkpoint_every: local-tier saves every N steps between them."
+)
 _SPLIT = flags.DEFINE_bool("split", True, "Also time forward and forward+backward alone.")
+_STALL_ONLY = flags.DEFINE_bool(
+    "stall_only", False, "Only the checkpoint stall (no step windows, no MFU): a quick mode."
+)
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -76,7 +87,13 @@ class MatmulPeak:
 
 
 def bench(
-    config, steps: int, rounds: int, vocab: int, checkpoint_every: int, split: bool
+    config,
+    steps: int,
+    rounds: int,
+    vocab: int,
+    checkpoint_every: int,
+    split: bool,
+    local_every: int = 0,
 ) -> dict[str, float]:
     """Times `steps` train steps in `rounds` windows; returns the figures `main` prints."""
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -144,8 +161,8 @@ def bench(
         )
 
     if checkpoint_every:  # last: the saves' steps donate `state`
-        results["checkpoint_stall_pct"] = checkpoint_stall(
-            config, step, state, batch, steps, checkpoint_every
+        results.update(
+            checkpoint_stall(config, step, state, batch, steps, checkpoint_every, local_every)
         )
 
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -154,24 +171,57 @@ def bench(
     return results
 
 
-def checkpoint_stall(config, step, state, batch, steps: int, every: int) -> float:
-    """Percent of loop time the loop waits on async saves every `every` of `steps` steps."""
-    ckpt = checkpoint.Checkpointer(tempfile.mkdtemp(prefix="jaxlm-bench-"), config.checkpoint)
-    stall = 0.0
+def stall_only(config, steps: int, vocab: int, every: int, local_every: int) -> dict[str, float]:
+    """`checkpoint_stall` alone, after compiling the step and two warm-up steps."""
+    mesh = sharding.make_mesh(config.mesh.shape)
+    setup = train.Setup(run_spec.build(config), vocab, mesh)
+    host = synthetic_batch(config.train.batch_size, config.train.seq_len, vocab)
+    batch = sharding.host_to_global(host, mesh)
+    state, step = setup.init_state(), setup.jit_train_step()
+    for _ in range(2):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return checkpoint_stall(config, step, state, batch, steps, every, local_every)
+
+
+def checkpoint_stall(
+    config, step, state, batch, steps: int, every: int, local_every: int = 0
+) -> dict[str, float]:
+    """What the loop waits for saves over `steps` steps: persistent saves every `every` steps
+    and, with `local_every`, local-tier saves every `local_every` steps.
+
+    Returns `checkpoint_stall_pct` (the persistent saves' blocking parts over the time spent
+    stepping), `checkpoint_stall_per_save_s` (their median), `checkpoint_final_wait_s` (a run's
+    wait for its last save, once per run), and `local_stall_pct`, `local_stall_per_save_s`.
+    """
+    root = tempfile.mkdtemp(prefix="jaxlm-bench-")
+    ckpt = checkpoint.Checkpointer(os.path.join(root, "checkpoints"), config.checkpoint)
+    local = tiers.LocalTier(os.path.join(root, "local"), root) if local_every else None
+    stalls: dict[str, list[float]] = {"checkpoint": [], "local": []}
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
         state, m = step(state, batch)
-        if i % every == 0:
-            jax.block_until_ready(state)  # the step itself is not the checkpoint's cost
-            s0 = time.perf_counter()
-            ckpt.save(i, state, {"bench": i}, {})
-            stall += time.perf_counter() - s0
+        for tier, save, due in (
+            ("checkpoint", ckpt.save, i % every == 0),
+            ("local", local and local.save, local_every and i % local_every == 0),
+        ):
+            if due:  # as in the loop: both tiers at a step due for both
+                jax.block_until_ready(state)  # the step itself is not the checkpoint's cost
+                s0 = time.perf_counter()
+                save(i, state, {"bench": i}, {})
+                stalls[tier].append(time.perf_counter() - s0)
     jax.block_until_ready(m)
+    stepping = time.perf_counter() - t0 - sum(stalls["checkpoint"]) - sum(stalls["local"])
     s0 = time.perf_counter()
-    ckpt.wait()  # a run also waits for its final save; count it
-    stall += time.perf_counter() - s0
+    ckpt.wait()
+    results = {"checkpoint_final_wait_s": time.perf_counter() - s0}
     ckpt.close()
-    return 100 * stall / (time.perf_counter() - t0)
+    shutil.rmtree(root)
+    for tier, times in stalls.items():
+        if times:
+            results[f"{tier}_stall_pct"] = 100 * sum(times) / stepping
+            results[f"{tier}_stall_per_save_s"] = float(np.median(times))
+    return results
 
 
 def main(argv):
@@ -179,7 +229,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     vocab = _VOCAB.value or config.tokenizer.vocab_size
-    r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value)
+    if _STALL_ONLY.value:
+        r = stall_only(config, _STEPS.value, vocab, _CKPT.value, _LOCAL.value)
+        print(f"config {config.name}: {_STEPS.value} steps, {jax.device_count()} device(s)")
+        print_stall(r)
+        return
+    r = bench(config, _STEPS.value, _ROUNDS.value, vocab, _CKPT.value, _SPLIT.value, _LOCAL.value)
     print(
         f"config {config.name}: {r['params_m']:.2f}M params, batch {config.train.batch_size} x "
         f"{config.train.seq_len}, {r['devices']} {jax.devices()[0].platform} device(s), "
@@ -207,10 +262,22 @@ def main(argv):
         )
     if "peak_memory_gb" in r:
         print(f"peak memory        {r['peak_memory_gb']:8.3f} GB (device 0)")
+    print_stall(r)
+
+
+def print_stall(r: dict[str, float]) -> None:
+    """The checkpoint stall lines of `checkpoint_stall`'s figures (none without them)."""
     if "checkpoint_stall_pct" in r:
         print(
-            f"checkpoint stall   {r['checkpoint_stall_pct']:8.2f} % of loop time "
-            f"(async save every {_CKPT.value} steps)"
+            f"checkpoint stall   {r['checkpoint_stall_pct']:8.2f} % of step time, "
+            f"{r['checkpoint_stall_per_save_s'] * 1e3:.1f} ms per save (persistent tier, async, "
+            f"every {_CKPT.value} steps; the run's final wait {r['checkpoint_final_wait_s']:.2f} s)"
+        )
+    if "local_stall_pct" in r:
+        print(
+            f"local-tier stall   {r['local_stall_pct']:8.2f} % of step time, "
+            f"{r['local_stall_per_save_s'] * 1e3:.1f} ms per save (synchronous, every "
+            f"{_LOCAL.value} steps)"
         )
 
 

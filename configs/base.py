@@ -201,6 +201,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.keep_every = 0  # also keep every k-th step forever; 0 = none
     c.checkpoint.async_save = True  # write in a background thread
+    # The fast local tier (docs/reliability.md): each host's own shards, synchronously, every
+    # local_every steps (0 = off) to local_dir/<run id>/process_<i> (RAM by default: a restart
+    # on the same hosts loses at most local_every steps; other hosts resume from `every`'s).
+    c.checkpoint.local_every = 0
+    c.checkpoint.local_dir = "/dev/shm/jaxlm"  # a host-local directory, never a shared one
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.preset = "fsdp"  # dp | fsdp | fsdp_tp | ep_fsdp | cp_fsdp | cp_fsdp_tp (sharding.py)

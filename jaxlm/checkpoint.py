@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 import jaxlm
@@ -60,11 +61,14 @@ def _quiet_absl() -> Iterator[None]:
 
 
 def all_steps(ckpt_dir: str) -> list[int]:
-    """Steps of the complete checkpoints in `ckpt_dir`, oldest first ([] if it does not exist)."""
+    """Steps of the complete checkpoints in `ckpt_dir`, oldest first ([] if it does not exist).
+
+    Read without a CheckpointManager, which starts jax's backend: a restarted multi-process run
+    asks this before `jax.distributed.initialize`, which must come first.
+    """
     if not os.path.isdir(ckpt_dir):
         return []
-    with contextlib.closing(_manager(ckpt_dir)) as manager:
-        return sorted(manager.all_steps())
+    return sorted(ocp.path.step.checkpoint_steps(ckpt_dir))
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
@@ -89,9 +93,9 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
 
 
 def read_step_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
-    """The metadata saved with `step` under `ckpt_dir`, read without a Checkpointer."""
-    with contextlib.closing(_manager(ckpt_dir)) as manager, _quiet_absl():
-        return _restore_meta(manager, step)
+    """The metadata saved with `step` under `ckpt_dir`, read without a Checkpointer (nor a
+    CheckpointManager: like `all_steps`, this may run before `jax.distributed.initialize`)."""
+    return ocp.JsonCheckpointHandler().restore(epath.Path(ckpt_dir) / str(step) / "meta")
 
 
 def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

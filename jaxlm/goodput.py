@@ -2,7 +2,8 @@
 
 `Accountant` keeps one clock per process, always in exactly one phase: start-up (from the
 process's start until the loop's first phase), productive steps, compilation, data waiting,
-checkpoint stalls, evaluation. Time spent on steps after the checkpoint a restart resumes from
+checkpoint stalls (the blocking part of persistent saves, and local-tier saves: jaxlm/tiers.py),
+evaluation. Time spent on steps after the checkpoint a restart resumes from
 (or a rollback returns to) was thrown away: it moves from productive to lost. The totals and the
 step times since the last checkpoints are kept in `<workdir>/goodput.json`, rewritten every
 `persist_every_s` by a thread of its own (so a kill during a long save, evaluation or hang loses

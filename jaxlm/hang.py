@@ -3,9 +3,10 @@
 A collective that never completes (a peer stuck in a save, a dead interconnect link, a data
 reader blocked on storage) leaves every process waiting without a word. `Watchdog` is told each
 time a step finishes; when none has finished in `factor` times the recent median step time (and
-at least `min_s` seconds, plus `slow_s` while a checkpoint saves or an evaluation runs), it
-writes every thread's Python stack of this process to stderr, tells the other processes (which
-then log theirs: `peers.announce_hang`) and stops the process with one `error:` line.
+at least `min_s` seconds, plus `slow_s` while a checkpoint of either tier saves or an evaluation
+runs), it writes every thread's Python stack of this process to stderr, tells the other
+processes (which then log theirs: `peers.announce_hang`) and stops the process with one
+`error:` line.
 
 It starts watching after the first step finished, since that one waits for compilation.
 """

@@ -33,6 +33,7 @@ from jaxlm import (
     sharding,
     stages,
     storage,
+    tiers,
     train,
     validate,
 )
@@ -170,6 +171,7 @@ class Trainer:
             Hook(config.train.log_every, self._log),
             Hook(config.eval.every, self._eval, at_end=False),  # the final one follows the loop
             Hook(config.checkpoint.every, self._save),
+            Hook(config.checkpoint.local_every, self._save_local, at_end=False),
         ]
         self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
         self.retrieval = retrieval.eval_of(config, manifest, tokenizer)
@@ -179,6 +181,11 @@ class Trainer:
         self.hang = hang.Watchdog.from_config(config.train)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints"), config.checkpoint
+        )
+        self.local = (  # the fast local tier (jaxlm/tiers.py), if on
+            tiers.LocalTier(config.checkpoint.local_dir, workdir)
+            if config.checkpoint.local_every
+            else None
         )
         self.plan = setup.plan
         self.batches = self._host_batches(config.data.streams or jax.process_count())
@@ -194,7 +201,7 @@ class Trainer:
             f"{jax.process_count()} process(es)"
         )
         self.step, self.state, data_state = resume.start(
-            self.checkpointer, setup, self.meta["tokenizer_sha256"], self.out
+            self.checkpointer, setup, self.meta["tokenizer_sha256"], self.out, self.local
         )
         if data_state is not None:
             self._set_data_state(self.step, data_state)
@@ -338,6 +345,8 @@ class Trainer:
 
         with self.goodput.during("checkpoint"):
             self.checkpointer.wait()
+        if self.local is not None:  # the final checkpoint is durable: the local tier is spent
+            self.local.clear()
         goodput.report(self.goodput, self.out, self.step)
         if final_eval is None:
             self.out.print(
@@ -509,6 +518,13 @@ class Trainer:
         self.goodput.saved_at(self.step)
         _return_freed_memory()
 
+    def _save_local(self, done: int) -> None:
+        """A local-tier checkpoint: checkpoint time, and a slow block for the hang watchdog.
+        Not `saved_at`: a host may lose its local tier."""
+        with jax.transfer_guard("allow"), self.goodput.during("checkpoint"), self.hang.slow():
+            data_state = ckpt_lib.gather_host_states(self.batches.get_state())
+            self.local.save(self.step, self.state, data_state, self.meta)
+
     def _should_stop(self) -> bool:
         """Whether a stop signal arrived here or, on multi-host, on any process."""
         flag = self.stop_signal is not None
@@ -546,6 +562,8 @@ class Trainer:
         # A checkpoint written during the streak (detection lags a step) is not a good one.
         good = [s for s in self.checkpointer.steps() if s < bad_steps[0]]
         self.checkpointer.delete_after(good[-1] if good else 0)
+        if self.local is not None:  # local steps of the streak are not good ones either
+            self.local.delete_after(good[-1] if good else 0)
         if not good:
             self.step, self.state = 0, self.setup.init_state()
         else:

@@ -1,5 +1,6 @@
-"""Where a run starts: its own newest checkpoint, another run's checkpoint it branches from,
-base-model weights (`config.init_from`), or a fresh initialisation.
+"""Where a run starts: its own newest checkpoint (in the local or the persistent tier, see
+jaxlm/tiers.py), another run's checkpoint it branches from, base-model weights
+(`config.init_from`), or a fresh initialisation.
 
 `start` decides and returns the state with the data position saved beside it; the loop gives
 that position to its stream.
@@ -10,22 +11,43 @@ from __future__ import annotations
 from typing import Any
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import train
+from jaxlm import tiers, train
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError
 
 
 def start(
-    checkpointer: ckpt_lib.Checkpointer, setup: train.Setup, tokenizer_sha256: str, out: Any
+    checkpointer: ckpt_lib.Checkpointer,
+    setup: train.Setup,
+    tokenizer_sha256: str,
+    out: Any,
+    local: tiers.LocalTier | None = None,
 ) -> tuple[int, train.TrainState, dict | None]:
     """(step, state, saved data position or None) the run of `setup` starts from.
 
-    `checkpointer` holds the run's own checkpoints (the newest is resumed); without any, a
-    `config.branch` run continues init_from's checkpoint, else the state is fresh (with
-    init_from's weights, if any). `out` (`metrics.Writer`) logs, and forgets the metrics past a
-    resumed step.
+    `checkpointer` holds the run's own persistent checkpoints and `local` this host's local
+    tier (if on): the newest step every host can restore is resumed (`tiers.agree`, a
+    collective). Without any checkpoint, a `config.branch` run continues init_from's
+    checkpoint, else the state is fresh (with init_from's weights, if any). `out`
+    (`metrics.Writer`) logs, and forgets the metrics past a resumed step.
     """
     config = setup.config
+    if local is not None:
+        choice = tiers.agree(local, setup.abstract_state, checkpointer.steps())
+        if tiers.describe(choice):
+            out.print(tiers.describe(choice))
+        if choice.tier == "local":
+            # (its layout, shapes and dtypes included, matched `setup.abstract_state`'s)
+            state, data_state, saved_meta = local.restore(choice.step, setup.abstract_state)
+            return _resumed(
+                choice.step,
+                state,
+                data_state,
+                saved_meta,
+                tokenizer_sha256,
+                out,
+                f"the local tier {local.directory}",
+            )
     if not checkpointer.steps() and config.branch:
         return _branch(setup, tokenizer_sha256, out)
     if not checkpointer.steps():
@@ -43,6 +65,21 @@ def start(
             "a new --workdir with --config.init_from=ckpt:<this workdir>."
         )
     step, state, data_state, saved_meta = checkpointer.restore(setup.abstract_state)
+    return _resumed(
+        step, state, data_state, saved_meta, tokenizer_sha256, out, checkpointer.directory
+    )
+
+
+def _resumed(
+    step: int,
+    state: train.TrainState,
+    data_state: dict | None,
+    saved_meta: dict,
+    tokenizer_sha256: str,
+    out: Any,
+    where: str,
+) -> tuple[int, train.TrainState, dict | None]:
+    """A restored checkpoint, once its tokenizer is known to be the data's."""
     tokenizer_lib.check_same(
         tokenizer_sha256,
         saved_meta.get("tokenizer_sha256"),
@@ -51,7 +88,7 @@ def start(
         "use the original data and tokenizer config",
     )
     out.trim(step)
-    out.print(f"resuming from checkpoint at step {step} in {checkpointer.directory}")
+    out.print(f"resuming from checkpoint at step {step} in {where}")
     return step, state, data_state
 
 

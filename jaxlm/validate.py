@@ -74,6 +74,7 @@ _AT_LEAST = {
     # silently starts over: refused rather than reinterpreted.
     "checkpoint.keep": 1,
     "checkpoint.keep_every": 0,
+    "checkpoint.local_every": 0,
     "eval.every": 0,
     "eval.max_batches": 0,
     "eval.batch_size": 0,
@@ -406,6 +407,7 @@ def _check_paths(config: Any, workdir: str) -> None:
             tasks.load_task(path)
         except JaxlmError as e:
             raise ConfigError(f"eval.task_files: {e}") from None
+    _check_local_dir(config.checkpoint)
     # Buckets are probed with a small write: credentials, bucket and permission problems are
     # one sentence here, before any data work.
     cache = sources.cache_root(config.data.cache_dir)
@@ -427,4 +429,26 @@ def _check_paths(config: Any, workdir: str) -> None:
     except OSError as e:
         raise ConfigError(
             f"--workdir {workdir!r} cannot be written ({e.strerror}); choose another."
+        ) from None
+
+
+def _check_local_dir(ckpt: Any) -> None:
+    """The local checkpoint tier's directory, when the tier is on: a writable host-local path."""
+    if not ckpt.local_every:
+        return
+    if not ckpt.local_dir or "://" in ckpt.local_dir:
+        raise ConfigError(
+            f"checkpoint.local_dir={ckpt.local_dir!r} must be a directory on this host (e.g. "
+            "/dev/shm/jaxlm or a local SSD) when checkpoint.local_every is set."
+        )
+    try:
+        os.makedirs(ckpt.local_dir, exist_ok=True)
+        probe = os.path.join(ckpt.local_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"checkpoint.local_dir={ckpt.local_dir!r} cannot be written ({e.strerror}); choose "
+            "another host-local directory or set checkpoint.local_every=0."
         ) from None
