@@ -12,7 +12,6 @@ import ctypes
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from jaxlm import (
     finish,
     goodput,
     hang,
+    inputs,
     objectives,
     peers,
     resume,
@@ -40,7 +40,6 @@ from jaxlm import (
 from jaxlm import metrics as metrics_lib
 from jaxlm.data import manifest as manifest_lib
 from jaxlm.data import stream as stream_lib
-from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.evaluate import choices, retrieval
 from jaxlm.evaluate import tasks as tasks_lib
@@ -53,9 +52,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     Returns a summary: start and final step, final train loss, final eval metrics, the gzip
     baseline, wall time, and whether the run was preempted.
     """
-    # Imported here: data preparation is only needed by a full run, not by the step functions.
-    from jaxlm.data import prepare as prepare_lib
-
     spec = validate.check(config, workdir)  # every config error, before device or data work
     mirror = storage.WorkdirMirror(workdir)  # a bucket workdir: the run works on a local copy
     mirror.pull()
@@ -67,39 +63,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = validate.check_devices(spec)
     _prepare_workdir(workdir, config)
-    if config.data.manifest:  # validate.check has made sure it exists
-        manifest_path = prepare_lib.local_manifest(config.data.manifest)
-    else:
-        manifest_path = prepare_lib.prepare(
-            config.data,
-            objectives.tokenizer_config(config),  # with the objective's special pieces
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-    manifest = manifest_lib.load(manifest_path)  # refuses data whose tokenizer file was swapped
-    validate.check_manifest(manifest, manifest_path, spec)
-    tokenizer_path = manifest_lib.tokenizer_path(manifest)
-    if jax.process_index() == 0:
-        shutil.copyfile(tokenizer_path, os.path.join(workdir, os.path.basename(tokenizer_path)))
-        if config.tokenizer.path:  # a base model's: its special tokens and chat template too
-            from jaxlm.data import hf_tokenizer
-
-            hf_tokenizer.keep_with_run(
-                config.tokenizer.path, manifest["tokenizer"]["sha256"], workdir
-            )
-    tokenizer = tokenizer_lib.load(tokenizer_path)
-    objectives.check_tokenizer(config, tokenizer)
-    vocab_size = tokenizer.vocab_size
-    if config.init_from:
-        from jaxlm.convert import init_from
-
-        # The base model's embedding may be padded past its tokenizer: keep the model's size.
-        vocab_size = init_from.model_config(config.init_from).vocab_size
-        if tokenizer.vocab_size > vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {tokenizer.vocab_size} pieces but init_from's model only "
-                f"{vocab_size} embeddings; prepare the data with the base model's own tokenizer."
-            )
+    run_inputs = inputs.load(config, spec, workdir)
+    manifest, tokenizer, vocab_size = (
+        run_inputs.manifest,
+        run_inputs.tokenizer,
+        run_inputs.vocab_size,
+    )
     # From here on every process runs the same collectives: a dead peer must stop the others.
     # (Not earlier: data preparation may hold the GIL for longer than the heartbeat timeout.)
     watchdog = peers.Watchdog().start()
@@ -173,7 +142,7 @@ class Trainer:
             Hook(config.checkpoint.every, self._save),
             Hook(config.checkpoint.local_every, self._save_local, at_end=False),
         ]
-        self.tasks = _load_tasks(config, workdir, manifest, tokenizer)
+        self.tasks = tasks_lib.run_tasks(config, workdir, manifest, tokenizer)
         self.retrieval = retrieval.eval_of(config, manifest, tokenizer)
         self.planter = retrieval.planter_of(config, tokenizer)
         self.out = metrics_lib.Writer(workdir, config.logging, config.to_dict())
@@ -595,22 +564,6 @@ class Trainer:
         finally:
             for sig, handler in self.previous_handlers.items():
                 signal.signal(sig, handler)
-
-
-def _load_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> dict[str, list]:
-    """Downstream multiple-choice tasks: the built-in next-line task plus any configured files."""
-    tasks = {}
-    if config.eval.next_line_examples > 0:
-        texts = tasks_lib.heldout_texts(manifest, tokenizer.decode)
-        kwargs = dict(n_examples=config.eval.next_line_examples, seed=config.seed)
-        if jax.process_index() == 0:  # one writer; the task is deterministic, others rebuild it
-            path = os.path.join(workdir, "tasks", "next_line.jsonl")
-            tasks["next_line"] = tasks_lib.ensure_next_line_task(path, texts, **kwargs)
-        else:
-            tasks["next_line"] = tasks_lib.build_next_line_task(texts, **kwargs)
-    for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
-        tasks[os.path.splitext(os.path.basename(path))[0]] = tasks_lib.load_task(path)
-    return tasks
 
 
 def _return_freed_memory() -> None:

@@ -118,7 +118,7 @@ def test_the_graph_sees_known_edges_of_every_kind(graph):
     assert {"jaxlm.data.stream", "jaxlm.data.prepare", "jaxlm.loop"} <= set(graph)
     assert "jaxlm.errors" in graph["jaxlm.data.stream"]  # from jaxlm.errors import ConfigError
     assert "jaxlm.data.stream" in graph["jaxlm.loop"]  # from jaxlm.data import stream as ...
-    assert "jaxlm.data.prepare" in graph["jaxlm.loop"]  # imported inside run()
+    assert "jaxlm.data.prepare" in graph["jaxlm.inputs"]  # imported inside load()
     assert "jaxlm.data.tokenizer" in graph["jaxlm.data.records"]  # inside _init_worker
 
 

@@ -198,3 +198,20 @@ def ensure_next_line_task(
     if jax.process_index() == 0:
         write_task(path, examples)
     return examples
+
+
+def run_tasks(config: Any, workdir: str, manifest: dict, tokenizer: Any) -> dict[str, list]:
+    """A run's multiple-choice tasks: the built-in next-line task (built from the held-out text
+    once, kept in `<workdir>/tasks/`) plus any `eval.task_files`."""
+    tasks = {}
+    if config.eval.next_line_examples > 0:
+        texts = heldout_texts(manifest, tokenizer.decode)
+        kwargs = dict(n_examples=config.eval.next_line_examples, seed=config.seed)
+        if jax.process_index() == 0:  # one writer; the task is deterministic, others rebuild it
+            path = os.path.join(workdir, "tasks", "next_line.jsonl")
+            tasks["next_line"] = ensure_next_line_task(path, texts, **kwargs)
+        else:
+            tasks["next_line"] = build_next_line_task(texts, **kwargs)
+    for path in filter(None, (p.strip() for p in config.eval.task_files.split(","))):
+        tasks[os.path.splitext(os.path.basename(path))[0]] = load_task(path)
+    return tasks
