@@ -226,21 +226,24 @@ REMAT_POLICIES = {
 }
 
 
-def _save_matmuls_and_kernels(prim: Any, *_, **__) -> bool:
-    """The scan's policy for `remat="none"`: keep every matmul's output (attention scores
-    included) and every custom kernel's (splash attention's output and log-sum-exp); recompute
-    the elementwise work in between (norms, RoPE, activations, casts) in the backward pass.
+def _save_matmuls_and_attention(prim: Any, *_, **params) -> bool:
+    """The scan's policy for `remat="none"`: keep every matmul's output (XLA attention's scores
+    included) and attention's residuals (splash's output and log-sum-exp, named
+    `attention.RESIDUALS`; cuDNN's forward call); recompute the elementwise work in between
+    (norms, RoPE, activations, weight casts) in the backward pass.
 
     A scan's residuals leave its body as (n_layers, ...) stacks, where XLA can no longer fuse
     that work into the backward as it does in an unrolled program: saving every intermediate
     there (the fp32 norm inputs, each of SwiGLU's gate, up, sigmoid and product) cost llama_1b
     on v5p-8 4.8 GiB per chip more than the unrolled step. The backward recomputes nothing
     with a matmul in it."""
-    return prim.name in ("dot_general", "ragged_dot_general", "pallas_call")
+    if prim.name == "name":
+        return params["name"] == attention.RESIDUALS
+    return prim.name in ("dot_general", "ragged_dot_general", "dot_product_attention_fwd")
 
 
 # What the scanned body saves for the backward pass; remat="none" has its policy too (above).
-SCAN_POLICIES = dict(REMAT_POLICIES, none=_save_matmuls_and_kernels)
+SCAN_POLICIES = dict(REMAT_POLICIES, none=_save_matmuls_and_attention)
 
 
 def attention_mask(
