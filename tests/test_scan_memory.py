@@ -1,13 +1,13 @@
 """Scanned layers cost no memory: the TPU compiler (libtpu, compile-only devices) gives a
-scanned step no more temporaries per chip than the same step unrolled, for every remat policy.
+scanned step no more temporaries per chip than the same step unrolled (remat="none", the policy
+that was 1.64x on llama_1b; dots and full are in docs/perf.md's table, kept out of the suite's
+time).
 
 The model is llama_1b's step in miniature: bf16, splash attention, fsdp on v5p-8, two
 micro-batches of one sequence per chip, an MLP four times wider than the model. Before the
 scan had a policy for `remat="none"`, its temporaries here were 1.58x the unrolled step's
 (the SwiGLU and norm intermediates of every layer stacked for the backward pass).
 """
-
-import pytest
 
 from jaxlm import aot
 from tests.helpers import tiny_config
@@ -36,12 +36,11 @@ def small_config(scan_layers: bool, remat: str):
     return c
 
 
-@pytest.mark.parametrize("remat", ["none", "dots", "full"])
-def test_scanned_temporaries_stay_within_a_tenth_of_unrolled(remat):
+def test_scanned_temporaries_stay_within_a_tenth_of_unrolled():
     memory = {
-        scan: aot.compile_step(small_config(scan, remat), "v5p-8", with_cost=False).memory
+        scan: aot.compile_step(small_config(scan, "none"), "v5p-8", with_cost=False).memory
         for scan in (True, False)
     }
     scanned, unrolled = memory[True], memory[False]
     assert scanned["arguments"] == unrolled["arguments"]  # the same state, stacked or not
-    assert scanned["temp"] <= 1.1 * unrolled["temp"], (remat, scanned["temp"], unrolled["temp"])
+    assert scanned["temp"] <= 1.1 * unrolled["temp"], (scanned["temp"], unrolled["temp"])
