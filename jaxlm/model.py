@@ -239,7 +239,9 @@ def _save_matmuls_and_attention(prim: Any, *_, **params) -> bool:
     with a matmul in it."""
     if prim.name == "name":
         return params["name"] == attention.RESIDUALS
-    return prim.name in ("dot_general", "ragged_dot_general", "dot_product_attention_fwd")
+    # cuDNN attention's forward is bound as the wrapper primitive under autodiff.
+    cudnn = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+    return prim.name in ("dot_general", "ragged_dot_general", *cudnn)
 
 
 # What the scanned body saves for the backward pass; remat="none" has its policy too (above).
