@@ -227,16 +227,11 @@ REMAT_POLICIES = {
 
 
 def _save_matmuls_and_attention(prim: Any, *_, **params) -> bool:
-    """The scan's policy for `remat="none"`: keep every matmul's output (XLA attention's scores
-    included) and attention's residuals (splash's output and log-sum-exp, named
-    `attention.RESIDUALS`; cuDNN's forward call); recompute the elementwise work in between
-    (norms, RoPE, activations, weight casts) in the backward pass.
-
-    A scan's residuals leave its body as (n_layers, ...) stacks, where XLA can no longer fuse
-    that work into the backward as it does in an unrolled program: saving every intermediate
-    there (the fp32 norm inputs, each of SwiGLU's gate, up, sigmoid and product) cost llama_1b
-    on v5p-8 4.8 GiB per chip more than the unrolled step. The backward recomputes nothing
-    with a matmul in it."""
+    """The scan's `remat="none"` policy: save matmul outputs and attention's residuals (splash's,
+    named `attention.RESIDUALS`; cuDNN's forward), recompute the elementwise work between them.
+    A scan's residuals are (n_layers, ...) stacks XLA cannot fuse into the backward as it does
+    unrolled; saving every norm and SwiGLU intermediate cost llama_1b 1.64x the unrolled
+    temporaries on v5p-8 (docs/perf.md). No matmul or attention kernel runs twice."""
     if prim.name == "name":
         return params["name"] == attention.RESIDUALS
     # cuDNN attention's forward is bound as the wrapper primitive under autodiff.
