@@ -22,6 +22,10 @@ import jax.numpy as jnp
 from jaxlm import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+# The checkpoint name of splash's output and log-sum-exp, the residuals its backward reads: a
+# scanned model's remat="none" policy saves them (model.py); named, they are (B, H, L) rather
+# than the kernel's lane-padded (B, H, L, 128) fp32 output.
+RESIDUALS = "attention_residuals"
 SPLASH_BLOCK = 512  # query/key block of the splash kernel; shorter sequences use their length
 SPLASH_LANES = 128  # the kernel's blocks must be whole multiples of the TPU's 128 lanes
 
@@ -129,6 +133,7 @@ def _splash_kernel(n_heads: int, seq_len: int, interpret: bool, window: int, sof
         q_seq_shards=1,
         interpret=interpret,
         attn_logits_soft_cap=softcap or None,
+        residual_checkpoint_name=RESIDUALS,
     )
 
 

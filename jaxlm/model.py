@@ -246,6 +246,23 @@ REMAT_POLICIES = {
 }
 
 
+def _save_matmuls_and_attention(prim: Any, *_, **params) -> bool:
+    """The scan's `remat="none"` policy: save matmul outputs and attention's residuals (splash's,
+    named `attention.RESIDUALS`; cuDNN's forward), recompute the elementwise work between them.
+    A scan's residuals are (n_layers, ...) stacks XLA cannot fuse into the backward as it does
+    unrolled; saving every norm and SwiGLU intermediate cost llama_1b 1.64x the unrolled
+    temporaries on v5p-8 (docs/perf.md). No matmul or attention kernel runs twice."""
+    if prim.name == "name":
+        return params["name"] == attention.RESIDUALS
+    # cuDNN attention's forward is bound as the wrapper primitive under autodiff.
+    cudnn = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+    return prim.name in ("dot_general", "ragged_dot_general", *cudnn)
+
+
+# What the scanned body saves for the backward pass; remat="none" has its policy too (above).
+SCAN_POLICIES = dict(REMAT_POLICIES, none=_save_matmuls_and_attention)
+
+
 def attention_mask(
     q_segment_ids: jax.Array,
     kv_segment_ids: jax.Array,
@@ -533,8 +550,9 @@ class Transformer(nnx.Module):
                 layer_cache = {"k": layer_cache["k"], "v": layer_cache["v"]}
             return sharding.constrain(x, ("batch", "seq", "embed")), (layer_cache, aux)
 
-        if cache is None and self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+        if cache is None:
+            # The scan already keeps the recomputation apart from the forward: no CSE barrier.
+            body = jax.checkpoint(body, policy=SCAN_POLICIES[self.cfg.remat], prevent_cse=False)
         layer_caches = None if cache is None else cache["layers"]
         x, (new_layers, moe_aux) = jax.lax.scan(body, x, (stacked, layer_caches, per_layer))
         return x, new_layers, moe_aux
