@@ -30,9 +30,12 @@ if TYPE_CHECKING:  # estimate imports this module
     from jaxlm.model import ModelConfig
 
 # Row-sized tensors one sparse layer's backward holds at its peak, in units of D and F per
-# assignment: the forward's sorted tokens and expert outputs (D) and gate, up and hidden (F),
-# then their gradients while the forward's are still held.
-DISPATCH_D, DISPATCH_F = 4, 5
+# assignment (compute dtype). Counted by hand the forward keeps 4 D-sized (sorted tokens, their
+# tile-padded copy, expert outputs sorted and unsorted) and 3 F-sized (gate, up, hidden) rows,
+# and the backward adds their gradients; the totals are fitted to the TPU compiler's buffer
+# assignment of configs/olmoe_1b_7b.py on v5p-64 (30.7 GiB per chip; docs/perf.md), which
+# 4 D + 5 F left 7.4 GiB short of.
+DISPATCH_D, DISPATCH_F = 10, 8
 
 
 def sparse_layers(m: ModelConfig) -> int:
