@@ -15,14 +15,13 @@ load-balance loss at 0.001 (Qwen3-MoE's router_aux_loss_coef). 30,532,122,624 pa
 Hardware: a TPU v5p-64 slice (32 chips). `ep_fsdp` over all 32 chips, mesh (1, 32, 1): the
 batch and every weight split 32 ways, the experts whole (4 per chip). Dropless dispatch gathers
 the tokens of the whole expert group (here every chip) and runs the chip's own experts as
-megablox grouped matmuls (`grouped_matmul=auto`): the sorted token copies grow with the group
-(the planner's "MoE dispatch"): on v5p-128 a group of all 64 chips would need 114 GiB per
-chip by the planner, so there the groups are 16 chips, mesh (4, 16, 1), with grad_accum 16.
+megablox grouped matmuls (`grouped_matmul=auto`). On v5p-128 the compiled command uses expert
+groups of 16 chips, mesh (4, 16, 1), with grad_accum 16 (docs/perf.md).
 Every block is rematerialised; each chip takes one 4,096-token sequence per micro-batch.
 Batch: 1,024 sequences x 4,096 tokens = 4.19M tokens per step. Tokens: 60,000 steps = 252B
 tokens (Qwen3 trained ~36T; raise train.steps for that).
-On TPU (tools/compile.py on a CPU; docs/perf.md's compile table): see the MoE rows there for
-the TPU compiler's per-chip memory on v5p-64 and v5p-128 beside the planner's.
+On TPU, by the TPU compiler (tools/compile.py on a CPU; docs/perf.md): 45.4 GiB per chip on
+v5p-64 and 65.7 GiB on v5p-128 with the command above (planner 46.9 and 64.7).
 """
 
 from configs import base

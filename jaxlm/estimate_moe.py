@@ -9,11 +9,11 @@ Memory, per device (`jaxlm.moe` is the code these terms describe):
   rules (`estimate.state_bytes`): under `ep_fsdp` whole experts over the `expert` mesh axes,
   X / G per device for an expert group of G devices; `expert_param_bytes` is their share.
 - dispatch buffers, the transient of one sparse layer's backward (after its recomputed
-  forward): dropless, the tokens of the expert group gathered (G x T tokens, T this device's),
-  their A = G x T x k assignments sorted into a copy, the grouped matmuls' gate, up and hidden
-  outputs (A x F each) and the expert outputs (A x D) kept for the backward, and the backward's
-  gradients of the same; capacity mode, the (X, B, C, D) buffers and their (X, B, C, F) hidden
-  states, about capacity_factor x T x k rows per device. Without expert parallelism each layer
+  forward): dropless, the code gathers the expert group's tokens (G x T, T this device's) and
+  sorts their A = G x T x k assignments, but the TPU compiler's buffers measure as
+  DROPLESS_PER_EXPERT_VALUE x T x k x X x D values, whatever G (fitted; see below); capacity
+  mode, the (X, B, C, D) buffers and their (X, B, C, F) hidden states, about
+  capacity_factor x T x k rows per device. Without expert parallelism each layer
   also gathers its experts' weights (`fsdp` splits them along `embed`).
 """
 
@@ -29,13 +29,15 @@ if TYPE_CHECKING:  # estimate imports this module
     from jaxlm.estimate import Layout
     from jaxlm.model import ModelConfig
 
-# Row-sized tensors one sparse layer's backward holds at its peak, in units of D and F per
-# assignment (compute dtype). Counted by hand the forward keeps 4 D-sized (sorted tokens, their
-# tile-padded copy, expert outputs sorted and unsorted) and 3 F-sized (gate, up, hidden) rows,
-# and the backward adds their gradients; the totals are fitted to the TPU compiler's buffer
-# assignment of configs/olmoe_1b_7b.py on v5p-64 (30.7 GiB per chip; docs/perf.md), which
-# 4 D + 5 F left 7.4 GiB short of.
-DISPATCH_D, DISPATCH_F = 10, 8
+# Capacity mode: row-sized tensors one sparse layer's backward holds, in units of D and F per
+# slot (compute dtype), counted by hand: the forward's buffers and their gradients. Unmeasured.
+DISPATCH_D, DISPATCH_F = 4, 5
+# Dropless: bytes per (token x top_k x expert x D) value of this device's tokens, fitted to the
+# TPU compiler's four MoE recipe compiles (docs/perf.md; each within 6%). The compiler's figure
+# does not grow with the expert group G, as a count of the group's G x T x k sorted rows
+# would (that count, 4 D + 5 F per row, was -24% to -26% off for the smaller groups): what
+# it holds scales with all X experts instead. Why was not traced to an HLO buffer yet.
+DROPLESS_PER_EXPERT_VALUE = 1.75
 
 
 def sparse_layers(m: ModelConfig) -> int:
@@ -94,8 +96,13 @@ def dispatch_bytes(m: ModelConfig, layout: Layout) -> float:
     if m.moe is None:
         return 0.0
     a = 2 if m.dtype == "bfloat16" else 4
-    rows = dispatch_rows(m, layout)
-    buffers = rows * (DISPATCH_D * m.d_model + DISPATCH_F * m.moe.expert_d_ff) * a
+    moe, tokens = m.moe, layout.micro_batch * layout.seq_len
+    if moe.capacity_factor:
+        rows = dispatch_rows(m, layout)
+        buffers = rows * (DISPATCH_D * m.d_model + DISPATCH_F * moe.expert_d_ff) * a
+    else:
+        values = tokens * moe.top_k * moe.n_experts * m.d_model
+        buffers = DROPLESS_PER_EXPERT_VALUE * values * a
     if expert_group(m, layout) == 1 and layout.preset != "dp" and layout.mesh_shape["fsdp"] > 1:
-        buffers += 3 * m.moe.n_experts * m.d_model * m.moe.expert_d_ff * a  # gathered experts
+        buffers += 3 * moe.n_experts * m.d_model * moe.expert_d_ff * a  # gathered experts
     return float(buffers)
