@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     # moves this much toward balance (set aux_loss_coef small or 0 with it); 0: no bias.
     c.model.moe.bias_update_rate = 0.0
     c.model.moe.capacity_factor = 0.0  # 0: dropless; else slots per expert = factor * L * k / X
-    c.model.moe.grouped_matmul = "auto"  # auto (tiled on CPU, else ragged) | ragged | tiled
+    c.model.moe.grouped_matmul = "auto"  # auto (TPU: gmm, GPU: ragged, CPU: tiled) or one
     c.model.moe.first_dense_layers = 0  # the first n layers keep the dense MLP
     c.model.moe.every = 1  # after those, every k-th layer is sparse (1: all of them)
 

@@ -36,7 +36,7 @@ import re
 import time
 from typing import Any
 
-from jaxlm import estimate, hardware, sharding, stages, train, validate
+from jaxlm import estimate, estimate_xla, hardware, sharding, stages, train, validate
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
 
@@ -301,7 +301,7 @@ def _compile_program(
     start = time.perf_counter()
     compiled, lowered = _compile(setup, stage, target, planned)
     seconds = time.perf_counter() - start
-    memory = estimate.compiled_memory(compiled)
+    memory = estimate_xla.compiled_memory(compiled)
     if memory["total"] > target.chip.memory_bytes:
         total = memory["total"]
         where = f" ({common['stage']})" if several else ""

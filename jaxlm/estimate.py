@@ -8,8 +8,9 @@ how far the token budget is from Chinchilla's ~20 tokens per parameter.
 A step that does not fit gets `Estimate.remedies`: config changes with the totals the planner
 predicts for them, as overrides a tool can apply (`jaxlm.aot` proposes the cheapest that fits).
 `estimate_table.format_table(est)` renders it in 80 columns; `tools/estimate.py` is the CLI;
-`xla_memory` compiles the real train step and reads XLA's own per-device numbers, to check the
-model against.
+`estimate_xla.xla_memory` compiles the real train step and reads XLA's own per-device numbers,
+to check the model against. A mixture of experts adds `estimate_moe`'s terms: active
+parameters, expert weights split over the expert axis, dispatch buffers.
 
 Memory model, per device:
 - parameters fp32, split leaf by leaf exactly as `sharding.py` splits them; gradients the same
@@ -32,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import hardware, optim, sharding, stages
+from jaxlm import estimate_moe, hardware, optim, sharding, stages
 from jaxlm import model as model_lib
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
@@ -69,10 +69,16 @@ class ParamCounts:
     attention: int
     mlp: int
     norms: int
+    inactive: int = 0  # MoE: routed-expert weights a token is not multiplied by (in `mlp`)
 
     @property
     def total(self) -> int:
         return self.embedding + self.attention + self.mlp + self.norms
+
+    @property
+    def active(self) -> int:
+        """Parameters one token's forward pass uses: all but the experts it was not sent to."""
+        return self.total - self.inactive
 
     @property
     def non_embedding(self) -> int:
@@ -116,7 +122,7 @@ def param_counts(model_cfg: model_lib.ModelConfig) -> ParamCounts:
             kinds["attention" if "attn" in keys else "mlp"] += n
         else:
             raise ValueError(f"parameter {'/'.join(keys)} has no kind; teach param_counts it.")
-    return ParamCounts(**kinds)
+    return ParamCounts(**kinds, inactive=estimate_moe.inactive_params(model_cfg))
 
 
 def training_flops_6nd(n_params: float, tokens: float) -> float:
@@ -160,6 +166,8 @@ class Memory:
     working: float  # costliest transient: one layer's backward, or the logits
     working_kind: str  # "layer backward" | "logits"
     attention_scores: float  # L x L tensors in a layer's backward (0 with cudnn)
+    dispatch: float  # MoE: one sparse layer's dispatch buffers, in `working` (estimate_moe)
+    expert_params: float  # MoE: the routed experts' share of `params`
     micro_batch: int  # sequences per device per micro-batch
     budget: float  # usable HBM per chip
 
@@ -229,12 +237,16 @@ def memory(
     layer_backward = scores + tokens * 4 * (2 * w["D"] + 2 * w["F"])
     if m.remat != "none":
         layer_backward += none_layer  # the layer's forward is recomputed first
+    dispatch = estimate_moe.dispatch_bytes(m, layout)
+    layer_backward += dispatch
     logits = tokens * m.vocab_size / tensor * (4 + 4 + a)  # logits, fp32 copy, fp32 gradient
     weights = 0.0
     sharded = layout.preset != "dp" and layout.mesh_shape["fsdp"] * tensor > 1
     if m.remat == "none" and (a != 4 or sharded):  # bf16 casts or gathered copies, all layers
-        per_layer = 2 * m.d_model * (m.n_heads + m.n_kv_heads) * m.head_dim + 3 * m.d_model * m.d_ff
-        weights = (m.n_layers * per_layer + m.vocab_size * m.d_model) * a / tensor
+        attention = 2 * m.d_model * (m.n_heads + m.n_kv_heads) * m.head_dim
+        mlp = (m.n_layers - estimate_moe.sparse_layers(m)) * 3 * m.d_model * m.d_ff
+        weights = (m.n_layers * attention + mlp + m.vocab_size * m.d_model) * a / tensor
+        weights += estimate_moe.kept_expert_bytes(m, layout, a)
     working = max(logits, layer_backward)
     batch = tokens * layout.grad_accum * 5 * 4  # four int32 fields and the fp32 loss mask
     final_norm = 2 * tokens * m.d_model * 4
@@ -248,6 +260,8 @@ def memory(
         working=working,
         working_kind="logits" if logits > layer_backward else "layer backward",
         attention_scores=0.0 if logits > layer_backward else scores,
+        dispatch=dispatch,
+        expert_params=estimate_moe.expert_param_bytes(m, layout),
         micro_batch=layout.micro_batch,
         budget=budget,
     )
@@ -284,7 +298,7 @@ class Estimate:
 
     @property
     def train_flops_6nd(self) -> float:
-        return training_flops_6nd(self.params.total, self.tokens)
+        return training_flops_6nd(self.params.active, self.tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -555,48 +569,3 @@ def format_bytes(n: float) -> str:
 def format_count(n: float) -> str:
     """A count with a short scale word, three significant digits: 8.03 B."""
     return _human(n, (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)))
-
-
-# --------------------------------------------------------------------------- XLA's own numbers
-
-
-def xla_memory(
-    config: Any, vocab_size: int | None = None, devices: Sequence[jax.Device] | None = None
-) -> dict[str, float]:
-    """Per-device bytes XLA assigns to the compiled train step of `config` on `devices` (of the
-    stage program that needs the most, as `estimate` plans it).
-
-    Compiles (never runs) `train.Setup`'s steps on abstract inputs. On CPU it asks for XLA's
-    memory-optimised scheduler: the default one orders work for concurrency and lets buffers
-    pile up that a memory-aware GPU or TPU scheduler would free.
-
-    Returns:
-      `compiled_memory`'s bytes: arguments, outputs, aliased, temp and total.
-    """
-    from jaxlm import train  # pulls in the data pipeline: only needed when measuring
-
-    devices = list(devices if devices is not None else jax.devices())
-    mesh = sharding.make_mesh(config.mesh.shape, devices)
-    spec = run_spec.build(config)
-    setup = train.Setup(spec, int(vocab_size or config.tokenizer.vocab_size), mesh)
-    cpu = devices[0].platform == "cpu"
-    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if cpu else None
-    per_program = [
-        compiled_memory(setup.lower_train_step(s).compile(compiler_options=options))
-        for s in spec.plan.programs
-    ]
-    return max(per_program, key=lambda m: m["total"])
-
-
-def compiled_memory(compiled: Any) -> dict[str, float]:
-    """A compiled step's per-device buffer bytes: arguments, outputs, aliased, temp and total
-    (= arguments + outputs - aliased, the donated state being updated in place, + temp)."""
-    stats = compiled.memory_analysis()
-    out = {
-        "arguments": stats.argument_size_in_bytes,
-        "outputs": stats.output_size_in_bytes,
-        "aliased": stats.alias_size_in_bytes,
-        "temp": stats.temp_size_in_bytes,
-    }
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
-    return {k: float(v) for k, v in out.items()}

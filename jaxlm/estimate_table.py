@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 
+from jaxlm import estimate_moe
 from jaxlm.estimate import WIDTH, Estimate, format_bytes, format_count
 
 
@@ -68,6 +69,10 @@ def format_table(est: Estimate, width: int = WIDTH) -> str:
     )
     scores = f", L x L scores {format_bytes(mem.attention_scores)}" if mem.attention_scores else ""
     step_time = _duration(lay.batch_size * lay.seq_len / est.tokens_per_second)
+    mlp = f"SwiGLU {m.d_model} -> {m.d_ff}"
+    if m.moe:  # the sparse layers' experts, and the parameters a token actually meets
+        sparse = estimate_moe.sparse_layers(m)
+        mlp = f"{m.moe.n_experts} experts of {m.moe.expert_d_ff} in {sparse} layers"
     lines: list[str] = [
         *wrap(f"{est.name}: {est.chips} x {hw.name}, mesh {mesh} ({lay.preset})", width, "  "),
         "=" * width,
@@ -75,11 +80,20 @@ def format_table(est: Estimate, width: int = WIDTH) -> str:
         *cell("parameters", format_count(p.total), f"{p.total:,}"),
         *cell("  embeddings", format_count(p.embedding), head),
         *cell("  attention", format_count(p.attention), heads),
-        *cell("  MLP", format_count(p.mlp), f"SwiGLU {m.d_model} -> {m.d_ff}"),
+        *cell("  MLP", format_count(p.mlp), mlp),
         *cell("  norms", format_count(p.norms)),
+    ]
+    if m.moe:
+        routed = f"{p.active:,}: top-{m.moe.top_k} of {m.moe.n_experts} experts"
+        lines += cell("active per token", format_count(p.active), routed)
+    lines += [
         *cell("shape", f"{m.n_layers} layers", f"d_model {m.d_model}, vocab {m.vocab_size:,}"),
         "Compute",
-        *cell("FLOPs/token, 6N", _sci(6 * p.total), "N = all parameters"),
+        *cell(
+            "FLOPs/token, 6N",
+            _sci(6 * p.active),
+            "N = active parameters" if m.moe else "N = all parameters",
+        ),
         *cell("FLOPs/token, model", _sci(est.flops_per_token), "6 x matmul weights + attention"),
         *cell(
             "  of which attention", _sci(est.attention_flops_per_token), "6 x layers x H x E x L"
@@ -96,6 +110,12 @@ def format_table(est: Estimate, width: int = WIDTH) -> str:
             " " * 20,
         ),
         *cell("parameters", format_bytes(mem.params), "fp32"),
+    ]
+    if mem.expert_params:
+        group = estimate_moe.expert_group(m, lay)
+        split = f"{m.moe.n_experts // group} whole experts per device" if group > 1 else "split"
+        lines += cell("  routed experts", format_bytes(mem.expert_params), split)
+    lines += [
         *cell(
             "gradients", format_bytes(mem.grads), "+ accumulator" if lay.grad_accum > 1 else "fp32"
         ),
@@ -105,8 +125,11 @@ def format_table(est: Estimate, width: int = WIDTH) -> str:
     ]
     if mem.weights_kept:
         lines += cell("  weights kept for bwd", format_bytes(mem.weights_kept), "casts, gathers")
+    lines += cell("  working set", format_bytes(mem.working), f"{mem.working_kind}{scores}")
+    if mem.dispatch:
+        rows = f"{estimate_moe.dispatch_rows(m, lay):,} token-expert rows"
+        lines += cell("    MoE dispatch", format_bytes(mem.dispatch), rows)
     lines += [
-        *cell("  working set", format_bytes(mem.working), f"{mem.working_kind}{scores}"),
         *cell("total", format_bytes(mem.total), fit),
         *wrap(
             f"Time & cost   MFU {est.mfu:.0%} of {hw.peak_flops / 1e12:,.0f} TFLOP/s per chip",

@@ -4,8 +4,8 @@ A router (fp32, softmax or sigmoid scores) sends each token to its top-k of X Sw
 optional shared experts see every token. Two dispatches compute the same function:
 
 - dropless (`capacity_factor == 0`): the token-expert assignments are sorted by expert and the
-  experts run as grouped matmuls (`jax.lax.ragged_dot`, or on CPU a loop over row tiles), so
-  no assignment is ever dropped;
+  experts run as grouped matmuls (on TPU the Pallas megablox `gmm` kernel, on GPU
+  `jax.lax.ragged_dot`, on CPU a loop over row tiles), so no assignment is ever dropped;
 - capacity (`capacity_factor > 0`): each batch row gives every expert C slots; assignments past
   an expert's C-th (in position order) are dropped and counted. Fixed (X, B, C, D) buffers are
   what expert parallelism exchanges with an all-to-all.
@@ -36,8 +36,11 @@ from jaxlm import sharding
 from jaxlm.errors import ConfigError
 
 ROUTERS = ("softmax", "sigmoid")
-GROUPED_MATMULS = ("ragged", "tiled")
+GROUPED_MATMULS = ("gmm", "ragged", "tiled")
 TILE = 128  # rows per matmul of the tiled grouped matmul
+# megablox gmm's (rows, contracted, output) tile; each is clipped to the problem, and the two
+# feature tiles are equal because the backward pass swaps which feature width each one tiles.
+GMM_TILING = (512, 512, 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,8 @@ class MoEConfig:
     # this much toward balance (`update_bias`); 0 keeps no bias.
     bias_update_rate: float = 0.0
     capacity_factor: float = 0.0  # 0: dropless; else slots per expert = factor * L * k / X
-    # Dropless grouped matmul: ragged (jax.lax.ragged_dot) | tiled (a loop over row tiles) |
-    # auto: tiled on CPU, where XLA runs ragged_dot densely (X times the FLOPs), else ragged.
+    # Dropless grouped matmul: gmm (Pallas megablox kernel; off TPU in its slow interpret mode)
+    # | ragged (jax.lax.ragged_dot) | tiled (a loop over row tiles) | auto: `default_for`.
     grouped_matmul: str = "auto"
     first_dense_layers: int = 0  # the first n layers keep the dense MLP
     every: int = 1  # after those, every k-th layer is sparse (1: all of them)
@@ -135,6 +138,13 @@ class MoEConfig:
     def capacity(self, seq_len: int) -> int:
         """Slots per expert and batch row in capacity mode: ceil(factor * L * k / X), >= 1."""
         return max(1, math.ceil(self.capacity_factor * seq_len * self.top_k / self.n_experts))
+
+
+def default_for(platform: str) -> str:
+    """What `grouped_matmul="auto"` becomes, as `attention.default_for` picks attention: the
+    megablox kernel on TPU, ragged_dot on GPU, tiles on CPU (where XLA runs ragged_dot densely,
+    X times the FLOPs)."""
+    return {"tpu": "gmm", "cpu": "tiled"}.get(platform, "ragged")
 
 
 def total_params(moe: MoEConfig, d_model: int) -> int:
@@ -214,7 +224,7 @@ class MoEBlock(nnx.Module):
         else:
             matmul = self.moe.grouped_matmul
             if matmul == "auto":
-                matmul = "tiled" if sharding.platform() == "cpu" else "ragged"
+                matmul = default_for(sharding.platform())
             y = _dropless(x, experts, weights, self.expert_weights(), matmul)
             dropped = jnp.float32(0)
         if self.moe.n_shared_experts:
@@ -306,7 +316,7 @@ def _dropless_local(x, experts, weights, w_gate, w_up, w_down, ep_axes, matmul) 
     k, X = experts.shape[-1], w_gate.shape[0]
     first = jax.lax.axis_index(ep_axes) * X if ep_axes else 0
     mine = experts.reshape(-1) - first  # (A,), assignment a is token a // k's (a % k)-th choice
-    # Another device's assignments sort last, past the groups: ragged_dot leaves them zero.
+    # Another device's assignments sort last, past the groups: the grouped matmul zeroes them.
     mine = jnp.where((mine >= 0) & (mine < X), mine, X)
     order = jnp.argsort(mine, stable=True)  # assignments grouped by expert
     group_sizes = jnp.bincount(mine, length=X + 1)[:X].astype(jnp.int32)  # (X,)
@@ -328,10 +338,13 @@ def grouped_matmul(
     """Rows (A, D) sorted by group times each group's (D, F) of w (X, D, F) -> (A, F); rows
     past sum(group_sizes) come out zero.
 
-    ragged: `jax.lax.ragged_dot`, one grouped-matmul instruction on TPU and GPU. tiled: each
-    group's rows padded to whole tiles and one (tile, D) x (D, F) matmul per tile in a loop;
-    at most A / tile + X tiles, so at most X * (tile - 1) rows of wasted work.
+    gmm: the Pallas megablox kernel (`_gmm`), a Mosaic custom call on TPU. ragged:
+    `jax.lax.ragged_dot`, one grouped-matmul instruction on GPU. tiled: each group's rows
+    padded to whole tiles and one (tile, D) x (D, F) matmul per tile in a loop; at most
+    A / tile + X tiles, so at most X * (tile - 1) rows of wasted work.
     """
+    if implementation == "gmm":
+        return _gmm(xs, w, group_sizes)
     if implementation == "ragged":
         return jax.lax.ragged_dot(xs, w, group_sizes)
     A, D = xs.shape
@@ -347,6 +360,30 @@ def grouped_matmul(
     tile_group = jnp.minimum(tile_group, X - 1)  # tiles past the groups hold zeros
     out = jax.lax.map(lambda t: t[0] @ w[t[1]], (tiles.reshape(n_tiles, tile, D), tile_group))
     return out.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+
+
+def _gmm(xs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`grouped_matmul` by megablox `gmm` (its custom VJP: gmm for the rows' gradient, tgmm
+    for the weights'). Off TPU it runs in interpret mode: slow, for tests."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    A, D = xs.shape
+    X, _, F = w.shape
+    rows, features = GMM_TILING[0], min(GMM_TILING[1], D, F)
+    rows = min(rows, -(-A // 128) * 128)  # a small problem: one tile of whole 128-row blocks
+    m = -(-A // rows) * rows  # the kernel takes whole row tiles: pad with rows past the groups
+    # The rows past the X groups form one more group that w has no expert for: the kernel
+    # computes only w's groups and zeroes the rest (it is told X of X + 1 groups are here).
+    sizes = jnp.append(group_sizes, m - jnp.sum(group_sizes)).astype(jnp.int32)
+    out = gmm(
+        jnp.pad(xs, ((0, m - A), (0, 0))),
+        w,
+        sizes,
+        xs.dtype,  # preferred_element_type: the kernel accumulates in fp32 and casts back
+        (rows, features, features),
+        interpret=sharding.platform() != "tpu",  # the target's: compiling for TPU is real
+    )
+    return out[:A]
 
 
 def _capacity(x, experts, weights, w, moe: MoEConfig) -> tuple[jax.Array, jax.Array]:

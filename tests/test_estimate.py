@@ -17,7 +17,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from configs import base, llama_8b, tiny
 from jaxlm import estimate as est_lib
-from jaxlm import estimate_table, metrics, sharding, train
+from jaxlm import estimate_table, estimate_xla, metrics, sharding, train
 from jaxlm import model as model_lib
 from jaxlm import spec as run_spec
 from jaxlm.errors import ConfigError
@@ -145,9 +145,11 @@ def _words(table: str) -> list[str]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_table_fits_80_columns_without_cutting_a_word(recipe):
     config = importlib.import_module(f"configs.{recipe}").get_config()
-    # As shipped (the recipe's chips, with a price), and on one v5e chip: too small for most,
-    # so the suggestions list and the TPU attention (splash) appear.
-    for hardware, chips in (("h100", None), ("tpu-v5e", 1)):
+    # As shipped (the recipe's chips, with a price), and on the fewest v5e chips its mesh
+    # allows (one, but for fixed axes): too small for most, so the suggestions list and the
+    # TPU attention (splash) appear.
+    fewest = math.prod(s for s in config.mesh.shape if s > 0)
+    for hardware, chips in (("h100", None), ("tpu-v5e", fewest)):
         est = est_lib.estimate(config, hardware, chips, 0.45, 2.5)
         table = estimate_table.format_table(est)
         assert max(len(line) for line in table.splitlines()) <= est_lib.WIDTH, table
@@ -284,6 +286,59 @@ def test_remat_orders_memory():
 )
 def test_memory_within_20_percent_of_xla(name, devices):
     config = tiny.get_config() if name == "tiny" else larger_config()  # fsdp preset, remat none
-    xla = est_lib.xla_memory(config, devices=jax.devices()[:devices])["total"]
+    xla = estimate_xla.xla_memory(config, devices=jax.devices()[:devices])["total"]
     ours = est_lib.estimate(config, CPU, chips=devices).memory.total
     assert ours == pytest.approx(xla, rel=0.2), (ours / 2**20, xla / 2**20)
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+@pytest.mark.parametrize(
+    "recipe, total, active",
+    [
+        ("olmoe_1b_7b", 6_919_161_856, 1_282_017_280),  # OLMoE's "1B active, 7B total"
+        ("qwen3_30b_a3b", 30_532_122_624, 3_353_032_704),  # Qwen3's "30.5B total, 3.3B active"
+    ],
+)
+def test_moe_recipes_count_total_and_active_parameters(recipe, total, active):
+    config = importlib.import_module(f"configs.{recipe}").get_config()
+    est = est_lib.estimate(config, "tpu-v5p", chips=64)
+    p, m = est.params, est.model
+    assert (p.total, p.active) == (total, active)
+    # Model FLOPs per token: 6 x the active weights a token is multiplied by (the input
+    # embedding is a lookup), plus attention; 6ND counts the active parameters too.
+    matmul = p.active - (p.embedding - p.head)
+    assert est.flops_per_token == 6 * matmul + est.attention_flops_per_token
+    assert est.train_flops_6nd == 6 * active * est.tokens
+    table = estimate_table.format_table(est)
+    assert f"{active:,}: top-8 of {m.moe.n_experts} experts" in table
+    assert "N = active parameters" in table and "MoE dispatch" in table
+
+
+def test_moe_memory_splits_experts_over_the_expert_axis_and_counts_dispatch_buffers():
+    from jaxlm import estimate_moe
+
+    config = importlib.import_module("configs.olmoe_1b_7b").get_config()
+    X, D, F, layers = 64, 2048, 1024, 16
+
+    def plan(shape, grad_accum=32, chips=32):
+        config.mesh.shape, config.train.grad_accum = shape, grad_accum
+        return est_lib.estimate(config, "tpu-v5p", chips=chips)
+
+    group8, group16 = plan((-1, 8, 1)), plan((-1, 16, 1))
+    # The experts' fp32 weights are split whole over the expert group, G = the fsdp axis.
+    assert group8.memory.expert_params == layers * 3 * X * D * F * 4 / 8
+    assert group16.memory.expert_params == group8.memory.expert_params / 2
+    # Dropless dispatch, as the TPU compiler measures it: the chip's tokens x top_k x all
+    # experts x D, whatever the group; doubling the micro-batch doubles it.
+    assert estimate_moe.dispatch_rows(group8.model, group8.layout) == 8 * 4096 * 8
+    assert group16.memory.dispatch == group8.memory.dispatch
+    assert group8.memory.dispatch == estimate_moe.DROPLESS_PER_EXPERT_VALUE * 4096 * 8 * X * D * 2
+    assert plan((-1, 8, 1), grad_accum=16).memory.dispatch == 2 * group8.memory.dispatch
+    assert group8.memory.working >= group8.memory.dispatch
+    # Capacity mode holds factor x tokens x top_k slots per device, whatever the group.
+    config.model.moe.capacity_factor = 1.25
+    capacity = plan((-1, 16, 1))
+    rows = estimate_moe.dispatch_rows(capacity.model, capacity.layout)
+    assert rows == math.ceil(1.25 * 4096 * 8 / X) * X

@@ -154,3 +154,30 @@ def test_bits_per_byte_panel_has_one_line_per_series_and_the_gzip_baseline(tmp_p
         "bits per byte (lower is better)",
     ]
     plt.close(fig)
+
+
+def test_an_moe_run_gets_a_row_of_router_panels_and_a_dense_run_does_not(tmp_path):
+    import matplotlib.pyplot as plt
+
+    moe = make_workdir(tmp_path / "tiny_moe", seed=0)
+    records = [json.loads(x) for x in (moe / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if "train/loss" in r:  # the router statistics the trainer logs with each train line
+            r["train/moe_balance_loss"] = 2.0 + 1.0 / r["step"]
+            r["train/moe_z_loss"] = 0.5
+            r["train/moe_dropped"] = 0.0
+            r["train/moe_load_max_over_mean"] = 1.0 + 10.0 / r["step"]
+    (moe / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dense = make_workdir(tmp_path / "tiny", seed=1)
+
+    fig = plot_metrics.dashboard([str(moe), str(dense)])
+    router = {ax.get_title(): ax for ax in fig.axes[6:9]}
+    assert list(router) == ["router losses", "expert load: busiest / mean", "assignments dropped"]
+    labels = [line.get_label() for line in router["router losses"].get_lines()]
+    assert labels == ["tiny_moe balance loss", "tiny_moe z loss"]  # the dense run has none
+    balance = router["expert load: busiest / mean"].get_lines()
+    assert balance[0].get_ydata()[0] == 2.0 and set(balance[-1].get_ydata()) == {1.0}  # 1: ideal
+    plt.close(fig)
+    fig = plot_metrics.dashboard([str(dense)])
+    assert len(fig.axes) == 6  # no router row without router metrics
+    plt.close(fig)

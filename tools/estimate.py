@@ -90,11 +90,11 @@ def _measure(config, hardware) -> None:
     """XLA's per-device total for this machine's devices, beside the estimate for them."""
     import jax
 
-    from jaxlm import estimate
+    from jaxlm import estimate, estimate_xla
 
     n, platform = jax.device_count(), jax.devices()[0].platform
     print(f"Measured   the train step compiled for {n} local {platform} device(s)")
-    xla = estimate.xla_memory(config)["total"]
+    xla = estimate_xla.xla_memory(config)["total"]
     local = dataclasses.replace(hardware, platform=platform)  # resolve attention="auto" as here
     ours = estimate.estimate(config, local, chips=n, mfu=_MFU.value).memory.total
     xla, ours = estimate.format_bytes(xla), estimate.format_bytes(ours)

@@ -10,7 +10,10 @@ run has one dataset) and gzip -9 on the same held-out text (`eval/gzip_bits_per_
 the x axis is tokens seen (step x train.batch_size x train.seq_len from each run's config.json,
 or steps when a config is missing). A run with `config.stages` also gets its stage boundaries
 marked (dotted lines) on every panel and a row of its planned schedules: batch size, sequence
-length and mixture weights per step. A run that wrote a goodput breakdown (`goodput/<category>_s`,
+length and mixture weights per step. A mixture-of-experts run (`train/moe_*` metrics) gets a
+row of its routers: the load-balance loss (solid) and router z-loss (dashed), the busiest
+expert's load over the mean (1 is perfect balance) and the fraction of assignments dropped (0
+when dropless). A run that wrote a goodput breakdown (`goodput/<category>_s`,
 at its end) gets a last row: where its wall time went, one stacked bar per run, cumulative over
 its restarts. Needs matplotlib: pip install 'jaxlm[plot]'.
 Default output: <first workdir>/metrics.png.
@@ -39,6 +42,12 @@ _OUT = flags.DEFINE_string(
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps, values), sorted by step
 _TASK_KEY = re.compile(r"^eval/(.+)/accuracy$")
 _BPB_KEY = re.compile(r"^eval/(.+)/bits_per_byte$")  # per dataset and per validation set
+# An MoE model's router statistics, as jaxlm.train names them (MOE_METRICS), by panel.
+_MOE_PANELS = (
+    ("router losses", "loss (log scale)", ("moe_balance_loss", "moe_z_loss")),
+    ("expert load: busiest / mean", "max / mean load (1: balanced)", ("moe_load_max_over_mean",)),
+    ("assignments dropped", "fraction dropped", ("moe_dropped",)),
+)
 
 
 def read_metrics(workdir: str) -> Series:
@@ -173,8 +182,9 @@ def dashboard(workdirs: list[str]) -> Any:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     staged = any(p is not None for p in plans)  # a third row: the planned schedules
+    routed = any("train/moe_balance_loss" in run for run in runs)  # a row of router panels
     accounted = any("goodput/wall_s" in run for run in runs)  # a last row: the goodput bars
-    rows = (3 if staged else 2) + accounted
+    rows = (3 if staged else 2) + routed + accounted
     fig, axes = plt.subplots(rows, 3, figsize=(16, 4.25 * rows), dpi=100, sharex=True)
     if accounted:  # one wide panel of its own x axis (seconds) in place of the last row
         for ax in axes[-1]:
@@ -211,6 +221,9 @@ def dashboard(workdirs: list[str]) -> Any:
     }
     if staged:
         y_labels.update({ax_batch: "sequences", ax_len: "tokens", ax_mix: "weight"})
+    moe_axes = dict(zip(axes[2 + staged], _MOE_PANELS, strict=True)) if routed else {}
+    for ax, (title, y_label, _) in moe_axes.items():
+        titles[ax], y_labels[ax] = title, y_label
     drawn: dict[Any, bool] = dict.fromkeys(titles, False)
 
     def line(ax, series: Series, key: str, to_x: Callable | None, color: str, **kw) -> bool:
@@ -306,8 +319,13 @@ def dashboard(workdirs: list[str]) -> Any:
                     chance_drawn.add((task, chance))
                     ax_acc.axhline(chance, color="gray", ls=":", lw=1, label=f"chance {task}")
 
+        for ax, (_, _, keys) in moe_axes.items():
+            for key, style in zip(keys, ("-", "--"), strict=False):
+                name = key.removeprefix("moe_").replace("_", " ")
+                line(ax, run, f"train/{key}", scale, color, ls=style, label=f"{label} {name}")
         if plan is not None:
-            _draw_stages(plan, label, color, scale if use_tokens else None, titles, drawn)
+            to_x = scale if use_tokens else None
+            _draw_stages(plan, label, color, to_x, titles, drawn, tuple(axes[2]))
 
     for ax, title in titles.items():
         ax.set_title(title)
@@ -323,7 +341,11 @@ def dashboard(workdirs: list[str]) -> Any:
             ax.text(
                 0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray"
             )
-    for ax in (ax_loss, ax_grad):
+    for ax, (_, _, keys) in moe_axes.items():
+        if drawn[ax] and "moe_load_max_over_mean" in keys:
+            ax.axhline(1.0, color="gray", ls=":", lw=1)  # perfect balance
+    router_losses = [ax for ax, (_, _, keys) in moe_axes.items() if "moe_z_loss" in keys]
+    for ax in (ax_loss, ax_grad, *router_losses):
         if drawn[ax]:
             ax.set_yscale("log")  # early values are orders of magnitude above the rest
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -371,10 +393,16 @@ def _same_series(a: tuple[np.ndarray, np.ndarray], b: tuple | None) -> bool:
 
 
 def _draw_stages(
-    plan: Any, label: str, color: str, to_x: Callable | None, titles: dict, drawn: dict
+    plan: Any,
+    label: str,
+    color: str,
+    to_x: Callable | None,
+    titles: dict,
+    drawn: dict,
+    stage_axes: tuple[Any, Any, Any],
 ) -> None:
-    """A staged run's boundaries on every panel, and its planned batch, length and mixture in
-    the third row (the last three panels of `titles`)."""
+    """A staged run's boundaries on every panel of `titles`, and its planned batch, length and
+    mixture in `stage_axes` (the third row)."""
     x = to_x or (lambda steps: np.asarray(steps))
     panels = list(titles)
     for stage in plan.stages[1:]:
@@ -391,7 +419,7 @@ def _draw_stages(
             fontsize=7,
             color=color,
         )
-    ax_batch, ax_len, ax_mix = panels[-3:]
+    ax_batch, ax_len, ax_mix = stage_axes
     steps, batch = _planned(plan, lambda s: s.batch_size)
     ax_batch.step(x(steps), batch, where="post", color=color, label=label)
     steps, length = _planned(plan, lambda s: s.seq_len)
