@@ -20,14 +20,13 @@ Memory, per device (`jaxlm.moe` is the code these terms describe):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 from jaxlm import moe as moe_lib
 from jaxlm import sharding
+from jaxlm.model_config import ModelConfig
 
-if TYPE_CHECKING:  # estimate imports this module
-    from jaxlm.estimate import Layout
-    from jaxlm.model import ModelConfig
+Layout = Any  # estimate.Layout (mesh shape, preset, micro-batch): estimate imports this module
 
 # Capacity mode: row-sized tensors one sparse layer's backward holds, in units of D and F per
 # slot (compute dtype), counted by hand: the forward's buffers and their gradients. Unmeasured.

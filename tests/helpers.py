@@ -479,3 +479,22 @@ def write_run_config(path, manifest: str, steps: int, checkpoint_every: int) -> 
         RUN_CONFIG.format(manifest=manifest, steps=steps, checkpoint_every=checkpoint_every)
     )
     return str(path)
+
+
+def export_and_reload(hf_dir, torch_model, tmp_path):
+    """`hf_dir` imported into jaxlm, exported again and loaded by transformers, checked to be the
+    same class with every tensor of `torch_model` bit for bit; returns the reloaded model."""
+    import torch
+    import transformers
+
+    from jaxlm.convert import hf
+
+    hf.import_hf(hf_dir, str(tmp_path / "w"), progress=False)
+    out = hf.export_hf(str(tmp_path / "w"), str(tmp_path / "out"), progress=False)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded) is type(torch_model)
+    theirs, ours = torch_model.state_dict(), reloaded.state_dict()
+    assert sorted(theirs) == sorted(ours)
+    for name, tensor in theirs.items():
+        assert torch.equal(tensor, ours[name]), name
+    return reloaded

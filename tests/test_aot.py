@@ -234,7 +234,10 @@ def test_the_remedy_of_a_step_that_does_not_fit_compiles_and_fits(tmp_path):
     report = aot.compile_step(config, "v5p-8", with_cost=False)
     assert report.fits
     assert report.planner_memory == pytest.approx(remedy["planner_memory"])
-    assert report.planner_memory == pytest.approx(report.memory["total"], rel=0.15)
+    # The planner errs high here, never low: its remat="none" counts (XLA:CPU's buffer
+    # assignment) keep more than the TPU compiler does since the scanned body's checkpoint
+    # policy (measured 1.50x; it was 1.09x against the scan that kept every intermediate).
+    assert report.memory["total"] <= report.planner_memory <= 1.6 * report.memory["total"]
 
 
 def test_json_is_written_for_any_error(tmp_path):
@@ -274,7 +277,7 @@ def test_train_step_exports_for_cuda_without_a_gpu():
     assert [a.shape for a in exported.in_avals] == [x.shape for x in leaves]
     # The program carries the mesh, and parameters stay split over its fsdp axis.
     module = exported.mlir_module()
-    assert '["data"=1, "fsdp"=8, "tensor"=1]' in module
+    assert '["data"=1, "fsdp"=8, "tensor"=1, "context"=1]' in module
     assert '{"fsdp"}' in module
     # `auto` attention becomes cuDNN for a bf16 model on a GPU; where cuDNN cannot lower (no
     # CUDA plugin here) the report says it exported the XLA path instead.

@@ -19,10 +19,9 @@ from flax import nnx
 
 from jaxlm import generate
 from jaxlm import model as model_lib
-from jaxlm.convert import hf
 from jaxlm.errors import ConfigError, ConvertError
 from tests.family_models import COMMON, FAMILIES, VOCAB, WINDOW, make_family_model
-from tests.helpers import one_sentence, read_params
+from tests.helpers import export_and_reload, one_sentence, read_params
 
 PAD = 6  # left padding of the second row
 ROWS = np.random.RandomState(7).randint(3, VOCAB, (2, 19))
@@ -109,17 +108,7 @@ def test_greedy_generation_is_identical(built):
 
 
 def test_export_reloads_in_transformers_bit_for_bit(built, tmp_path):
-    import torch
-    import transformers
-
-    hf.import_hf(built.hf_dir, str(tmp_path / "w"), progress=False)
-    out = hf.export_hf(str(tmp_path / "w"), str(tmp_path / "out"), progress=False)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert type(reloaded) is type(built.torch_model)
-    theirs, ours = built.torch_model.state_dict(), reloaded.state_dict()
-    assert sorted(theirs) == sorted(ours)
-    for name, tensor in theirs.items():
-        assert torch.equal(tensor, ours[name]), name
+    reloaded = export_and_reload(built.hf_dir, built.torch_model, tmp_path)
     source = built.torch_model.config
     keys = ("sliding_window", "layer_types", "query_pre_attn_scalar", "head_dim", "rope_parameters")
     for key in (*keys, "bos_token_id", "eos_token_id", "pad_token_id"):

@@ -13,8 +13,13 @@ from tests.helpers import REPO
 
 # Import names that differ from the requirement's name. torch is not listed in the extra but
 # comes with it (accelerate requires it); README's test command pins its CPU build first.
-IMPORT_NAMES = {"jax[tpu]": "libtpu", "apache-beam": "apache_beam", "lm-eval": "lm_eval"}
-BROUGHT_IN = ["torch"]
+IMPORT_NAMES = {
+    "jax[tpu]": "libtpu",
+    "apache-beam": "apache_beam",
+    "lm-eval": "lm_eval",
+    "moto[server]": "moto",
+}
+BROUGHT_IN = ["torch", "boto3"]  # boto3 (tests/test_storage.py's bucket admin) comes with moto
 
 
 def extra_requirements() -> list[str]:

@@ -217,7 +217,7 @@ def test_parameter_counts_and_sparse_layers():
         ("router", "relu"),
         ("capacity_factor", -1.0),
         ("every", 0),
-        ("grouped_matmul", "gmm"),
+        ("grouped_matmul", "megablox"),
     ],
 )
 def test_bad_config_is_one_sentence(field, value):

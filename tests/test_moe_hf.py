@@ -20,7 +20,7 @@ from flax import nnx
 from jaxlm import model as model_lib
 from jaxlm.convert import hf
 from jaxlm.errors import ConvertError
-from tests.helpers import one_sentence, read_params
+from tests.helpers import export_and_reload, one_sentence, read_params
 
 VOCAB, WINDOW, EXPERTS = 333, 7, 6
 COMMON = dict(
@@ -152,17 +152,7 @@ def test_logits_match_transformers_on_a_padded_batch_longer_than_the_window(buil
 
 
 def test_export_reloads_in_transformers_bit_for_bit(built, tmp_path):
-    import torch
-    import transformers
-
-    hf.import_hf(built.hf_dir, str(tmp_path / "w"), progress=False)
-    out = hf.export_hf(str(tmp_path / "w"), str(tmp_path / "out"), progress=False)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert type(reloaded) is type(built.torch_model)
-    theirs, ours = built.torch_model.state_dict(), reloaded.state_dict()
-    assert sorted(theirs) == sorted(ours)
-    for name, tensor in theirs.items():
-        assert torch.equal(tensor, ours[name]), name
+    reloaded = export_and_reload(built.hf_dir, built.torch_model, tmp_path)
     source = built.torch_model.config
     keys = (
         *("num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob"),
