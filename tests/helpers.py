@@ -14,6 +14,8 @@ import json.decoder
 import math
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 
 import jax
@@ -498,3 +500,25 @@ def export_and_reload(hf_dir, torch_model, tmp_path):
     for name, tensor in theirs.items():
         assert torch.equal(tensor, ours[name]), name
     return reloaded
+
+
+def continue_pretraining_cli(base_model, workdir, overrides: dict) -> str:
+    """`python -m jaxlm.main --config=configs/continue_pretraining.py:<base_model>` with `overrides`
+    on one CPU device, checked to succeed; returns its stdout."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlm.main",
+            f"--config=configs/continue_pretraining.py:{base_model}",
+            f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items()),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout

@@ -10,8 +10,6 @@ library text (no downloads): <pad> 0, <s> 1 (put before every prompt), </s> 2.
 import json
 import os
 import re
-import subprocess
-import sys
 import sysconfig
 
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from jaxlm import cli
 from jaxlm.convert import hf
 from jaxlm.data import tokenizer as tokenizer_lib
-from tests.helpers import make_hf_model
+from tests.helpers import continue_pretraining_cli, make_hf_model
 from tools import generate as generate_tool
 
 
@@ -182,23 +180,7 @@ def test_continued_pretraining_command_on_one_text_file(base, tmp_path, capsys):
         "sample.max_tokens": 0,
         "logging.tensorboard": False,
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxlm.main",
-            f"--config=configs/continue_pretraining.py:{base}",
-            f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in overrides.items()),
-        ],
-        cwd=REPO,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    log = proc.stdout
+    log = continue_pretraining_cli(base, workdir, overrides)
     print(log[-1500:])
     start = float(re.search(r"^eval\s+0 \| loss ([\d.]+)", log, re.M).group(1))
     end = float(re.search(r"^eval\s+30 \| loss ([\d.]+)", log, re.M).group(1))

@@ -9,8 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import sysconfig
 
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from jaxlm import cli
 from jaxlm.convert import hf
 from tests.family_models import FAMILIES, WINDOW, make_family_model
-from tests.helpers import transformers_nll, write_bpe_tokenizer
+from tests.helpers import continue_pretraining_cli, transformers_nll, write_bpe_tokenizer
 from tools import evaluate as evaluate_tool
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -106,23 +104,7 @@ def test_continue_pretraining_trains_and_exports(source, corpus, tmp_path, capsy
         "data.cache_dir": str(corpus[2]),
     }
     if family == CLI_FAMILY:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "jaxlm.main",
-                f"--config=configs/continue_pretraining.py:{path}",
-                f"--workdir={workdir}",
-                *(f"--config.{k}={v}" for k, v in overrides.items()),
-            ],
-            cwd=REPO,
-            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-        log = proc.stdout
+        log = continue_pretraining_cli(path, workdir, overrides)
     else:
         from configs import continue_pretraining
         from jaxlm import loop
