@@ -441,6 +441,54 @@ def packed_documents(
                 assert sl.stop == len(row["inputs"]), "an unfinished document must fill its row"
 
 
+def lane_documents(
+    batches: Iterable[dict[str, np.ndarray]], streams: int = 1, bos: int = BOS, eos: int = EOS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) of each document of a training stream's batches, in the order the
+    stream drew them (the order of their first tokens, batch by batch, row by row), each as soon
+    as it and every document drawn before it are complete.
+
+    Row r of a stream's part of a batch continues that stream's lane r (`jaxlm.data.stream`); a
+    batch of fewer rows than the last sets the lanes it cuts off waiting, and they are continued
+    first, in order.
+    """
+    started: list[list] = []  # per document drawn: [x parts, y parts, finished]
+    done = 0  # documents yielded
+    lanes: list[dict[int, list | None]] = [{} for _ in range(streams)]
+    waiting: list[list[list]] = [[] for _ in range(streams)]
+    for batch in batches:
+        parts = {k: np.split(v, streams) for k, v in batch.items()}
+        for s in range(streams):
+            n_rows = parts["inputs"][s].shape[0]
+            for r in sorted(lanes[s]):
+                if r >= n_rows and lanes[s][r] is not None:
+                    waiting[s].append(lanes[s].pop(r))
+            for r in range(n_rows):
+                row = {k: v[s][r] for k, v in parts.items()}
+                for i, sl in enumerate(row_segments(row)):
+                    x, y = row["inputs"][sl], row["targets"][sl]
+                    if x[0] == bos:
+                        assert lanes[s].get(r) is None, "a document started before its lane's ended"
+                        doc = [[], [], False]
+                        started.append(doc)
+                    elif lanes[s].get(r) is not None:
+                        assert i == 0, "a lane's document continues at its row's start"
+                        doc = lanes[s][r]
+                    else:  # a lane cut off by a smaller batch, taken over by this one
+                        assert waiting[s], "a document continued that no lane held"
+                        doc = waiting[s].pop(0)
+                    doc[0].append(x)
+                    doc[1].append(y)
+                    if y[-1] == eos:
+                        doc[2], lanes[s][r] = True, None
+                    else:
+                        assert sl.stop == len(row["inputs"]), "an unfinished document fills its row"
+                        lanes[s][r] = doc
+                while done < len(started) and started[done][2]:
+                    yield np.concatenate(started[done][0]), np.concatenate(started[done][1])
+                    started[done], done = None, done + 1
+
+
 def jaxlm_logits(cfg, params, tokens):
     """A jaxlm model's logits for `tokens`, from its config and params (no mesh)."""
     graphdef, _ = nnx.split(model_lib.abstract(cfg))

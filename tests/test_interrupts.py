@@ -20,9 +20,13 @@ from tests.helpers import tiny_config
 # prints "ready" once the workers have returned a batch.
 _ENDLESS_TOKENIZATION = textwrap.dedent(
     """
-    import itertools, sys
+    import itertools, signal, sys
     from jaxlm import cli
     from jaxlm.data import records
+
+    # A terminal's foreground job takes Ctrl-C, even where the tests run in a background job,
+    # which inherits SIGINT ignored (as the job runner of a non-interactive shell gives it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def texts():
         for i in itertools.count():

@@ -27,6 +27,7 @@ from tests.helpers import (
     BODY,
     batch_rows,
     document_ids,
+    lane_documents,
     packed_documents,
     synthetic_docs,
     write_manifest,
@@ -125,11 +126,11 @@ def test_real_stdlib_text_round_trips_through_prepare_and_packing(tmp_path):
     L = 256
     c.train.seq_len, c.train.batch_size, c.train.grad_accum, c.train.steps = L, 8, 1, 100
     plan = stages.build(c)
-    train_rows = batch_rows(
-        stream.TrainBatches(m, plan, seed=0, streams=1, process_index=0, process_count=1)
+    train_batches = stream.TrainBatches(
+        m, plan, seed=0, streams=1, process_index=0, process_count=1
     )
     train = decoded(
-        packed_documents(train_rows, tok.bos_id, tok.eos_id), stats["train"]["documents"]
+        lane_documents(train_batches, 1, tok.bos_id, tok.eos_id), stats["train"]["documents"]
     )
     n_eval = pipeline.eval_num_batches(m, "stdlib", L, 8, max_batches=0)
     val_rows = batch_rows(

@@ -6,7 +6,7 @@ boundary) is in test_stages.py.
 
 Manifests are written directly with `records.ShardWriter` (no tokenizer): synthetic documents
 whose first token names their dataset, so shares and identities can be counted from the packed
-rows alone. Packed rows are read back into documents with `packed_documents`.
+rows alone. Packed rows are read back into documents with `lane_documents`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from tests.helpers import (
     BODY,
     BOS,
     EOS,
-    batch_rows,
     document_ids,
-    packed_documents,
+    lane_documents,
     synthetic_docs,
     tiny_config,
     write_manifest,
@@ -73,7 +72,7 @@ def test_weights_set_the_shares_and_zero_excludes_a_dataset(tmp_path):
     )
     reader = _batches(m, _plan(128, 8, {"a": 1.0, "b": 3.0, "c": 0.0}))
     counts: collections.Counter = collections.Counter()
-    for doc in packed_documents(batch_rows(reader)):
+    for doc in lane_documents(reader):
         counts[document_ids(doc)[0]] += 1
         if counts.total() == 4000:
             break
@@ -95,13 +94,10 @@ def test_packing_yields_every_token_once_per_epoch_and_reshuffles(tmp_path):
     tokens = m["datasets"]["only"]["train"]["tokens"]
     assert tokens == sum(len(d) + 1 for d in docs)
 
-    counted = []
-    for row in batch_rows(_batches(m, _plan(L, B, {"only": 1.0}))):
-        assert row["loss_mask"].all(), "training rows are full: packing wastes no slot"
-        counted.append(row)
-        if len(counted) * L >= 2 * tokens + 5 * L:
-            break
-    documents = packed_documents(counted)
+    reader = _batches(m, _plan(L, B, {"only": 1.0}))
+    batches = [next(reader) for _ in range((2 * tokens) // (B * L) + 20)]
+    assert all(b["loss_mask"].all() for b in batches), "training rows are full: no slot wasted"
+    documents = lane_documents(batches)
     epochs = [[document_ids(next(documents)) for _ in docs] for _ in range(2)]
     source = collections.Counter(tuple(d) for d in docs)
     for epoch in epochs:
@@ -191,3 +187,37 @@ def test_the_batch_rewrite_sees_the_step_and_the_global_row(mixture):
         joined = np.concatenate([next(h)["loss_mask"] for h in hosts])
         np.testing.assert_array_equal(whole["loss_mask"], joined)
         np.testing.assert_array_equal(whole["loss_mask"][:, 0], 100 * step + np.arange(8))
+
+
+def test_each_row_is_its_own_documents_lane_and_fewer_rows_skip_none(tmp_path):
+    """Row r of every batch continues lane r, so a long document does not fill a whole batch;
+    a stage of fewer rows leaves lanes waiting, continued before new documents (none skipped,
+    none replayed), also through a JSON resume in the middle of the wait."""
+    L = 16
+    rng = np.random.RandomState(4)
+    docs = [[3] + rng.randint(*BODY, size=rng.randint(4 * L, 9 * L)).tolist() for _ in range(40)]
+    m = write_manifest(tmp_path, {"only": {"train": docs}})
+    c = tiny_config()
+    c.model.max_seq_len = L
+    c.data.datasets = {"only": dict(paths="-", weight=1.0)}
+    c.train.batch_size, c.train.grad_accum, c.train.steps = 2, 1, 0
+    c.stages = (
+        dict(steps=3, seq_len=L, batch_size=6),
+        dict(steps=40, seq_len=L, batch_size=2),  # four lanes wait, mid-document
+        dict(steps=300, seq_len=L, batch_size=6),
+    )
+    plan = stages.build(c)
+    reader = _batches(m, plan)
+    first = next(reader)
+    # Six rows, six different documents: each row opens with BOS and its own first ids.
+    assert (first["inputs"][:, 0] == BOS).all()
+    assert len({tuple(r[1:4]) for r in first["inputs"]}) == 6
+    batches = [first] + [next(reader) for _ in range(5)]
+    state = json.loads(json.dumps(reader.get_state()))
+    assert len(state[0]["waiting"]) == 4
+    resumed = _batches(m, plan)
+    resumed.set_state(state)
+    rest = [next(resumed) for _ in range(200)]
+    _same(rest[:20], [next(reader) for _ in range(20)])
+    read = [document_ids(d) for d in lane_documents(batches + rest)]
+    assert collections.Counter(read[: len(docs)]) == collections.Counter(map(tuple, docs))
