@@ -39,6 +39,10 @@ _NANOGPT = flags.DEFINE_string("nanogpt_dir", None, "A checkout of karpathy/nano
 _JAXLM_STEPS = flags.DEFINE_integer("jaxlm_steps", 600, "jaxlm's steps (its schedule's length).")
 _WARMUP = flags.DEFINE_integer("warmup", 50, "jaxlm's warmup steps.")
 _RAMP = flags.DEFINE_integer("ramp_steps", 0, "jaxlm: this many 6-row steps first (0: none).")
+_SCAN = flags.DEFINE_bool("scan", True, "jaxlm: scanned layers (Muon orthogonalizes them batched).")
+_TARGET = flags.DEFINE_string(
+    "nanogpt_result", "", "LOSS,SECONDS of an earlier nanoGPT run: skip running it (tuning only)."
+)
 NANOGPT_ITERS, EVAL_BATCHES = 2000, 200
 
 
@@ -85,6 +89,7 @@ def run_jaxlm(train_ids, val_ids, vocab: int, target: float) -> list[tuple[int, 
 
     c = bench_optim.char_config("muon", _JAXLM_STEPS.value)
     c.optim.warmup_steps = _WARMUP.value
+    c.model.scan_layers = _SCAN.value
     half = bench_optim.BATCH // 2
     if _RAMP.value:  # the batch-size ramp: half batches first (micro-batches of half a batch)
         c.train.batch_size, c.train.steps = half, 0
@@ -142,7 +147,10 @@ def main(argv):
     table = {ch: i for i, ch in enumerate(chars)}
     ids = np.fromiter((table[ch] for ch in text), np.int32, len(text))
     split = int(len(ids) * 0.9)
-    target, nano_s = run_nanogpt()
+    if _TARGET.value:  # tuning: not this sitting's nanoGPT, so not a result to report
+        target, nano_s = map(float, _TARGET.value.split(","))
+    else:
+        target, nano_s = run_nanogpt()
     print(f"nanoGPT: val loss {target:.4f} after {NANOGPT_ITERS} iterations, {nano_s:.1f} s")
     curve = run_jaxlm(ids[:split], ids[split:], len(chars), target)
     step, spent, loss = curve[-1]

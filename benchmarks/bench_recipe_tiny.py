@@ -11,9 +11,13 @@ batches (a step's cost does not depend on the tokens), each program's cost the m
 rounds. Then each arm trains for the steps that fit the base recipe's `train.steps` steps at
 those costs (dearer steps: fewer of them, the schedule squeezed to fit), through `loop.run` as
 `jaxlm.main` would, with periodic evaluation, the next-line task, the sample and checkpoints
-before the end off (they cost every arm the same). Its figure is the final held-out bits per byte on all held-out
-text. The table prints that, the steps, and the step cost vs the base arm; held-out at equal
-tokens is the same column for arms whose cost is the base's (they run the base's steps).
+before the end off (they cost every arm the same). Its figure is the final held-out bits per
+byte on all held-out text. The table prints that, the steps, and the step cost vs the base
+arm; held-out at equal tokens is the same column for arms whose cost is the base's (they run
+the base's steps).
+
+The command resumes: the costs are kept in `--workroot`/costs.json (delete it to time again)
+and an arm whose run there has finished with the steps it needs is not trained again.
 """
 
 import json
@@ -147,6 +151,23 @@ def final_bits_per_byte(workdir: str) -> tuple[float, int]:
     return found
 
 
+def _saved_costs(path: str, names: list[str]) -> dict[str, dict[int, float]] | None:
+    """The step costs an earlier invocation timed, if they cover every arm of this one."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = {name: {int(r): ms for r, ms in c.items()} for name, c in json.load(f).items()}
+    return saved if all(name in saved for name in names) else None
+
+
+def _finished(workdir: str) -> int | None:
+    """The step of the final evaluation of a run in `workdir`, or None."""
+    try:
+        return final_bits_per_byte(workdir)[1]
+    except (OSError, RuntimeError):
+        return None
+
+
 def main(argv):
     del argv
     from jaxlm import loop
@@ -161,7 +182,15 @@ def main(argv):
     for name in names:  # every arm's run config is valid before any work
         validate.check(arm_config(name), os.path.join(_WORKROOT.value, name))
     vocab = base_cfg.tokenizer.vocab_size  # the prepared tokenizer's (a step's cost is all)
-    costs = step_costs(names, vocab)
+    costs_path = os.path.join(_WORKROOT.value, "costs.json")
+    costs = _saved_costs(costs_path, names)
+    if costs is None:
+        costs = step_costs(names, vocab)
+        os.makedirs(_WORKROOT.value, exist_ok=True)
+        with open(costs_path, "w") as f:
+            json.dump(costs, f)
+    else:
+        print(f"step costs from {costs_path} (delete it to time again)")
     base_ms = costs["base"][base_cfg.train.batch_size]
     budget_ms = base_cfg.train.steps * base_ms
     rows = []
@@ -169,9 +198,10 @@ def main(argv):
         steps = equal_time_steps(name, costs[name], budget_ms)
         c = arm_config(name, steps)
         workdir = os.path.join(_WORKROOT.value, name)
-        shutil.rmtree(workdir, ignore_errors=True)
         t0 = time.perf_counter()
-        loop.run(c, workdir)
+        if _finished(workdir) != steps:  # else: this arm's run is done (an earlier invocation)
+            shutil.rmtree(workdir, ignore_errors=True)
+            loop.run(c, workdir)
         bpb, _ = final_bits_per_byte(workdir)
         cost = ", ".join(
             f"{ms / base_ms:.2f}x" + (f" ({r} rows)" if r != base_cfg.train.batch_size else "")

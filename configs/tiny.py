@@ -8,12 +8,13 @@ prepared once into a cache; 2% of files held out by content hash). Model: 3 laye
 evaluation every 25 steps on 4 batches and on all held-out text at the end.
 Optimizer: Muon on the attention and MLP matrices, AdamW on the tied embedding and norms.
 
-Measured on a 2-core Intel Xeon VM: final held-out 2.175 bits per byte where gzip -9 gets
-1.607 on the same text (Python source is very compressible), next-line task 32% (chance 25%),
-since every run reads the one training stream (2026-12-07 evening; 2.117 and 34% with the grain
-pipeline before it: another document order). Timing, idle machine: training and evaluation
-5 min 52 s, 6 min 0 s wall with the data prepared (20:05 UTC); data preparation took 14 s from a
-fresh clone (17:09 UTC; 60 s on the tester's fresh machine). The
+Measured on a 2-core Intel Xeon VM: final held-out 2.003 bits per byte where gzip -9 gets
+1.607 on the same text (Python source is very compressible), next-line task 36% (chance 25%),
+since the stream gives every row of a batch its own document (2026-12-08; 2.175 and 32% when
+rows were packed end to end and one long file filled whole batches, docs/perf.md). Timing, idle
+machine, the same step program: training and evaluation 5 min 52 s, 6 min 0 s wall with the
+data prepared (2026-12-07 20:05 UTC); data preparation took 14 s from a fresh clone (17:09 UTC;
+60 s on the tester's fresh machine). The
 same command again on the finished run prints `run complete at step 205 ...; final figures: ...`
 in 3 s and exits. The recipe before it (AdamW, 300 steps) took 7 min 55 s in the same session
 (2026-12-01), data preparation included, and ended at 2.357: Muon steps cost ~1.35x AdamW's

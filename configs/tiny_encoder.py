@@ -13,7 +13,8 @@ predicting the most frequent training token).
 Measured on the 2-core CPU VM (2026-12-01, nothing else running, see docs/perf.md): 5 min 3 s
 wall, data preparation (14.7 s) included; held-out masked-token accuracy 31.6% against the
 unigram baseline's 7.3% (4.3x; 18.7% at step 100, 28.3% at step 200), masked-token loss 4.24
-nats.
+nats. Rows were packed end to end then, before the stream gave each row its own document
+(2026-12-08); not re-measured since.
 """
 
 from configs import tiny
