@@ -50,22 +50,6 @@ _STALL_ONLY = flags.DEFINE_bool(
 )
 
 
-def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random tokens laid out as packed rows of two documents each (the real batch contract)."""
-    rng = np.random.RandomState(seed)
-    tokens = rng.randint(0, vocab, (batch, seq_len + 1)).astype(np.int32)
-    half = seq_len // 2
-    segment_ids = np.concatenate([np.ones((batch, half)), 2 * np.ones((batch, seq_len - half))], 1)
-    positions = np.concatenate([np.arange(half), np.arange(seq_len - half)])[None].repeat(batch, 0)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": segment_ids.astype(np.int32),
-        "positions": positions.astype(np.int32),
-        "loss_mask": np.ones((batch, seq_len), np.float32),
-    }
-
-
 class MatmulPeak:
     """The fp32 FLOP/s of large jitted matmuls on this host: the CPU's practical peak.
 
@@ -99,7 +83,7 @@ def bench(
     mesh = sharding.make_mesh(config.mesh.shape)
     setup = train.Setup(run_spec.build(config), vocab, mesh)
     B, L = config.train.batch_size, config.train.seq_len
-    host = synthetic_batch(B, L, vocab)
+    host = timing.synthetic_batch(B, L, vocab)
     results = {"params_m": setup.n_params / 1e6, "devices": jax.device_count()}
     vendor_peak = metrics.peak_flops_per_device()
     cpu_peak = MatmulPeak() if vendor_peak is None else None
@@ -175,7 +159,7 @@ def stall_only(config, steps: int, vocab: int, every: int, local_every: int) -> 
     """`checkpoint_stall` alone, after compiling the step and two warm-up steps."""
     mesh = sharding.make_mesh(config.mesh.shape)
     setup = train.Setup(run_spec.build(config), vocab, mesh)
-    host = synthetic_batch(config.train.batch_size, config.train.seq_len, vocab)
+    host = timing.synthetic_batch(config.train.batch_size, config.train.seq_len, vocab)
     batch = sharding.host_to_global(host, mesh)
     state, step = setup.init_state(), setup.jit_train_step()
     for _ in range(2):

@@ -79,15 +79,10 @@ def arm_config(overrides: dict) -> object:
     """bench_optim's char config under a constant lr (after warmup), with `overrides`."""
     c = bench_optim.char_config(_OPTIMIZER.value, steps=10**6)
     c.optim.schedule = "constant"
-    for key, value in overrides.items():
-        if key == "stages":  # the ramp, sized from --steps
-            half = _STEPS.value // 2
-            value = (dict(steps=half, batch_size=HALF), dict(steps=10**6, batch_size=2 * HALF))
-        *path, name = key.split(".")
-        node = c
-        for part in path:
-            node = node[part]
-        node[name] = value
+    c.update_from_flattened_dict({k: v for k, v in overrides.items() if k != "stages"})
+    if "stages" in overrides:  # the ramp, sized from --steps
+        half = _STEPS.value // 2
+        c.stages = (dict(steps=half, batch_size=HALF), dict(steps=10**6, batch_size=2 * HALF))
     return c
 
 

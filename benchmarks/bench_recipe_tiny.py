@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from configs import tiny  # noqa: E402
 from jaxlm import sharding, train, validate  # noqa: E402
 from jaxlm import spec as run_spec  # noqa: E402
@@ -65,14 +66,7 @@ def arm_config(name: str, steps: int | None = None):
     """The tiny recipe with arm `name`'s overrides, for `steps` steps (None: the recipe's)."""
     c = tiny.get_config()
     base_steps = c.train.steps
-    for key, value in ARMS[name].items():
-        if key == "stages":
-            continue
-        *path, leaf = key.split(".")
-        node = c
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    c.update_from_flattened_dict({k: v for k, v in ARMS[name].items() if k != "stages"})
     if "stages" in ARMS[name]:  # the batch ramp: half batches, then the recipe's batch
         total = steps or base_steps
         c.stages = (
@@ -95,34 +89,21 @@ def step_costs(names: list[str], vocab: int) -> dict[str, dict[int, float]]:
     import jax
 
     mesh = sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
-    rng = np.random.RandomState(7)
     work = []  # [arm, rows, program, state, batch, times]
     for name in names:
         setup = train.Setup(run_spec.build(arm_config(name)), vocab, mesh)
         for stage in setup.plan.programs:
-            B, L = stage.batch_size, stage.seq_len
-            tokens = rng.randint(0, vocab, size=(B, L + 1)).astype(np.int32)
-            host = dict(
-                inputs=tokens[:, :-1],
-                targets=tokens[:, 1:],
-                segment_ids=np.ones((B, L), np.int32),
-                positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-                loss_mask=np.ones((B, L), np.float32),
-            )
+            host = timing.synthetic_batch(stage.batch_size, stage.seq_len, vocab, seed=7)
             batch = sharding.host_to_global(host, mesh)
-            program, state = setup.jit_train_step(stage), setup.init_state()
-            state, metrics = program(state, batch)  # compiles
-            jax.block_until_ready(metrics["loss"])
-            work.append([name, B, program, state, batch, []])
+            program = setup.jit_train_step(stage)
+            _, (state, _) = timing.timed(program, setup.init_state(), batch)  # compiles
+            work.append([name, stage.batch_size, program, state, batch, []])
         print(f"compiled {name}", flush=True)
     for round_ in range(_ROUNDS.value):
         for item in work[:: -1 if round_ % 2 else 1]:
             _, _, program, state, batch, times = item
-            t0 = time.perf_counter()
-            state, metrics = program(state, batch)
-            jax.block_until_ready(metrics["loss"])
-            times.append(time.perf_counter() - t0)
-            item[3] = state
+            seconds, (item[3], _) = timing.timed(program, state, batch)
+            times.append(seconds)
     costs: dict[str, dict[int, float]] = {}
     for name, rows, _, _, _, times in work:
         costs.setdefault(name, {})[rows] = 1e3 * float(np.median(times))

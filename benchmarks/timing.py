@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -67,3 +68,19 @@ def best_of(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float
         seconds, result = timed(fn)
         times.append(seconds)
     return min(times), result
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens laid out as packed rows of two documents each (the real batch contract)."""
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+    half = seq_len // 2
+    segment_ids = np.concatenate([np.ones((batch, half)), 2 * np.ones((batch, seq_len - half))], 1)
+    positions = np.concatenate([np.arange(half), np.arange(seq_len - half)])[None].repeat(batch, 0)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": np.ones((batch, seq_len), np.float32),
+    }

@@ -267,7 +267,6 @@ class TrainBatches:
                 "lanes": [lane(v) for v in state["lanes"]],
                 "waiting": [lane(v) for v in state["waiting"]],
             }
-            stream._pairs = {}
 
 
 def training_batches(
