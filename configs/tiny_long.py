@@ -15,7 +15,9 @@ Model: 3 layers, d=256 (3.4M parameters), Muon.
 Measured (docs/perf.md, "Long context on CPU"): this tiny model does not learn to copy a key in
 the CPU budget, so retrieval reads 0% at both lengths before and after the extension stage; the
 recipe is the long-context stage demonstrated end to end (the YaRN stage, the retrieval eval at
-each length with each stage's RoPE), not yet a demonstration of what the stage buys.
+each length with each stage's RoPE), not yet a demonstration of what the stage buys. Measured
+with rows packed end to end, before the stream gave each row its own document (2026-12-08); not
+re-measured since.
 """
 
 from configs import tiny
