@@ -59,6 +59,8 @@ ARMS = {
     "normuon": {"optim.muon.variant": "normuon"},
     "window": {"model.sliding_window": 64, "model.global_every": 3},  # layer 3 global
     "batch_ramp": {"train.batch_size": 8, "stages": "ramp"},  # 8-row micro-batches throughout
+    "micro8": {"train.grad_accum": 2},  # the base's batch in two micro-batches of 8 rows
+    "qk_norm+batch_ramp": {"model.qk_norm": "head", "train.batch_size": 8, "stages": "ramp"},
 }
 
 

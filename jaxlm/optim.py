@@ -45,6 +45,21 @@ _POLAR_EXPRESS = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 _POLAR_SAFETY = 1.02
+_NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's one quintic (optax's default)
+
+
+def ns_coeffs(variant: str, ns_steps: int, loop: bool = False) -> tuple:
+    """The quintic coefficients of `variant`'s orthogonalization iterations, as optax takes
+    them: a table of one row per iteration, which optax runs under `lax.scan` (`loop`, and
+    always for Polar Express), or Muon's one repeated quintic as a single row, which optax
+    unrolls.
+
+    Both compute the same update. XLA:CPU ran tiny's 21 unstacked matrices 2.1x faster as the
+    loop (200 vs 416 ms a step) and four scanned 128-wide layers 8% faster unrolled.
+    """
+    if variant == "polar_express":
+        return polar_express_coeffs(ns_steps)
+    return (_NEWTON_SCHULZ,) * ns_steps if loop else _NEWTON_SCHULZ
 
 
 def polar_express_coeffs(ns_steps: int) -> tuple[tuple[float, float, float], ...]:
@@ -194,8 +209,8 @@ def _muon(muon_cfg: Any, lr: optax.Schedule, weight_decay: float) -> optax.Gradi
     if variant not in MUON_VARIANTS:
         raise ConfigError(f"optim.muon.variant must be one of {MUON_VARIANTS}, not {variant!r}.")
     rms = muon_cfg.consistent_rms or None
+    coeffs = ns_coeffs(variant, muon_cfg.ns_steps, muon_cfg.get("ns_loop", False))
     if variant != "normuon":
-        coeffs = {"polar_express": polar_express_coeffs(muon_cfg.ns_steps)}
         return optax.contrib.muon(
             lr,
             ns_steps=muon_cfg.ns_steps,
@@ -203,11 +218,14 @@ def _muon(muon_cfg: Any, lr: optax.Schedule, weight_decay: float) -> optax.Gradi
             weight_decay=weight_decay,
             muon_weight_dimension_numbers=_muon_dims,
             consistent_rms=rms,
-            **({"ns_coeffs": coeffs[variant]} if variant in coeffs else {}),
+            ns_coeffs=coeffs,
         )
     return optax.chain(
         optax.contrib.scale_by_muon(
-            ns_steps=muon_cfg.ns_steps, beta=muon_cfg.beta, weight_dimension_numbers=_muon_dims
+            ns_coeffs=coeffs,
+            ns_steps=muon_cfg.ns_steps,
+            beta=muon_cfg.beta,
+            weight_dimension_numbers=_muon_dims,
         ),
         scale_by_neuron_rms(muon_cfg.beta2),
         _scale_by_muon_shape(rms),

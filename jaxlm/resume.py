@@ -15,6 +15,14 @@ from jaxlm import tiers, train
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError
 
+# Settings that change the optimizer state's structure, with their value in configs saved
+# before the setting existed: a checkpoint restores only under the values it was written with.
+_STATE_SHAPING = {
+    "optim.name": None,
+    "optim.muon.variant": "newton_schulz",
+    "optim.muon.ns_loop": False,
+}
+
 
 def start(
     checkpointer: ckpt_lib.Checkpointer,
@@ -64,10 +72,38 @@ def start(
             f"{checkpointer.directory} holds imported weights, not a training run; train in "
             "a new --workdir with --config.init_from=ckpt:<this workdir>."
         )
+    saved_config = checkpointer.read_meta(checkpointer.steps()[-1]).get("config")
+    check_optimizer_state(config.to_dict(), saved_config, checkpointer.directory)
     step, state, data_state, saved_meta = checkpointer.restore(setup.abstract_state)
     return _resumed(
         step, state, data_state, saved_meta, tokenizer_sha256, out, checkpointer.directory
     )
+
+
+def check_optimizer_state(config: dict, saved: dict | None, where: str) -> None:
+    """Raises ConfigError if `config` shapes the optimizer state differently from `saved`, the
+    config of the checkpoint in `where` (orbax could not restore it, and the restore would take
+    a sound checkpoint for an unreadable one)."""
+    if not saved:
+        return
+
+    def value(cfg: dict, key: str, default: Any) -> Any:
+        for part in key.split("."):
+            if not isinstance(cfg, dict) or part not in cfg:
+                return default
+            cfg = cfg[part]
+        return cfg
+
+    for key, default in _STATE_SHAPING.items():
+        if key != "optim.name" and value(config, "optim.name", None) != "muon":
+            break  # the Muon settings shape nothing in another optimizer's state
+        now, then = value(config, key, default), value(saved, key, default)
+        if now != then:
+            raise ConfigError(
+                f"{key}={now!r} shapes the optimizer state differently from the checkpoint in "
+                f"{where} ({then!r}); pass --config.{key}={then!r} to resume it, or another "
+                "--workdir."
+            )
 
 
 def _resumed(

@@ -514,7 +514,7 @@ def get_config():
     del c.data.datasets["stdlib"]
     c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
     c.model.max_seq_len = 32
-    c.train.update(seq_len=32, batch_size=8, steps={steps}, log_every=1)
+    c.train.update(seq_len=32, batch_size=8, grad_accum=1, steps={steps}, log_every=1)
     c.optim.warmup_steps = 2
     c.eval.update(every=0, max_batches=2, next_line_examples=0)
     c.checkpoint.every = {checkpoint_every}

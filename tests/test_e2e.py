@@ -41,6 +41,7 @@ def get_config():
     c.model.max_seq_len = 64
     c.train.seq_len = 64
     c.train.batch_size = 4
+    c.train.grad_accum = 1
     c.train.steps = 12
     c.train.log_every = 1
     c.optim.warmup_steps = 2

@@ -260,7 +260,7 @@ def test_remat_policies_save_what_jax_saves(remat, dtype):
     for layers in (2, 3):
         c = larger_config()
         c.model.update(n_layers=layers, remat=remat, dtype=dtype, d_model=80, d_ff=224)
-        c.train.update(batch_size=2, seq_len=96)
+        c.train.update(batch_size=2, grad_accum=1, seq_len=96)
         saved.append(_jax_saved_bytes(c, 1000, 2, 96))
     per_layer = est_lib.estimate(c, CPU, chips=1, vocab_size=1000).memory.saved_per_layer
     assert per_layer == saved[1] - saved[0]

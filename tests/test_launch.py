@@ -43,6 +43,7 @@ def get_config():
     c.model.max_seq_len = 32
     c.train.seq_len = 32
     c.train.batch_size = 8
+    c.train.grad_accum = 1  # one row per device
     c.train.steps = 3
     c.train.log_every = 1
     c.optim.name = "adamw"  # the cheapest step to compile

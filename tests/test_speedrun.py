@@ -17,7 +17,7 @@ from jaxlm import model as model_lib
 from jaxlm import spec as run_spec
 from jaxlm.convert import hf
 from jaxlm.errors import ConfigError, ConvertError
-from tests.helpers import packed_batch, tiny_config
+from tests.helpers import one_sentence, packed_batch, tiny_config
 
 VOCAB = 62  # the tokenizer's vocabulary in the train tests
 RELU2 = {"model.mlp_act": "relu2", "model.d_ff": 84}  # 1.5 x the tiny SwiGLU's 56: same size
@@ -198,9 +198,10 @@ def test_mtp_loss_is_the_cross_entropy_of_later_targets_in_the_same_document():
     np.testing.assert_allclose(float(got), np.mean(expected), rtol=1e-4)
 
 
-def _matrix_update(variant, grad):
+def _matrix_update(variant, grad, ns_loop=False):
     """The first Muon step of `variant` on one (fan-in, fan-out) matrix at learning rate 1."""
     c = tiny_config().optim
+    c.muon.ns_loop = ns_loop
     c.name, c.muon.variant, c.muon.lr, c.lr, c.clip_norm, c.weight_decay = (
         "muon",
         variant,
@@ -230,6 +231,10 @@ def test_polar_express_orthogonalizes_tighter_and_normuon_evens_the_neurons():
     np.testing.assert_allclose(np.linalg.norm(normed), np.linalg.norm(plain), rtol=1e-5)
     with pytest.raises(ConfigError, match="optim.muon.ns_steps=6"):
         optim.polar_express_coeffs(6)
+    # Newton-Schulz unrolled (the default) and as a scanned loop: the same update.
+    looped = _matrix_update("newton_schulz", grad, ns_loop=True)
+    np.testing.assert_allclose(plain, looped, rtol=2e-5, atol=1e-6)
+    assert np.abs(plain - _matrix_update("polar_express", grad)).max() > 1e-2  # it can fail
 
 
 def test_value_embeds_refuse_export_and_scanning_and_mtp_heads_are_dropped_or_refused():
@@ -247,3 +252,23 @@ def test_value_embeds_refuse_export_and_scanning_and_mtp_heads_are_dropped_or_re
     config.objective = "masked"
     with pytest.raises(ConfigError, match="objective=causal"):
         run_spec.build(config)
+
+
+def test_a_muon_setting_that_reshapes_the_optimizer_state_refuses_to_resume_in_one_sentence():
+    from jaxlm import resume
+
+    old = {"optim": {"name": "muon", "muon": {"variant": "newton_schulz"}}}  # before ns_loop
+    looped = {"optim": {"name": "muon", "muon": {"variant": "newton_schulz", "ns_loop": True}}}
+    resume.check_optimizer_state(old, old, "W")
+    resume.check_optimizer_state(  # the default of the missing key is the saved run's
+        {"optim": {"name": "muon", "muon": {"variant": "newton_schulz", "ns_loop": False}}},
+        old,
+        "W",
+    )
+    with pytest.raises(ConfigError, match=r"optim.muon.ns_loop=True .* W \(False\)") as refused:
+        resume.check_optimizer_state(looped, old, "W")
+    one_sentence(refused)
+    adam = {"optim": {"name": "adamw", "muon": {"ns_loop": True}}}
+    resume.check_optimizer_state(adam, {"optim": {"name": "adamw"}}, "W")  # not Muon's state
+    with pytest.raises(ConfigError, match="optim.name='adamw'"):
+        resume.check_optimizer_state(adam, old, "W")
