@@ -15,13 +15,10 @@ from jaxlm import tiers, train
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError
 
-# Settings that change the optimizer state's structure, with their value in configs saved
-# before the setting existed: a checkpoint restores only under the values it was written with.
-_STATE_SHAPING = {
-    "optim.name": None,
-    "optim.muon.variant": "newton_schulz",
-    "optim.muon.ns_loop": False,
-}
+# Muon's settings that change its optimizer state's structure, with their value in configs
+# saved before the setting existed: a checkpoint restores only under the values it was written
+# with (and under the same optim.name).
+_MUON_STATE_SHAPING = {"optim.muon.variant": "newton_schulz", "optim.muon.ns_loop": False}
 
 
 def start(
@@ -94,9 +91,10 @@ def check_optimizer_state(config: dict, saved: dict | None, where: str) -> None:
             cfg = cfg[part]
         return cfg
 
-    for key, default in _STATE_SHAPING.items():
-        if key != "optim.name" and value(config, "optim.name", None) != "muon":
-            break  # the Muon settings shape nothing in another optimizer's state
+    keys = {"optim.name": None}
+    if value(config, "optim.name", None) == "muon":  # they shape nothing in another optimizer
+        keys |= _MUON_STATE_SHAPING
+    for key, default in keys.items():
         now, then = value(config, key, default), value(saved, key, default)
         if now != then:
             raise ConfigError(
